@@ -1,0 +1,616 @@
+"""GradientStore: a resumable, multi-writer, memory-mapped on-disk array of sketched gradients.
+
+On-disk layout of a store directory ``path/``::
+
+    manifest.json      static header, written once at creation and never rewritten: format, version,
+                       n_rows, d, dtype, chunk_rows, n_chunks, checksum algorithm, sketch spec,
+                       fingerprint, metadata
+    data.npy           one .npy array [n_rows, d] (little-endian float16 or float32), preallocated
+                       (sparse) at creation, read back with ``np.load(mmap_mode="r")``
+    chunks/000123.json completion marker of chunk 123: its row range and the sha256 of its bytes
+
+Rows are cut into ``n_chunks = ceil(n_rows / chunk_rows)`` chunks; chunk ``i`` holds rows
+``[i * chunk_rows, min((i + 1) * chunk_rows, n_rows))``. The marker files are the only source of
+truth for completion: a chunk is complete iff its marker exists. ``write_chunk`` writes the rows
+with ``pwrite``, ``fsync``s the data file, and only then publishes the marker atomically (temp file,
+fsync, hard link / rename, fsync of the directory). Hence
+
+* a writer killed at any point loses at most the chunk it was writing, which stays "missing" and is
+  rewritten in full on resume (rows are addressed by index, so nothing is ever duplicated);
+* several processes filling disjoint chunk ranges never contend for a shared file: each publishes
+  its own markers, so no completion can be lost and no lock is needed;
+* creation is atomic too: the store is built in a hidden sibling directory and renamed into place,
+  so racing creators end up opening the one store that won.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import operator
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _io
+
+FORMAT = "gradsketch.store"
+VERSION = 1
+MANIFEST = "manifest.json"
+DATA = "data.npy"
+CHUNKS = "chunks"
+CHECKSUM = "sha256"
+DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+_MARKER_RE = re.compile(r"^(\d{6,})\.json$")
+
+
+class CorruptChunkError(ValueError):
+    """Raised by :meth:`GradientStore.verify` when chunk data do not match their recorded checksum.
+
+    ``err.chunks`` lists the indices of the corrupt chunks.
+    """
+
+    def __init__(self, message: str, chunks: list[int]):
+        super().__init__(message)
+        self.chunks = list(chunks)
+
+
+# ----------------------------------------------------------------------------- argument checking
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an integer >= 1, received {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer >= 1, received {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, received {value}")
+    return value
+
+
+def normalize_dtype(dtype) -> str:
+    """Map ``dtype`` (str, numpy or torch dtype) to ``"float16"`` or ``"float32"``; ValueError otherwise."""
+    name = getattr(dtype, "name", None) if not isinstance(dtype, str) else dtype
+    if name is None and dtype is not None:  # torch.dtype has no .name; str(torch.float16) == "torch.float16"
+        name = str(dtype).removeprefix("torch.")
+    if isinstance(dtype, type) and issubclass(dtype, np.generic):
+        name = np.dtype(dtype).name
+    aliases = {"float16": "float16", "half": "float16", "f2": "float16", "<f2": "float16",
+               "float32": "float32", "float": "float32", "f4": "float32", "<f4": "float32"}
+    if not isinstance(name, str) or name not in aliases:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, received {dtype!r}")
+    return aliases[name]
+
+
+def _normalize_json(value, name: str):
+    """Round-trip through JSON so that tuples/lists etc. compare as they will be read back."""
+    try:
+        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}: expected a JSON-serialisable value, received {value!r} ({e})") from None
+
+
+def _jsonable_metadata(metadata):
+    def conv(x):
+        if isinstance(x, Mapping):
+            return {str(k): conv(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [conv(v) for v in x]
+        if hasattr(x, "tolist") and callable(x.tolist):  # numpy arrays/scalars, torch tensors
+            return conv(x.tolist())
+        return x
+
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata: expected a dict or None, received {type(metadata).__name__}")
+    return _normalize_json(conv(metadata), "metadata")
+
+
+def to_numpy(rows) -> np.ndarray:
+    """numpy view/copy of ``rows`` (numpy array or torch tensor on any device, detached)."""
+    if type(rows).__module__.startswith("torch"):
+        import torch
+
+        t = rows.detach().cpu()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+            t = t.float()
+        return t.numpy()
+    return np.asarray(rows)
+
+
+def _describe_spec_diff(expected: dict, found: dict) -> str:
+    if not isinstance(expected, dict) or not isinstance(found, dict):
+        return f"expected {expected!r}, found {found!r}"
+    keys = sorted(set(expected) | set(found))
+    parts = []
+    for k in keys:
+        if expected.get(k, "<absent>") != found.get(k, "<absent>"):
+            parts.append(f"{k}: expected {expected.get(k, '<absent>')!r}, found {found.get(k, '<absent>')!r}")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- the store
+class GradientStore:
+    """Rows ``[n_rows, d]`` of sketched per-example gradients on disk; see the module docstring.
+
+    Build with :meth:`create_or_open` (writable) or :meth:`open` (read-only), not the constructor.
+    Storage dtype is float16 (default) or float32; reads for scoring come back as float32.
+    """
+
+    def __init__(self, path: Path, header: dict, writable: bool):
+        self.path = Path(path)
+        self._header = header
+        self._writable = writable
+        self._fd: int | None = None
+        self._mm: np.memmap | None = None
+        self._offset = self._check_data_file()
+
+    # --------------------------------------------------------------- construction
+    @classmethod
+    def create_or_open(
+        cls,
+        path,
+        n_rows: int,
+        d: int,
+        spec: Mapping,
+        fingerprint: str,
+        dtype="float16",
+        chunk_rows: int | None = None,
+        metadata: Mapping | None = None,
+    ) -> GradientStore:
+        """Create the store at ``path``, or reopen it for writing if it already exists.
+
+        An existing store must agree on ``n_rows``, ``d``, ``spec``, ``fingerprint``, ``dtype``,
+        ``chunk_rows`` (when given) and ``metadata`` (when given); otherwise ValueError naming what
+        differs (expected = given here, found = on disk). ``chunk_rows=None`` picks ~16 MiB chunks.
+        Safe to call concurrently from several processes on the same fresh ``path``.
+        """
+        n_rows = _positive_int(n_rows, "n_rows")
+        d = _positive_int(d, "d")
+        dtype = normalize_dtype(dtype)
+        if not isinstance(spec, Mapping):
+            raise TypeError(f"spec: expected a JSON-serialisable dict, received {type(spec).__name__}")
+        spec = _normalize_json(dict(spec), "spec")
+        if not isinstance(fingerprint, str):
+            raise TypeError(f"fingerprint: expected a str, received {type(fingerprint).__name__}")
+        if chunk_rows is not None:
+            chunk_rows = _positive_int(chunk_rows, "chunk_rows")
+        meta = None if metadata is None else _jsonable_metadata(metadata)
+        path = Path(path)
+
+        if not (path / MANIFEST).exists():
+            if chunk_rows is None:
+                itemsize = DTYPES[dtype].itemsize
+                chunk_rows = max(1, min(n_rows, DEFAULT_CHUNK_BYTES // (d * itemsize)))
+            header = {
+                "format": FORMAT,
+                "version": VERSION,
+                "n_rows": n_rows,
+                "d": d,
+                "dtype": dtype,
+                "chunk_rows": chunk_rows,
+                "n_chunks": math.ceil(n_rows / chunk_rows),
+                "checksum": CHECKSUM,
+                "data_file": DATA,
+                "spec": spec,
+                "fingerprint": fingerprint,
+                "metadata": meta or {},
+            }
+            cls._create(path, header)  # loses gracefully to a concurrent creator
+
+        store = cls(path, cls._read_header(path), writable=True)
+        try:
+            store._check_matches(n_rows=n_rows, d=d, spec=spec, fingerprint=fingerprint, dtype=dtype,
+                                 chunk_rows=chunk_rows, metadata=meta)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def open(cls, path) -> GradientStore:
+        """Open an existing store read-only (``write_chunk`` raises)."""
+        path = Path(path)
+        return cls(path, cls._read_header(path), writable=False)
+
+    @staticmethod
+    def _read_header(path: Path) -> dict:
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"path: no gradsketch store at {str(path)!r} ({MANIFEST} not found)")
+        try:
+            header = json.loads(manifest.read_text())
+        except ValueError as e:
+            raise ValueError(f"{manifest}: unreadable manifest ({e})") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise ValueError(f"{manifest}: expected format {FORMAT!r}, found {header.get('format')!r}")
+        if header.get("version") != VERSION:
+            raise ValueError(f"{manifest}: expected version {VERSION}, found {header.get('version')!r}")
+        return header
+
+    @staticmethod
+    def _create(path: Path, header: dict) -> None:
+        parent = path.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            if (path / MANIFEST).exists():
+                return
+            raise ValueError(f"path: {str(path)!r} exists and is not a gradsketch store (expected an "
+                             "empty or absent directory)")
+        tmp = parent / f".{path.name}.creating-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            (tmp / CHUNKS).mkdir()
+            mm = np.lib.format.open_memmap(tmp / DATA, mode="w+", dtype=DTYPES[header["dtype"]],
+                                           shape=(header["n_rows"], header["d"]))
+            del mm  # preallocated sparse file, zero-filled
+            with open(tmp / DATA, "rb+") as f:
+                os.fsync(f.fileno())
+            _io.atomic_write(tmp / MANIFEST, _io.dumps(header))
+            _io.fsync_dir(tmp / CHUNKS)
+            try:
+                os.rename(tmp, path)  # atomic; fails if another creator already filled ``path``
+            except OSError:
+                if not (path / MANIFEST).exists():
+                    raise
+            else:
+                _io.fsync_dir(parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _check_data_file(self) -> int:
+        data = self.path / self._header.get("data_file", DATA)
+        try:
+            with open(data, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"unsupported .npy format version {version}")
+                offset = f.tell()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{data}: unreadable data file ({e})") from None
+        expected = (self.n_rows, self.d)
+        if tuple(shape) != expected or fortran or np.dtype(dtype) != DTYPES[self.dtype]:
+            raise ValueError(f"{data}: expected a C-order {self.dtype} array of shape {expected}, found "
+                             f"{np.dtype(dtype).name} {tuple(shape)} (fortran_order={fortran})")
+        size = data.stat().st_size
+        if size < offset + self.n_rows * self.d * self.itemsize:
+            raise ValueError(f"{data}: truncated, expected at least "
+                             f"{offset + self.n_rows * self.d * self.itemsize} bytes, found {size}")
+        return offset
+
+    def _check_matches(self, **given) -> None:
+        diffs = []
+        for key, value in given.items():
+            if value is None:  # chunk_rows / metadata not given: accept what is on disk
+                continue
+            found = self._header.get(key)
+            if value != found:
+                if key == "spec":
+                    diffs.append(f"sketch spec differs ({_describe_spec_diff(value, found)})")
+                else:
+                    diffs.append(f"{key}: expected {value!r}, found {found!r}")
+        if diffs:
+            raise ValueError(f"store at {str(self.path)!r} does not match the arguments (expected = given, "
+                             f"found = on disk): " + "; ".join(diffs))
+
+    # --------------------------------------------------------------- header properties
+    @property
+    def n_rows(self) -> int:
+        return self._header["n_rows"]
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    @property
+    def d(self) -> int:
+        return self._header["d"]
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype name, ``"float16"`` or ``"float32"``."""
+        return self._header["dtype"]
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def chunk_rows(self) -> int:
+        return self._header["chunk_rows"]
+
+    @property
+    def n_chunks(self) -> int:
+        return self._header["n_chunks"]
+
+    @property
+    def spec(self) -> dict:
+        return json.loads(json.dumps(self._header["spec"]))
+
+    @property
+    def fingerprint(self) -> str:
+        return self._header["fingerprint"]
+
+    @property
+    def metadata(self) -> dict:
+        return json.loads(json.dumps(self._header.get("metadata", {})))
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    def __repr__(self) -> str:
+        return (f"GradientStore({str(self.path)!r}, n_rows={self.n_rows}, d={self.d}, dtype={self.dtype!r}, "
+                f"chunks={len(self.completed_chunks())}/{self.n_chunks} complete)")
+
+    # --------------------------------------------------------------- chunks
+    def chunk_range(self, i: int) -> tuple[int, int]:
+        """Rows ``(start, stop)`` of chunk ``i``."""
+        i = self._chunk_index(i)
+        start = i * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.n_rows)
+
+    def _chunk_index(self, i) -> int:
+        if isinstance(i, bool):
+            raise TypeError(f"i: expected a chunk index in [0, {self.n_chunks}), received {i!r}")
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise TypeError(f"i: expected a chunk index in [0, {self.n_chunks}), received {i!r}") from None
+        if not 0 <= i < self.n_chunks:
+            raise ValueError(f"i: expected a chunk index in [0, {self.n_chunks}), received {i}")
+        return i
+
+    def _row_range(self, row_range) -> tuple[int, int]:
+        if row_range is None:
+            return 0, self.n_rows
+        if isinstance(row_range, range):
+            if row_range.step != 1:
+                raise ValueError(f"row_range: expected step 1, received {row_range!r}")
+            start, stop = row_range.start, row_range.stop
+        else:
+            try:
+                start, stop = row_range
+                start, stop = operator.index(start), operator.index(stop)
+            except (TypeError, ValueError):
+                raise TypeError(f"row_range: expected None, a range or a (start, stop) pair of ints, "
+                                f"received {row_range!r}") from None
+        if not 0 <= start <= stop <= self.n_rows:
+            raise ValueError(f"row_range: expected 0 <= start <= stop <= {self.n_rows}, "
+                             f"received ({start}, {stop})")
+        return start, stop
+
+    def chunks_in(self, row_range=None) -> range:
+        """Indices of the chunks overlapping ``row_range`` (default: all rows)."""
+        start, stop = self._row_range(row_range)
+        if start == stop:
+            return range(0)
+        return range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1)
+
+    def _marker(self, i: int) -> Path:
+        return self.path / CHUNKS / f"{i:06d}.json"
+
+    def completed_chunks(self) -> list[int]:
+        """Sorted indices of the chunks whose completion marker exists (re-read from disk each call)."""
+        done = []
+        for name in os.listdir(self.path / CHUNKS):
+            m = _MARKER_RE.match(name)
+            if m and int(m.group(1)) < self.n_chunks:
+                done.append(int(m.group(1)))
+        return sorted(done)
+
+    def missing_chunks(self, row_range=None) -> list[int]:
+        """Indices of the chunks overlapping ``row_range`` that are not complete yet."""
+        done = set(self.completed_chunks())
+        return [i for i in self.chunks_in(row_range) if i not in done]
+
+    @property
+    def is_complete(self) -> bool:
+        return len(self.completed_chunks()) == self.n_chunks
+
+    def chunk_checksums(self) -> dict[int, str]:
+        """``{chunk index: sha256 hex}`` of the completed chunks, as recorded in their markers."""
+        out = {}
+        for i in self.completed_chunks():
+            marker = self._read_marker(i)
+            if marker is not None:
+                out[i] = marker.get(CHECKSUM)
+        return out
+
+    def _read_marker(self, i: int) -> dict | None:
+        try:
+            marker = json.loads(self._marker(i).read_text())
+        except (OSError, ValueError):
+            return None
+        return marker if isinstance(marker, dict) else None
+
+    # --------------------------------------------------------------- rows -> bytes
+    def row_range_for_rank(self, rank: int, world_size: int) -> tuple[int, int]:
+        """Contiguous, chunk-aligned share ``(start, stop)`` of the rows for ``rank`` of ``world_size``.
+
+        Chunks are split as evenly as possible; ranks beyond the number of chunks get an empty range.
+        """
+        world_size = _positive_int(world_size, "world_size")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected an integer in [0, {world_size}), received {rank!r}")
+        c0 = rank * self.n_chunks // world_size
+        c1 = (rank + 1) * self.n_chunks // world_size
+        return min(c0 * self.chunk_rows, self.n_rows), min(c1 * self.chunk_rows, self.n_rows)
+
+    def _prepare(self, rows, i: int, allow_nonfinite: bool) -> np.ndarray:
+        start, stop = self.chunk_range(i)
+        arr = to_numpy(rows)
+        expected = (stop - start, self.d)
+        if arr.shape != expected:
+            raise ValueError(f"rows: expected shape {expected} for chunk {i} (rows {start}:{stop}), "
+                             f"received {tuple(arr.shape)}")
+        if arr.dtype.kind not in "fiu":
+            raise TypeError(f"rows: expected a real floating or integer array, received dtype {arr.dtype}")
+        if not allow_nonfinite and arr.dtype.kind == "f":
+            self._check_finite(arr, start, "")
+        out = np.ascontiguousarray(arr, dtype=DTYPES[self.dtype])
+        if not allow_nonfinite:
+            self._check_finite(out, start, f" after conversion to {self.dtype} (overflow: |value| too large)")
+        return out
+
+    @staticmethod
+    def _check_finite(arr: np.ndarray, row0: int, why: str) -> None:
+        finite = np.isfinite(arr).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            rows = ", ".join(str(row0 + int(b)) for b in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            first = row0 + int(bad[0])
+            raise ValueError(f"rows: expected finite values, received NaN/Inf in row {first}{why} "
+                             f"({len(bad)} non-finite row(s): {rows}); pass allow_nonfinite=True to allow")
+
+    def write_chunk(self, i: int, rows, *, overwrite: bool = False, allow_nonfinite: bool = False) -> str:
+        """Write chunk ``i`` (rows ``chunk_range(i)``) durably and mark it complete; return its sha256.
+
+        ``rows``: ``[chunk rows, d]`` numpy array or torch tensor (any float dtype, any device).
+        Order: data are written and fsync'd, then the completion marker is published atomically.
+        Writing a completed chunk raises ValueError unless ``overwrite=True`` (which first removes the
+        marker, so a crash mid-overwrite leaves the chunk missing rather than wrongly complete).
+        """
+        if not self._writable:
+            raise ValueError(f"store at {str(self.path)!r} was opened read-only; use "
+                             "GradientStore.create_or_open to write")
+        i = self._chunk_index(i)
+        start, stop = self.chunk_range(i)
+        marker = self._marker(i)
+        if marker.exists() and not overwrite:
+            raise ValueError(f"i: chunk {i} (rows {start}:{stop}) of {str(self.path)!r} is already complete; "
+                             "pass overwrite=True to rewrite it")
+        arr = self._prepare(rows, i, allow_nonfinite)
+        if overwrite and marker.exists():
+            os.unlink(marker)
+            _io.fsync_dir(marker.parent)
+        view = memoryview(arr).cast("B")
+        checksum = hashlib.sha256(view).hexdigest()
+        fd = self._data_fd()
+        _io.pwrite_all(fd, view, self._offset + start * self.d * self.itemsize)
+        os.fsync(fd)
+        record = {"chunk": i, "row_start": start, "row_stop": stop, "nbytes": len(view), CHECKSUM: checksum}
+        try:
+            _io.atomic_write(marker, _io.dumps(record), exclusive=not overwrite)
+        except FileExistsError:
+            raise ValueError(f"i: chunk {i} (rows {start}:{stop}) was completed concurrently by another "
+                             "writer; writers must fill disjoint row ranges") from None
+        return checksum
+
+    def _data_fd(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path / self._header.get("data_file", DATA), os.O_RDWR)
+        return self._fd
+
+    # --------------------------------------------------------------- reading
+    def _memmap(self) -> np.memmap:
+        if self._mm is None:
+            mm = np.load(self.path / self._header.get("data_file", DATA), mmap_mode="r")
+            self._mm = mm
+        return self._mm
+
+    def _require_complete(self, start: int, stop: int, allow_incomplete: bool) -> None:
+        if allow_incomplete:
+            return
+        missing = self.missing_chunks((start, stop))
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            raise ValueError(f"row_range: rows {start}:{stop} include {len(missing)} incomplete chunk(s) "
+                             f"({shown}); fill them first or pass allow_incomplete=True (unwritten rows "
+                             "read as 0)")
+
+    def array(self, row_range=None, *, allow_incomplete: bool = False) -> np.memmap:
+        """Read-only memory-mapped view ``[rows, d]`` (storage dtype) of ``row_range`` (default: all).
+
+        Raises ValueError if the range contains incomplete chunks, unless ``allow_incomplete=True``.
+        """
+        start, stop = self._row_range(row_range)
+        self._require_complete(start, stop, allow_incomplete)
+        return self._memmap()[start:stop]
+
+    def iter_blocks(self, block_rows: int, row_range=None, *, allow_incomplete: bool = False,
+                    as_tensor: bool = False) -> Iterator[np.ndarray]:
+        """Yield consecutive float32 blocks ``[<= block_rows, d]`` of ``row_range`` (default: all rows).
+
+        Block ``k`` covers rows ``start + k * block_rows`` onwards. ``as_tensor=True`` yields CPU torch
+        tensors instead of numpy arrays. Completeness is checked once, before the first block.
+        """
+        block_rows = _positive_int(block_rows, "block_rows")
+        start, stop = self._row_range(row_range)
+        self._require_complete(start, stop, allow_incomplete)
+        mm = self._memmap()
+
+        def gen():
+            for s in range(start, stop, block_rows):
+                block = np.array(mm[s:min(s + block_rows, stop)], dtype=np.float32)
+                if as_tensor:
+                    import torch
+
+                    yield torch.from_numpy(block)
+                else:
+                    yield block
+
+        return gen()
+
+    def verify(self, row_range=None) -> list[int]:
+        """Recompute the checksum of every completed chunk overlapping ``row_range``.
+
+        Returns the verified chunk indices; raises :class:`CorruptChunkError` naming every chunk whose
+        bytes or marker do not match. Incomplete chunks are not checked (see ``missing_chunks``).
+        """
+        mm = self._memmap()
+        done = set(self.completed_chunks())
+        checked, corrupt, reasons = [], [], []
+        for i in self.chunks_in(row_range):
+            if i not in done:
+                continue
+            start, stop = self.chunk_range(i)
+            marker = self._read_marker(i)
+            if marker is None or (marker.get("row_start"), marker.get("row_stop")) != (start, stop):
+                corrupt.append(i)
+                reasons.append(f"chunk {i}: unreadable or inconsistent marker {self._marker(i).name}")
+                continue
+            got = hashlib.sha256(memoryview(np.ascontiguousarray(mm[start:stop])).cast("B")).hexdigest()
+            if got != marker.get(CHECKSUM):
+                corrupt.append(i)
+                reasons.append(f"chunk {i} (rows {start}:{stop}): expected sha256 {marker.get(CHECKSUM)}, "
+                               f"found {got}")
+            else:
+                checked.append(i)
+        if corrupt:
+            raise CorruptChunkError(f"store at {str(self.path)!r}: {len(corrupt)} corrupt chunk(s) "
+                                    f"{corrupt}: " + "; ".join(reasons), corrupt)
+        return checked
+
+    # --------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Release the data file descriptor and the memory map (views already returned stay valid)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._mm = None
+
+    def __enter__(self) -> GradientStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
