@@ -1,5 +1,22 @@
-"""Algorithms on linear operators; knows nothing of models."""
+"""Algorithms on linear operators; knows nothing of models.
 
+Eigenpairs: :func:`lanczos`, :func:`eigsh` (ARPACK bridge), :func:`arnoldi` + :func:`distill`,
+:func:`arnoldi_eigs`. Trace: :func:`hutchinson`, :func:`hutchpp`. Spectral density: :func:`slq`.
+Inverse products: :func:`cg`, :func:`lissa`. Streaming: :class:`FrequentDirections`.
+"""
+
+from .arnoldi import ArnoldiResult, Distilled, arnoldi, arnoldi_eigs, distill
+from .lanczos import EigResult, eigsh, lanczos, symmetry_defect
 from .operator import DampedOperator, FunctionOperator, LinearOperator, MatrixOperator
+from .slq import SLQResult, slq
+from .solvers import SolveResult, cg, lissa
+from .trace import TraceResult, hutchinson, hutchpp
 
-__all__ = ["LinearOperator", "MatrixOperator", "FunctionOperator", "DampedOperator"]
+__all__ = [
+    "LinearOperator", "MatrixOperator", "FunctionOperator", "DampedOperator",
+    "EigResult", "lanczos", "eigsh", "symmetry_defect",
+    "ArnoldiResult", "Distilled", "arnoldi", "distill", "arnoldi_eigs",
+    "TraceResult", "hutchinson", "hutchpp",
+    "SLQResult", "slq",
+    "SolveResult", "cg", "lissa",
+]
