@@ -461,7 +461,8 @@ class GradientStore:
             raise TypeError(f"rows: expected a real floating or integer array, received dtype {arr.dtype}")
         if not allow_nonfinite and arr.dtype.kind == "f":
             self._check_finite(arr, start, "")
-        out = np.ascontiguousarray(arr, dtype=DTYPES[self.dtype])
+        with np.errstate(over="ignore"):  # overflow to inf is reported just below, naming the row
+            out = np.ascontiguousarray(arr, dtype=DTYPES[self.dtype])
         if not allow_nonfinite:
             self._check_finite(out, start, f" after conversion to {self.dtype} (overflow: |value| too large)")
         return out
