@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .gradient_store import GradientStore
 

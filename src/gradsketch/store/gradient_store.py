@@ -444,8 +444,13 @@ class GradientStore:
         Chunks are split as evenly as possible; ranks beyond the number of chunks get an empty range.
         """
         world_size = _positive_int(world_size, "world_size")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        try:
+            ok = not isinstance(rank, bool) and 0 <= operator.index(rank) < world_size
+        except TypeError:
+            ok = False
+        if not ok:
             raise ValueError(f"rank: expected an integer in [0, {world_size}), received {rank!r}")
+        rank = operator.index(rank)
         c0 = rank * self.n_chunks // world_size
         c1 = (rank + 1) * self.n_chunks // world_size
         return min(c0 * self.chunk_rows, self.n_rows), min(c1 * self.chunk_rows, self.n_rows)
