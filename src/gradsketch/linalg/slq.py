@@ -53,6 +53,11 @@ class SLQResult:
     n: int
     n_matvec: int
 
+    def __repr__(self) -> str:
+        lo, hi = self.spectral_range
+        return (f"SLQResult(n_probes={self.nodes.shape[0]}, n_steps={self.nodes.shape[1]}, n={self.n}, "
+                f"range=[{lo:.6g}, {hi:.6g}], n_matvec={self.n_matvec})")
+
     def _flat(self) -> tuple[np.ndarray, np.ndarray]:
         P = self.nodes.shape[0]
         w = self.weights.numpy().ravel() / P
