@@ -6,6 +6,7 @@ Inverse products: :func:`cg`, :func:`lissa`. Streaming: :class:`FrequentDirectio
 """
 
 from .arnoldi import ArnoldiResult, Distilled, arnoldi, arnoldi_eigs, distill
+from .frequent_directions import FrequentDirections
 from .lanczos import EigResult, eigsh, lanczos, symmetry_defect
 from .operator import DampedOperator, FunctionOperator, LinearOperator, MatrixOperator
 from .slq import SLQResult, slq
@@ -19,4 +20,5 @@ __all__ = [
     "TraceResult", "hutchinson", "hutchpp",
     "SLQResult", "slq",
     "SolveResult", "cg", "lissa",
+    "FrequentDirections",
 ]
