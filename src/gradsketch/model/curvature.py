@@ -1,0 +1,345 @@
+"""Curvature of the mean loss as linear operators over the flat parameter vector θ ∈ R^N.
+
+For per-example losses ℓ_i over a dataset of n examples and L(θ) = (1/n) Σ_i ℓ_i(θ):
+
+* Hessian  H = ∇²L = (1/n) Σ_i ∇²ℓ_i                          (:class:`HessianOperator`)
+* GGN      G = (1/n) Σ_i J_iᵀ (∂²ℓ_i/∂z_i²) J_i, z_i = f(x_i; θ) (:class:`GGNOperator`; Schraudolph 2002)
+* Fisher   F = (1/n) Σ_i g_i g_iᵀ, g_i = ∇ℓ_i (empirical Fisher)  (:class:`FisherOperator`)
+
+``mode="full"``: every product is the exact mean over all of ``data`` (Σ_batches of per-batch sums, divided
+by n, i.e. the batch-size-weighted mean of per-batch means). ``mode="batch"``: the first batch of ``data``,
+fixed. ``mode="stochastic"``: each product uses the next batch, cycling through ``data``. ``damping`` λ adds
+λ·I. Products run in the parameters' dtype on their device. Random layers (dropout) make the operator random;
+use ``model.eval()`` for curvature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp, vmap
+
+from ..linalg.operator import LinearOperator
+from ._batch import SplitBatch, data_len, is_reiterable
+
+if TYPE_CHECKING:
+    from .task import Task
+
+MODES = ("full", "batch", "stochastic")
+HVP_METHODS = ("auto", "fwd_rev", "double_backward")
+
+
+class CurvatureOperator(LinearOperator):
+    """Base class: subclasses implement ``_batch_sum(split, V [N, k]) -> Σ_{i in batch} C_i V`` [N, k]."""
+
+    def __init__(self, task: Task, data: Iterable, mode: str = "full", damping: float = 0.0,
+                 progress: bool = False) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        damping = float(damping)
+        if damping < 0:
+            raise ValueError(f"damping: expected a number >= 0, got {damping}")
+        if mode in ("full", "stochastic") and not is_reiterable(data):
+            raise TypeError(f"data: mode={mode!r} iterates the data more than once; expected a re-iterable "
+                            f"(list, DataLoader), got a one-shot {type(data).__name__}")
+        super().__init__((task.n_params, task.n_params), task.dtype, task.device, symmetric=True)
+        self.task, self.data, self.mode, self.damping, self.progress = task, data, mode, damping, progress
+        self._no_forward_ad = False
+        self._fixed: SplitBatch | None = None
+        self._iter: Any = None
+        self.n_products = 0
+        if mode == "batch":
+            try:
+                first = next(iter(data))
+            except StopIteration:
+                raise ValueError("data: expected at least one batch, got an empty iterable") from None
+            self._fixed = task._split(first)
+
+    def _next_batch(self) -> SplitBatch:
+        for _ in range(2):
+            if self._iter is None:
+                self._iter = iter(self.data)
+            try:
+                return self.task._split(next(self._iter))
+            except StopIteration:
+                self._iter = None
+        raise ValueError("data: expected at least one batch, got an empty iterable")
+
+    def _batch_sum(self, split: SplitBatch, V: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        # fused attention kernels (CPU flash) lack double-backward and forward-mode rules: use the math one
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            return self._matmat_impl(V)
+
+    def _matmat_impl(self, V: Tensor) -> Tensor:
+        from .task import _tqdm
+
+        V = V.to(device=self.device, dtype=self.dtype)
+        self.n_products += V.shape[1]
+        if self.mode == "full":
+            acc, total = None, 0
+            for batch in _tqdm(self.data, self.progress, type(self).__name__, data_len(self.data)):
+                split = self.task._split(batch)
+                self.task._check_once(split)
+                part = self._batch_sum(split, V)
+                acc = part if acc is None else acc + part
+                total += split.size
+            if acc is None:
+                raise ValueError("data: expected at least one batch, got an empty iterable")
+            out = acc / total
+        else:
+            split = self._fixed if self.mode == "batch" else self._next_batch()
+            self.task._check_once(split)
+            out = self._batch_sum(split, V) / split.size
+        return out + self.damping * V if self.damping else out
+
+    def _columns(self, col: Any, V: Tensor) -> Tensor:
+        """Apply a vector map ``[N] -> [N]`` to each column, vectorised with vmap when k > 1."""
+        if V.shape[1] == 1:
+            return col(V[:, 0])[:, None]
+        return vmap(col, in_dims=1, out_dims=1, randomness="same")(V)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(shape={self.shape}, mode={self.mode!r}, damping={self.damping}, "
+                f"dtype={self.dtype})")
+
+
+class HessianOperator(CurvatureOperator):
+    """H = ∇²_θ (1/n) Σ_i ℓ_i(θ) (+ λI). ``method``: ``"fwd_rev"`` (forward-over-reverse, ``jvp`` of
+    ``grad``, columns vectorised with vmap), ``"double_backward"`` (one forward + backward with
+    ``create_graph``, then one backward per column), ``"auto"``: ``fwd_rev`` for a single vector,
+    ``double_backward`` for k > 1 columns (reuses the first backward; see benchmarks/results/grads.md)."""
+
+    def __init__(self, task: Task, data: Iterable, mode: str = "full", damping: float = 0.0,
+                 method: str = "auto", progress: bool = False) -> None:
+        if method not in HVP_METHODS:
+            raise ValueError(f"method: expected one of {HVP_METHODS}, got {method!r}")
+        super().__init__(task, data, mode, damping, progress)
+        self.method = method
+
+    def _batch_sum(self, split: SplitBatch, V: Tensor) -> Tensor:
+        method = self.method
+        if method == "auto":
+            method = "fwd_rev" if V.shape[1] == 1 and not self._no_forward_ad else "double_backward"
+            if method == "fwd_rev":
+                try:
+                    return self._fwd_rev(split, V)
+                except (NotImplementedError, RuntimeError) as e:
+                    if not _forward_ad_missing(e):
+                        raise
+                    self._no_forward_ad = True  # e.g. CPU flash attention: no forward-mode rule
+                    method = "double_backward"
+        return (self._fwd_rev if method == "fwd_rev" else self._double_backward)(split, V)
+
+    def _fwd_rev(self, split: SplitBatch, V: Tensor) -> Tensor:
+        task, batch, B = self.task, split.rebuild(), split.size
+        p0 = task.params_dict()
+        g = grad(lambda p: task._losses(p, batch, B).sum())
+
+        def col(v: Tensor) -> Tensor:
+            return task.flatten(jvp(g, (p0,), (task.unflatten(v),))[1])
+
+        with torch.no_grad():
+            return self._columns(col, V)
+
+    def _double_backward(self, split: SplitBatch, V: Tensor) -> Tensor:
+        task = self.task
+        p = {n: t.detach().requires_grad_(True) for n, t in task.params_dict().items()}
+        leaves = list(p.values())
+        with torch.enable_grad():
+            loss = task._losses(p, split.rebuild(), split.size).sum()
+            gs = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+            pairs = [(g, t) for g, t in zip(gs, leaves) if g is not None and g.requires_grad]
+            cols = []
+            for j in range(V.shape[1]):
+                if not pairs:
+                    cols.append(torch.zeros_like(V[:, 0]))
+                    continue
+                vs = task.unflatten(V[:, j])
+                tang = [vs[n] for n, t in p.items() for g, tt in pairs if tt is t]
+                hv = torch.autograd.grad([g for g, _ in pairs], leaves, grad_outputs=tang,
+                                         retain_graph=j < V.shape[1] - 1, allow_unused=True)
+                hv = [torch.zeros_like(t) if h is None else h for h, t in zip(hv, leaves)]
+                cols.append(task.flatten(hv))
+        return torch.stack(cols, 1).detach()
+
+
+class _ReverseLinearization:
+    """Reverse-only J v and Jᵀ w of z = fn(θ) at θ0 (J v = ∂/∂u ⟨Jᵀu, v⟩, the double-vjp trick): the
+    fallback for models whose ops lack forward-mode AD rules (e.g. CPU flash attention)."""
+
+    def __init__(self, task: Task, fn: Any) -> None:
+        self.task = task
+        self.p = {n: t.detach().requires_grad_(True) for n, t in task.params_dict().items()}
+        self.leaves = list(self.p.values())
+        with torch.enable_grad():
+            self.z = fn(self.p)
+            self.u = torch.zeros_like(self.z, requires_grad=True)
+            gs = torch.autograd.grad(self.z, self.leaves, self.u, create_graph=True, allow_unused=True)
+        self.pairs = [(i, g) for i, g in enumerate(gs) if g is not None and g.requires_grad]
+
+    def jv(self, v: Tensor) -> Tensor:
+        if not self.pairs:
+            return torch.zeros_like(self.z)
+        vs = list(self.task.unflatten(v).values())
+        with torch.enable_grad():
+            (out,) = torch.autograd.grad([g for _, g in self.pairs], self.u, [vs[i] for i, _ in self.pairs],
+                                         retain_graph=True, allow_unused=True)
+        return torch.zeros_like(self.z) if out is None else out.detach()
+
+    def vjp(self, w: Tensor) -> Tensor:
+        with torch.enable_grad():
+            gs = torch.autograd.grad(self.z, self.leaves, w, retain_graph=True, allow_unused=True)
+        return self.task.flatten([torch.zeros_like(t) if g is None else g for g, t in zip(gs, self.leaves)])
+
+
+def _forward_ad_missing(e: BaseException) -> bool:
+    return isinstance(e, (NotImplementedError, RuntimeError)) and (
+        "forward AD" in str(e) or "forward-mode" in str(e))
+
+
+class GGNOperator(CurvatureOperator):
+    """G = (1/n) Σ_i J_iᵀ H_{L,i} J_i (+ λI): J_i = ∂z_i/∂θ for the outputs z = ``output_fn(model, batch)``,
+    H_{L,i} = ∂²ℓ_i/∂z_i² of ``loss_on_output(z, batch)``. Each product: a jvp through the model, an HVP of
+    the loss in output space, a vjp back. Positive semi-definite when the loss is convex in z."""
+
+    def __init__(self, task: Task, data: Iterable, mode: str = "full", damping: float = 0.0,
+                 progress: bool = False) -> None:
+        if task.output_fn is None or task.loss_on_output is None:
+            raise ValueError("task: the GGN needs output_fn and loss_on_output (Task(model, output_fn=..., "
+                             "loss_on_output=...) or Task.from_classifier); got a task with only loss_fn")
+        super().__init__(task, data, mode, damping, progress)
+
+    def _batch_sum(self, split: SplitBatch, V: Tensor) -> Tensor:
+        task, batch, B = self.task, split.rebuild(), split.size
+        p0 = task.params_dict()
+
+        def out_fn(p: dict[str, Tensor]) -> Tensor:
+            z = task._fcall(task.output_fn, p, batch)
+            if not isinstance(z, Tensor) or z.ndim == 0 or z.shape[0] != B:
+                got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+                raise ValueError(f"output_fn: expected a tensor [B={B}, ...] of model outputs, got {got}")
+            return z
+
+        def lo(z: Tensor) -> Tensor:
+            ell = task.loss_on_output(z, batch)
+            if not isinstance(ell, Tensor) or tuple(ell.shape) != (B,):
+                got = tuple(ell.shape) if isinstance(ell, Tensor) else type(ell).__name__
+                raise ValueError(f"loss_on_output: expected per-example losses of shape [{B}], got {got}")
+            return ell.sum()
+
+        if not self._no_forward_ad:
+            try:
+                with torch.no_grad():
+                    z, vjp_fn = vjp(out_fn, p0)
+                    gz = grad(lo)
+
+                    def col(v: Tensor) -> Tensor:
+                        _, jv = jvp(out_fn, (p0,), (task.unflatten(v),))
+                        _, hjv = jvp(gz, (z,), (jv,))
+                        return task.flatten(vjp_fn(hjv)[0])
+
+                    return self._columns(col, V)
+            except (NotImplementedError, RuntimeError) as e:
+                if not _forward_ad_missing(e):
+                    raise
+                self._no_forward_ad = True
+        lin = _ReverseLinearization(task, out_fn)
+        z = lin.z.detach()
+        cols = []
+        for j in range(V.shape[1]):
+            jv = lin.jv(V[:, j])
+            zz = z.clone().requires_grad_(True)
+            with torch.enable_grad():
+                (gz1,) = torch.autograd.grad(lo(zz), zz, create_graph=True)
+                (hjv,) = torch.autograd.grad(gz1, zz, jv, allow_unused=True)
+            cols.append(lin.vjp(torch.zeros_like(z) if hjv is None else hjv.detach()))
+        return torch.stack(cols, 1).detach()
+
+
+class FisherOperator(CurvatureOperator):
+    """Empirical Fisher F = (1/n) Σ_i g_i g_iᵀ (+ λI), g_i = ∇ℓ_i: per batch F_B V = Jᵀ(J V) with J the
+    [B, N] Jacobian of the per-example losses (one jvp and one vjp; no per-example gradients stored)."""
+
+    def _batch_sum(self, split: SplitBatch, V: Tensor) -> Tensor:
+        task, batch, B = self.task, split.rebuild(), split.size
+        p0 = task.params_dict()
+
+        def lf(p: dict[str, Tensor]) -> Tensor:
+            return task._losses(p, batch, B)
+
+        if not self._no_forward_ad:
+            try:
+                with torch.no_grad():
+                    _, vjp_fn = vjp(lf, p0)
+
+                    def col(v: Tensor) -> Tensor:
+                        _, jv = jvp(lf, (p0,), (task.unflatten(v),))
+                        return task.flatten(vjp_fn(jv)[0])
+
+                    return self._columns(col, V)
+            except (NotImplementedError, RuntimeError) as e:
+                if not _forward_ad_missing(e):
+                    raise
+                self._no_forward_ad = True
+        lin = _ReverseLinearization(task, lf)
+        return torch.stack([lin.vjp(lin.jv(V[:, j])) for j in range(V.shape[1])], 1).detach()
+
+
+class _GenericSketch:
+    """apply: [..., N] -> [..., d]; adjoint: [..., d] -> [..., N] for plain, block and factored sketches."""
+
+    def __init__(self, sketch: Any, n: int) -> None:
+        self.sketch = sketch
+        sizes = getattr(sketch, "sizes", None)
+        if getattr(sketch, "n", None) != n:
+            raise ValueError(f"sketch: expected a sketch with n = {n} (the operator's size), got "
+                             f"n = {getattr(sketch, 'n', None)}")
+        self.d = int(sketch.d)
+        self.sizes: Sequence[int] | None = None
+        self.keys = None
+        if sizes is not None:
+            self.sizes = [int(s) for s in (sizes.values() if isinstance(sizes, dict) else sizes)]
+            self.keys = list(sizes.keys()) if isinstance(sizes, dict) else None
+
+    def apply(self, x: Tensor) -> Tensor:
+        if self.sizes is None:
+            return self.sketch(x, nan_policy="propagate")
+        parts = list(torch.split(x, self.sizes, dim=-1))
+        return self.sketch(dict(zip(self.keys, parts)) if self.keys is not None else parts,
+                           nan_policy="propagate")
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        out = self.sketch.T(y, nan_policy="propagate")
+        if isinstance(out, dict):
+            out = list(out.values())
+        return torch.cat(list(out), dim=-1) if isinstance(out, (list, tuple)) else out
+
+
+class SketchedOperator(LinearOperator):
+    """Φ A Φᵀ: [d, d] operator v ↦ Φ(A(Φᵀ v)) for an [N, N] operator A and a sketch Φ: R^N -> R^d
+    (Schioppa 2024, §3: Arnoldi/Lanczos on the sketched Hessian). Symmetric when A is."""
+
+    def __init__(self, op: LinearOperator, sketch: Any) -> None:
+        if op.shape[0] != op.shape[1]:
+            raise ValueError(f"op: expected a square operator, got shape {op.shape}")
+        self.op, self._s = op, _GenericSketch(sketch, op.shape[1])
+        super().__init__((self._s.d, self._s.d), op.dtype, op.device, symmetric=op.symmetric)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        X = self._s.adjoint(V.T.to(self.dtype)).to(self.dtype)    # [k, N]
+        Y = self.op.matmat(X.T.contiguous())                       # [N, k]
+        return self._s.apply(Y.T.contiguous()).T.to(self.dtype)    # [d, k]
+
+
+def sketched(op: LinearOperator, sketch: Any, task: Task | None = None) -> SketchedOperator:
+    """v ↦ Φ op Φᵀ v as a [d, d] :class:`LinearOperator` (``sketch``: plain, Block or Factored sketch with
+    n = op.shape[1]; ``task`` is accepted for symmetry with ``Task.sketched_hessian`` and unused)."""
+    return SketchedOperator(op, sketch)

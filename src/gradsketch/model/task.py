@@ -1,0 +1,412 @@
+"""``Task``: a model, a per-example loss and a selection of parameters; exact per-example gradients.
+
+θ ∈ R^N is the concatenation of the selected parameters (row-major, in ``task.named_params`` order). For a
+batch of B examples, ``task.grads(batch)`` is the [B, N] matrix with rows g_i = ∇_θ ℓ_i(θ), computed with
+``torch.func.vmap(torch.func.grad(...))`` over ``torch.func.functional_call`` (other parameters and the
+buffers are held fixed). Sketched gradients (``sketch_grads``) and curvature operators (``hessian``,
+``ggn``, ``fisher``) are built on the same functional view.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from ._batch import SplitBatch
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+NAN_POLICIES = ("raise", "skip")
+PER_EXAMPLE = ("auto", "vmap", "loop")
+SKETCH_MODES = ("explicit", "implicit", "factored")
+
+
+class _Call(nn.Module):
+    """``forward(fn, batch) = fn(model, batch)``: lets ``functional_call`` swap the model's parameters
+    for whatever callable (loss, output, ...) the task evaluates."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[[nn.Module, Any], Any], batch: Any) -> Any:
+        return fn(self.model, batch)
+
+
+def _tqdm(iterable: Iterable, progress: bool, desc: str, total: int | None = None) -> Iterable:
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+class Task:
+    """A model, a per-example loss and the parameters to differentiate.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any module; its train/eval mode and buffers are used as they are.
+    loss_fn : callable ``(model, batch) -> Tensor [B]``
+        Per-example losses (unreduced). May be omitted when ``output_fn`` and ``loss_on_output`` are given:
+        then ``loss_fn(model, batch) = loss_on_output(output_fn(model, batch), batch)``.
+    params : None, list of str, list of nn.Module or nn.Parameter
+        ``None``: every parameter with ``requires_grad``. Strings are ``fnmatch`` globs over parameter names
+        (``"encoder.layer.5.*"``); modules select all of their parameters. Others are held fixed.
+    output_fn, loss_on_output : callables, optional
+        ``output_fn(model, batch) -> [B, ...]`` (e.g. logits) and ``loss_on_output(outputs, batch) -> [B]``;
+        needed by :meth:`ggn` (J^T H_L J). See :meth:`from_classifier`.
+    per_example : ``"auto"`` | ``"vmap"`` | ``"loop"``
+        How exact per-example gradients are computed. ``"vmap"``: ``vmap(grad)``; ``"loop"``: one backward
+        pass per example (slow; works for any model); ``"auto"``: vmap, falling back to the loop (with a
+        warning, once) when vmap cannot trace the model (``.item()``/data-dependent control flow, in-place
+        updates of buffers such as BatchNorm running statistics in train mode, ops without batching rules).
+    randomness : ``"different"`` | ``"same"``
+        Under vmap each example is a batch of one; ``"different"`` draws independent random numbers
+        (dropout masks) per example, as a batched forward pass would; ``"same"`` shares one draw across the
+        examples of a call. Results in train mode with dropout are random either way; use ``model.eval()``
+        for reproducible gradients.
+    nan_policy : ``"raise"`` | ``"skip"``
+        A non-finite loss or gradient raises ``FloatingPointError`` naming the example's index (counted over
+        the data); ``"skip"`` zeroes its row instead and records it in ``task.skipped_indices_``.
+    validate : bool
+        On the first batch, run one ordinary backward pass that checks the loss shape and that every
+        selected parameter receives a gradient (``ValueError`` naming those that do not).
+
+    Batches are any nested tuple/list/dict of tensors sharing a leading batch dimension (transformers'
+    ``BatchEncoding`` included); tensor leaves are moved to the parameters' device.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None = None,
+                 params: None | Sequence[str | nn.Module | nn.Parameter] = None, *,
+                 output_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+                 loss_on_output: Callable[[Tensor, Any], Tensor] | None = None,
+                 per_example: str = "auto", randomness: str = "different", nan_policy: str = "raise",
+                 validate: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if loss_fn is None:
+            if output_fn is None or loss_on_output is None:
+                raise ValueError("loss_fn: expected a callable (model, batch) -> [B], or both output_fn and "
+                                 "loss_on_output; got none of them")
+
+            def loss_fn(m: nn.Module, b: Any) -> Tensor:
+                return loss_on_output(output_fn(m, b), b)
+        if not callable(loss_fn):
+            raise TypeError("loss_fn: expected a callable (model, batch) -> [B], got "
+                            f"{type(loss_fn).__name__}")
+        for name, val, allowed in (("per_example", per_example, PER_EXAMPLE),
+                                   ("randomness", randomness, ("different", "same")),
+                                   ("nan_policy", nan_policy, NAN_POLICIES)):
+            if val not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {val!r}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.output_fn = output_fn
+        self.loss_on_output = loss_on_output
+        self.per_example = per_example
+        self.randomness = randomness
+        self.nan_policy = nan_policy
+        self.validate = validate
+        self.named_params: list[tuple[str, nn.Parameter]] = self._select(params)
+        self.param_names = [n for n, _ in self.named_params]
+        self.param_shapes = [tuple(p.shape) for _, p in self.named_params]
+        self.param_sizes = [p.numel() for _, p in self.named_params]
+        self.n_params = int(sum(self.param_sizes))
+        self._call = _Call(model)
+        self._validated = False
+        self._use_loop = per_example == "loop"
+        self.skipped_indices_: list[int] = []
+
+    # -- construction helpers --------------------------------------------------------------------
+    @classmethod
+    def from_classifier(cls, model: nn.Module, loss: str = "cross_entropy", input_key: Any = 0,
+                        target_key: Any = 1, params: Any = None, **kwargs: Any) -> Task:
+        """A task for ``outputs = model(batch[input_key])`` and ``targets = batch[target_key]`` with
+        cross-entropy (``loss="cross_entropy"``, outputs are logits [B, C]) or squared error (``"mse"``,
+        Σ_j (o_j − t_j)²). Sets ``output_fn``/``loss_on_output`` so that :meth:`ggn` works."""
+        from .losses import _get, cross_entropy_per_example, mse_per_example
+
+        if loss not in ("cross_entropy", "mse"):
+            raise ValueError(f"loss: expected 'cross_entropy' or 'mse', got {loss!r}")
+        per = cross_entropy_per_example if loss == "cross_entropy" else mse_per_example
+
+        def output_fn(m: nn.Module, b: Any) -> Tensor:
+            return m(_get(b, input_key, "input_key"))
+
+        def loss_on_output(out: Tensor, b: Any) -> Tensor:
+            return per(out, _get(b, target_key, "target_key"))
+
+        return cls(model, None, params, output_fn=output_fn, loss_on_output=loss_on_output, **kwargs)
+
+    def _select(self, params: Any) -> list[tuple[str, nn.Parameter]]:
+        all_named = list(self.model.named_parameters())
+        if params is None:
+            out = [(n, p) for n, p in all_named if p.requires_grad]
+            if not out:
+                raise ValueError("params: the model has no parameter with requires_grad=True")
+            return out
+        if isinstance(params, (str, nn.Module, nn.Parameter)):
+            params = [params]
+        chosen: set[int] = set()
+        for sel in params:
+            if isinstance(sel, str):
+                hit = {id(p) for n, p in all_named if fnmatch.fnmatchcase(n, sel)}
+                if not hit:
+                    names = ", ".join(n for n, _ in all_named[:12]) + (", ..." if len(all_named) > 12 else "")
+                    raise ValueError(f"params: pattern {sel!r} matches no parameter name; names are {names}")
+            elif isinstance(sel, nn.Parameter):
+                hit = {id(sel)}
+                if not any(p is sel for _, p in all_named):
+                    raise ValueError("params: a given nn.Parameter is not a parameter of the model")
+            elif isinstance(sel, nn.Module):
+                hit = {id(p) for p in sel.parameters()}
+                if not hit or not hit <= {id(p) for _, p in all_named}:
+                    raise ValueError(f"params: module {type(sel).__name__} has no parameters of the model")
+            else:
+                raise TypeError("params: expected None or a list of name patterns (str), modules or "
+                                f"parameters, got an element of type {type(sel).__name__}")
+            chosen |= hit
+        return [(n, p) for n, p in all_named if id(p) in chosen]
+
+    # -- basic properties ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.named_params[0][1].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.named_params[0][1].dtype
+
+    def params_dict(self) -> dict[str, Tensor]:
+        """Detached current values of the selected parameters, ``name -> tensor``."""
+        return {n: p.detach() for n, p in self.named_params}
+
+    def flatten(self, tensors: dict[str, Tensor] | Sequence[Tensor], batch_dims: int = 0) -> Tensor:
+        """Per-parameter tensors ``[*lead, *shape_i]`` -> ``[*lead, N]`` (parameter order)."""
+        seq = [tensors[n] for n in self.param_names] if isinstance(tensors, dict) else list(tensors)
+        lead = seq[0].shape[:batch_dims]
+        return torch.cat([t.reshape(*lead, -1) for t in seq], dim=-1)
+
+    def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
+        """``[*lead, N]`` -> ``name -> [*lead, *shape_i]``."""
+        if vec.shape[-1] != self.n_params:
+            raise ValueError(f"vec: expected last dimension {self.n_params} (task.n_params), "
+                             f"got {vec.shape[-1]}")
+        lead = vec.shape[:-1]
+        parts = torch.split(vec, self.param_sizes, dim=-1)
+        return {n: t.reshape(*lead, *s) for n, t, s in zip(self.param_names, parts, self.param_shapes)}
+
+    def _split(self, batch: Any) -> SplitBatch:
+        return batch if isinstance(batch, SplitBatch) else SplitBatch(batch, self.device)
+
+    # -- functional evaluation ---------------------------------------------------------------------
+    def _fcall(self, fn: Callable[[nn.Module, Any], Any], p: dict[str, Tensor], batch: Any) -> Any:
+        return functional_call(self._call, {"model." + n: t for n, t in p.items()}, (fn, batch))
+
+    def _losses(self, p: dict[str, Tensor], batch: Any, expected: int) -> Tensor:
+        """Per-example losses with the selected parameters replaced by ``p``; checks the shape ``[B]``."""
+        out = self._fcall(self.loss_fn, p, batch)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"loss_fn: expected a tensor of per-example losses [B], got {type(out).__name__}")
+        if out.ndim == 0:
+            raise ValueError(f"loss_fn: expected per-example losses of shape [B] = [{expected}], got a "
+                             "scalar; return unreduced losses (e.g. F.cross_entropy(..., reduction='none'))")
+        if tuple(out.shape) != (expected,):
+            raise ValueError(f"loss_fn: expected per-example losses of shape [{expected}] (one per example "
+                             f"of the batch), got shape {tuple(out.shape)}")
+        return out
+
+    def _check_once(self, split: SplitBatch) -> None:
+        """First batch: loss shape and that every selected parameter is reached by the loss."""
+        if self._validated or not self.validate:
+            return
+        p = {n: t.detach().requires_grad_(True) for n, t in self.params_dict().items()}
+        with torch.enable_grad():
+            out = self._losses(p, split.rebuild(), split.size)
+            gs = torch.autograd.grad(out.sum(), list(p.values()), allow_unused=True)
+        dead = [n for n, g in zip(p, gs) if g is None]
+        if dead:
+            raise ValueError("params: selected parameters receive no gradient from loss_fn: "
+                             f"{', '.join(dead)}; deselect them (params=[...]) or check the model")
+        self._validated = True
+
+    def loss(self, batch: Any) -> Tensor:
+        """Per-example losses ``[B]`` at the current parameters (no gradient)."""
+        split = self._split(batch)
+        with torch.no_grad():
+            return self._losses(self.params_dict(), split.rebuild(), split.size)
+
+    # -- exact per-example gradients ----------------------------------------------------------------
+    def _pe_vmap(self, split: SplitBatch, names: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
+        base = self.params_dict()
+        sel = {n: base[n] for n in names}
+        fixed = {n: t for n, t in base.items() if n not in sel}
+
+        def one(p: dict[str, Tensor], *leaves: Tensor) -> Tensor:
+            b1 = split.rebuild([t.unsqueeze(0) for t in leaves])
+            return self._losses({**fixed, **p}, b1, 1)[0]
+
+        in_dims = (None,) + (0,) * len(split.leaves)
+        with torch.no_grad():
+            fn = vmap(grad_and_value(one), in_dims=in_dims, randomness=self.randomness)
+            g, losses = fn(sel, *split.leaves)
+        return g, losses
+
+    def _pe_loop(self, split: SplitBatch, names: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
+        base = self.params_dict()
+        outs: dict[str, list[Tensor]] = {n: [] for n in names}
+        losses = []
+        for i in range(split.size):
+            p = {n: (t.requires_grad_(True) if n in outs else t) for n, t in
+                 ((n, t.detach()) for n, t in base.items())}
+            with torch.enable_grad():
+                li = self._losses(p, split.slice(i, i + 1).rebuild(), 1)[0]
+                gs = torch.autograd.grad(li, [p[n] for n in names], allow_unused=True)
+            for n, g in zip(names, gs):
+                outs[n].append(torch.zeros_like(p[n]) if g is None else g)
+            losses.append(li.detach())
+        return {n: torch.stack(v) for n, v in outs.items()}, torch.stack(losses)
+
+    def _run_per_example(self, vmap_fn: Callable[[], Any], loop_fn: Callable[[], Any]) -> Any:
+        if self._use_loop:
+            return loop_fn()
+        if self.per_example == "vmap":
+            return vmap_fn()
+        try:
+            return vmap_fn()
+        except (ValueError, TypeError, FloatingPointError):
+            raise
+        except (RuntimeError, NotImplementedError) as e:
+            warnings.warn(f"Task: torch.func.vmap cannot trace this model ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); falling back to one backward pass per example "
+                          "(slower). Pass per_example='loop' to silence this; for transformers models, "
+                          "model.set_attn_implementation('eager') usually makes vmap work.",
+                          RuntimeWarning, stacklevel=3)
+            self._use_loop = True
+            return loop_fn()
+
+    def per_example_grads(self, batch: Any, names: Sequence[str] | None = None
+                          ) -> tuple[dict[str, Tensor], Tensor]:
+        """Exact per-example gradients ``name -> [B, *shape]`` and the losses ``[B]`` (no NaN check)."""
+        split = self._split(batch)
+        self._check_once(split)
+        names = list(self.param_names if names is None else names)
+        return self._run_per_example(lambda: self._pe_vmap(split, names), lambda: self._pe_loop(split, names))
+
+    def grads(self, batch: Any, nan_policy: str | None = None) -> Tensor:
+        """Exact per-example gradients ``[B, N]``: row i is ∇_θ ℓ_i(θ), flattened in parameter order.
+
+        Holds B·N numbers: for large models use :meth:`sketch_grads`."""
+        split = self._split(batch)
+        g, losses = self.per_example_grads(split)
+        G = self.flatten(g, batch_dims=1)
+        self.skipped_indices_ = []
+        return self._nonfinite(G, losses, 0, nan_policy, self.skipped_indices_)
+
+    def _nonfinite(self, rows: Tensor, losses: Tensor, offset: int, nan_policy: str | None,
+                   record: list[int]) -> Tensor:
+        policy = self.nan_policy if nan_policy is None else nan_policy
+        if policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy: expected one of {NAN_POLICIES}, got {policy!r}")
+        bad = ~(torch.isfinite(losses.reshape(-1)) & torch.isfinite(rows).all(dim=1))
+        if not bool(bad.any()):
+            return rows
+        idx = bad.nonzero().flatten().tolist()
+        if policy == "raise":
+            i = idx[0]
+            raise FloatingPointError(
+                f"non-finite loss or gradient for example index {offset + i} (loss = {float(losses[i])}); "
+                f"{len(idx)} such example(s) in this batch. Pass nan_policy='skip' to zero their rows and "
+                "record them in task.skipped_indices_")
+        record.extend(offset + i for i in idx)
+        rows = rows.clone()
+        rows[bad] = 0
+        return rows
+
+    # -- sketches -------------------------------------------------------------------------------------
+    def block_sketch(self, d: int, kind: str = "affd", seed: int = 0, **options: Any) -> Any:
+        """A :class:`gradsketch.BlockSketch` over the selected parameters (``name -> numel`` blocks, one
+        independent sketch each, summed): a whole-model sketch R^N -> R^d."""
+        from ..sketch import BlockSketch
+
+        return BlockSketch({n: s for n, s in zip(self.param_names, self.param_sizes)}, d, kind=kind,
+                           seed=seed, **options)
+
+    def factored_sketch(self, d: int, seed: int = 0, kind: str = "affd", **options: Any) -> Any:
+        """A :class:`FactoredSketch` for ``sketch_grads(mode="factored")``: a Kronecker ``qk`` sketch
+        F_out ⊗ F_in per supported weight (Linear, transformers Conv1D, Embedding, Conv2d), and a
+        ``kind`` BlockSketch over the other parameters; all blocks summed into R^d."""
+        from .factored import FactoredSketch
+
+        return FactoredSketch.for_task(self, d, seed=seed, kind=kind, **options)
+
+    def iter_sketch_grads(self, data: Iterable, sketch: Any, mode: str = "explicit", progress: bool = True,
+                          chunk_size: int | None = None, nan_policy: str | None = None) -> Iterator[Tensor]:
+        """Like :meth:`sketch_grads`, yielding one ``[B, d]`` tensor per batch (for streaming to a store)."""
+        from .sketching import iter_sketch_grads
+
+        return iter_sketch_grads(self, data, sketch, mode=mode, progress=progress, chunk_size=chunk_size,
+                                 nan_policy=nan_policy)
+
+    def sketch_grads(self, data: Iterable, sketch: Any, mode: str = "explicit", progress: bool = True,
+                     chunk_size: int | None = None, nan_policy: str | None = None) -> Tensor:
+        """Sketched per-example gradients ``[n_examples, d]``, row i = Φ ∇_θ ℓ_i(θ), streaming over ``data``.
+
+        ``sketch``: a BlockSketch over the task's parameters (:meth:`block_sketch`), a plain sketch with
+        ``n == task.n_params``, or a :class:`FactoredSketch` (:meth:`factored_sketch`).
+        ``mode``: ``"explicit"`` sketches exact per-example gradients computed ``chunk_size`` examples at a
+        time (default: as many as fit in ~256 MiB of gradients); ``"implicit"`` computes ∇_ω ℓ_i(θ0 + Φᵀω) at
+        ω = 0 (the same vector, obtained by differentiating through Φᵀ; Schioppa 2024); ``"factored"``
+        (LoGra, arXiv 2405.13954) never forms per-example weight gradients: for a supported layer with
+        per-example gradient Σ_t δ_t a_tᵀ it computes Σ_t (F_out δ_t)(F_in a_t)ᵀ from forward/backward hooks
+        (needs a :class:`FactoredSketch`). Non-finite rows follow ``nan_policy`` (indices of skipped rows in
+        ``task.skipped_indices_``).
+        """
+        self.skipped_indices_ = []
+        parts = list(self.iter_sketch_grads(data, sketch, mode=mode, progress=progress, chunk_size=chunk_size,
+                                            nan_policy=nan_policy))
+        if not parts:
+            raise ValueError("data: expected at least one batch, got an empty iterable")
+        return torch.cat(parts, 0)
+
+    # -- curvature -------------------------------------------------------------------------------------
+    def hessian(self, data: Iterable, mode: str = "full", damping: float = 0.0, method: str = "auto",
+                progress: bool = False) -> Any:
+        """The Hessian of the mean loss, ∇²_θ (1/n) Σ_i ℓ_i, as a symmetric :class:`LinearOperator` [N, N]
+        (+ ``damping`` · I). See :class:`gradsketch.model.HessianOperator` for ``mode`` and ``method``."""
+        from .curvature import HessianOperator
+
+        return HessianOperator(self, data, mode=mode, damping=damping, method=method, progress=progress)
+
+    def ggn(self, data: Iterable, mode: str = "full", damping: float = 0.0, progress: bool = False) -> Any:
+        """Generalised Gauss-Newton (1/n) Σ_i J_iᵀ H_{L,i} J_i of the mean loss (needs ``output_fn`` and
+        ``loss_on_output``), as a symmetric :class:`LinearOperator` [N, N]."""
+        from .curvature import GGNOperator
+
+        return GGNOperator(self, data, mode=mode, damping=damping, progress=progress)
+
+    def fisher(self, data: Iterable, mode: str = "full", damping: float = 0.0, progress: bool = False) -> Any:
+        """Empirical Fisher (1/n) Σ_i g_i g_iᵀ (g_i per-example gradients), as a symmetric operator [N, N]."""
+        from .curvature import FisherOperator
+
+        return FisherOperator(self, data, mode=mode, damping=damping, progress=progress)
+
+    def sketched_hessian(self, data: Iterable, sketch: Any, **kwargs: Any) -> Any:
+        """The [d, d] operator v ↦ Φ H Φᵀ v (``kwargs`` go to :meth:`hessian`)."""
+        from .curvature import sketched
+
+        return sketched(self.hessian(data, **kwargs), sketch, task=self)
+
+    def __repr__(self) -> str:
+        return (f"Task(model={type(self.model).__name__}, n_params={self.n_params}, "
+                f"n_tensors={len(self.named_params)})")
+
+
