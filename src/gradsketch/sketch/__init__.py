@@ -1,0 +1,11 @@
+"""Φ and Φᵀ for every sketch kind; knows nothing of models.
+
+``sketch(kind, n, d, seed=0, **options)`` builds a :class:`Sketch`; :class:`BlockSketch` sketches a list of
+tensors (a model's parameter gradients) as a sum of independent per-block sketches.
+"""
+
+from .base import Sketch
+from .block import BlockSketch, sketch_from_spec
+from .kinds import KINDS, PRECONDITIONERS, sketch
+
+__all__ = ["Sketch", "BlockSketch", "sketch", "sketch_from_spec", "KINDS", "PRECONDITIONERS"]

@@ -1,0 +1,134 @@
+"""Structured orthogonal transforms on the last dimension: Kronecker products of small matrices,
+Walsh–Hadamard factors, Haar-random orthogonal rows and the discrete Hartley transform (via the FFT).
+All functions act on ``[M, n]`` tensors and know nothing of sketches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+
+def kron_apply(x: Tensor, mats: Sequence[Tensor]) -> Tensor:
+    """``(M_1 ⊗ … ⊗ M_K) x`` for every row of ``x``: ``[M, ∏c_i] -> [M, ∏r_i]``, ``M_i`` of shape [r_i, c_i].
+
+    Row-major convention: the first factor acts on the slowest-varying index. Factor i is one batched
+    GEMM ``M_i @ y`` on the view ``[M·∏r_{<i}, c_i, ∏c_{>i}]`` (no transposed copies; the last factor is a
+    plain GEMM). The Kronecker product is never formed.
+    """
+    m = x.shape[0]
+    cols = [int(a.shape[1]) for a in mats]
+    pre = m
+    y = x
+    for i, a in enumerate(mats):
+        post = math.prod(cols[i + 1:])
+        if post == 1:
+            y = y.reshape(pre, cols[i]) @ a.T
+        else:
+            y = torch.matmul(a, y.reshape(pre, cols[i], post))
+        pre *= int(a.shape[0])
+    return y.reshape(m, -1)
+
+
+def kron_apply_t(y: Tensor, mats: Sequence[Tensor]) -> Tensor:
+    """Adjoint of :func:`kron_apply`: ``(M_1ᵀ ⊗ … ⊗ M_Kᵀ) y``."""
+    return kron_apply(y, [a.T for a in mats])
+
+
+@lru_cache(maxsize=64)
+def _hadamard_cpu(b: int) -> Tensor:
+    if b < 1 or b & (b - 1):
+        raise ValueError(f"hadamard size: expected a power of two, got {b}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(b)
+
+
+def hadamard(b: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+    """Normalised Sylvester Walsh–Hadamard matrix ``H_b`` (orthogonal, symmetric), ``b`` a power of two."""
+    return _hadamard_cpu(b).to(device=device, dtype=dtype)
+
+
+def wht(x: Tensor, factor: int = 64) -> Tensor:
+    """Normalised Walsh–Hadamard transform of every row, ``[M, 2^p] -> [M, 2^p]``.
+
+    ``H_{2^p} = H_{b_1} ⊗ … ⊗ H_{b_K}`` for any split of p, so ``factor`` only changes speed.
+    """
+    n = x.shape[-1]
+    mats = [hadamard(b, x.dtype, x.device) for b in pow2_split(n, factor)]
+    return kron_apply(x, mats)
+
+
+def pow2_split(n: int, max_factor: int) -> list[int]:
+    """Split the power of two ``n`` into as few power-of-two factors ≤ ``max_factor`` as possible, balanced."""
+    p = n.bit_length() - 1
+    if 1 << p != n:
+        raise ValueError(f"n: expected a power of two, got {n}")
+    q = max(1, max_factor.bit_length() - 1)
+    k = max(1, -(-p // q))
+    base, extra = divmod(p, k)
+    exps = [base + (1 if i < extra else 0) for i in range(k)]
+    return [1 << e for e in exps]
+
+
+def split_exponent_like(q: int, caps: Sequence[int]) -> list[int]:
+    """Split ``2^q`` into factors ``2^{q_i}`` with ``q_i ≤ log2(caps_i)`` and ``Σ q_i = q``, balanced."""
+    lim = [c.bit_length() - 1 for c in caps]
+    if q > sum(lim):
+        raise ValueError(f"cannot split 2^{q} into factors bounded by {list(caps)}")
+    out = [0] * len(caps)
+    left = q
+    # water-filling: repeatedly give one to the factor with the most remaining room relative to use
+    while left:
+        i = max(range(len(caps)), key=lambda j: (lim[j] - out[j], -j))
+        out[i] += 1
+        left -= 1
+    return [1 << e for e in out]
+
+
+def balanced_factors(n: int, k: int) -> list[int]:
+    """``k`` integers as equal as possible whose product is ≥ ``n`` (and minimal padding greedily)."""
+    if k == 1:
+        return [n]
+    b = math.ceil(n ** (1.0 / k) - 1e-9)
+    fac = [b] * k
+    # shrink factors one by one while the product still covers n
+    for i in range(k):
+        while fac[i] > 1:
+            fac[i] -= 1
+            if math.prod(fac) < n:
+                fac[i] += 1
+                break
+    return fac
+
+
+def haar_rows(b: int, r: int, gen: torch.Generator) -> Tensor:
+    """The first ``r`` rows of a Haar-random ``b × b`` orthogonal matrix, float64 ``[r, b]`` (QR with sign fix)."""
+    g = torch.randn(b, r, generator=gen, dtype=torch.float64)
+    q, rr = torch.linalg.qr(g)
+    sign = torch.sign(torch.diagonal(rr))
+    sign[sign == 0] = 1.0
+    return (q * sign).T.contiguous()
+
+
+def dht(x: Tensor) -> Tensor:
+    """Orthonormal discrete Hartley transform of every row, ``[M, n] -> [M, n]``: ``(Re F − Im F) x / √n``.
+
+    Real, symmetric and its own inverse, so it is its own adjoint. Computed with one real FFT.
+    """
+    n = x.shape[-1]
+    f = torch.fft.rfft(x, dim=-1)
+    h_lo = f.real - f.imag  # k = 0 .. n//2
+    # for k > n/2: X_k = conj(X_{n-k}) so Re X_k - Im X_k = Re X_{n-k} + Im X_{n-k}
+    m_hi = n - n // 2 - 1
+    if m_hi > 0:
+        tail = f[..., 1 : 1 + m_hi]
+        h_hi = (tail.real + tail.imag).flip(-1)
+        h = torch.cat([h_lo, h_hi], dim=-1)
+    else:
+        h = h_lo
+    return h * (1.0 / math.sqrt(n))

@@ -1,0 +1,148 @@
+"""The ``Sketch`` base class: validation, dtype handling, spec, devices. Kinds implement two methods."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NAN_POLICIES = ("raise", "propagate")
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise TypeError(f"{name}: expected an integer, got {value!r} ({type(value).__name__})")
+    if int(value) < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class Sketch:
+    """A random linear map Φ: Rⁿ → Rᵈ with E‖Φx‖² = ‖x‖², fixed by its spec, never stored as a d×n matrix.
+
+    ``S(x)``: ``[..., n] -> [..., d]``; ``S.T(y)``: the exact adjoint ``[..., d] -> [..., n]``. Both are
+    differentiable (autograd through linear torch ops), batched over leading dimensions, and accept
+    float16/bfloat16/float32/float64 (computed in float32, or float64 for float64 input; the output has
+    the input's dtype unless ``out_dtype`` is given).
+    """
+
+    kind: ClassVar[str] = ""
+    allows_d_greater_than_n: ClassVar[bool] = False
+    option_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, n: int, d: int, seed: int = 0, **options: Any) -> None:
+        self.n = _check_int("n", n)
+        self.d = _check_int("d", d)
+        self.seed = _check_int("seed", seed, minimum=0)
+        unknown = sorted(set(options) - set(self.option_names))
+        if unknown:
+            raise ValueError(
+                f"{self.kind}: unknown option(s) {unknown}; valid options are {list(self.option_names)}")
+        if self.d > self.n and not self.allows_d_greater_than_n:
+            raise ValueError(
+                f"d: kind {self.kind!r} needs d <= n, got d={self.d} > n={self.n} "
+                "(use kind 'dense' or 'sjlt' for d > n)")
+        self.device = torch.device("cpu")
+        self._bufs: dict[str, Tensor] = {}
+        self._cache: dict[tuple[str, torch.dtype], Tensor] = {}
+        self.nan_policy = "raise"
+        self._options: dict[str, Any] = {}
+
+    # -- spec and devices --------------------------------------------------------------------
+    @property
+    def spec(self) -> dict[str, Any]:
+        """JSON-serialisable dict; ``gradsketch.sketch(**S.spec)`` rebuilds the identical sketch."""
+        return {"kind": self.kind, "n": self.n, "d": self.d, "seed": self.seed, **self._options}
+
+    def to(self, device: torch.device | str) -> Sketch:
+        """Move the sketch's state to ``device`` (in place; returns self)."""
+        device = torch.device(device)
+        self._bufs = {k: v.to(device) for k, v in self._bufs.items()}
+        self._cache = {}
+        self.device = device
+        return self
+
+    def state_bytes(self) -> int:
+        """Bytes of state held (excluding per-dtype caches)."""
+        return sum(t.numel() * t.element_size() for t in self._bufs.values())
+
+    def _buf(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        t = self._bufs[name]
+        if dtype is None or t.dtype == dtype:
+            return t
+        key = (name, dtype)
+        c = self._cache.get(key)
+        if c is None:
+            c = self._cache[key] = t.to(dtype)
+        return c
+
+    # -- to implement --------------------------------------------------------------------------
+    def _forward(self, x: Tensor) -> Tensor:  # [M, n] -> [M, d], x in the compute dtype
+        raise NotImplementedError
+
+    def _adjoint(self, y: Tensor) -> Tensor:  # [M, d] -> [M, n]
+        raise NotImplementedError
+
+    # -- public -----------------------------------------------------------------------------
+    def _prepare(self, x: Tensor, size: int, what: str) -> tuple[Tensor, tuple[int, ...], torch.dtype]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOATS:
+            raise TypeError(f"{what}: expected a floating tensor ({', '.join(map(str, _FLOATS))}), got {x.dtype}")
+        if x.ndim == 0 or x.shape[-1] != size:
+            raise ValueError(f"{what}: expected a tensor of shape [..., {size}], got {tuple(x.shape)}")
+        if x.device != self.device:
+            raise ValueError(
+                f"{what}: the tensor is on {x.device} but the sketch is on {self.device}; call S.to({str(x.device)!r})")
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        lead = tuple(x.shape[:-1])
+        return x.reshape(-1, size).to(cdt), lead, cdt
+
+    def _finish(self, out: Tensor, inp: Tensor, lead: tuple[int, ...], size: int, dtype: torch.dtype,
+                nan_policy: str | None, what: str) -> Tensor:
+        policy = self.nan_policy if nan_policy is None else nan_policy
+        if policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy: expected one of {NAN_POLICIES}, got {policy!r}")
+        if policy == "raise" and out.numel() and not bool(torch.isfinite(out).all()):
+            bad = (~torch.isfinite(inp)).nonzero()
+            if bad.numel():
+                row, col = (int(v) for v in bad[0])
+                raise ValueError(
+                    f"{what}: input contains NaN or Inf (first at row {row}, coordinate {col}); "
+                    "pass nan_policy='propagate' to let it through")
+            raise ValueError(f"{what}: the result overflowed to Inf/NaN for a finite input (dtype {dtype})")
+        return out.to(dtype).reshape(*lead, size)
+
+    def __call__(self, x: Tensor, out_dtype: torch.dtype | None = None, nan_policy: str | None = None) -> Tensor:
+        """Φx: ``[..., n] -> [..., d]``."""
+        x2, lead, _ = self._prepare(x, self.n, "x")
+        y = self._forward(x2) if x2.shape[0] else x2.new_zeros(0, self.d)
+        return self._finish(y, x2, lead, self.d, out_dtype or x.dtype, nan_policy, "x")
+
+    def T(self, y: Tensor, out_dtype: torch.dtype | None = None, nan_policy: str | None = None) -> Tensor:
+        """Φᵀy, the exact adjoint: ``[..., d] -> [..., n]``."""
+        y2, lead, _ = self._prepare(y, self.d, "y")
+        x = self._adjoint(y2) if y2.shape[0] else y2.new_zeros(0, self.n)
+        return self._finish(x, y2, lead, self.n, out_dtype or y.dtype, nan_policy, "y")
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The explicit ``[d, n]`` matrix (tests and tiny n only)."""
+        if self.n * self.d > 2**26:
+            raise ValueError(f"matrix(): refusing to materialise a {self.d}x{self.n} matrix")
+        cols = []
+        for i in range(0, self.n, 512):
+            eye = torch.zeros(min(512, self.n - i), self.n, dtype=dtype, device=self.device)
+            eye[torch.arange(eye.shape[0]), torch.arange(i, i + eye.shape[0])] = 1.0
+            cols.append(self(eye).T)
+        return torch.cat(cols, dim=1).contiguous()
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self._options.items())
+        return f"Sketch(kind={self.kind!r}, n={self.n}, d={self.d}, seed={self.seed}{', ' + opts if opts else ''})"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(n))) if n > 1 else 1

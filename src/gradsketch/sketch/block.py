@@ -1,0 +1,195 @@
+"""Whole-model sketches of a list of tensors without concatenating them.
+
+A sum of independent per-block sketches, Φx = Σ_g Φ_g x_g, is itself a sketch of the concatenation:
+E‖Σ_g Φ_g x_g‖² = Σ_g ‖x_g‖² because the blocks are independent and each has E‖Φ_g x_g‖² = ‖x_g‖².
+This is how gradsketch avoids flattening a model's gradient and how it shards a model across devices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._random import derive_seed
+from .base import Sketch, _check_int
+from .kinds import KINDS, sketch
+
+MIN_GROUP = 1 << 15
+
+
+def _as_shape(name: str, s: Any) -> tuple[int, ...]:
+    if isinstance(s, int | float) and not isinstance(s, bool):
+        return (_check_int(name, s),)
+    if isinstance(s, Sequence | torch.Size) and not isinstance(s, str):
+        return tuple(_check_int(name, v, minimum=0) for v in s) or (1,)
+    raise TypeError(f"{name}: expected an int or a shape tuple, got {s!r}")
+
+
+class BlockSketch:
+    """Sketch a list (or dict) of tensors ``x_i: [..., *shape_i]`` to ``[..., d]`` as Σ_g Φ_g x_g.
+
+    Consecutive small tensors are grouped (each group ≥ max(d, 2^15) inputs where possible) and
+    concatenated; large tensors get a sketch of their own and are never copied. Each group's sketch is
+    ``gradsketch.sketch(kind, n_g, d, seed=derive(seed, g), **options)``.
+    """
+
+    def __init__(self, sizes: Sequence[Any] | Mapping[str, Any], d: int, kind: str = "affd", seed: int = 0,
+                 **options: Any) -> None:
+        if isinstance(sizes, Mapping):
+            self.names: list[str] | None = [str(k) for k in sizes]
+            raw = list(sizes.values())
+        elif isinstance(sizes, Sequence) and not isinstance(sizes, str):
+            self.names = None
+            raw = list(sizes)
+        else:
+            raise TypeError(f"sizes: expected a list or dict of sizes, got {type(sizes).__name__}")
+        if not raw:
+            raise ValueError("sizes: expected at least one block, got none")
+        if kind not in KINDS:
+            raise ValueError(f"kind: expected one of {sorted(KINDS)}, got {kind!r}")
+        self.shapes = [_as_shape(f"sizes[{i}]", s) for i, s in enumerate(raw)]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        if any(s < 1 for s in self.sizes):
+            raise ValueError(f"sizes: every block needs at least one element, got {self.sizes}")
+        self.d = _check_int("d", d)
+        self.seed = _check_int("seed", seed, minimum=0)
+        self.kind, self.options = kind, dict(options)
+        self.n = sum(self.sizes)
+        allows = KINDS[kind].allows_d_greater_than_n
+        if self.n < self.d and not allows:
+            raise ValueError(f"d: kind {kind!r} needs d <= n, got d={self.d} > n={self.n}")
+        self.groups = self._group(allows)
+        self.sketches = [
+            sketch(kind, sum(self.sizes[i] for i in g), self.d, seed=derive_seed(self.seed, "block", gi), **options)
+            for gi, g in enumerate(self.groups)
+        ]
+
+    def _group(self, allows: bool) -> list[list[int]]:
+        big = max(self.d, MIN_GROUP)
+        groups: list[list[int]] = []
+        cur: list[int] = []
+        cur_n = 0
+        for i, s in enumerate(self.sizes):
+            if s >= big:
+                if cur and (cur_n >= self.d or allows):
+                    groups.append(cur)
+                    cur, cur_n = [], 0
+                groups.append([*cur, i])
+                cur, cur_n = [], 0
+                continue
+            cur.append(i)
+            cur_n += s
+            if cur_n >= big:
+                groups.append(cur)
+                cur, cur_n = [], 0
+        if cur:
+            if groups and cur_n < self.d and not allows:
+                groups[-1].extend(cur)
+            else:
+                groups.append(cur)
+        return groups
+
+    # -- spec / device ---------------------------------------------------------------------
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "block", "inner_kind": self.kind, "sizes": [list(s) for s in self.shapes],
+                "names": self.names, "d": self.d, "seed": self.seed, "options": self.options}
+
+    @property
+    def device(self) -> torch.device:
+        return self.sketches[0].device
+
+    def to(self, device: torch.device | str) -> BlockSketch:
+        for s in self.sketches:
+            s.to(device)
+        return self
+
+    def state_bytes(self) -> int:
+        return sum(s.state_bytes() for s in self.sketches)
+
+    # -- maps ---------------------------------------------------------------------------------
+    def _as_list(self, xs: Any, what: str) -> list[Tensor]:
+        if isinstance(xs, Mapping):
+            if self.names is None:
+                raise TypeError(f"{what}: this BlockSketch was built from a list; pass a list of tensors")
+            missing = [k for k in self.names if k not in xs]
+            if missing:
+                raise ValueError(f"{what}: missing blocks {missing}")
+            return [xs[k] for k in self.names]
+        if isinstance(xs, Tensor) or not isinstance(xs, Sequence):
+            raise TypeError(f"{what}: expected a list or dict of {len(self.sizes)} tensors, got {type(xs).__name__}")
+        if len(xs) != len(self.sizes):
+            raise ValueError(f"{what}: expected {len(self.sizes)} tensors, got {len(xs)}")
+        return list(xs)
+
+    def __call__(self, xs: Sequence[Tensor] | Mapping[str, Tensor], out_dtype: torch.dtype | None = None,
+                 nan_policy: str | None = None) -> Tensor:
+        """Σ_g Φ_g x_g: tensors ``[..., *shape_i]`` (or ``[..., n_i]``) with equal leading dims -> ``[..., d]``."""
+        tensors = self._as_list(xs, "xs")
+        flat: list[Tensor] = []
+        lead: tuple[int, ...] | None = None
+        for i, (t, shape) in enumerate(zip(tensors, self.shapes)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"xs[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+            k = len(shape)
+            if t.ndim >= k and tuple(t.shape[t.ndim - k:]) == shape:
+                this_lead = tuple(t.shape[: t.ndim - k])
+            elif t.ndim >= 1 and t.shape[-1] == self.sizes[i]:
+                this_lead = tuple(t.shape[:-1])
+            else:
+                raise ValueError(f"xs[{i}]: expected shape [..., {', '.join(map(str, shape))}] or "
+                                 f"[..., {self.sizes[i]}], got {tuple(t.shape)}")
+            if lead is None:
+                lead = this_lead
+            elif this_lead != lead:
+                raise ValueError(f"xs[{i}]: leading dimensions {this_lead} differ from xs[0]'s {lead}")
+            flat.append(t.reshape(*this_lead, self.sizes[i]))
+        out = None
+        for g, S in zip(self.groups, self.sketches):
+            x = flat[g[0]] if len(g) == 1 else torch.cat([flat[i] for i in g], dim=-1)
+            y = S(x, out_dtype=out_dtype or torch.promote_types(x.dtype, torch.float32), nan_policy=nan_policy)
+            out = y if out is None else out + y
+        assert out is not None
+        return out.to(out_dtype or tensors[0].dtype)
+
+    def T(self, y: Tensor, out_dtype: torch.dtype | None = None, nan_policy: str | None = None
+          ) -> list[Tensor] | dict[str, Tensor]:
+        """Φᵀy split back into blocks: ``[..., d]`` -> list (or dict) of ``[..., *shape_i]``."""
+        parts: list[Tensor | None] = [None] * len(self.sizes)
+        for g, S in zip(self.groups, self.sketches):
+            z = S.T(y, out_dtype=out_dtype, nan_policy=nan_policy)
+            for i, piece in zip(g, torch.split(z, [self.sizes[i] for i in g], dim=-1)):
+                parts[i] = piece.reshape(*y.shape[:-1], *self.shapes[i])
+        out = [p for p in parts if p is not None]
+        if self.names is not None:
+            return dict(zip(self.names, out))
+        return out
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """Explicit ``[d, n]`` matrix of the concatenated map (tests only)."""
+        cols = [None] * len(self.sizes)
+        for g, S in zip(self.groups, self.sketches):
+            m = S.matrix(dtype)
+            for i, piece in zip(g, torch.split(m, [self.sizes[i] for i in g], dim=1)):
+                cols[i] = piece
+        return torch.cat(cols, dim=1)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"BlockSketch(kind={self.kind!r}, blocks={len(self.sizes)}, groups={len(self.groups)}, n={self.n}, d={self.d})"
+
+
+def sketch_from_spec(spec: Mapping[str, Any]) -> Sketch | BlockSketch:
+    """Rebuild a ``Sketch`` or ``BlockSketch`` from its ``.spec``."""
+    if not isinstance(spec, Mapping) or "kind" not in spec:
+        raise ValueError(f"spec: expected a dict with a 'kind' key, got {spec!r}")
+    spec = dict(spec)
+    if spec["kind"] == "block":
+        sizes = spec["sizes"]
+        names = spec.get("names")
+        sz: Any = dict(zip(names, sizes)) if names else sizes
+        return BlockSketch(sz, spec["d"], kind=spec["inner_kind"], seed=spec["seed"], **spec.get("options", {}))
+    return sketch(**spec)

@@ -1,0 +1,577 @@
+"""The sketch kinds of Schioppa (NeurIPS 2024, arXiv 2402.03994) and their classical baselines.
+
+Every kind satisfies E‖Φx‖² = ‖x‖²; ``n_pad`` below is the padded input length of the structure.
+Inputs are zero-padded to ``n_pad`` and outputs cropped to ``d``; the scales account for both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._random import derive_seed, generator
+from ._transforms import (
+    balanced_factors,
+    dht,
+    hadamard,
+    haar_rows,
+    kron_apply,
+    kron_apply_t,
+    pow2_split,
+    split_exponent_like,
+    wht,
+)
+from .base import Sketch, _check_int, next_pow2
+
+PRECONDITIONERS = ("hadamard", "fft", "orthogonal")
+# Kronecker factor size used to evaluate a *full* Walsh–Hadamard transform. H_{2^p} is the same matrix
+# whatever the split, so this is a speed knob only (tuned in benchmarks/bench_sketch_speed.py).
+WHT_FACTOR = 64
+
+
+def _pad(x: Tensor, n_pad: int) -> Tensor:
+    return x if x.shape[1] == n_pad else torch.nn.functional.pad(x, (0, n_pad - x.shape[1]))
+
+
+def _signs(n: int, gen: torch.Generator) -> Tensor:
+    return (torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8) * 2 - 1).to(torch.int8)
+
+
+# ----------------------------------------------------------------------------------------------------
+class DenseSketch(Sketch):
+    """Φ = G/√d with G i.i.d. N(0,1) (or ±1); generated in column blocks of 1024 from the seed.
+
+    O(dn) time per vector, one [d, 1024] block in memory at a time. The baseline (what TRAK does).
+    """
+
+    kind = "dense"
+    allows_d_greater_than_n = True
+    option_names = ("dist",)
+    BLOCK = 1024
+
+    def __init__(self, n: int, d: int, seed: int = 0, dist: str = "gaussian") -> None:
+        super().__init__(n, d, seed, dist=dist)
+        if dist not in ("gaussian", "rademacher"):
+            raise ValueError(f"dist: expected 'gaussian' or 'rademacher', got {dist!r}")
+        self._options = {"dist": dist}
+
+    def _block(self, j: int, dtype: torch.dtype) -> Tensor:
+        c = min(self.BLOCK, self.n - j * self.BLOCK)
+        g = generator(self.seed, "dense", j)
+        if self._options["dist"] == "gaussian":
+            m = torch.randn(self.d, c, generator=g, dtype=torch.float32)
+        else:
+            m = torch.randint(0, 2, (self.d, c), generator=g, dtype=torch.int8).to(torch.float32) * 2 - 1
+        return m.to(device=self.device, dtype=dtype) * (1.0 / math.sqrt(self.d))
+
+    def _forward(self, x: Tensor) -> Tensor:
+        y = x.new_zeros(x.shape[0], self.d)
+        for j in range(-(-self.n // self.BLOCK)):
+            sl = slice(j * self.BLOCK, (j + 1) * self.BLOCK)
+            y = y + x[:, sl] @ self._block(j, x.dtype).T
+        return y
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        parts = [y @ self._block(j, y.dtype) for j in range(-(-self.n // self.BLOCK))]
+        return torch.cat(parts, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+class _Hashed:
+    """s hashed rows per column with values: y[:, rows[j, k]] += vals[j, k] · x[:, k] (CountSketch core)."""
+
+    @staticmethod
+    def draw(n: int, d: int, s: int, gen: torch.Generator) -> Tensor:
+        # s disjoint row ranges, one row per range per column: the s rows of a column are distinct.
+        bounds = [d * j // s for j in range(s + 1)]
+        rows = [bounds[j] + torch.randint(0, bounds[j + 1] - bounds[j], (n,), generator=gen, dtype=torch.int64)
+                for j in range(s)]
+        return torch.stack(rows).to(torch.int32)
+
+    @staticmethod
+    def forward(x: Tensor, rows: Tensor, vals: Tensor, d: int) -> Tensor:
+        y = x.new_zeros(x.shape[0], d)
+        for j in range(rows.shape[0]):
+            y = y.index_add(1, rows[j], x * vals[j])
+        return y
+
+    @staticmethod
+    def adjoint(y: Tensor, rows: Tensor, vals: Tensor) -> Tensor:
+        out = y[:, rows[0]] * vals[0]
+        for j in range(1, rows.shape[0]):
+            out = out + y[:, rows[j]] * vals[j]
+        return out
+
+
+class SJLTSketch(Sketch):
+    """Sparse JL / CountSketch: each coordinate goes to s distinct rows with random signs, scaled 1/√s.
+
+    O(sn) time; s ≤ d (clamped). Kane & Nelson (2014).
+    """
+
+    kind = "sjlt"
+    allows_d_greater_than_n = True
+    option_names = ("s",)
+
+    def __init__(self, n: int, d: int, seed: int = 0, s: int = 2) -> None:
+        super().__init__(n, d, seed, s=s)
+        s = _check_int("s", s)
+        self._options = {"s": s}
+        s = min(s, self.d)
+        g = generator(self.seed, "sjlt")
+        self._bufs["rows"] = _Hashed.draw(self.n, self.d, s, g)
+        self._bufs["signs"] = torch.stack([_signs(self.n, g) for _ in range(s)])
+        self._scale = 1.0 / math.sqrt(s)
+
+    def _vals(self, dtype: torch.dtype) -> Tensor:
+        return self._buf("signs", dtype) * self._scale
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return _Hashed.forward(x, self._bufs["rows"], self._vals(x.dtype), self.d)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return _Hashed.adjoint(y, self._bufs["rows"], self._vals(y.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
+class _Precond:
+    """A full orthogonal pre-conditioner P on R^{n_pad} (applied after random signs where it needs them).
+
+    hadamard: Walsh–Hadamard, n_pad = next power of two. fft: discrete Hartley transform (real, via the
+    FFT), n_pad = n. orthogonal: Kronecker product of Haar-random orthogonal factors ≤ max_factor.
+    """
+
+    def __init__(self, kind: str, n: int, max_factor: int, gen: torch.Generator) -> None:
+        self.kind = kind
+        if kind == "hadamard":
+            self.n_pad = next_pow2(n)
+            self.mats: list[Tensor] = []
+        elif kind == "fft":
+            self.n_pad = n
+            self.mats = []
+        else:
+            facs = _ortho_factors(n, max_factor)
+            self.n_pad = math.prod(facs)
+            self.mats = [haar_rows(b, b, gen).to(torch.float32) for b in facs]
+        self.needs_signs = kind != "orthogonal"
+
+    def apply(self, x: Tensor, mats: list[Tensor] | None) -> Tensor:
+        if self.kind == "hadamard":
+            return wht(x, WHT_FACTOR)
+        if self.kind == "fft":
+            return dht(x)
+        assert mats is not None
+        return kron_apply(x, mats)
+
+    def apply_t(self, x: Tensor, mats: list[Tensor] | None) -> Tensor:
+        if self.kind == "orthogonal":
+            assert mats is not None
+            return kron_apply_t(x, mats)
+        return self.apply(x, mats)  # WHT and DHT are symmetric
+
+
+def _restricted_factors(kind: str, n_pad: int, d: int, max_factor: int, gen: torch.Generator,
+                        permute_cols: bool) -> tuple[list[Tensor], int]:
+    """Kronecker factors [D_i, b_i] of a row-restricted orthogonal transform R·H·Π (Π within factors).
+
+    hadamard: rows of H_{b_i} chosen at random, columns permuted at random; orthogonal: Haar rows.
+    Returns the factors and D_pad = ∏ D_i ≥ d (the output is cropped to d).
+    """
+    if kind == "hadamard":
+        q = next_pow2(d).bit_length() - 1
+
+        def floats(k: int) -> int:
+            bs = pow2_split(n_pad, 1 << -(-(n_pad.bit_length() - 1) // k))
+            return sum(b * r for b, r in zip(bs, split_exponent_like(q, bs)))
+
+        k = _n_factors(n_pad, max_factor, floats)
+        bs = pow2_split(n_pad, 1 << -(-(n_pad.bit_length() - 1) // k))
+        ds = split_exponent_like(q, bs)
+        mats = []
+        for b, r in zip(bs, ds):
+            h = hadamard(b, torch.float64)
+            rows = torch.randperm(b, generator=gen)[:r]
+            m = h[rows]
+            if permute_cols:
+                m = m[:, torch.randperm(b, generator=gen)]
+            mats.append(m.to(torch.float32).contiguous())
+    else:
+        bs = _ortho_factors(n_pad, max_factor)
+        if math.prod(bs) != n_pad:
+            raise AssertionError("internal: orthogonal factors must tile n_pad")
+        ds = _bounded_factors(d, bs)
+        mats = [haar_rows(b, r, gen).to(torch.float32) for b, r in zip(bs, ds)]
+    # contract the most reducing factor first: the definition orders factors that way
+    return mats, math.prod(int(m.shape[0]) for m in mats)
+
+
+def _n_factors(n: int, max_factor: int, floats_for_k) -> int:
+    """Fewest Kronecker factors (each ≤ max_factor) whose stored matrices take ≤ 4 floats per input."""
+    k = max(1, math.ceil(math.log(max(n, 2)) / math.log(max_factor)))
+    while k < max(1, n.bit_length()) and floats_for_k(k) > 4 * n:
+        k += 1
+    return k
+
+
+def _bounded_factors(d: int, caps: list[int]) -> list[int]:
+    """Factors d_i ≤ caps_i, balanced, with ∏ d_i ≥ d."""
+    out: list[int] = []
+    left = d
+    for i, c in enumerate(caps):
+        rest = len(caps) - i
+        want = math.ceil(left ** (1.0 / rest) - 1e-9)
+        di = max(1, min(c, want))
+        out.append(di)
+        left = math.ceil(left / di)
+    if math.prod(out) < d:
+        raise ValueError(f"d: cannot factor d={d} within factor sizes {caps}")
+    return out
+
+
+def _ortho_factors(n: int, max_factor: int) -> list[int]:
+    """Sizes of the Haar factors of an orthogonal pre-conditioner on R^n (product ≥ n, ≤ 4 floats/input)."""
+    k = _n_factors(n, max_factor, lambda k: sum(b * b for b in balanced_factors(n, k)))
+    return balanced_factors(n, k)
+
+
+class _StructuredBase(Sketch):
+    option_names = ("preconditioner", "max_factor")
+    default_max_factor = 1024
+
+    def _common(self, preconditioner: str, max_factor: int) -> None:
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner: expected one of {PRECONDITIONERS}, got {preconditioner!r}")
+        max_factor = _check_int("max_factor", max_factor, minimum=2)
+        self._options = {"preconditioner": preconditioner, "max_factor": max_factor}
+        self.preconditioner = preconditioner
+        self.max_factor = max_factor
+
+
+class FJLSketch(_StructuredBase):
+    """Fast JL (Ailon & Chazelle 2009): Φ = G_s·P·B/√s — random signs B, orthogonal pre-conditioner P
+    (Walsh–Hadamard by default), then a sparse Gaussian G_s with s non-zeros per column."""
+
+    kind = "fjl"
+    option_names = ("preconditioner", "max_factor", "s")
+
+    def __init__(self, n: int, d: int, seed: int = 0, preconditioner: str = "hadamard",
+                 max_factor: int = 1024, s: int = 1) -> None:
+        super().__init__(n, d, seed, preconditioner=preconditioner, max_factor=max_factor, s=s)
+        self._common(preconditioner, max_factor)
+        s = _check_int("s", s)
+        self._options["s"] = s
+        s = min(s, self.d)
+        g = generator(self.seed, "fjl")
+        self.pre = _Precond(preconditioner, self.n, max_factor, g)
+        self.n_pad = self.pre.n_pad
+        for i, m in enumerate(self.pre.mats):
+            self._bufs[f"P{i}"] = m
+        if self.pre.needs_signs:
+            self._bufs["B"] = _signs(self.n_pad, g)
+        self._bufs["rows"] = _Hashed.draw(self.n_pad, self.d, s, g)
+        self._bufs["vals"] = torch.randn(s, self.n_pad, generator=g) / math.sqrt(s)
+
+    def _mats(self, dtype: torch.dtype) -> list[Tensor]:
+        return [self._buf(f"P{i}", dtype) for i in range(len(self.pre.mats))]
+
+    def _forward(self, x: Tensor) -> Tensor:
+        u = _pad(x, self.n_pad)
+        if self.pre.needs_signs:
+            u = u * self._buf("B", x.dtype)
+        u = self.pre.apply(u, self._mats(x.dtype))
+        return _Hashed.forward(u, self._bufs["rows"], self._buf("vals", x.dtype), self.d)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        u = _Hashed.adjoint(y, self._bufs["rows"], self._buf("vals", y.dtype))
+        u = self.pre.apply_t(u, self._mats(y.dtype))
+        if self.pre.needs_signs:
+            u = u * self._buf("B", y.dtype)
+        return u[:, : self.n]
+
+
+class AFFDSketch(_StructuredBase):
+    """AFFD (Schioppa 2024): Φx = √(n_pad/d)·R_d·H^{π2}·G_v·H^{π1}·B·x.
+
+    B random signs; H^{π1} a full pre-conditioner; G_v an n_pad-diagonal Gaussian; H^{π2} a Kronecker
+    transform (factors ≤ max_factor) with columns permuted inside each factor; R_d keeps d rows (a random
+    subset inside each factor, so the second transform is evaluated only on the kept rows). The row
+    permutation π1 of the paper is folded into π2: G_v is i.i.d., so Π·G_v·Πᵀ has the same law as G_v and
+    the two permutations compose into one, with identical distribution of Φ.
+    """
+
+    kind = "affd"
+
+    def __init__(self, n: int, d: int, seed: int = 0, preconditioner: str = "hadamard",
+                 max_factor: int = 1024) -> None:
+        super().__init__(n, d, seed, preconditioner=preconditioner, max_factor=max_factor)
+        self._common(preconditioner, max_factor)
+        g = generator(self.seed, "affd")
+        self.pre = _Precond(preconditioner, self.n, max_factor, g)
+        self.n_pad = self.pre.n_pad
+        for i, m in enumerate(self.pre.mats):
+            self._bufs[f"P{i}"] = m
+        if self.pre.needs_signs:
+            self._bufs["B"] = _signs(self.n_pad, g)
+        self._bufs["G"] = torch.randn(self.n_pad, generator=g)
+        if preconditioner == "fft":
+            self._bufs["perm"] = torch.randperm(self.n_pad, generator=g).to(torch.int32)
+            self._bufs["rows"] = torch.randperm(self.n_pad, generator=g)[: self.d].to(torch.int32)
+            self.n_rmats = 0
+        else:
+            mats, _ = _restricted_factors(preconditioner, self.n_pad, self.d, max_factor, g, permute_cols=True)
+            for i, m in enumerate(mats):
+                self._bufs[f"R{i}"] = m
+            self.n_rmats = len(mats)
+        self.scale = math.sqrt(self.n_pad / self.d)
+
+    def _pmats(self, dtype: torch.dtype) -> list[Tensor]:
+        return [self._buf(f"P{i}", dtype) for i in range(len(self.pre.mats))]
+
+    def _rmats(self, dtype: torch.dtype) -> list[Tensor]:
+        return [self._buf(f"R{i}", dtype) for i in range(self.n_rmats)]
+
+    def _forward(self, x: Tensor) -> Tensor:
+        u = _pad(x, self.n_pad)
+        if self.pre.needs_signs:
+            u = u * self._buf("B", x.dtype)
+        u = self.pre.apply(u, self._pmats(x.dtype))
+        u = u * (self._buf("G", x.dtype) * self.scale)
+        if self.preconditioner == "fft":
+            return dht(u[:, self._bufs["perm"]])[:, self._bufs["rows"]]
+        return kron_apply(u, self._rmats(x.dtype))[:, : self.d]
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        if self.preconditioner == "fft":
+            z = y.new_zeros(y.shape[0], self.n_pad).index_copy(1, self._bufs["rows"].long(), y)
+            z = dht(z)
+            u = z.new_zeros(z.shape).index_copy(1, self._bufs["perm"].long(), z)
+        else:
+            mats = self._rmats(y.dtype)
+            d_pad = math.prod(int(m.shape[0]) for m in mats)
+            u = kron_apply_t(_pad(y, d_pad), mats)
+        u = u * (self._buf("G", y.dtype) * self.scale)
+        u = self.pre.apply_t(u, self._pmats(y.dtype))
+        if self.pre.needs_signs:
+            u = u * self._buf("B", y.dtype)
+        return u[:, : self.n]
+
+
+class AFJLSketch(_StructuredBase):
+    """AFJL (Schioppa 2024): Φx = √(n_pad/d)·G_d·R_d·H^{π1}·B·x — AFFD without the second transform.
+
+    Only the d kept rows of H^{π1} are evaluated (a Kronecker product of row-subsets of the factors),
+    so the cost is one restricted transform; G_d is a d-diagonal Gaussian.
+    """
+
+    kind = "afjl"
+
+    def __init__(self, n: int, d: int, seed: int = 0, preconditioner: str = "hadamard",
+                 max_factor: int = 1024) -> None:
+        super().__init__(n, d, seed, preconditioner=preconditioner, max_factor=max_factor)
+        self._common(preconditioner, max_factor)
+        g = generator(self.seed, "afjl")
+        if preconditioner == "hadamard":
+            self.n_pad = next_pow2(self.n)
+        elif preconditioner == "fft":
+            self.n_pad = self.n
+        else:
+            self.n_pad = math.prod(_ortho_factors(self.n, max_factor))
+        self.needs_signs = preconditioner != "orthogonal"
+        if self.needs_signs:
+            self._bufs["B"] = _signs(self.n_pad, g)
+        if preconditioner == "fft":
+            self._bufs["rows"] = torch.randperm(self.n_pad, generator=g)[: self.d].to(torch.int32)
+            self.n_rmats = 0
+        else:
+            mats, _ = _restricted_factors(preconditioner, self.n_pad, self.d, max_factor, g, permute_cols=False)
+            for i, m in enumerate(mats):
+                self._bufs[f"R{i}"] = m
+            self.n_rmats = len(mats)
+        self._bufs["G"] = torch.randn(self.d, generator=g)
+        self.scale = math.sqrt(self.n_pad / self.d)
+
+    def _rmats(self, dtype: torch.dtype) -> list[Tensor]:
+        return [self._buf(f"R{i}", dtype) for i in range(self.n_rmats)]
+
+    def _forward(self, x: Tensor) -> Tensor:
+        u = _pad(x, self.n_pad)
+        if self.needs_signs:
+            u = u * self._buf("B", x.dtype)
+        if self.preconditioner == "fft":
+            v = dht(u)[:, self._bufs["rows"]]
+        else:
+            v = kron_apply(u, self._rmats(x.dtype))[:, : self.d]
+        return v * (self._buf("G", x.dtype) * self.scale)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        v = y * (self._buf("G", y.dtype) * self.scale)
+        if self.preconditioner == "fft":
+            u = dht(v.new_zeros(v.shape[0], self.n_pad).index_copy(1, self._bufs["rows"].long(), v))
+        else:
+            mats = self._rmats(y.dtype)
+            d_pad = math.prod(int(m.shape[0]) for m in mats)
+            u = kron_apply_t(_pad(v, d_pad), mats)
+        if self.needs_signs:
+            u = u * self._buf("B", y.dtype)
+        return u[:, : self.n]
+
+
+class FFDSketch(_StructuredBase):
+    """Fastfood (Le et al. 2013) as used for intrinsic dimension (Li et al. 2018): Φᵀ stacks ⌈n/L⌉
+    blocks V_i = S_i·H·G_i·Π_i·H·B_i of size L = next power of two ≥ d, so Φx = √(L/d)·crop_d(Σ_i V_iᵀ x_i).
+
+    S_i = s/‖G_i‖_F with s ~ χ_L. NOT a valid sketch for every input (Theorem 3.1 of Schioppa 2024):
+    an input equal to a Hadamard row inside one block is scaled by a single Gaussian. Kept for
+    comparison and intrinsic dimension.
+    """
+
+    kind = "ffd"
+
+    def __init__(self, n: int, d: int, seed: int = 0, preconditioner: str = "hadamard",
+                 max_factor: int = 1024) -> None:
+        super().__init__(n, d, seed, preconditioner=preconditioner, max_factor=max_factor)
+        self._common(preconditioner, max_factor)
+        g = generator(self.seed, "ffd")
+        L = next_pow2(self.d) if preconditioner != "fft" else self.d
+        if preconditioner == "orthogonal":
+            facs = _ortho_factors(L, max_factor)
+            if math.prod(facs) != L:
+                facs = pow2_split(L, 1 << max(1, (L.bit_length() - 1 + 1) // 2))
+            self.qmats = [haar_rows(b, b, g).to(torch.float32) for b in facs]
+            for i, m in enumerate(self.qmats):
+                self._bufs[f"Q{i}"] = m
+        else:
+            self.qmats = []
+        self.L = L
+        self.nb = -(-self.n // L)
+        self.n_pad = self.nb * L
+        nb = self.nb
+        self._bufs["B"] = _signs(self.n_pad, g).view(nb, L)
+        G = torch.randn(nb, L, generator=g)
+        self._bufs["G"] = G
+        self._bufs["perm"] = torch.stack([torch.randperm(L, generator=g) for _ in range(nb)]).to(torch.int32) \
+            if nb * L <= 2**28 else torch.empty(0)
+        chi = np.sqrt(np.random.default_rng(derive_seed(self.seed, "ffd-chi")).chisquare(L, size=(nb, L)))
+        self._bufs["S"] = torch.from_numpy(chi).to(torch.float32) / G.norm(dim=1, keepdim=True)
+        self.scale = math.sqrt(L / self.d)
+
+    def _h(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.L)
+        if self.preconditioner == "hadamard":
+            out = wht(flat, WHT_FACTOR)
+        elif self.preconditioner == "fft":
+            out = dht(flat)
+        else:
+            out = kron_apply(flat, [self._buf(f"Q{i}", x.dtype) for i in range(len(self.qmats))])
+        return out.reshape(shape)
+
+    def _ht(self, x: Tensor) -> Tensor:
+        if self.preconditioner != "orthogonal":
+            return self._h(x)
+        shape = x.shape
+        out = kron_apply_t(x.reshape(-1, self.L), [self._buf(f"Q{i}", x.dtype) for i in range(len(self.qmats))])
+        return out.reshape(shape)
+
+    def _perm_idx(self) -> Tensor:
+        return self._bufs["perm"].long()
+
+    def _forward(self, x: Tensor) -> Tensor:
+        # Φ = Σ_i B_i H Π_i G_i H S_i (the transpose of Li et al.'s Φᵀ, with Π drawn uniformly)
+        m = x.shape[0]
+        u = _pad(x, self.n_pad).reshape(m, self.nb, self.L)
+        u = self._h(u * self._buf("S", x.dtype))
+        u = u * self._buf("G", x.dtype)
+        u = torch.gather(u, 2, self._perm_idx().expand(m, -1, -1))
+        u = self._h(u) * self._buf("B", x.dtype)
+        return u.sum(dim=1)[:, : self.d] * self.scale
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        m = y.shape[0]
+        v = _pad(y * self.scale, self.L)[:, None, :] * self._buf("B", y.dtype)  # [m, nb, L]
+        v = self._ht(v)
+        v = torch.zeros_like(v).scatter(2, self._perm_idx().expand(m, -1, -1), v)
+        v = self._ht(v * self._buf("G", y.dtype)) * self._buf("S", y.dtype)
+        return v.reshape(m, self.n_pad)[:, : self.n]
+
+
+class QKSketch(Sketch):
+    """QK (Schioppa 2024): Φx = √(n_pad/d)·(Q¹ ⊗ … ⊗ Q^K)·x, each Q^i the first d_i rows of a Haar
+    orthogonal b_i×b_i matrix; ∏b_i = n_pad ≥ n (zero padding), ∏d_i ≥ d (output cropped to d)."""
+
+    kind = "qk"
+    option_names = ("max_factor", "in_factors", "out_factors")
+
+    def __init__(self, n: int, d: int, seed: int = 0, max_factor: int = 1024,
+                 in_factors: list[int] | None = None, out_factors: list[int] | None = None) -> None:
+        super().__init__(n, d, seed, max_factor=max_factor, in_factors=in_factors, out_factors=out_factors)
+        max_factor = _check_int("max_factor", max_factor, minimum=2)
+        if in_factors is None:
+            def floats(k: int) -> int:
+                bs = balanced_factors(self.n, k)
+                try:
+                    return sum(b * r for b, r in zip(bs, _bounded_factors(self.d, bs)))
+                except ValueError:
+                    return 1 << 62
+
+            bs = balanced_factors(self.n, _n_factors(self.n, max_factor, floats))
+        else:
+            bs = [_check_int("in_factors[]", b) for b in in_factors]
+            if math.prod(bs) < self.n:
+                raise ValueError(f"in_factors: expected a product >= n={self.n}, got {bs} (product {math.prod(bs)})")
+        if out_factors is None:
+            ds = _bounded_factors(self.d, bs)
+        else:
+            ds = [_check_int("out_factors[]", r) for r in out_factors]
+            if len(ds) != len(bs):
+                raise ValueError(f"out_factors: expected {len(bs)} factors to match in_factors {bs}, got {ds}")
+            if math.prod(ds) < self.d or any(r > b for r, b in zip(ds, bs)):
+                raise ValueError(f"out_factors: expected d_i <= b_i with product >= d={self.d}, got {ds} for {bs}")
+        self._options = {"max_factor": max_factor, "in_factors": list(bs) if in_factors is not None else None,
+                         "out_factors": list(ds) if out_factors is not None else None}
+        self.in_factors, self.out_factors = bs, ds
+        self.n_pad = math.prod(bs)
+        g = generator(self.seed, "qk")
+        for i, (b, r) in enumerate(zip(bs, ds)):
+            self._bufs[f"Q{i}"] = haar_rows(b, r, g).to(torch.float32)
+        self.scale = math.sqrt(self.n_pad / self.d)
+
+    def _mats(self, dtype: torch.dtype) -> list[Tensor]:
+        return [self._buf(f"Q{i}", dtype) for i in range(len(self.in_factors))]
+
+    def factor_matrices(self, dtype: torch.dtype = torch.float32) -> list[Tensor]:
+        """[d_i, b_i] factors with the scale folded into the first: Φ vec(X) = vec(F₁ X F₂ᵀ) for K = 2.
+
+        Needs ∏b_i = n and ∏d_i = d exactly (no padding, no cropping)."""
+        if self.n_pad != self.n or math.prod(self.out_factors) != self.d:
+            raise ValueError("factor_matrices(): needs in_factors with product n and out_factors with product d")
+        mats = [m.clone() for m in self._mats(dtype)]
+        mats[0] = mats[0] * self.scale
+        return mats
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return kron_apply(_pad(x, self.n_pad), self._mats(x.dtype))[:, : self.d] * self.scale
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        d_pad = math.prod(self.out_factors)
+        return kron_apply_t(_pad(y * self.scale, d_pad), self._mats(y.dtype))[:, : self.n]
+
+
+KINDS: dict[str, type[Sketch]] = {
+    c.kind: c for c in (DenseSketch, SJLTSketch, FJLSketch, FFDSketch, AFFDSketch, AFJLSketch, QKSketch)
+}
+
+
+def sketch(kind: str, n: int, d: int, seed: int = 0, **options: Any) -> Sketch:
+    """Build the sketch Φ: Rⁿ → Rᵈ of ``kind`` (dense, sjlt, fjl, ffd, affd, afjl, qk), fixed by its spec."""
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ValueError(f"kind: expected one of {sorted(KINDS)}, got {kind!r}")
+    cls = KINDS[kind]
+    unknown = sorted(set(options) - set(cls.option_names))
+    if unknown:
+        raise ValueError(f"{kind}: unknown option(s) {unknown}; valid options are {list(cls.option_names)}")
+    return cls(n, d, seed, **options)
