@@ -1,0 +1,342 @@
+"""Estimate the intrinsic dimension D_int90 of a task: the smallest subspace dimension d reaching 90% of
+full fine-tuning's metric (Li et al. 2018, arXiv 1804.08838).
+
+``method="grid"``: the classic sweep, one subspace run per d on a log2 grid.
+``method="one-run"``: Schioppa 2024 (arXiv 2402.03994, §5): train once in a D_max subspace with all but the
+first d coordinates of ω masked (value and gradient); every c steps, if the metric improved by less than δ
+since the last evaluation and the target τ = fraction·(full metric) is not reached, double d. The d at
+which τ is reached, D*, is within 2× of D_int; a confirming run at D*/2 should not reach τ.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..sketch.kinds import KINDS
+from .subspace import SubspaceModel, _select
+from .train import History, train
+
+METHODS = ("one-run", "grid")
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def _logits(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    lg = getattr(out, "logits", None)
+    if lg is None and isinstance(out, Mapping):
+        lg = out.get("logits")
+    if lg is None:
+        raise TypeError(f"metric: cannot find logits in a model output of type {type(out).__name__}")
+    return lg
+
+
+def accuracy(model: nn.Module, eval_data: Any, batch_size: int = 512) -> float:
+    """Fraction of argmax(logits) == label. ``eval_data``: ``(x [m, ...], y [m])`` or an iterable of batches
+    ``(x, y)`` / dicts with a ``labels`` entry (the other entries are passed to the model as kwargs)."""
+    correct, total = 0, 0
+    if isinstance(eval_data, tuple) and len(eval_data) == 2 and isinstance(eval_data[0], Tensor):
+        x, y = eval_data
+        batches: Any = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size))
+    else:
+        batches = eval_data
+    for b in batches:
+        if isinstance(b, Mapping):
+            y = b["labels"]
+            pred = _logits(model(**{k: v for k, v in b.items() if k != "labels"})).argmax(-1)
+        else:
+            xb, y = b
+            pred = _logits(model(xb)).argmax(-1)
+        correct += int((pred == y).sum())
+        total += int(y.numel())
+    if total == 0:
+        raise ValueError("eval_data: expected at least one example, got none")
+    return correct / total
+
+
+METRICS: dict[str, Callable[[nn.Module, Any], float]] = {"accuracy": accuracy}
+
+
+# -- result ----------------------------------------------------------------------------------------
+@dataclass
+class IntrinsicDimResult:
+    """Outcome of :func:`intrinsic_dimension`.
+
+    table : one row per subspace dimension tried: ``d``, ``n_trainable``, ``metric`` (best at that d),
+        ``steps`` (spent at that d), ``reached`` (metric ≥ threshold).
+    estimate : D_int (int) or None when the threshold was never reached (then D_int > ``lower_bound``).
+    """
+
+    method: str
+    kind: str
+    fraction: float
+    full_metric: float
+    threshold: float
+    d_max: int
+    table: list[dict[str, Any]] = field(default_factory=list)
+    estimate: int | None = None
+    lower_bound: int | None = None
+    confirm: dict[str, Any] | None = None
+    nan: str | None = None
+    said: bool = False
+    notes: list[str] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def reached(self) -> bool:
+        return self.estimate is not None
+
+    @property
+    def d_int90(self) -> int | None:
+        return self.estimate
+
+    @property
+    def estimate_str(self) -> str:
+        if self.estimate is not None:
+            return str(self.estimate)
+        return f"> {self.lower_bound}"
+
+    def __str__(self) -> str:
+        pct = int(round(100 * self.fraction))
+        s = (f"D_int{pct} ({self.method}, {self.kind}{', SAID' if self.said else ''}): {self.estimate_str}  "
+             f"[full metric {self.full_metric:.4g}, threshold {self.threshold:.4g}]")
+        if self.confirm is not None:
+            s += (f"; confirm at d={self.confirm['d']}: metric {self.confirm['metric']:.4g} "
+                  f"({'reached' if self.confirm['reached'] else 'not reached'})")
+        if self.nan:
+            s += f"; stopped: {self.nan}"
+        return s
+
+    def to_markdown(self) -> str:
+        lines = ["| d | trainable | metric | steps | ≥ threshold |", "|---:|---:|---:|---:|:---:|"]
+        for r in self.table:
+            lines.append(f"| {r['d']} | {r['n_trainable']} | {r['metric']:.4f} | {r['steps']} | "
+                         f"{'yes' if r['reached'] else 'no'} |")
+        return "\n".join(lines)
+
+    def plot(self, path: str, title: str | None = None) -> str:
+        """Metric vs d (log2 axis) with the threshold and the full fine-tuning line; writes a PNG."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ds = [r["d"] for r in self.table]
+        ms = [r["metric"] for r in self.table]
+        ax.plot(ds, ms, "o-", label=f"{self.method} ({self.kind})")
+        ax.set_xscale("log", base=2)
+        ax.axhline(self.threshold, color="r", ls="--", label=f"{int(round(100 * self.fraction))}% of full")
+        ax.axhline(self.full_metric, color="k", ls=":", label="full fine-tuning")
+        if self.estimate is not None:
+            ax.axvline(self.estimate, color="g", ls="-.", label=f"D_int = {self.estimate}")
+        ax.set_xlabel("subspace dimension d (log2)")
+        ax.set_ylabel("metric")
+        ax.set_title(title or f"Intrinsic dimension: {self.estimate_str}")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+# -- search ----------------------------------------------------------------------------------------
+def _pow2_grid(lo: int, hi: int) -> list[int]:
+    out, d = [], lo
+    while d < hi:
+        out.append(d)
+        d *= 2
+    out.append(hi)
+    return out
+
+
+def _check_pos_int(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    return v
+
+
+def full_finetune_metric(model_fn: Callable[[], nn.Module], train_data: Any, eval_fn: Callable[[nn.Module], float],
+                         **train_kwargs: Any) -> tuple[float, History]:
+    """Train ``model_fn()`` with all its parameters and return (best metric, history)."""
+    model = model_fn()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    hist = train(model, train_data, eval_fn, desc="full fine-tuning", **train_kwargs)
+    if hist.nan_step is not None:
+        raise FloatingPointError(f"full fine-tuning: {hist.stopped}; lower full_lr or pass full_metric")
+    return hist.best_metric, hist
+
+
+def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval_data: Any,
+                        metric: str | Callable[[nn.Module, Any], float] = "accuracy", *, d_max: int,
+                        kind: str = "affd", method: str = "one-run", fraction: float = 0.9,
+                        full_metric: float | None = None, steps: int = 500, lr: float = 1e-2,
+                        full_steps: int | None = None, full_lr: float = 1e-3, eval_every: int = 50,
+                        delta: float = 1e-3, d_start: int = 16, grid: Sequence[int] | None = None,
+                        batch_size: int | None = None, loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+                        optimizer: Any = "adam", said: bool = False, params: Any = None, confirm: bool = True,
+                        confirm_steps: int | None = None, stop_at_threshold: bool = False, seed: int = 0,
+                        progress: bool = True, **sketch_options: Any) -> IntrinsicDimResult:
+    """Estimate D_int (the smallest d with metric ≥ ``fraction``·full metric).
+
+    model_fn : ``() -> nn.Module`` returning the model at θ0, identically on every call (e.g. a pretrained
+        checkpoint plus a head initialised from a fixed seed).
+    train_data : as in :func:`train` (tuple of tensors with ``batch_size``, or an iterable of batches).
+    eval_data, metric : ``metric(model, eval_data) -> float`` (higher is better) or ``"accuracy"``.
+    d_max : the largest subspace (one-run: the size of ω); kinds other than dense/sjlt need d_max ≤ n.
+    full_metric : full fine-tuning's metric if known; otherwise measured by ``full_steps`` (default ``steps``)
+        steps of full training at ``full_lr``. The threshold is τ = fraction·full_metric.
+    steps : one-run: total step budget of the search; grid: steps per d.
+    eval_every (c), delta (δ), d_start : the one-run schedule (d starts at ``d_start`` and doubles).
+    grid : dimensions for ``method="grid"`` (default powers of 2 from ``d_start`` to ``d_max``).
+    confirm : one-run only; train a fresh subspace of d = D*/2 for ``confirm_steps`` (default ``steps``).
+    stop_at_threshold : end each run as soon as τ is reached (faster; the grid curve is then truncated).
+    Returns an :class:`IntrinsicDimResult`; when τ is never reached, ``estimate`` is None and the report
+    reads D_int > d_max (or > the last d tried). A non-finite loss stops the run concerned; the result
+    keeps what was measured and says so in ``nan``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {sorted(KINDS)}, got {kind!r}")
+    if not callable(model_fn):
+        raise TypeError(f"model_fn: expected a callable returning an nn.Module, got {type(model_fn).__name__}")
+    if isinstance(metric, str):
+        if metric not in METRICS:
+            raise ValueError(f"metric: expected one of {sorted(METRICS)} or a callable(model, eval_data), got {metric!r}")
+        metric_fn = METRICS[metric]
+    elif callable(metric):
+        metric_fn = metric
+    else:
+        raise TypeError(f"metric: expected a name or a callable(model, eval_data) -> float, got {type(metric).__name__}")
+    d_max = _check_pos_int("d_max", d_max)
+    d_start = _check_pos_int("d_start", d_start)
+    eval_every = _check_pos_int("eval_every", eval_every)
+    steps = _check_pos_int("steps", steps)
+    if d_start > d_max:
+        raise ValueError(f"d_start: expected d_start <= d_max={d_max}, got {d_start}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction: expected a number in (0, 1], got {fraction!r}")
+
+    def eval_fn(m: nn.Module) -> float:
+        return float(metric_fn(m, eval_data))
+
+    # Validate d_max against the model before any training (clear error for d > n).
+    probe = model_fn()
+    if not isinstance(probe, nn.Module):
+        raise TypeError(f"model_fn: expected it to return an nn.Module, got {type(probe).__name__}")
+    named = dict(probe.named_parameters())
+    n = sum(named[k].numel() for k in _select(probe, params))
+    if d_max > n and not KINDS[kind].allows_d_greater_than_n:
+        raise ValueError(f"d_max: kind {kind!r} needs d <= n={n} (selected parameters), got d_max={d_max}; "
+                         "lower d_max or use kind 'dense'/'sjlt'")
+    del probe, named
+
+    common = dict(lr=lr, optimizer=optimizer, loss_fn=loss_fn, batch_size=batch_size, seed=seed, progress=progress)
+    if full_metric is None:
+        full_metric, _ = full_finetune_metric(model_fn, train_data, eval_fn, steps=full_steps or steps,
+                                              eval_every=eval_every, **{**common, "lr": full_lr})
+    full_metric = float(full_metric)
+    if not math.isfinite(full_metric):
+        raise ValueError(f"full_metric: expected a finite number, got {full_metric!r}")
+    tau = fraction * full_metric
+    res = IntrinsicDimResult(method=method, kind=kind, fraction=fraction, full_metric=full_metric, threshold=tau,
+                             d_max=d_max, said=said)
+
+    def make(d: int) -> SubspaceModel:
+        return SubspaceModel(model_fn(), d, kind=kind, seed=seed, said=said, params=params, **sketch_options)
+
+    def stopper(step: int, rec: dict[str, Any], model: nn.Module) -> bool:
+        return stop_at_threshold and rec["metric"] is not None and rec["metric"] >= tau
+
+    if method == "grid":
+        dims = sorted(set(int(g) for g in grid)) if grid is not None else _pow2_grid(d_start, d_max)
+        if any(g < 1 or g > d_max for g in dims):
+            raise ValueError(f"grid: expected dimensions in [1, d_max={d_max}], got {dims}")
+        for d in tqdm(dims, desc="grid", disable=not progress, leave=False):
+            sm = make(d)
+            hist = train(sm, train_data, eval_fn, steps=steps, eval_every=eval_every, callback=stopper,
+                         desc=f"d={d}", **common)
+            best = hist.best_metric
+            res.table.append({"d": d, "n_trainable": sm.n_trainable, "metric": best, "steps": hist.steps,
+                              "reached": bool(best >= tau)})
+            res.history.extend({**r, "d": d} for r in hist.records)
+            if hist.nan_step is not None:
+                res.nan = (res.nan + "; " if res.nan else "") + f"d={d}: {hist.stopped}"
+        hits = [r["d"] for r in res.table if r["reached"]]
+        res.estimate = min(hits) if hits else None
+        res.lower_bound = None if hits else max(r["d"] for r in res.table)
+        if res.nan:
+            warnings.warn(f"intrinsic_dimension: {res.nan}", RuntimeWarning, stacklevel=2)
+        return res
+
+    # one-run doubling search
+    sm = make(d_max)
+    state = {"d": d_start, "prev": None, "stage_start": 0, "best": -math.inf, "done": None}
+    sm.set_active_dim(d_start)
+
+    def close_stage(step: int) -> None:
+        best = state["best"]
+        res.table.append({"d": state["d"], "n_trainable": sm.n_trainable, "metric": best,
+                          "steps": step - state["stage_start"], "reached": bool(best >= tau)})
+
+    def on_eval(step: int, rec: dict[str, Any], model: nn.Module) -> bool:
+        m = rec["metric"]
+        res.history.append({**rec, "d": state["d"]})
+        state["best"] = max(state["best"], m)
+        prev = state["prev"]
+        state["prev"] = m
+        if m >= tau:
+            state["done"] = "reached"
+            close_stage(step)
+            return True
+        if prev is None:  # the evaluation at step 0
+            return False
+        if m - prev < delta:
+            if state["d"] >= d_max:
+                state["done"] = "plateau at d_max"
+                close_stage(step)
+                return True
+            close_stage(step)
+            state["d"] = min(2 * state["d"], d_max)
+            state["stage_start"], state["best"] = step, m
+            sm.set_active_dim(state["d"])
+            # reset the optimizer's memory of the newly opened coordinates: they are zero and were masked,
+            # so their Adam moments are already zero; nothing else to do.
+        return False
+
+    hist = train(sm, train_data, eval_fn, steps=steps, eval_every=eval_every, callback=on_eval,
+                 desc="one-run search", **common)
+    if state["done"] is None:
+        close_stage(hist.steps)
+        if hist.nan_step is not None:
+            res.nan = f"d={state['d']}: {hist.stopped}"
+            res.notes.append("the search stopped on a non-finite loss; the table holds the stages before it")
+            warnings.warn(f"intrinsic_dimension: {res.nan}", RuntimeWarning, stacklevel=2)
+        else:
+            res.notes.append(f"step budget ({steps}) exhausted at d={state['d']} without reaching the threshold")
+    if state["done"] == "reached":
+        res.estimate = state["d"]
+    else:
+        res.lower_bound = state["d"]
+        if state["d"] >= d_max:
+            res.notes.append(f"threshold {tau:.4g} not reached by d_max={d_max}: D_int > {d_max}")
+    if confirm and res.estimate is not None and res.estimate >= 2:
+        dc = res.estimate // 2
+        smc = make(dc)
+        hc = train(smc, train_data, eval_fn, steps=confirm_steps or steps, eval_every=eval_every,
+                   callback=lambda s, r, m: r["metric"] >= tau, desc=f"confirm d={dc}", **common)
+        best = hc.best_metric
+        res.confirm = {"d": dc, "metric": best, "reached": bool(best >= tau), "steps": hc.steps}
+        if best >= tau:
+            res.notes.append(f"the confirming run at d={dc} also reached the threshold: D_int <= {dc}")
+            res.estimate = dc
+    return res
