@@ -19,7 +19,7 @@ def _walk(batch: Any, path: str, out: list[tuple[str, Tensor]]) -> Any:
     if isinstance(batch, Tensor):
         if batch.ndim == 0:
             return ("const", batch)
-        out.append((path or "batch", batch))
+        out.append((path, batch))
         return ("leaf", len(out) - 1)
     if isinstance(batch, Mapping):
         return ("map", type(batch), {k: _walk(v, f"{path}[{k!r}]", out) for k, v in batch.items()})
@@ -52,7 +52,7 @@ class SplitBatch:
 
     def __init__(self, batch: Any, device: torch.device | None = None) -> None:
         found: list[tuple[str, Tensor]] = []
-        self.skeleton = _walk(batch, "", found)
+        self.skeleton = _walk(batch, "batch", found)
         if not found:
             raise TypeError(
                 "batch: expected a tensor or a tuple/list/dict of tensors with a leading batch dimension, "

@@ -165,7 +165,7 @@ class FactoredSketch:
             from ..sketch import KINDS
 
             if not KINDS[kind].allows_d_greater_than_n:
-                rest_kind = "dense"  # few leftover coordinates: a Gaussian d × n_rest block
+                rest_kind = "sjlt"  # fewer leftover coordinates than d: a CountSketch block (d > n allowed)
         spec = {"type": "FactoredSketch", "d": int(d), "seed": int(seed), "kind": kind, "options": options,
                 "names": list(task.param_names), "sizes": list(task.param_sizes), "blocks": fac,
                 "rest": None if not rest else dict(sizes=dict(rest), d=int(d), kind=rest_kind,
