@@ -120,3 +120,18 @@ def test_errors():
     with pytest.raises(ValueError, match="grid: expected dimensions"):
         intrinsic_dimension(model_fn, data, data, r2, method="grid", grid=[8, 1024], **KW)
     assert isinstance(IntrinsicDimResult("grid", "affd", 0.9, 1.0, 0.9, 8).estimate_str, str)
+
+
+def test_cli_intrinsic_dim(tmp_path):
+    from typer.testing import CliRunner
+
+    from gradsketch.cli_intrinsic import app
+
+    runner = CliRunner()
+    out = tmp_path / "r.json"
+    r = runner.invoke(app, ["intrinsic-dim", "--kind", "qk", "--d-max", "64", "--d-start", "16", "--steps", "20",
+                            "--full-metric", "0.95", "--eval-every", "20", "--no-progress", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "D_int90 (one-run, qk)" in r.output and out.exists()
+    bad = runner.invoke(app, ["intrinsic-dim", "--kind", "affd", "--d-max", "100000", "--no-progress"])
+    assert bad.exit_code == 2 and "d_max: kind 'affd' needs d <= n" in bad.output
