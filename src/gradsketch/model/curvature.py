@@ -115,8 +115,8 @@ class HessianOperator(CurvatureOperator):
     """H = ∇²_θ (1/n) Σ_i ℓ_i(θ) (+ λI). ``method``: ``"fwd_rev"`` (forward-over-reverse, ``jvp`` of
     ``grad``, columns vectorised with vmap), ``"double_backward"`` (one forward + backward with
     ``create_graph``, then one backward per column, reusing the first backward), ``"auto"``:
-    ``double_backward``, measured as fast as ``fwd_rev`` on the digits MLP and ~3.5× faster on MiniLM
-    (benchmarks/results/grads.md)."""
+    ``double_backward``: it needs no forward-mode AD rules, and the two were within measurement noise of
+    each other on the digits MLP and MiniLM (benchmarks/results/grads.md)."""
 
     def __init__(self, task: Task, data: Iterable, mode: str = "full", damping: float = 0.0,
                  method: str = "auto", progress: bool = False) -> None:
