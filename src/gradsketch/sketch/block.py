@@ -32,13 +32,13 @@ def _as_shape(name: str, s: Any) -> tuple[int, ...]:
 class BlockSketch:
     """Sketch a list (or dict) of tensors ``x_i: [..., *shape_i]`` to ``[..., d]`` as Σ_g Φ_g x_g.
 
-    Consecutive small tensors are grouped (each group ≥ max(d, 2^15) inputs where possible) and
+    Consecutive small tensors are grouped (each group ≥ max(d, min_group) inputs where possible) and
     concatenated; large tensors get a sketch of their own and are never copied. Each group's sketch is
     ``gradsketch.sketch(kind, n_g, d, seed=derive(seed, g), **options)``.
     """
 
     def __init__(self, sizes: Sequence[Any] | Mapping[str, Any], d: int, kind: str = "affd", seed: int = 0,
-                 **options: Any) -> None:
+                 min_group: int = MIN_GROUP, **options: Any) -> None:
         if isinstance(sizes, Mapping):
             self.names: list[str] | None = [str(k) for k in sizes]
             raw = list(sizes.values())
@@ -58,6 +58,7 @@ class BlockSketch:
         self.d = _check_int("d", d)
         self.seed = _check_int("seed", seed, minimum=0)
         self.kind, self.options = kind, dict(options)
+        self.min_group = _check_int("min_group", min_group)
         self.n = sum(self.sizes)
         allows = KINDS[kind].allows_d_greater_than_n
         if self.n < self.d and not allows:
@@ -69,7 +70,7 @@ class BlockSketch:
         ]
 
     def _group(self, allows: bool) -> list[list[int]]:
-        big = max(self.d, MIN_GROUP)
+        big = max(self.d, self.min_group)
         groups: list[list[int]] = []
         cur: list[int] = []
         cur_n = 0
@@ -97,7 +98,8 @@ class BlockSketch:
     @property
     def spec(self) -> dict[str, Any]:
         return {"kind": "block", "inner_kind": self.kind, "sizes": [list(s) for s in self.shapes],
-                "names": self.names, "d": self.d, "seed": self.seed, "options": self.options}
+                "names": self.names, "d": self.d, "seed": self.seed, "min_group": self.min_group,
+                "options": self.options}
 
     @property
     def device(self) -> torch.device:
@@ -191,5 +193,6 @@ def sketch_from_spec(spec: Mapping[str, Any]) -> Sketch | BlockSketch:
         sizes = spec["sizes"]
         names = spec.get("names")
         sz: Any = dict(zip(names, sizes)) if names else sizes
-        return BlockSketch(sz, spec["d"], kind=spec["inner_kind"], seed=spec["seed"], **spec.get("options", {}))
+        return BlockSketch(sz, spec["d"], kind=spec["inner_kind"], seed=spec["seed"],
+                           min_group=spec.get("min_group", MIN_GROUP), **spec.get("options", {}))
     return sketch(**spec)
