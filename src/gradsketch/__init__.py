@@ -1,3 +1,23 @@
-"""gradsketch: sketch gradients and Hessian-vector products of PyTorch models."""
+"""gradsketch: sketch gradients and Hessian-vector products of PyTorch models.
+
+Layers (imports flow downward): ``sketch`` (Φ, Φᵀ for every kind), ``linalg`` (Lanczos, Arnoldi, SLQ,
+trace, solvers on any linear operator), ``model`` (Task: per-example gradients, curvature operators),
+``store`` (sketched gradients on disk), and the applications: attribution, spectrum, intrinsic dimension.
+"""
 
 __version__ = "0.1.0"
+
+from . import linalg
+from .linalg import LinearOperator, MatrixOperator
+from .model import FactoredSketch, GGNOperator, FisherOperator, HessianOperator, Task, losses, sketched
+from .sketch import BlockSketch, Sketch, sketch, sketch_from_spec
+from .store import CorruptChunkError, GradientStore, fingerprint_model
+from .store import fill as fill_store
+
+__all__ = [
+    "__version__",
+    "sketch", "Sketch", "BlockSketch", "sketch_from_spec",
+    "linalg", "LinearOperator", "MatrixOperator",
+    "Task", "FactoredSketch", "HessianOperator", "GGNOperator", "FisherOperator", "sketched", "losses",
+    "GradientStore", "CorruptChunkError", "fingerprint_model", "fill_store",
+]
