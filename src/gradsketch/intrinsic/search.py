@@ -316,7 +316,10 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval
     hist = train(sm, train_data, eval_fn, steps=steps, eval_every=eval_every, callback=on_eval,
                  desc="one-run search", **common)
     if state["done"] is None:
-        close_stage(hist.steps)
+        if hist.steps == state["stage_start"] and res.table:  # d was doubled at the last evaluation: untrained
+            state["d"] = res.table[-1]["d"]
+        else:
+            close_stage(hist.steps)
         if hist.nan_step is not None:
             res.nan = f"d={state['d']}: {hist.stopped}"
             res.notes.append("the search stopped on a non-finite loss; the table holds the stages before it")
