@@ -1,0 +1,11 @@
+"""gradsketch.attribution: training data attribution with sketched gradients.
+
+``Attributor(task, method, sketch, store).fit(train_data)`` featurises the training set once (in memory or
+into a resumable :class:`gradsketch.GradientStore`); ``score``, ``topk`` and ``self_influence`` then score
+test examples against it. Methods: grad-dot, grad-cos, TracIn, TRAK, Arnoldi influence, exact influence.
+"""
+
+from ._data import batches
+from .attributor import METHODS, Attributor, TopK, classification_margin
+
+__all__ = ["Attributor", "TopK", "METHODS", "classification_margin", "batches"]

@@ -1,0 +1,91 @@
+"""Symmetric "kernels" M between feature rows: score(x, z) = φ(x)ᵀ M φ(z).
+
+* :class:`EigKernel`: M = V diag(c) Vᵀ (V [d, r] orthonormal, or V = None for a diagonal M = diag(c));
+  covers the TRAK inverse (ΦᵀΦ + λI)⁻¹, the explicit influence inverse (H + λI)⁻¹ and Arnoldi's
+  Σ_i v_i v_iᵀ / λ_i.
+* :class:`SolveKernel`: M = (A + λI)⁻¹ applied by CG or LiSSA (``gradsketch.linalg``).
+* ``None``: the identity (gradient dot products).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class EigKernel:
+    """M = V diag(c) Vᵀ; ``V = None`` means M = diag(c) (features already in the eigenbasis)."""
+
+    def __init__(self, c: Tensor, V: Tensor | None = None) -> None:
+        self.c = c.to(torch.float64)
+        self.V = None if V is None else V.to(torch.float64)
+
+    @classmethod
+    def inverse(cls, K: Tensor, damping: float) -> EigKernel:
+        """(K + λI)⁻¹ for a symmetric K [d, d] via eigh (pseudo-inverse on exactly singular directions)."""
+        K = K.detach().to("cpu", torch.float64)
+        w, V = torch.linalg.eigh((K + K.T) / 2)
+        w = w + damping
+        tiny = float(w.abs().max()) * K.shape[0] * torch.finfo(torch.float64).eps if w.numel() else 0.0
+        c = torch.where(w.abs() > tiny, 1.0 / w, torch.zeros_like(w))
+        return cls(c, V)
+
+    def apply(self, phi: Tensor) -> Tensor:
+        """[m, d] -> [m, d] rows of M φ (float64)."""
+        phi = phi.to(torch.float64)
+        if self.V is None:
+            return phi * self.c.to(phi.device)
+        V = self.V.to(phi.device)
+        return ((phi @ V) * self.c.to(phi.device)) @ V.T
+
+    def quad(self, phi: Tensor) -> Tensor:
+        """[m, d] -> [m]: φᵀ M φ per row."""
+        phi = phi.to(torch.float64)
+        if self.V is None:
+            return (phi * phi * self.c.to(phi.device)).sum(1)
+        p = phi @ self.V.to(phi.device)
+        return (p * p * self.c.to(phi.device)).sum(1)
+
+
+class SolveKernel:
+    """M = (A + λI)⁻¹ by conjugate gradients or LiSSA on a LinearOperator A [d, d]."""
+
+    def __init__(self, op: Any, damping: float, solver: str, options: dict) -> None:
+        self.op, self.damping, self.solver, self.options = op, float(damping), solver, dict(options)
+
+    def apply(self, phi: Tensor) -> Tensor:
+        from ..linalg import cg, lissa
+
+        B = phi.to(self.op.dtype).T.contiguous()
+        if self.solver == "cg":
+            res = cg(self.op, B, damping=self.damping, tol=self.options.get("tol"),
+                     maxiter=self.options.get("maxiter"))
+        else:
+            # LiSSA solves (A + d·s·I) x = b: pick d = λ / s for the requested damping λ
+            scale = self.options.get("scale")
+            if scale is None:
+                from ..linalg import lanczos
+
+                r = lanczos(self.op, 1, "LM", n_iter=min(self.op.shape[0], 20), tol=0.0, seed=0,
+                            check_symmetric=False, exact_residuals=False)
+                scale = 1.1 * float(r.eigenvalues.abs()[0]) + self.damping
+            d = self.damping / scale
+            res = lissa(self.op, B, damping=d, scale=scale, depth=self.options.get("depth", 1000),
+                        tol=self.options.get("tol"))
+        return res.x.T.to(torch.float64)
+
+    def quad(self, phi: Tensor) -> Tensor:
+        return (self.apply(phi) * phi.to(torch.float64)).sum(1)
+
+
+def apply_kernel(kernel: Any, phi: Tensor) -> Tensor:
+    return phi.to(torch.float64) if kernel is None else kernel.apply(phi)
+
+
+def quad_kernel(kernel: Any, phi: Tensor) -> Tensor:
+    if kernel is None:
+        p = phi.to(torch.float64)
+        return (p * p).sum(1)
+    return kernel.quad(phi)

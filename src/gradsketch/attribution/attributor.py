@@ -1,0 +1,580 @@
+"""``Attributor``: training data attribution (TDA) scores between test and training examples.
+
+Every method is a bilinear form between per-example feature rows,
+
+    score(x, z) = Σ_c w_c · φ_c(x)ᵀ M_c φ_c(z) · q_c(z)        (x: test example, z: training example)
+
+over one or several model states c (checkpoints), with
+
+=============  =================================  ====================================  ==================
+method         φ(z)                               M                                     source
+=============  =================================  ====================================  ==================
+grad-dot       Φ∇ℓ(z)                             I                                     (gradient similarity)
+grad-cos       Φ∇ℓ(z)/‖Φ∇ℓ(z)‖                    I                                     (gradient similarity)
+tracin         Φ∇ℓ_c(z), w_c = η_c                I                                     Pruthi et al. 2020
+trak           Φ∇f(z) (f = margin_fn) or Φ∇ℓ(z)   (Σ_z φ(z)φ(z)ᵀ + λI)⁻¹, q = 1 − σ(f)  Park et al. 2023
+arnoldi        p_i(z) = ⟨u_i, Φ∇ℓ(z)⟩ (i ≤ k)     diag(1/(λ_i + δ))                     Schioppa et al. 2022
+influence      Φ∇ℓ(z) (Φ = I: exact gradients)    (ΦHΦᵀ + δI)⁻¹ (explicit, CG, LiSSA)   Koh & Liang 2017
+=============  =================================  ====================================  ==================
+
+Φ is the sketch (``sketch=None``: the identity, i.e. exact gradients); (λ_i, u_i) are the top-k eigenpairs of
+the Hessian H of the mean training loss (or of the sketched Hessian ΦHΦᵀ) found by Arnoldi + distill.
+
+**Sign convention** (as TRAK): a positive score means the training example *supports* the test prediction:
+up-weighting z lowers the loss on x (score ≈ −dℓ(x)/dε for ℓ_total + ε ℓ(z), up to the 1/n factor and
+the curvature model). A training example that duplicates a test example therefore has a large positive
+score, and self-influence (score(z, z)) is ≥ 0 for every PSD M. The influence-function score is
+g(x)ᵀ(H + δI)⁻¹g(z) = −I_up,loss(z, x) of Koh & Liang.
+
+**TRAK output function.** TRAK featurises gradients of the model output f (for classification the
+correct-class margin f = log p/(1−p)) and weights training examples by q = 1 − p = 1 − σ(f). Pass
+``margin_fn(model, batch) -> [B]`` (e.g. :func:`classification_margin`) to do exactly that; without it the
+TRAK features are loss gradients and q = 1 (a generic choice that works for any loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ._features import (
+    IdentitySketch,
+    ProjectionSketch,
+    featurise_memory,
+    featurise_store,
+    iter_feature_chunks,
+    sketch_spec,
+)
+from ._kernels import EigKernel, SolveKernel, apply_kernel, quad_kernel
+
+METHODS = ("grad-dot", "grad-cos", "tracin", "trak", "arnoldi", "influence")
+MODES = ("explicit", "implicit", "factored")
+_OPTIONS = {
+    "grad-dot": {"checkpoints"},
+    "grad-cos": {"checkpoints"},
+    "tracin": {"checkpoints"},
+    "trak": {"checkpoints", "margin_fn", "ridge"},
+    "arnoldi": {"n_iters", "top_k", "curvature", "hessian_data", "positive_only", "damping", "seed",
+                "krylov_store"},
+    "influence": {"solver", "damping", "curvature", "hessian_data", "tol", "maxiter", "depth", "scale"},
+}
+_COMMON = {"nan_policy", "store_dtype", "chunk_rows", "block_rows", "test_block_rows"}
+
+
+class TopK(NamedTuple):
+    """Result of :meth:`Attributor.topk`: the k proponents (largest scores, descending) and the k
+    opponents (smallest scores, ascending) of each test example; all ``[n_test, k]``."""
+
+    values: Tensor
+    indices: Tensor
+    opponent_values: Tensor
+    opponent_indices: Tensor
+
+
+def classification_margin(input_key: Any = 0, target_key: Any = 1):
+    """TRAK's output function for a classifier: ``f = z_y − logsumexp_{j≠y} z_j = log p_y/(1 − p_y)``
+    with logits ``z = model(batch[input_key])`` and labels ``y = batch[target_key]``; returns
+    ``margin_fn(model, batch) -> [B]``."""
+
+    def margin_fn(model: nn.Module, batch: Any) -> Tensor:
+        z = model(batch[input_key])
+        y = batch[target_key].long()
+        zy = z.gather(1, y[:, None])[:, 0]
+        hit = torch.zeros_like(z).scatter(1, y[:, None], 1.0) > 0
+        others = torch.where(hit, torch.full_like(z, float("-inf")), z)
+        return zy - torch.logsumexp(others, dim=1)
+
+    return margin_fn
+
+
+class _Component:
+    """One model state: its features (memory or store), training weights q, kernel M, weight w."""
+
+    def __init__(self, state: dict | None, weight: float, index: int) -> None:
+        self.state, self.weight, self.index = state, float(weight), index
+        self.feats: Any = None          # Tensor [n, d] or GradientStore
+        self.q: Tensor | None = None    # [n] per-training-example multiplier
+        self.kernel: Any = None
+        self.sketch: Any = None
+        self.task: Any = None
+        self.fingerprint = ""
+        self.info: dict = {}
+
+
+def _check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+class Attributor:
+    """Training data attribution with sketched gradients (scikit-learn style: configure, ``fit``, ``score``).
+
+    Parameters
+    ----------
+    task : gradsketch.Task
+        The model and its per-example loss. Its parameters are the θ of every gradient.
+    method : ``"trak"`` | ``"grad-dot"`` | ``"grad-cos"`` | ``"tracin"`` | ``"arnoldi"`` | ``"influence"``
+        See the module docstring for each method's formula.
+    sketch : None, a sketch, a BlockSketch, a FactoredSketch, or ``dict(kind=, d=, seed=, **options)``
+        Φ: R^N -> R^d applied to every gradient. ``None``: exact gradients (d = N; small models). A dict
+        builds ``task.block_sketch(d, kind, seed)`` (``task.factored_sketch`` for ``mode="factored"``).
+    store : None or path
+        ``None`` keeps training features in memory (task dtype). A directory path writes them to
+        :class:`gradsketch.GradientStore` s under it (``features_<c>``, one per checkpoint): a rerun of
+        ``fit`` after a crash resumes; a store built for another sketch spec or model is refused.
+    mode : ``"explicit"`` | ``"implicit"`` | ``"factored"``
+        How sketched gradients are computed (:meth:`gradsketch.Task.sketch_grads`).
+    **method_options
+        Common: ``nan_policy`` ("raise" | "skip"), ``store_dtype`` ("float16" | "float32"), ``chunk_rows``,
+        ``block_rows`` (training rows per scoring block, default 4096), ``test_block_rows`` (test rows per
+        top-k pass, default 1024).
+        grad-dot / grad-cos / tracin / trak: ``checkpoints``: list of ``state_dict`` (trak: ensemble
+        average) or of ``(state_dict, lr)`` (tracin: Σ_c η_c⟨g_c(x), g_c(z)⟩); default: the current model.
+        trak: ``margin_fn`` (model, batch) -> [B] output function (see :func:`classification_margin`),
+        ``ridge`` (λ = ridge · tr(ΦᵀΦ)/d; default 1e-3 when d ≥ n_train, else 0).
+        arnoldi: ``n_iters`` (100), ``top_k`` (30), ``curvature`` ("hessian" | "ggn"), ``hessian_data``
+        (batches for the HVPs, default the training data), ``positive_only`` (False), ``damping`` δ (0),
+        ``seed`` (0), ``krylov_store`` ("device" | "host").
+        influence: ``solver`` ("explicit" | "cg" | "lissa"), ``damping`` δ (0.01), ``curvature``,
+        ``hessian_data``, ``tol``, ``maxiter`` (cg), ``depth``, ``scale`` (lissa).
+
+    Attributes (after ``fit``)
+    -----------------------------
+    n_train_ : int
+    d_ : int, the feature dimension (sketch d, or top_k for Arnoldi with ``sketch=None``)
+    eigenvalues_ : Tensor [k] (arnoldi), ridge_ : float (trak), timings_ : dict of seconds per phase.
+    """
+
+    def __init__(self, task: Any, method: str = "trak", sketch: Any = None, store: Any = None,
+                 mode: str = "explicit", **method_options: Any) -> None:
+        from ..model import Task
+
+        if not isinstance(task, Task):
+            raise TypeError(f"task: expected a gradsketch.Task, got {type(task).__name__}")
+        self.task = task
+        self.method = _check_choice(method, "method", METHODS)
+        self.mode = _check_choice(mode, "mode", MODES)
+        if sketch is not None and not isinstance(sketch, dict) and not (
+                hasattr(sketch, "d") and hasattr(sketch, "n") and callable(sketch)):
+            raise TypeError("sketch: expected None, a gradsketch sketch/BlockSketch/FactoredSketch or a dict "
+                            f"(kind=, d=, seed=), got {type(sketch).__name__}")
+        if isinstance(sketch, dict) and "d" not in sketch:
+            raise ValueError(f"sketch: a dict needs at least the key 'd' (and optionally kind, seed), got "
+                             f"{sorted(sketch)}")
+        if mode == "factored" and sketch is None:
+            raise ValueError("mode: 'factored' needs a sketch (dict(d=...) or task.factored_sketch(d)), got "
+                             "sketch=None")
+        self.sketch = sketch
+        self.store = None if store is None else Path(store)
+        allowed = _OPTIONS[self.method] | _COMMON
+        unknown = sorted(set(method_options) - allowed)
+        if unknown:
+            raise TypeError(f"method_options: {unknown} not accepted by method={self.method!r}; expected "
+                            f"some of {sorted(allowed)}")
+        self.options = dict(method_options)
+        self.nan_policy = _check_choice(self.options.get("nan_policy", "raise"), "nan_policy", ("raise", "skip"))
+        self._components: list[_Component] = []
+        self.timings_: dict[str, float] = {}
+        self._fitted = False
+
+    # ------------------------------------------------------------------ helpers
+    def _opt(self, key: str, default: Any) -> Any:
+        return self.options.get(key, default)
+
+    def _build_sketch(self) -> Any:
+        s = self.sketch
+        if s is None:
+            return IdentitySketch(self.task.n_params)
+        if isinstance(s, dict):
+            opts = {k: v for k, v in s.items() if k not in ("kind", "d", "seed")}
+            d, seed = int(s["d"]), int(s.get("seed", 0))
+            if self.mode == "factored":
+                return self.task.factored_sketch(d, seed=seed, kind=s.get("kind", "affd"), **opts)
+            return self.task.block_sketch(d, kind=s.get("kind", "affd"), seed=seed, **opts)
+        if int(s.n) != self.task.n_params:
+            raise ValueError(f"sketch: expected n = task.n_params = {self.task.n_params}, got n = {s.n}")
+        return s
+
+    def _checkpoints(self) -> list[tuple[dict | None, float]]:
+        cks = self.options.get("checkpoints")
+        if cks is None:
+            return [(None, 1.0)]
+        if not isinstance(cks, (list, tuple)) or not cks:
+            raise ValueError("checkpoints: expected a non-empty list of state_dicts or (state_dict, lr) pairs, "
+                             f"got {type(cks).__name__}")
+        out = []
+        for i, c in enumerate(cks):
+            if isinstance(c, (tuple, list)) and len(c) == 2 and isinstance(c[0], dict):
+                sd, lr = c
+            elif isinstance(c, dict):
+                sd, lr = c, 1.0
+            else:
+                raise TypeError(f"checkpoints[{i}]: expected a state_dict or (state_dict, lr), got "
+                                f"{type(c).__name__}")
+            if not math.isfinite(float(lr)):
+                raise ValueError(f"checkpoints[{i}]: expected a finite learning rate, got {lr!r}")
+            out.append((sd, float(lr)))
+        if self.method == "trak":
+            out = [(sd, 1.0 / len(out)) for sd, _ in out]
+        elif self.method in ("grad-dot", "grad-cos"):
+            out = [(sd, 1.0 / len(out)) for sd, _ in out]
+        return out
+
+    @contextlib.contextmanager
+    def _state(self, state: dict | None):
+        if state is None:
+            yield
+            return
+        model = self.task.model
+        saved = copy.deepcopy(model.state_dict())
+        try:
+            model.load_state_dict(state)
+            yield
+        finally:
+            model.load_state_dict(saved)
+
+    def _feature_task(self) -> Any:
+        if self.method == "trak" and self.options.get("margin_fn") is not None:
+            from ..model import Task
+
+            fn = self.options["margin_fn"]
+            if not callable(fn):
+                raise TypeError(f"margin_fn: expected a callable (model, batch) -> [B], got {type(fn).__name__}")
+            return Task(self.task.model, fn, params=[p for _, p in self.task.named_params],
+                        per_example=self.task.per_example, nan_policy=self.task.nan_policy)
+        return self.task
+
+    def _featurise(self, comp: _Component, data: Iterable, progress: bool, tag: str) -> Any:
+        from ..store import fingerprint_model
+
+        kw = dict(mode=self.mode if comp.sketch.__class__.__name__ != "ProjectionSketch" else "explicit",
+                  nan_policy=self.nan_policy, progress=progress, name="train_data")
+        if self.store is None:
+            return featurise_memory(comp.task, data, comp.sketch, desc=f"featurise train [{tag}]", **kw)
+        self.store.mkdir(parents=True, exist_ok=True)
+        spec = {"sketch": sketch_spec(comp.sketch), "features": self._feature_kind()}
+        return featurise_store(comp.task, data, comp.sketch, path=self.store / f"features_{comp.index}",
+                               spec=spec, fingerprint=fingerprint_model(self.task.model),
+                               dtype=self._opt("store_dtype", "float16"), chunk_rows=self._opt("chunk_rows", None),
+                               metadata={"method": self.method}, desc=f"featurise train [{tag}]", **kw)
+
+    def _feature_kind(self) -> str:
+        if self.method == "trak" and self.options.get("margin_fn") is not None:
+            return "output-gradient"
+        if self.method == "arnoldi" and self.sketch is None:
+            return "arnoldi-projection"
+        return "loss-gradient"
+
+    def _blocks(self, comp: _Component, block_rows: int, dtype: torch.dtype):
+        """Yields ``(r0, r1, [r1 - r0, d])`` consecutive training feature blocks of one component."""
+        f = comp.feats
+        if isinstance(f, Tensor):
+            for r0 in range(0, f.shape[0], block_rows):
+                r1 = min(r0 + block_rows, f.shape[0])
+                yield r0, r1, f[r0:r1].to(dtype)
+        else:
+            r0 = 0
+            for blk in f.iter_blocks(block_rows, as_tensor=True):
+                yield r0, r0 + blk.shape[0], blk.to(dtype)
+                r0 += blk.shape[0]
+
+    def _curvature_op(self, data: Iterable, sketch: Any) -> Any:
+        from ..model import sketched
+
+        curv = _check_choice(self._opt("curvature", "hessian"), "curvature", ("hessian", "ggn"))
+        hdata = self._opt("hessian_data", None) or data
+        op = self.task.hessian(hdata) if curv == "hessian" else self.task.ggn(hdata)
+        if self.sketch is not None:
+            op = sketched(op, sketch)
+        return op
+
+    def _cached(self, comp: _Component, name: str, config: dict, compute) -> Any:
+        """Curvature results cached next to the store (so that a resumed fit does not redo them)."""
+        if self.store is None:
+            return compute()
+        path = self.store / f"{name}_{comp.index}.pt"
+        key = json.dumps(config, sort_keys=True, default=str)
+        if path.exists():
+            blob = torch.load(path, weights_only=True)
+            if blob.get("config") == key:
+                return blob["value"]
+        value = compute()
+        self.store.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"config": key, "value": value}, tmp)
+        tmp.replace(path)
+        return value
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train_data: Iterable, progress: bool = True) -> Attributor:
+        """Featurise the training set (``[n_train, d]`` rows in memory or in the store) and finalise the
+        method (TRAK kernel inverse, Arnoldi eigenpairs, Hessian inverse). ``train_data``: a re-iterable
+        of batches (list, DataLoader) with a fixed order. Returns ``self``."""
+        import time
+
+        from ..model._batch import is_reiterable
+        from ..store import fingerprint_model
+
+        if not is_reiterable(train_data):
+            raise TypeError("train_data: expected a re-iterable of batches (list, DataLoader), got a one-shot "
+                            f"{type(train_data).__name__}")
+        self._components = []
+        self.timings_ = {}
+        self._fit_fingerprint = fingerprint_model(self.task.model)
+        base_sketch = self._build_sketch()
+        feat_task = self._feature_task()
+        for c, (state, weight) in enumerate(self._checkpoints()):
+            comp = _Component(state, weight, c)
+            comp.task = feat_task
+            tag = f"{self.method} {c + 1}/{len(self._checkpoints())}" if state is not None else self.method
+            with self._state(state):
+                comp.fingerprint = fingerprint_model(self.task.model)
+                t0 = time.perf_counter()
+                if self.method == "arnoldi":
+                    self._fit_arnoldi(comp, train_data, base_sketch, progress, tag)
+                else:
+                    comp.sketch = base_sketch
+                    comp.feats = self._featurise(comp, train_data, progress, tag)
+                    self.timings_["featurise"] = self.timings_.get("featurise", 0.0) + time.perf_counter() - t0
+                    t1 = time.perf_counter()
+                    self._finalise(comp, train_data, progress)
+                    self.timings_["finalise"] = self.timings_.get("finalise", 0.0) + time.perf_counter() - t1
+            self._components.append(comp)
+        first = self._components[0]
+        self.n_train_ = int(first.feats.shape[0] if isinstance(first.feats, Tensor) else first.feats.n_rows)
+        self.d_ = int(first.sketch.d)
+        self._fitted = True
+        return self
+
+    def _fit_arnoldi(self, comp: _Component, data: Iterable, sketch: Any, progress: bool, tag: str) -> None:
+        import time
+
+        from ..linalg import arnoldi, distill
+
+        n_iters = int(self._opt("n_iters", 100))
+        top_k = int(self._opt("top_k", 30))
+        if top_k < 1 or n_iters < top_k:
+            raise ValueError(f"top_k: expected 1 <= top_k <= n_iters = {n_iters}, got {top_k}")
+        damping = float(self._opt("damping", 0.0))
+        positive_only = bool(self._opt("positive_only", False))
+        seed = self._opt("seed", 0)
+        config = {"n_iters": n_iters, "top_k": top_k, "positive_only": positive_only, "seed": seed,
+                  "curvature": self._opt("curvature", "hessian"), "sketch": sketch_spec(sketch),
+                  "fingerprint": comp.fingerprint}
+        t0 = time.perf_counter()
+        if self.sketch is not None:  # featurise Φg first, then the sketched Hessian ΦHΦᵀ (d × d)
+            comp.sketch = sketch
+            comp.feats = self._featurise(comp, data, progress, tag)
+            self.timings_["featurise"] = self.timings_.get("featurise", 0.0) + time.perf_counter() - t0
+        t1 = time.perf_counter()
+
+        def compute():
+            op = self._curvature_op(data, sketch)
+            res = arnoldi(op, n_iters, seed=seed, store=self._opt("krylov_store", "device"), progress=progress)
+            lam, vecs = distill(res.Q, res.H, min(top_k, res.H.shape[1]), positive_only=positive_only)
+            vecs = vecs / vecs.norm(dim=0, keepdim=True).clamp_min(torch.finfo(vecs.dtype).tiny)
+            return {"eigenvalues": lam.detach().cpu(), "eigenvectors": vecs.detach().cpu()}
+
+        eig = self._cached(comp, "arnoldi", config, compute)
+        lam = eig["eigenvalues"].to(torch.float64)
+        vecs = eig["eigenvectors"]
+        self.timings_["curvature"] = self.timings_.get("curvature", 0.0) + time.perf_counter() - t1
+        self.eigenvalues_ = lam
+        c = torch.where((lam + damping).abs() > 0, 1.0 / (lam + damping), torch.zeros_like(lam))
+        if self.sketch is not None:
+            comp.kernel = EigKernel(c, vecs.to(torch.float64))
+        else:  # project exact gradients on the eigenvectors (the stored features are p_i(z))
+            t2 = time.perf_counter()
+            comp.sketch = ProjectionSketch(vecs.to(device=self.task.device, dtype=self.task.dtype),
+                                           tag="arnoldi-projection")
+            comp.feats = self._featurise(comp, data, progress, tag)
+            comp.kernel = EigKernel(c, None)
+            self.timings_["featurise"] = self.timings_.get("featurise", 0.0) + time.perf_counter() - t2
+
+    def _finalise(self, comp: _Component, data: Iterable, progress: bool) -> None:
+        m = self.method
+        if m in ("grad-dot", "tracin"):
+            comp.kernel = None
+        elif m == "grad-cos":
+            norms = torch.cat([blk.to(torch.float64).norm(dim=1) for _, _, blk in
+                               self._blocks(comp, self._opt("block_rows", 4096), torch.float64)])
+            comp.q = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+            comp.kernel = None
+        elif m == "trak":
+            d = comp.sketch.d
+            K = torch.zeros(d, d, dtype=torch.float64)
+            n = 0
+            for _, _, blk in self._blocks(comp, self._opt("block_rows", 4096), torch.float64):
+                blk = blk.cpu()
+                K += blk.T @ blk
+                n += blk.shape[0]
+            ridge = self._opt("ridge", None)
+            if ridge is None:
+                ridge = 1e-3 if d >= n else 0.0
+            lam = float(ridge) * float(torch.trace(K)) / d
+            self.ridge_ = lam
+            comp.kernel = EigKernel.inverse(K, lam)
+            if self.options.get("margin_fn") is not None:
+                comp.q = self._trak_q(data, progress)
+        elif m == "influence":
+            solver = _check_choice(self._opt("solver", "explicit"), "solver", ("explicit", "cg", "lissa"))
+            damping = float(self._opt("damping", 0.01))
+            op = self._curvature_op(data, comp.sketch)
+            if solver == "explicit":
+                if op.shape[0] > 8192:
+                    raise ValueError(f"solver: 'explicit' builds a {op.shape[0]}×{op.shape[0]} matrix; expected "
+                                     "at most 8192 rows: use a sketch or solver='cg'")
+                comp.kernel = EigKernel.inverse(op.to_dense(), damping)
+            else:
+                comp.kernel = SolveKernel(op, damping, solver, {k: self.options[k] for k in
+                                                                ("tol", "maxiter", "depth", "scale")
+                                                                if k in self.options})
+
+    def _trak_q(self, data: Iterable, progress: bool) -> Tensor:
+        """q(z) = 1 − σ(f(z)) for the training examples (TRAK's Q)."""
+        from ..model._batch import SplitBatch
+
+        fn = self.options["margin_fn"]
+        out = []
+        with torch.no_grad():
+            for batch in data:
+                b = SplitBatch(batch, self.task.device).rebuild()
+                out.append(torch.sigmoid(-fn(self.task.model, b).detach().to(torch.float64)).cpu())
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ scoring
+    def _check_fitted(self) -> None:
+        from ..store import fingerprint_model
+
+        if not self._fitted:
+            raise RuntimeError("Attributor: call fit(train_data) before scoring")
+        if fingerprint_model(self.task.model) != self._fit_fingerprint:
+            raise ValueError("task: the model's parameters changed since fit() (fingerprint differs); the "
+                             "training features no longer match: refit, or restore the fitted weights")
+
+    def _test_chunks(self, test_data: Iterable, progress: bool, rows: int):
+        """Yields ``(row_start, [ψ_c [m, d_c] for each component])`` with ψ = w_c · M_c φ_c(x)."""
+        comps = self._components
+        if len(comps) == 1 and comps[0].state is None:
+            comp = comps[0]
+            for r0, phi in iter_feature_chunks(comp.task, test_data, comp.sketch, self._test_mode(comp),
+                                               self.nan_policy, progress, "test_data", "featurise test", rows):
+                yield r0, [self._psi(comp, phi)]
+            return
+        # several model states: features per state, then regroup (test sets are scored a chunk at a time)
+        per = []
+        for comp in comps:
+            with self._state(comp.state):
+                per.append(list(iter_feature_chunks(comp.task, test_data, comp.sketch, self._test_mode(comp),
+                                                    self.nan_policy, progress, "test_data",
+                                                    f"featurise test [{comp.index + 1}/{len(comps)}]", rows)))
+        for j in range(len(per[0])):
+            yield per[0][j][0], [self._psi(comp, per[i][j][1]) for i, comp in enumerate(comps)]
+
+    def _test_mode(self, comp: _Component) -> str:
+        return "explicit" if isinstance(comp.sketch, ProjectionSketch) else self.mode
+
+    def _psi(self, comp: _Component, phi: Tensor) -> Tensor:
+        if self.method == "grad-cos":
+            n = phi.to(torch.float64).norm(dim=1, keepdim=True)
+            phi = torch.where(n > 0, phi / n, torch.zeros_like(phi))
+        return comp.weight * apply_kernel(comp.kernel, phi.cpu())
+
+    def _score_dtype(self) -> torch.dtype:
+        f = self._components[0].feats
+        return torch.float64 if isinstance(f, Tensor) and f.dtype == torch.float64 else torch.float32
+
+    def _score_block(self, psis: list[Tensor], blocks: list[tuple[int, int, Tensor]], comps: list[_Component]
+                     ) -> Tensor:
+        out = None
+        for psi, (r0, r1, F), comp in zip(psis, blocks, comps):
+            s = psi.to(F.dtype) @ F.cpu().T
+            if comp.q is not None:
+                s = s * comp.q[r0:r1].to(s.dtype)
+            out = s if out is None else out + s
+        return out
+
+    def _iter_train_blocks(self, dtype: torch.dtype):
+        br = int(self._opt("block_rows", 4096))
+        gens = [self._blocks(c, br, dtype) for c in self._components]
+        yield from zip(*gens)
+
+    def score(self, test_data: Iterable, progress: bool = True) -> Tensor:
+        """Scores ``[n_test, n_train]`` (CPU; float64 for in-memory float64 features, else float32);
+        positive = the training example supports the test prediction (see the module docstring)."""
+        self._check_fitted()
+        dt = self._score_dtype()
+        rows = []
+        for _, psis in self._test_chunks(test_data, progress, 1 << 62):
+            parts = [self._score_block(psis, list(blocks), self._components)
+                     for blocks in self._iter_train_blocks(dt)]
+            rows.append(torch.cat(parts, 1))
+        return torch.cat(rows, 0)
+
+    def topk(self, test_data: Iterable, k: int = 10, progress: bool = True) -> TopK:
+        """The ``k`` proponents (largest scores) and opponents (smallest) of every test example.
+
+        Scores a block of ``test_block_rows`` test examples against ``block_rows`` training rows at a time and
+        keeps a running top-k, so memory is O(test_block_rows · (block_rows + d + k)), never n_test × n_train.
+        Returns :class:`TopK` ``(values, indices, opponent_values, opponent_indices)``, each ``[n_test, k]``.
+        """
+        self._check_fitted()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+        k = min(k, self.n_train_)
+        dt = self._score_dtype()
+        outs: list[tuple[Tensor, ...]] = []
+        for _, psis in self._test_chunks(test_data, progress, int(self._opt("test_block_rows", 1024))):
+            m = psis[0].shape[0]
+            top_v = torch.full((m, 0), float("-inf"), dtype=dt)
+            top_i = torch.zeros((m, 0), dtype=torch.long)
+            bot_v = torch.full((m, 0), float("inf"), dtype=dt)
+            bot_i = torch.zeros((m, 0), dtype=torch.long)
+            for blocks in self._iter_train_blocks(dt):
+                blocks = list(blocks)
+                r0 = blocks[0][0]
+                s = self._score_block(psis, blocks, self._components)
+                idx = torch.arange(r0, r0 + s.shape[1]).expand(m, -1)
+                v = torch.cat([top_v, s], 1)
+                i = torch.cat([top_i, idx], 1)
+                tv, ti = torch.topk(v, min(k, v.shape[1]), dim=1)
+                top_v, top_i = tv, i.gather(1, ti)
+                v = torch.cat([bot_v, s], 1)
+                i = torch.cat([bot_i, idx], 1)
+                bv, bi = torch.topk(v, min(k, v.shape[1]), dim=1, largest=False)
+                bot_v, bot_i = bv, i.gather(1, bi)
+            outs.append((top_v, top_i, bot_v, bot_i))
+        return TopK(*(torch.cat([o[j] for o in outs], 0) for j in range(4)))
+
+    def self_influence(self, progress: bool = True) -> Tensor:
+        """score(z, z) for every training example, ``[n_train]`` (≥ 0 when M is PSD); the mislabel-detection
+        statistic of Schioppa et al. 2022 (Arnoldi: Σ_i p_i(z)²/λ_i)."""
+        self._check_fitted()
+        dt = torch.float64
+        out = []
+        for blocks in self._iter_train_blocks(dt):
+            tot = None
+            for (r0, r1, F), comp in zip(blocks, self._components):
+                F = F.cpu()
+                if self.method == "grad-cos":
+                    n = F.norm(dim=1, keepdim=True)
+                    F = torch.where(n > 0, F / n, torch.zeros_like(F))
+                v = comp.weight * quad_kernel(comp.kernel, F)
+                if comp.q is not None and self.method != "grad-cos":
+                    v = v * comp.q[r0:r1].to(v.dtype)
+                tot = v if tot is None else tot + v
+            out.append(tot)
+        return torch.cat(out)
+
+    def __repr__(self) -> str:
+        s = f"Attributor(method={self.method!r}, sketch={self.sketch!r}, store={self.store}, mode={self.mode!r}"
+        return s + (f", n_train={self.n_train_}, d={self.d_})" if self._fitted else ")")
