@@ -8,6 +8,8 @@ trace, solvers on any linear operator), ``model`` (Task: per-example gradients, 
 __version__ = "0.1.0"
 
 from . import linalg
+from .intrinsic import IntrinsicDimResult, SubspaceModel, intrinsic_dimension
+from .intrinsic import train as train_subspace
 from .linalg import LinearOperator, MatrixOperator
 from .model import FactoredSketch, GGNOperator, FisherOperator, HessianOperator, Task, losses, sketched
 from .sketch import BlockSketch, Sketch, sketch, sketch_from_spec
@@ -20,4 +22,5 @@ __all__ = [
     "linalg", "LinearOperator", "MatrixOperator",
     "Task", "FactoredSketch", "HessianOperator", "GGNOperator", "FisherOperator", "sketched", "losses",
     "GradientStore", "CorruptChunkError", "fingerprint_model", "fill_store",
+    "SubspaceModel", "intrinsic_dimension", "IntrinsicDimResult", "train_subspace",
 ]

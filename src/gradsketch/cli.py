@@ -35,8 +35,8 @@ def _register() -> None:
             if err.name != module:
                 raise
             continue
-        if name is None:
-            app.add_typer(mod.app)
+        if name is None:  # merge the sub-app's commands at the top level (its own callback is not needed)
+            app.registered_commands.extend(mod.app.registered_commands)
         else:
             app.add_typer(mod.app, name=name, help=(mod.__doc__ or "").strip().split("\n")[0] or None)
 
