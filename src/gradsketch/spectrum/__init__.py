@@ -1,0 +1,19 @@
+"""Hessian spectrum analysis: top eigenpairs (exact or sketched), spectral density, trace, checkpoints.
+
+``spectrum(task, data, k, sketch=...)`` -> :class:`SpectrumResult` (with ``outliers``, ``negative_ratio``,
+``alignment``); ``density`` (SLQ); ``trace`` (Hutch++/Hutchinson); ``spectrum_over_checkpoints``; plots
+and ``write_report`` (self-contained HTML). Source: Schioppa, NeurIPS 2024 (arXiv 2402.03994), §3 and §5.
+"""
+
+from .checkpoints import SpectrumSeries, spectrum_over_checkpoints
+from .core import SpectrumResult, curvature_operator, spectrum
+from .density import DensityResult, density, trace
+from .plots import plot_density, plot_eigenvalues, plot_evolution
+from .report import write_report
+
+__all__ = [
+    "spectrum", "SpectrumResult", "curvature_operator",
+    "density", "DensityResult", "trace",
+    "spectrum_over_checkpoints", "SpectrumSeries",
+    "plot_eigenvalues", "plot_density", "plot_evolution", "write_report",
+]
