@@ -131,7 +131,8 @@ class SpectrumResult:
     def __repr__(self) -> str:
         ev = ", ".join(f"{x:.5g}" for x in self.eigenvalues.tolist()[:6])
         more = ", ..." if self.eigenvalues.numel() > 6 else ""
-        sk = f"{self.sketch_spec.get('kind', '?')}, d={self.sketch_spec.get('d', '?')}" if self.sketch_spec else "none"
+        spec = self.sketch_spec or {}
+        sk = f"{spec.get('inner_kind') or spec.get('kind', '?')}, d={spec.get('d', '?')}" if spec else "none"
         return (f"SpectrumResult(k={self.k}, operator={self.info.get('operator')!r}, eigenvalues=[{ev}{more}], "
                 f"converged={int(self.converged.sum())}/{self.k}, n_hvp={self.n_hvp}, sketch={sk})")
 

@@ -101,5 +101,5 @@ def plot_evolution(series: Any, path: str | os.PathLike | None = None, top: int 
 
 def _label(r: Any) -> str:
     if r.sketch_spec:
-        return f"{r.sketch_spec.get('kind', 'sketch')} d={r.sketch_spec.get('d')}"
+        return f"{r.sketch_spec.get('inner_kind') or r.sketch_spec.get('kind', 'sketch')} d={r.sketch_spec.get('d')}"
     return f"{r.info.get('operator', '')} (exact)"
