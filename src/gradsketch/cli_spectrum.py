@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -59,18 +58,18 @@ def load_entry(entry: str) -> tuple[Any, Any]:
 
 @app.command("spectrum")
 def spectrum_cmd(
-    entry: Optional[str] = typer.Option(None, help="module:function returning (model, loss_fn or task, data); "
+    entry: str | None = typer.Option(None, help="module:function returning (model, loss_fn or task, data); "
                                                    "default: the built-in digits MLP"),
     k: int = typer.Option(10, help="number of eigenpairs"),
     operator: str = typer.Option("hessian", help="hessian, ggn or fisher"),
     method: str = typer.Option("lanczos", help="lanczos or arnoldi"),
     which: str = typer.Option("LA", help="LA, SA, LM or BE (BE gives the negative ratio)"),
-    n_iter: Optional[int] = typer.Option(None, help="Krylov dimension (default max(3k, k+60))"),
+    n_iter: int | None = typer.Option(None, help="Krylov dimension (default max(3k, k+60))"),
     mode: str = typer.Option("full", help="full, batch or stochastic"),
-    sketch_kind: Optional[str] = typer.Option(None, "--sketch", help="sketch kind (affd, afjl, qk, ...); none = exact"),
+    sketch_kind: str | None = typer.Option(None, "--sketch", help="sketch kind (affd, afjl, qk, ...); none = exact"),
     d: int = typer.Option(1024, help="sketch dimension"),
     seed: int = typer.Option(0),
-    tol: Optional[float] = typer.Option(None, help="Lanczos relative tolerance"),
+    tol: float | None = typer.Option(None, help="Lanczos relative tolerance"),
     threshold: float = typer.Option(0.2, help="outlier threshold λ_n/λ_1"),
     density_probes: int = typer.Option(0, help="SLQ probes for the density (0: skip)"),
     density_steps: int = typer.Option(60, help="SLQ Lanczos steps per probe"),
@@ -78,10 +77,10 @@ def spectrum_cmd(
     n_examples: int = typer.Option(512, help="digits MLP: examples"),
     epochs: int = typer.Option(5, help="digits MLP: training epochs before the analysis"),
     float64: bool = typer.Option(False, "--float64/--float32", help="digits MLP dtype"),
-    threads: Optional[int] = typer.Option(None, help="torch intra-op threads"),
-    json_out: Optional[str] = typer.Option(None, "--json", help="write the result (JSON + .npz vectors)"),
-    plot: Optional[str] = typer.Option(None, help="eigenvalue plot (PNG)"),
-    report: Optional[str] = typer.Option(None, help="self-contained HTML report"),
+    threads: int | None = typer.Option(None, help="torch intra-op threads"),
+    json_out: str | None = typer.Option(None, "--json", help="write the result (JSON + .npz vectors)"),
+    plot: str | None = typer.Option(None, help="eigenvalue plot (PNG)"),
+    report: str | None = typer.Option(None, help="self-contained HTML report"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Print the top eigenvalues, residuals, outliers, negative ratio and gradient alignment."""
