@@ -254,13 +254,22 @@ def _bias_grad(kind: str, dy: Tensor) -> Tensor:
     return dy.reshape(m, -1, dy.shape[-1]).sum(1)
 
 
-class FactoredEngine:
-    """Runs ``sketch_grads(mode="factored")`` for one task and one :class:`FactoredSketch`."""
+class HookEngine:
+    """Exact per-example gradients of the hooked parameters from one forward and one backward pass of the
+    whole batch (the LoGra hooks, without a sketch): for a supported weight G_i = Σ_t δ_{i,t} a_{i,t}ᵀ, for
+    biases and LayerNorm parameters the matching sums. Parameters the hooks cannot see take the vmapped
+    per-example path (:meth:`Task.per_example_grads` with ``names``).
 
-    def __init__(self, task: Task, sketch: FactoredSketch) -> None:
-        self.task, self.sketch = task, sketch
+    On the first batch with finite losses it also computes the ordinary batch gradient of the hooked
+    parameters (one extra backward to the weights) and checks Σ_i G_i against it; a parameter that fails
+    (e.g. a weight also used functionally outside its module, invisible to hooks) moves to the vmapped path.
+    """
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
         self.plans = plan_task(task)
         self.clone_outputs = False
+        self.checked = False
         self.hooked = {n for n, p in self.plans.items() if not p.generic}
         self.generic = [n for n in task.param_names if n not in self.hooked]
         mods: dict[int, tuple[nn.Module, str]] = {}
@@ -269,9 +278,11 @@ class FactoredEngine:
                 mods[id(mod)] = (mod, kind)
         self.modules = list(mods.values())
 
-    def _capture(self, split: Any) -> tuple[Tensor, dict[int, list[tuple[Tensor, Tensor]]]]:
+    def _capture(self, split: Any, param_grads: bool = False
+                 ) -> tuple[Tensor, dict[int, list[tuple[Tensor, Tensor]]], dict[str, Tensor]]:
         """One forward pass with hooks, one backward pass to the hooked layers' outputs: (losses, inputs
-        and output-gradients per module call)."""
+        and output-gradients per module call, and the batch gradients of the hooked parameters when
+        ``param_grads``)."""
         task, m = self.task, split.size
         while True:
             caps: dict[int, list[Any]] = {id(mod): [] for mod, _ in self.modules}
@@ -307,8 +318,12 @@ class FactoredEngine:
                 continue
             break
         outs = [o for lst in caps.values() for _, o, _ in lst if o.requires_grad]
-        grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True) if outs else ()
-        it = iter(grads)
+        pnames = [n for n in task.param_names if n in self.hooked and p[n].requires_grad] if param_grads else []
+        targets = outs + [p[n] for n in pnames]
+        grads = torch.autograd.grad(losses.sum(), targets, allow_unused=True) if targets else ()
+        it = iter(grads[:len(outs)])
+        pg = {n: (torch.zeros_like(p[n]) if g is None else g.detach())
+              for n, g in zip(pnames, grads[len(outs):])}
         result: dict[int, list[tuple[Tensor, Tensor]]] = {}
         for key, lst in caps.items():
             pairs = []
@@ -316,59 +331,78 @@ class FactoredEngine:
                 g = next(it) if o.requires_grad else None
                 pairs.append((x, torch.zeros_like(o) if g is None else g.detach()))
             result[key] = pairs
-        return losses.detach(), result
+        return losses.detach(), result, pg
 
-    def batch(self, split: Any, chunk: int | None = None) -> tuple[Tensor, Tensor]:
-        rows, losses = [], []
-        self.task._check_once(split)
-        step = split.size if chunk is None else chunk
-        for _, sub in split.chunks(step):
-            r, li = self._one(sub)
-            rows.append(r)
-            losses.append(li)
-        return torch.cat(rows), torch.cat(losses)
-
-    def _one(self, split: Any) -> tuple[Tensor, Tensor]:
-        task, S = self.task, self.sketch
-        dtype, device, m = task.dtype, task.device, split.size
-        losses, caps = self._capture(split)
+    def prepare(self, split: Any) -> tuple[Tensor, dict[int, list[tuple[Tensor, Tensor]]], dict[str, Tensor]]:
+        """(losses, captures, exact per-example gradients ``name -> [m, *shape]`` of the non-hooked
+        parameters) for one batch."""
+        m = split.size
+        check = not self.checked and bool(self.hooked)
+        losses, caps, pg = self._capture(split, param_grads=check)
         if m > 1:  # a layer run on a batch-1 input broadcast over the batch (GPT-2's position embedding)
             for n in list(self.hooked):
                 if any(x.shape[0] != m for mod, _, _ in self.plans[n].uses for x, _ in caps[id(mod)]):
                     self.hooked.discard(n)
                     self.generic.append(n)
-        total = torch.zeros(m, S.d, dtype=dtype, device=device)
-        explicit: dict[str, Tensor] = {}
-        for n in self.task.param_names:
+        if check:
+            self._check(caps, pg, losses)
+        gd: dict[str, Tensor] = {}
+        if self.generic:
+            gd, _ = self.task.per_example_grads(split, names=self.generic)
+        return losses, caps, gd
+
+    def _check(self, caps: dict[int, list[tuple[Tensor, Tensor]]], pg: dict[str, Tensor], losses: Tensor) -> None:
+        if not bool(torch.isfinite(losses).all()):
+            return  # decide on a batch with finite losses
+        bad = []
+        for n, g in pg.items():
             if n not in self.hooked:
                 continue
+            if not bool(torch.isfinite(g).all()):
+                return
             plan = self.plans[n]
-            if n in S.blocks:
-                fr, fc = S.factors(n, dtype, device)
-                acc = torch.zeros(m, fr.shape[0], fc.shape[0], dtype=dtype, device=device)
-                for mod, kind, _ in plan.uses:
-                    for x, dy in caps[id(mod)]:
-                        r, c = _rows_cols(kind, mod, x, dy)
-                        pr = fr.T[r] if kind == "embedding" else r.to(dtype) @ fr.T   # [m, T, d_r]
-                        pc = c.to(dtype) @ fc.T                                        # [m, T, d_c]
-                        acc += torch.einsum("mtr,mtc->mrc", pr, pc)
-                total += acc.reshape(m, -1)
-                continue
-            g = torch.zeros(m, *plan.shape, dtype=dtype, device=device)
+            s = torch.zeros(plan.shape, dtype=g.dtype, device=g.device)
+            scale = torch.zeros(plan.shape, dtype=g.dtype, device=g.device)
             for mod, kind, role in plan.uses:
                 for x, dy in caps[id(mod)]:
-                    g += self._exact(kind, role, mod, x, dy, plan.shape)
-            explicit[n] = g.reshape(m, -1)
-        if self.generic:
-            gd, _ = task.per_example_grads(split, names=self.generic)
-            for n in self.generic:
-                if n in S.blocks:  # Kronecker block fed with the exact per-example gradient
-                    total += S.blocks[n](gd[n].reshape(m, -1), nan_policy="propagate").to(dtype)
-                else:
-                    explicit[n] = gd[n].reshape(m, -1)
-        if S.rest is not None:
-            total += S.rest([explicit[n] for n in S.rest_names], nan_policy="propagate").to(dtype)
-        return total, losses
+                    s += self._exact_sum(kind, role, mod, x, dy, plan.shape).to(g.dtype)
+                    # Σ of |terms|: the size of the rounding error of both sums (a gradient that cancels
+                    # to ~0, like attention key biases, is then not a mismatch)
+                    scale += self._exact_sum(kind, role, mod, x.abs() if x.is_floating_point() else x,
+                                             dy.abs(), plan.shape).abs().to(g.dtype)
+            tol = 1e-2 if g.dtype in (torch.float16, torch.bfloat16) else 1e-4
+            if float((s - g).norm()) > tol * float(scale.norm()) + 1e-30:
+                bad.append(n)
+        for n in bad:
+            self.hooked.discard(n)
+            self.generic.append(n)
+        self.checked = True
+
+    def grad(self, caps: dict[int, list[tuple[Tensor, Tensor]]], gd: dict[str, Tensor], name: str,
+             lo: int, hi: int) -> Tensor:
+        """Exact per-example gradient of ``name`` for examples ``lo:hi``, ``[hi - lo, numel]``."""
+        if name not in self.hooked:
+            return gd[name][lo:hi].reshape(hi - lo, -1)
+        plan = self.plans[name]
+        g = None
+        for mod, kind, role in plan.uses:
+            for x, dy in caps[id(mod)]:
+                e = self._exact(kind, role, mod, x[lo:hi], dy[lo:hi], plan.shape)
+                g = e if g is None else g + e
+        return g.reshape(hi - lo, -1)
+
+    @staticmethod
+    def _exact_sum(kind: str, role: str, mod: nn.Module, x: Tensor, dy: Tensor,
+                   shape: tuple[int, ...]) -> Tensor:
+        """Σ over the batch of :meth:`_exact` without the per-example tensor where cheap."""
+        if role == "weight" and kind in ("linear", "conv1d", "conv2d"):
+            r, c = _rows_cols(kind, mod, x, dy)
+            return torch.einsum("mtr,mtc->rc", r, c).reshape(shape)
+        if role == "weight" and kind == "embedding":
+            ids, c = _rows_cols(kind, mod, x, dy)
+            out = torch.zeros(shape[0], c.shape[-1], dtype=c.dtype, device=c.device)
+            return out.index_add_(0, ids.reshape(-1), c.reshape(-1, c.shape[-1])).reshape(shape)
+        return HookEngine._exact(kind, role, mod, x, dy, shape).sum(0)
 
     @staticmethod
     def _exact(kind: str, role: str, mod: nn.Module, x: Tensor, dy: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -390,3 +424,63 @@ class FactoredEngine:
         else:
             g = torch.einsum("mtr,mtc->mrc", r, c)
         return g.reshape(m, *shape)
+
+
+class FactoredEngine(HookEngine):
+    """Runs ``sketch_grads(mode="factored")`` for one task and one :class:`FactoredSketch`."""
+
+    def __init__(self, task: Task, sketch: FactoredSketch) -> None:
+        super().__init__(task)
+        self.sketch = sketch
+
+    def batch(self, split: Any, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+        rows, losses = [], []
+        self.task._check_once(split)
+        step = split.size if chunk is None else chunk
+        for _, sub in split.chunks(step):
+            r, li = self._one(sub)
+            rows.append(r)
+            losses.append(li)
+        return torch.cat(rows), torch.cat(losses)
+
+    def _one(self, split: Any) -> tuple[Tensor, Tensor]:
+        task, S = self.task, self.sketch
+        dtype, device, m = task.dtype, task.device, split.size
+        losses, caps, gd = self.prepare(split)
+        total = None
+        explicit: dict[str, Tensor] = {}
+        for n in self.task.param_names:
+            if n not in self.hooked:
+                continue
+            plan = self.plans[n]
+            if n in S.blocks:
+                fr, fc = S.factors(n, dtype, device)
+                for mod, kind, _ in plan.uses:
+                    for x, dy in caps[id(mod)]:
+                        r, c = _rows_cols(kind, mod, x, dy)
+                        pr = fr.T[r] if kind == "embedding" else r.to(dtype) @ fr.T   # [m, T, d_r]
+                        pc = c.to(dtype) @ fc.T                                        # [m, T, d_c]
+                        # Σ_t (F_r δ_t)(F_c a_t)ᵀ: a batched [d_r, T] @ [T, d_c] product per example,
+                        # accumulated in place into the [m, d] result
+                        if total is None:
+                            total = torch.bmm(pr.transpose(1, 2), pc).reshape(m, -1)
+                        else:
+                            total.view(m, fr.shape[0], fc.shape[0]).baddbmm_(pr.transpose(1, 2), pc)
+                continue
+            g = None
+            for mod, kind, role in plan.uses:
+                for x, dy in caps[id(mod)]:
+                    e = self._exact(kind, role, mod, x, dy, plan.shape)
+                    g = e if g is None else g + e
+            explicit[n] = g.reshape(m, -1)
+        if total is None:
+            total = torch.zeros(m, S.d, dtype=dtype, device=device)
+        for n in self.generic:
+            if n in S.blocks:  # Kronecker block fed with the exact per-example gradient
+                total += S.blocks[n](gd[n].reshape(m, -1), nan_policy="propagate").to(dtype)
+            else:
+                explicit[n] = gd[n].reshape(m, -1)
+        if S.rest is not None:
+            total += S.rest([explicit[n] for n in S.rest_names], nan_policy="propagate").to(dtype)
+        return total, losses
+

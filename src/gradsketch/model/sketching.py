@@ -95,6 +95,92 @@ def _explicit(task: Task, split: Any, ad: SketchAdapter, chunk: int) -> tuple[Te
     return torch.cat(rows), torch.cat(losses)
 
 
+def _hook_engine(task: Task) -> Any:
+    """The task's cached :class:`HookEngine`, or None when per-example gradients must come from vmap/loop:
+    ``per_example`` other than ``"auto"`` (an explicit choice of vmap or loop), ``randomness="same"``, or a BatchNorm in train mode (it mixes
+    the examples of a batch, so slices of the batch backward are not per-example gradients)."""
+    if task.per_example != "auto" or task.randomness != "different":
+        return None
+    eng = getattr(task, "_hook_engine", None)
+    if eng is False:  # hooks switched off (benchmarks compare with the vmap/loop path)
+        return None
+    if eng is None:
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        from .factored import HookEngine
+
+        if any(isinstance(mod, _BatchNorm) and mod.training for mod in task.model.modules()):
+            return None
+        eng = HookEngine(task)
+        task._hook_engine = eng
+    return eng if eng.hooked else None
+
+
+def _row_steps(m: int, numel: int, itemsize: int, chunk: int | None) -> int:
+    if chunk is not None:
+        return chunk
+    return max(1, DEFAULT_GRAD_BYTES // max(numel * itemsize, 1))
+
+
+def _explicit_hooked(task: Task, split: Any, ad: SketchAdapter, chunk: int | None, eng: Any
+                     ) -> tuple[Tensor, Tensor]:
+    """Explicit mode from one batched forward/backward with hooks: each BlockSketch group's exact
+    per-example gradients are formed (``chunk`` examples at a time, default ~256 MiB) and sketched, then
+    dropped; the sum over groups is the BlockSketch's, in the same order."""
+    names, m = task.param_names, split.size
+    losses, caps, gd = eng.prepare(split)
+    item = torch.finfo(task.dtype).bits // 8
+    if ad.kind == "block":
+        S = ad.sketch
+        out = None
+        for g, Sg in zip(S.groups, S.sketches):
+            step = _row_steps(m, sum(S.sizes[i] for i in g), item, chunk)
+            ys = []
+            for lo in range(0, m, step):
+                hi = min(m, lo + step)
+                xs = [eng.grad(caps, gd, names[i], lo, hi) for i in g]
+                x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=-1)
+                del xs
+                ys.append(Sg(x, out_dtype=torch.promote_types(x.dtype, torch.float32), nan_policy="propagate"))
+                del x
+            y = ys[0] if len(ys) == 1 else torch.cat(ys)
+            out = y if out is None else out + y
+        return out.to(task.dtype), losses
+    step = _row_steps(m, task.n_params, item, chunk)
+    rows = []
+    for lo in range(0, m, step):
+        hi = min(m, lo + step)
+        rows.append(ad.apply([eng.grad(caps, gd, n, lo, hi) for n in names]))
+    return torch.cat(rows), losses
+
+
+def _implicit_hooked(task: Task, split: Any, ad: SketchAdapter, chunk: int | None, eng: Any
+                     ) -> tuple[Tensor, Tensor]:
+    """Implicit mode: ∇_ω ℓ_i(θ0 + Φᵀω) at ω = 0 by the chain rule, batched over examples: the exact
+    ∇_θ ℓ_i from the hooks, pulled back through ω ↦ Φᵀω by autograd (``is_grads_batched``), ``chunk``
+    examples at a time (default ~256 MiB of θ-gradients)."""
+    names, m = task.param_names, split.size
+    losses, caps, gd = eng.prepare(split)
+    item = torch.finfo(task.dtype).bits // 8
+    omega = torch.zeros(ad.d, dtype=task.dtype, device=task.device, requires_grad=True)
+    with torch.enable_grad():
+        deltas = ad.adjoint(omega)
+    keep = [i for i, dl in enumerate(deltas) if dl.requires_grad]
+    step = _row_steps(m, task.n_params, item, chunk)
+    rows = []
+    for lo in range(0, m, step):
+        hi = min(m, lo + step)
+        if not keep:
+            rows.append(torch.zeros(hi - lo, ad.d, dtype=task.dtype, device=task.device))
+            continue
+        cot = [eng.grad(caps, gd, names[i], lo, hi).to(deltas[i].dtype).reshape(hi - lo, *deltas[i].shape)
+               for i in keep]
+        (r,) = torch.autograd.grad([deltas[i] for i in keep], omega, cot, retain_graph=hi < m,
+                                   is_grads_batched=True)
+        rows.append(r)
+    return torch.cat(rows), losses
+
+
 def _implicit(task: Task, split: Any, ad: SketchAdapter, chunk: int) -> tuple[Tensor, Tensor]:
     theta0 = task.params_dict()
     names, shapes = task.param_names, task.param_shapes
@@ -147,16 +233,25 @@ def iter_sketch_grads(task: Task, data: Iterable, sketch: Any, mode: str = "expl
                             f"got {type(sketch).__name__}")
         from .factored import FactoredEngine
 
-        engine = FactoredEngine(task, sketch)
+        engine = getattr(task, "_factored_engine", None)
+        if engine is None or engine.sketch is not sketch:  # cached: the hook check runs once per sketch
+            engine = FactoredEngine(task, sketch)
+            task._factored_engine = engine
     chunk = default_chunk(task, chunk_size)
+    eng = _hook_engine(task) if mode != "factored" else None
     offset = 0
     for batch in _tqdm(data, progress, f"sketch_grads[{mode}]", data_len(data)):
         split = task._split(batch)
-        if mode == "explicit":
+        if mode != "factored" and eng is not None and eng.hooked:
+            task._check_once(split)
+            fn = _explicit_hooked if mode == "explicit" else _implicit_hooked
+            rows, losses = fn(task, split, ad, chunk_size, eng)
+        elif mode == "explicit":
             rows, losses = _explicit(task, split, ad, chunk)
         elif mode == "implicit":
             rows, losses = _implicit(task, split, ad, chunk)
         else:
-            rows, losses = engine.batch(split, chunk)
+            # the hooks hold activations, not [chunk, N] gradients: the whole batch by default
+            rows, losses = engine.batch(split, chunk_size)
         yield task._nonfinite(rows, losses, offset, nan_policy, task.skipped_indices_)
         offset += split.size

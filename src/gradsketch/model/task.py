@@ -316,7 +316,10 @@ class Task:
         policy = self.nan_policy if nan_policy is None else nan_policy
         if policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy: expected one of {NAN_POLICIES}, got {policy!r}")
-        bad = ~(torch.isfinite(losses.reshape(-1)) & torch.isfinite(rows).all(dim=1))
+        # row max and min propagate NaN and show ±Inf: the same test as isfinite(rows).all(1) without a
+        # [B, d] temporary
+        bad = ~(torch.isfinite(losses.reshape(-1)) & torch.isfinite(rows.amax(dim=1))
+                & torch.isfinite(rows.amin(dim=1)))
         if not bool(bad.any()):
             return rows
         idx = bad.nonzero().flatten().tolist()
