@@ -16,6 +16,18 @@ from .sketch import BlockSketch, Sketch, sketch, sketch_from_spec
 from .store import CorruptChunkError, GradientStore, fingerprint_model
 from .store import fill as fill_store
 
+# ``gradsketch.spectrum`` is the function; the subpackage stays importable as ``gradsketch.spectrum.<module>``
+# through ``from gradsketch.spectrum import ...`` (sys.modules), e.g. ``from gradsketch.spectrum import plots``.
+from .spectrum import (
+    DensityResult,
+    SpectrumResult,
+    SpectrumSeries,
+    density,
+    spectrum,
+    spectrum_over_checkpoints,
+    trace,
+)
+
 __all__ = [
     "__version__",
     "sketch", "Sketch", "BlockSketch", "sketch_from_spec",
@@ -23,4 +35,6 @@ __all__ = [
     "Task", "FactoredSketch", "HessianOperator", "GGNOperator", "FisherOperator", "sketched", "losses",
     "GradientStore", "CorruptChunkError", "fingerprint_model", "fill_store",
     "SubspaceModel", "intrinsic_dimension", "IntrinsicDimResult", "train_subspace",
+    "spectrum", "SpectrumResult", "density", "DensityResult", "trace", "spectrum_over_checkpoints",
+    "SpectrumSeries",
 ]
