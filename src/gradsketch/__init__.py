@@ -16,17 +16,9 @@ from .sketch import BlockSketch, Sketch, sketch, sketch_from_spec
 from .store import CorruptChunkError, GradientStore, fingerprint_model
 from .store import fill as fill_store
 
-# ``gradsketch.spectrum`` is the function; the subpackage stays importable as ``gradsketch.spectrum.<module>``
-# through ``from gradsketch.spectrum import ...`` (sys.modules), e.g. ``from gradsketch.spectrum import plots``.
-from .spectrum import (
-    DensityResult,
-    SpectrumResult,
-    SpectrumSeries,
-    density,
-    spectrum,
-    spectrum_over_checkpoints,
-    trace,
-)
+# ``gradsketch.spectrum`` is the subpackage, made callable: ``gradsketch.spectrum(task, data, k=...)``.
+from . import spectrum
+from .spectrum import DensityResult, SpectrumResult, SpectrumSeries, density, spectrum_over_checkpoints, trace
 
 __all__ = [
     "__version__",

@@ -17,3 +17,15 @@ __all__ = [
     "spectrum_over_checkpoints", "SpectrumSeries",
     "plot_eigenvalues", "plot_density", "plot_evolution", "write_report",
 ]
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """Lets ``gradsketch.spectrum(task, data, ...)`` call :func:`spectrum` while ``gradsketch.spectrum``
+    stays the subpackage (so ``gradsketch.spectrum.density`` and ``import gradsketch.spectrum.plots``
+    keep working)."""
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return spectrum(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule
