@@ -149,6 +149,8 @@ def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_polic
     except ValueError as e:
         raise ValueError(f"store: the feature store at {str(path)!r} was built for another model, sketch or "
                          f"dataset and cannot be reused (delete it or pick another path): {e}") from e
+    if store.completed_chunks():  # reopened: never build on corrupt rows (CorruptChunkError names them)
+        store.verify()
     missing = set(store.missing_chunks())
     if not missing:
         return store

@@ -1,0 +1,223 @@
+"""Attributor: exact answers on tiny float64 models, blocked top-k, stores, sign convention, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gradsketch.attribution import Attributor, batches, classification_margin
+from gradsketch.model import Task
+
+N_TRAIN, N_TEST = 14, 5
+
+
+def tiny(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N_TRAIN, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (N_TRAIN,), generator=g)
+    Xt = torch.randn(N_TEST, 4, generator=g, dtype=torch.float64)
+    yt = torch.randint(0, 3, (N_TEST,), generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3)).double()
+    task = Task.from_classifier(model)
+    return task, (X, y), (Xt, yt)
+
+
+@pytest.fixture
+def setup():
+    task, (X, y), (Xt, yt) = tiny()
+    return task, (X, y), (Xt, yt), batches(X, y, batch_size=4), batches(Xt, yt, batch_size=2)
+
+
+def full_hessian(task, X, y):
+    theta0 = task.flatten(task.params_dict())
+
+    def mean_loss(theta):
+        return task._losses(task.unflatten(theta), (X, y), X.shape[0]).mean()
+
+    return torch.autograd.functional.hessian(mean_loss, theta0)
+
+
+def test_grad_dot_and_cos_exact(setup):
+    task, (X, y), (Xt, yt), tr, te = setup
+    G, Gt = task.grads((X, y)), task.grads((Xt, yt))
+    S = Attributor(task, "grad-dot").fit(tr, progress=False).score(te, progress=False)
+    torch.testing.assert_close(S, Gt @ G.T, rtol=1e-12, atol=1e-14)
+    Gn, Gtn = G / G.norm(dim=1, keepdim=True), Gt / Gt.norm(dim=1, keepdim=True)
+    a = Attributor(task, "grad-cos").fit(tr, progress=False)
+    torch.testing.assert_close(a.score(te, progress=False), Gtn @ Gn.T, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.self_influence(progress=False), torch.ones(N_TRAIN, dtype=torch.float64))
+
+
+def test_tracin_sums_checkpoints_with_learning_rates(setup):
+    task, (X, y), (Xt, yt), tr, te = setup
+    sd0 = copy.deepcopy(task.model.state_dict())
+    sd1 = {k: v + 0.1 * torch.randn_like(v) for k, v in sd0.items()}
+    ref = 0
+    for sd, lr in ((sd0, 0.5), (sd1, 0.25)):
+        task.model.load_state_dict(sd)
+        ref = ref + lr * task.grads((Xt, yt)) @ task.grads((X, y)).T
+    task.model.load_state_dict(sd0)
+    a = Attributor(task, "tracin", checkpoints=[(sd0, 0.5), (sd1, 0.25)]).fit(tr, progress=False)
+    torch.testing.assert_close(a.score(te, progress=False), ref, rtol=1e-12, atol=1e-14)
+    # the model is left as it was
+    assert all(torch.equal(v, sd0[k]) for k, v in task.model.state_dict().items())
+
+
+def test_trak_unsketched_equals_closed_form(setup):
+    task, (X, y), (Xt, yt), tr, te = setup
+    G, Gt = task.grads((X, y)), task.grads((Xt, yt))
+    N = task.n_params
+    K = G.T @ G
+    lam = 0.05 * torch.trace(K) / N
+    ref = Gt @ torch.linalg.solve(K + lam * torch.eye(N, dtype=K.dtype), G.T)
+    a = Attributor(task, "trak", ridge=0.05).fit(tr, progress=False)
+    assert a.ridge_ == pytest.approx(float(lam))
+    torch.testing.assert_close(a.score(te, progress=False), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_trak_margin_features_and_q(setup):
+    task, (X, y), (Xt, yt), tr, te = setup
+    fn = classification_margin()
+    mt = Task(task.model, lambda m, b: fn(m, b))
+    F, Ft = mt.grads((X, y)), mt.grads((Xt, yt))
+    with torch.no_grad():
+        q = torch.sigmoid(-fn(task.model, (X, y)))
+    N = task.n_params
+    K = F.T @ F
+    lam = 0.1 * torch.trace(K) / N
+    ref = Ft @ torch.linalg.solve(K + lam * torch.eye(N, dtype=K.dtype), F.T) * q
+    S = Attributor(task, "trak", margin_fn=fn, ridge=0.1).fit(tr, progress=False).score(te, progress=False)
+    torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-12)
+    # margin identity: f = log p_y / (1 - p_y), so q = 1 - p_y
+    with torch.no_grad():
+        p = torch.softmax(task.model(X), 1).gather(1, y[:, None])[:, 0]
+    torch.testing.assert_close(q, 1 - p)
+
+
+def test_influence_explicit_cg_lissa(setup):
+    task, (X, y), (Xt, yt), tr, te = setup
+    G, Gt = task.grads((X, y)), task.grads((Xt, yt))
+    H = full_hessian(task, X, y)
+    lam_min = float(torch.linalg.eigvalsh(H)[0])
+    damping = max(0.3, -lam_min + 0.2)  # H + δI positive definite (CG and LiSSA need it)
+    ref = Gt @ torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), G.T)
+    S = Attributor(task, "influence", damping=damping).fit(tr, progress=False).score(te, progress=False)
+    torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-12)
+    S = Attributor(task, "influence", solver="cg", damping=damping, tol=1e-12,
+                  hessian_data=[(X, y)]).fit(tr, progress=False)\
+        .score(te, progress=False)
+    torch.testing.assert_close(S, ref, rtol=1e-7, atol=1e-10)
+    # LiSSA contracts by 1 - (λ_min + δ)/scale per step: a larger damping keeps the test short
+    damping = -lam_min + 1.5
+    ref = Gt @ torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), G.T)
+    S = Attributor(task, "influence", solver="lissa", damping=damping, depth=3000, tol=1e-11,
+                  hessian_data=[(X, y)])\
+        .fit(tr, progress=False).score(te, progress=False)
+    torch.testing.assert_close(S, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_arnoldi_full_krylov_equals_exact_influence(setup):
+    task, (X, y), (Xt, yt), tr, te = setup
+    G, Gt = task.grads((X, y)), task.grads((Xt, yt))
+    H = full_hessian(task, X, y)
+    N = H.shape[0]
+    damping = 0.7
+    assert float(torch.linalg.eigvalsh(H + damping * torch.eye(N, dtype=H.dtype)).abs().min()) > 0.05
+    ref = Gt @ torch.linalg.solve(H + damping * torch.eye(N, dtype=H.dtype), G.T)
+    a = Attributor(task, "arnoldi", n_iters=N, top_k=N, damping=damping).fit(tr, progress=False)
+    torch.testing.assert_close(a.score(te, progress=False), ref, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(torch.sort(a.eigenvalues_).values, torch.linalg.eigvalsh(H), rtol=1e-8, atol=1e-10)
+    # self-influence = diag of the train-vs-train scores = Σ p_i(z)² / (λ_i + δ)
+    S_tt = a.score(tr, progress=False)
+    torch.testing.assert_close(a.self_influence(progress=False), torch.diagonal(S_tt), rtol=1e-9, atol=1e-12)
+
+
+def test_arnoldi_top_k_truncation(setup):
+    """top_k < N keeps the k largest |λ|: influence = Σ_{i ≤ k} p_i(x)p_i(z)/λ_i with exact eigenpairs."""
+    task, (X, y), (Xt, yt), tr, te = setup
+    G, Gt = task.grads((X, y)), task.grads((Xt, yt))
+    H = full_hessian(task, X, y)
+    w, V = torch.linalg.eigh(H)
+    idx = torch.argsort(-w.abs())[:4]
+    ref = (Gt @ V[:, idx]) / w[idx] @ (G @ V[:, idx]).T
+    a = Attributor(task, "arnoldi", n_iters=H.shape[0], top_k=4).fit(tr, progress=False)
+    torch.testing.assert_close(a.score(te, progress=False), ref, rtol=1e-7, atol=1e-10)
+
+
+def test_arnoldi_sketched_equals_sketched_influence(setup):
+    task, (X, y), (Xt, yt), tr, te = setup
+    d = 8
+    sk = dict(kind="dense", d=d, seed=3)
+    Phi = task.block_sketch(d, kind="dense", seed=3).matrix()
+    G, Gt = task.grads((X, y)) @ Phi.T, task.grads((Xt, yt)) @ Phi.T
+    H = Phi @ full_hessian(task, X, y) @ Phi.T
+    ref = Gt @ torch.linalg.solve(H + 2.0 * torch.eye(d, dtype=H.dtype), G.T)
+    a = Attributor(task, "arnoldi", sketch=sk, n_iters=d, top_k=d, damping=2.0).fit(tr, progress=False)
+    torch.testing.assert_close(a.score(te, progress=False), ref, rtol=1e-7, atol=1e-10)
+    b = Attributor(task, "influence", sketch=sk, damping=2.0).fit(tr, progress=False)
+    torch.testing.assert_close(b.score(te, progress=False), ref, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("method,opts", [("grad-dot", {}), ("trak", {}), ("arnoldi", dict(n_iters=12, top_k=6)),
+                                         ("grad-cos", {})])
+def test_topk_equals_argsort_of_full_matrix(setup, method, opts, tmp_path):
+    task, _, _, tr, te = setup
+    for store in (None, tmp_path / method):
+        a = Attributor(task, method, sketch=dict(kind="sjlt", d=16, seed=1), store=store, block_rows=3,
+                       test_block_rows=2, store_dtype="float32", chunk_rows=4, **opts).fit(tr, progress=False)
+        S = a.score(te, progress=False)
+        vals, idx, ovals, oidx = a.topk(te, k=4, progress=False)
+        ref_v, ref_i = torch.topk(S, 4, dim=1)
+        torch.testing.assert_close(vals, ref_v, rtol=1e-5, atol=1e-6)
+        assert torch.equal(idx, ref_i)
+        ref_v, ref_i = torch.topk(S, 4, dim=1, largest=False)
+        torch.testing.assert_close(ovals, ref_v, rtol=1e-5, atol=1e-6)
+        assert torch.equal(oidx, ref_i)
+
+
+def test_store_equals_memory_and_reopens(setup, tmp_path):
+    task, _, _, tr, te = setup
+    sk = dict(kind="affd", d=16, seed=2)
+    mem = Attributor(task, "trak", sketch=sk).fit(tr, progress=False).score(te, progress=False)
+    a = Attributor(task, "trak", sketch=sk, store=tmp_path / "s", store_dtype="float32", chunk_rows=3)
+    disk = a.fit(tr, progress=False).score(te, progress=False)
+    torch.testing.assert_close(disk.double(), mem, rtol=1e-4, atol=1e-5)
+    # a second fit on the complete store computes nothing and gives the same answer
+    b = Attributor(task, "trak", sketch=sk, store=tmp_path / "s", store_dtype="float32", chunk_rows=3)
+    torch.testing.assert_close(b.fit(tr, progress=False).score(te, progress=False), disk)
+
+
+def test_duplicate_of_test_example_supports_it():
+    """Sign convention on a known case: a trained logistic regression whose training set contains an exact
+    copy of the test example: the copy's score g(x)ᵀ M g(x) is positive for every method (M PSD), and
+    it is the top proponent for grad-cos. (The LOO test in test_eval.py checks sign and scale of influence
+    against actual retraining.)"""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    y = (X @ w).argmax(1)
+    y[:6] = 1 - y[:6]  # some noise so that nothing is perfectly fit
+    model = nn.Linear(3, 2).double()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y) + 0.05 * sum((p ** 2).sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    task = Task.from_classifier(model)
+    tr = batches(X, y, batch_size=16)
+    te = [(X[7:8].clone(), y[7:8].clone())]  # training example 7 duplicates the test example
+    for method, opts in [("influence", dict(damping=0.1)), ("arnoldi", dict(n_iters=8, top_k=8, damping=0.1)),
+                         ("grad-dot", {}), ("grad-cos", {}), ("trak", {}),
+                         ("trak", dict(margin_fn=classification_margin()))]:
+        S = Attributor(task, method, **opts).fit(tr, progress=False).score(te, progress=False)[0]
+        assert S[7] > 0, method
+        if method == "grad-cos":  # cosine 1 is the maximum (Cauchy-Schwarz)
+            assert int(S.argmax()) == 7, method
