@@ -23,9 +23,15 @@ class EigKernel:
         self.V = None if V is None else V.to(torch.float64)
 
     @classmethod
-    def inverse(cls, K: Tensor, damping: float) -> EigKernel:
-        """(K + λI)⁻¹ for a symmetric K [d, d] via eigh (pseudo-inverse on exactly singular directions)."""
+    def inverse(cls, K: Tensor, damping: float) -> Any:
+        """(K + λI)⁻¹ for a symmetric K [d, d]: a Cholesky factorisation when K + λI is positive definite
+        (:class:`CholKernel`, ~30× faster than eigh at d = 2048), else eigh with a pseudo-inverse on exactly
+        singular directions (indefinite Hessians)."""
         K = K.detach().to("cpu", torch.float64)
+        A = (K + K.T) / 2 + damping * torch.eye(K.shape[0], dtype=K.dtype)
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0 and bool(torch.isfinite(L).all()):
+            return CholKernel(L)
         w, V = torch.linalg.eigh((K + K.T) / 2)
         w = w + damping
         tiny = float(w.abs().max()) * K.shape[0] * torch.finfo(torch.float64).eps if w.numel() else 0.0
@@ -47,6 +53,20 @@ class EigKernel:
             return (phi * phi * self.c.to(phi.device)).sum(1)
         p = phi @ self.V.to(phi.device)
         return (p * p * self.c.to(phi.device)).sum(1)
+
+
+class CholKernel:
+    """M = (L Lᵀ)⁻¹ from a Cholesky factor ``L [d, d]`` (float64)."""
+
+    def __init__(self, L: Tensor) -> None:
+        self.L = L
+
+    def apply(self, phi: Tensor) -> Tensor:
+        return torch.cholesky_solve(phi.to(torch.float64).T, self.L).T
+
+    def quad(self, phi: Tensor) -> Tensor:
+        z = torch.linalg.solve_triangular(self.L, phi.to(torch.float64).T, upper=False)
+        return (z * z).sum(0)
 
 
 class SolveKernel:
