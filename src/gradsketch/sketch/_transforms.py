@@ -33,6 +33,31 @@ def kron_apply(x: Tensor, mats: Sequence[Tensor]) -> Tensor:
     return y.reshape(m, -1)
 
 
+def kron_apply_padded(x: Tensor, mats: Sequence[Tensor]) -> Tensor:
+    """:func:`kron_apply` of ``x`` zero-padded to ``∏c_i`` columns, without forming the padded copy: the
+    first factor (slowest index, blocks of ``P = ∏c_{>1}`` contiguous inputs) is contracted on the full
+    blocks in place and on the zero-padded last partial block separately."""
+    m, n = x.shape
+    cols = [int(a.shape[1]) for a in mats]
+    n_pad = math.prod(cols)
+    if n == n_pad or len(mats) < 2:
+        return kron_apply(x if n == n_pad else torch.nn.functional.pad(x, (0, n_pad - n)), mats)
+    a0 = mats[0]
+    p = n_pad // cols[0]
+    full = n // p
+    tail = x[:, full * p:]
+    y = None
+    if full:
+        y = torch.matmul(a0[:, :full], x[:, : full * p].reshape(m, full, p))  # [m, r0, p]
+    if full < cols[0] and tail.shape[1]:
+        t = torch.nn.functional.pad(tail, (0, p - tail.shape[1]))  # [m, p]
+        extra = a0[:, full, None] * t[:, None, :]
+        y = extra if y is None else y + extra
+    if y is None:
+        y = x.new_zeros(m, int(a0.shape[0]), p)
+    return kron_apply(y.reshape(m * int(a0.shape[0]), p), mats[1:]).reshape(m, -1)
+
+
 def kron_apply_t(y: Tensor, mats: Sequence[Tensor]) -> Tensor:
     """Adjoint of :func:`kron_apply`: ``(M_1ᵀ ⊗ … ⊗ M_Kᵀ) y``."""
     return kron_apply(y, [a.T for a in mats])
@@ -48,9 +73,49 @@ def _hadamard_cpu(b: int) -> Tensor:
     return h / math.sqrt(b)
 
 
-def hadamard(b: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
-    """Normalised Sylvester Walsh–Hadamard matrix ``H_b`` (orthogonal, symmetric), ``b`` a power of two."""
+@lru_cache(maxsize=256)
+def _hadamard_cached(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return _hadamard_cpu(b).to(device=device, dtype=dtype)
+
+
+def hadamard(b: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+    """Normalised Sylvester Walsh–Hadamard matrix ``H_b`` (orthogonal, symmetric), ``b`` a power of two.
+
+    Cached per (b, dtype, device): treat the result as read-only."""
+    return _hadamard_cached(b, dtype, torch.device(device))
+
+
+def kron_rot(y: Tensor, mats: Sequence[Tensor], bufs: Sequence[Tensor]) -> Tensor:
+    """``(M_1 ⊗ … ⊗ M_K) y`` for a contiguous ``[r, ∏c_i]`` block, written into the two flat scratch
+    buffers ``bufs`` (ping-pong, no allocation; no autograd). Same contraction order as
+    :func:`kron_apply` (first factor first, ``M_i @ Y`` on ``[pre, c_i, post]``, the last factor as one
+    GEMM); a "rotation" order (last factor first, ``M_K @ Yᵀ``) measured slower. Returns a view of one
+    of ``bufs``.
+    """
+    cols = [int(a.shape[1]) for a in mats]
+    pre = y.shape[0]
+    for i, a in enumerate(mats):
+        ro, c = int(a.shape[0]), cols[i]
+        post = math.prod(cols[i + 1:])
+        o = bufs[1] if y.data_ptr() == bufs[0].data_ptr() else bufs[0]
+        if post == 1:
+            torch.mm(y.reshape(pre, c), a.t(), out=o[: pre * ro].view(pre, ro))
+        elif pre == 1:
+            torch.mm(a, y.reshape(c, post), out=o[: ro * post].view(ro, post))
+        else:
+            torch.matmul(a, y.reshape(pre, c, post), out=o[: pre * ro * post].view(pre, ro, post))
+        pre *= ro
+        y = o[: pre * post]
+    return _rows(y, mats)
+
+
+def _rows(y: Tensor, mats: Sequence[Tensor]) -> Tensor:
+    return y.view(-1, math.prod(int(a.shape[0]) for a in mats))
+
+
+def wht_mats(n: int, factor: int, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+    """Kronecker factors of the normalised ``H_n`` (``n`` a power of two), each ≤ ``factor``."""
+    return [hadamard(b, dtype, device) for b in pow2_split(n, factor)]
 
 
 def wht(x: Tensor, factor: int = 64) -> Tensor:

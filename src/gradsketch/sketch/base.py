@@ -8,6 +8,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+#: elements per row chunk of the no-autograd fast path (two scratch buffers of this size, ~16 MiB each
+#: in float32, so that the intermediates of a chunk stay in the last-level cache and no large fresh
+#: allocations — whose page faults cost more than the arithmetic — are made per call)
+CHUNK_ELEMS = 1 << 24
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NAN_POLICIES = ("raise", "propagate")
 
@@ -79,6 +84,36 @@ class Sketch:
             c = self._cache[key] = t.to(dtype)
         return c
 
+    def _fast_ok(self, x: Tensor) -> bool:
+        """The chunked fast path applies: the kind has one, and nothing records ``x`` (no autograd graph,
+        no torch.func transform, no forward-mode dual)."""
+        if self._forward_fast is None:
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False
+        try:
+            if torch._C._functorch.is_functorch_wrapped_tensor(x):
+                return False
+            if torch.autograd.forward_ad._current_level >= 0:
+                return False
+        except AttributeError:  # pragma: no cover - private API moved: be conservative
+            return False
+        return True
+
+    _forward_fast = None  # optional: (x [M, n] contiguous, no autograd) -> [M, d]
+
+    def _chunked(self, x: Tensor, width: int, fn) -> Tensor:
+        """Run ``fn(x_chunk, bufs) -> [rows, d]`` over row chunks of ``x`` with two reused scratch
+        buffers of ``rows·width`` elements; returns ``[M, d]``."""
+        m = x.shape[0]
+        x = x.contiguous()
+        rows = max(1, min(m, CHUNK_ELEMS // max(1, width)))
+        out = x.new_empty(m, self.d)
+        bufs = (x.new_empty(rows * width), x.new_empty(rows * width))
+        for i in range(0, m, rows):
+            out[i:i + rows] = fn(x[i:i + rows], bufs)
+        return out
+
     # -- to implement --------------------------------------------------------------------------
     def _forward(self, x: Tensor) -> Tensor:  # [M, n] -> [M, d], x in the compute dtype
         raise NotImplementedError
@@ -119,7 +154,12 @@ class Sketch:
     def __call__(self, x: Tensor, out_dtype: torch.dtype | None = None, nan_policy: str | None = None) -> Tensor:
         """Φx: ``[..., n] -> [..., d]``."""
         x2, lead, _ = self._prepare(x, self.n, "x")
-        y = self._forward(x2) if x2.shape[0] else x2.new_zeros(0, self.d)
+        if not x2.shape[0]:
+            y = x2.new_zeros(0, self.d)
+        elif self._fast_ok(x2):
+            y = self._forward_fast(x2)
+        else:
+            y = self._forward(x2)
         return self._finish(y, x2, lead, self.d, out_dtype or x.dtype, nan_policy, "x")
 
     def T(self, y: Tensor, out_dtype: torch.dtype | None = None, nan_policy: str | None = None) -> Tensor:

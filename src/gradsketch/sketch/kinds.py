@@ -20,10 +20,13 @@ from ._transforms import (
     hadamard,
     haar_rows,
     kron_apply,
+    kron_apply_padded,
     kron_apply_t,
+    kron_rot,
     pow2_split,
     split_exponent_like,
     wht,
+    wht_mats,
 )
 from .base import Sketch, _check_int, next_pow2
 
@@ -31,6 +34,23 @@ PRECONDITIONERS = ("hadamard", "fft", "orthogonal")
 # Kronecker factor size used to evaluate a *full* Walsh–Hadamard transform. H_{2^p} is the same matrix
 # whatever the split, so this is a speed knob only (tuned in benchmarks/bench_sketch_speed.py).
 WHT_FACTOR = 64
+#: factor size of the full WHT in the chunked no-autograd fast path (see benchmarks/results/sketch_speed.md)
+WHT_FACTOR_FAST = 16
+
+
+def _load(xc: Tensor, n_pad: int, buf: Tensor, signs: Tensor | None = None) -> Tensor:
+    """``pad(xc, n_pad)·signs`` as a contiguous ``[r, n_pad]`` block in ``buf`` (``xc`` itself if nothing to do)."""
+    r, n = xc.shape
+    if n == n_pad and signs is None:
+        return xc
+    u = buf[: r * n_pad].view(r, n_pad)
+    if signs is None:
+        u[:, :n].copy_(xc)
+    else:
+        torch.mul(xc, signs[:n], out=u[:, :n])
+    if n_pad > n:
+        u[:, n:].zero_()
+    return u
 
 
 def _pad(x: Tensor, n_pad: int) -> Tensor:
@@ -100,6 +120,17 @@ class _Hashed:
         return y
 
     @staticmethod
+    def forward_into(u: Tensor, rows: Tensor, vals: Tensor, d: int, tmp: Tensor) -> Tensor:
+        """:meth:`forward` for a contiguous block ``u`` with a scratch buffer ``tmp`` (no autograd)."""
+        y = u.new_zeros(u.shape[0], d)
+        t = tmp[: u.numel()].view(u.shape)
+        for j in range(rows.shape[0]):
+            torch.mul(u, vals[j], out=t)
+            for i in range(u.shape[0]):  # 1-D index_add_ is a vectorised kernel; dim=1 on 2-D is not
+                y[i].index_add_(0, rows[j], t[i])
+        return y
+
+    @staticmethod
     def adjoint(y: Tensor, rows: Tensor, vals: Tensor) -> Tensor:
         out = y[:, rows[0]] * vals[0]
         for j in range(1, rows.shape[0]):
@@ -132,6 +163,10 @@ class SJLTSketch(Sketch):
 
     def _forward(self, x: Tensor) -> Tensor:
         return _Hashed.forward(x, self._bufs["rows"], self._vals(x.dtype), self.d)
+
+    def _forward_fast(self, x: Tensor) -> Tensor:
+        rows, vals = self._bufs["rows"], self._vals(x.dtype)
+        return self._chunked(x, self.n, lambda xc, bufs: _Hashed.forward_into(xc, rows, vals, self.d, bufs[0]))
 
     def _adjoint(self, y: Tensor) -> Tensor:
         return _Hashed.adjoint(y, self._bufs["rows"], self._vals(y.dtype))
@@ -172,6 +207,11 @@ class _Precond:
             assert mats is not None
             return kron_apply_t(x, mats)
         return self.apply(x, mats)  # WHT and DHT are symmetric
+
+
+def _pre_mats(kind: str, n_pad: int, mats: list[Tensor], x: Tensor) -> list[Tensor]:
+    """Kronecker factors of a hadamard/orthogonal pre-conditioner for :func:`kron_rot`."""
+    return wht_mats(n_pad, WHT_FACTOR_FAST, x.dtype, x.device) if kind == "hadamard" else mats
 
 
 def _restricted_factors(kind: str, n_pad: int, d: int, max_factor: int, gen: torch.Generator,
@@ -285,6 +325,20 @@ class FJLSketch(_StructuredBase):
         u = self.pre.apply(u, self._mats(x.dtype))
         return _Hashed.forward(u, self._bufs["rows"], self._buf("vals", x.dtype), self.d)
 
+    def _forward_fast(self, x: Tensor) -> Tensor:
+        if self.preconditioner == "fft":
+            return self._forward(x)
+        pm = _pre_mats(self.preconditioner, self.n_pad, self._mats(x.dtype), x)
+        signs = self._buf("B", x.dtype) if self.pre.needs_signs else None
+        rows, vals = self._bufs["rows"], self._buf("vals", x.dtype)
+
+        def fn(xc: Tensor, bufs: tuple[Tensor, Tensor]) -> Tensor:
+            u = kron_rot(_load(xc, self.n_pad, bufs[0], signs), pm, bufs)
+            tmp = bufs[1] if u.data_ptr() == bufs[0].data_ptr() else bufs[0]
+            return _Hashed.forward_into(u, rows, vals, self.d, tmp)
+
+        return self._chunked(x, self.n_pad, fn)
+
     def _adjoint(self, y: Tensor) -> Tensor:
         u = _Hashed.adjoint(y, self._bufs["rows"], self._buf("vals", y.dtype))
         u = self.pre.apply_t(u, self._mats(y.dtype))
@@ -343,6 +397,21 @@ class AFFDSketch(_StructuredBase):
         if self.preconditioner == "fft":
             return dht(u[:, self._bufs["perm"]])[:, self._bufs["rows"]]
         return kron_apply(u, self._rmats(x.dtype))[:, : self.d]
+
+    def _forward_fast(self, x: Tensor) -> Tensor:
+        if self.preconditioner == "fft":
+            return self._forward(x)
+        pm = _pre_mats(self.preconditioner, self.n_pad, self._pmats(x.dtype), x)
+        rm = self._rmats(x.dtype)
+        signs = self._buf("B", x.dtype) if self.pre.needs_signs else None
+        gs = self._buf("G", x.dtype) * self.scale
+
+        def fn(xc: Tensor, bufs: tuple[Tensor, Tensor]) -> Tensor:
+            u = kron_rot(_load(xc, self.n_pad, bufs[0], signs), pm, bufs)  # u lives in a buffer
+            u.mul_(gs)
+            return kron_rot(u, rm, bufs)[:, : self.d]
+
+        return self._chunked(x, self.n_pad, fn)
 
     def _adjoint(self, y: Tensor) -> Tensor:
         if self.preconditioner == "fft":
@@ -406,6 +475,15 @@ class AFJLSketch(_StructuredBase):
         else:
             v = kron_apply(u, self._rmats(x.dtype))[:, : self.d]
         return v * (self._buf("G", x.dtype) * self.scale)
+
+    def _forward_fast(self, x: Tensor) -> Tensor:
+        if self.preconditioner == "fft":
+            return self._forward(x)
+        rm = self._rmats(x.dtype)
+        signs = self._buf("B", x.dtype) if self.needs_signs else None
+        gs = self._buf("G", x.dtype) * self.scale
+        return self._chunked(
+            x, self.n_pad, lambda xc, bufs: kron_rot(_load(xc, self.n_pad, bufs[0], signs), rm, bufs)[:, : self.d] * gs)
 
     def _adjoint(self, y: Tensor) -> Tensor:
         v = y * (self._buf("G", y.dtype) * self.scale)
@@ -554,7 +632,7 @@ class QKSketch(Sketch):
         return mats
 
     def _forward(self, x: Tensor) -> Tensor:
-        return kron_apply(_pad(x, self.n_pad), self._mats(x.dtype))[:, : self.d] * self.scale
+        return kron_apply_padded(x, self._mats(x.dtype))[:, : self.d] * self.scale
 
     def _adjoint(self, y: Tensor) -> Tensor:
         d_pad = math.prod(self.out_factors)
