@@ -89,41 +89,105 @@ def build(model_name: str):
     return Task(model, loss_fn, params=["encoder.embeddings.*", "encoder.encoder.*", "head.*"]), data, "qk"
 
 
-def train_step_time(task, data, reps: int = 2) -> float:
+def train_pass(task, data) -> None:
     model = task.model
-    best = float("inf")
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        for batch in data:
-            model.zero_grad(set_to_none=True)
-            task.loss_fn(model, batch).mean().backward()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    for batch in data:
+        model.zero_grad(set_to_none=True)
+        task.loss_fn(model, batch).mean().backward()
 
 
-def one(model_name: str, what: str) -> dict:
+def _interleaved(ref, meas, reps: int) -> tuple[list[float], list[float]]:
+    """ref, meas, ref, meas, ..., ref: times of ``reps`` measurements and the ``reps + 1`` reference runs
+    around them. Adjacent pairs see nearly the same machine load (it is shared)."""
+    tr, tm = [_timed(ref)], []
+    for _ in range(reps):
+        tm.append(_timed(meas))
+        tr.append(_timed(ref))
+    return tr, tm
+
+
+def _ratio_stats(tr: list[float], tm: list[float]) -> dict:
+    """Per repetition: reference time (mean of the two runs around it) / measured time; median and range."""
+    import statistics
+
+    ratios = [0.5 * (tr[k] + tr[k + 1]) / tm[k] for k in range(len(tm))]
+    # load only ever adds time: the fastest runs of each are the best estimate of the quiet-machine ratio
+    return dict(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                ratio_best=min(tr) / min(tm), seconds_min=min(tm), ref_seconds_min=min(tr),
+                seconds=statistics.median(tm), ref_seconds=statistics.median(tr), reps=len(tm))
+
+
+def one(model_name: str, what: str, reps: int = 3) -> dict:
+    """``what``: ``sketch_<mode>[_<kind>][_old]``, ``ab_<mode>[_<kind>]`` (old path vs hooks, interleaved:
+    the ratio is the speed-up) or ``hvp_<method>``. ``_old``: the path before the
+    hooks (per-example gradients from ``vmap(grad)``, falling back to one backward per example where vmap
+    cannot trace the model, as for MiniLM under transformers 5; for factored, one capture per
+    ``default_chunk`` examples)."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     task, data, kind = build(model_name)
     n_examples = sum(len(next(iter(b.values())) if isinstance(b, dict) else b[0]) for b in data)
-    res = {"model": model_name, "what": what, "n_params": task.n_params, "n_examples": n_examples}
+    res = {"model": model_name, "what": what, "n_params": task.n_params, "n_examples": n_examples,
+           "threads": torch.get_num_threads()}
     before = _rss_mib()  # model, data built; nothing measured yet
     if what.startswith("sketch_"):
-        mode = what.split("_", 1)[1]
+        parts = what.split("_")[1:]
+        old = parts[-1] == "old"
+        if old:  # the path before the hooks: vmap(grad), or one backward per example when vmap fails
+            parts = parts[:-1]
+            task._hook_engine = False
+            if model_name == "minilm":
+                reps = min(reps, 2)  # ~1 min per repetition on the shared machine
+        mode = parts[0]
+        kind = parts[1] if len(parts) > 1 else kind
         S = task.factored_sketch(D, seed=0, kind=kind) if mode == "factored" else \
             task.block_sketch(D, kind=kind, seed=0)
-        task.sketch_grads(data[:1], S, mode=mode, progress=False)  # warm-up (validation pass, caches)
-        t_before = train_step_time(task, data)
-        t0 = time.perf_counter()
-        out = task.sketch_grads(data, S, mode=mode, progress=False)
-        t = time.perf_counter() - t0
+        chunk = None
+        if old and mode == "factored":
+            from gradsketch.model.sketching import default_chunk
+
+            chunk = default_chunk(task, None)
+        task.sketch_grads(data[:1], S, mode=mode, progress=False, chunk_size=chunk)  # warm-up
+        train_pass(task, data)
+        out = []
+
+        def meas():
+            out[:] = [task.sketch_grads(data, S, mode=mode, progress=False, chunk_size=chunk)]
+
+        tr, tm = _interleaved(lambda: train_pass(task, data), meas, reps)
         peak = max(0.0, _rss_mib() - before)
-        # the shared 2-core machine is noisy: take the faster of the training-step timings around the run
-        t_train = min(t_before, train_step_time(task, data))
-        res.update(kind=("qk⊗ + " + kind) if mode == "factored" else kind, seconds=t,
-                   ratio=t_train / t, ex_per_s=n_examples / t, train_ex_per_s=n_examples / t_train,
-                   peak_mib=peak, shape=list(out.shape))
+        st = _ratio_stats(tr, tm)
+        res.update(st, kind=("qk⊗ + " + kind) if mode == "factored" else kind,
+                   path="old" if old else "hooks",
+                   ex_per_s=n_examples / st["seconds"], train_ex_per_s=n_examples / st["ref_seconds"],
+                   peak_mib=peak, shape=list(out[0].shape))
+    elif what.startswith("ab_"):  # speed-up of the hooks over the old path, interleaved in one process
+        parts = what.split("_")[1:]
+        mode = parts[0]
+        kind = parts[1] if len(parts) > 1 else kind
+        S = task.factored_sketch(D, seed=0, kind=kind) if mode == "factored" else \
+            task.block_sketch(D, kind=kind, seed=0)
+        from gradsketch.model.sketching import default_chunk
+
+        old_chunk = default_chunk(task, None) if mode == "factored" else None
+        state = {}
+
+        def run(old: bool):
+            if old:
+                state["eng"] = getattr(task, "_hook_engine", None)
+                task._hook_engine = False
+            else:
+                task._hook_engine = state.get("eng")
+            task.sketch_grads(data, S, mode=mode, progress=False, chunk_size=old_chunk if old else None)
+            if old:
+                task._hook_engine = state["eng"]
+
+        run(False)
+        run(True)
+        tr, tm = _interleaved(lambda: run(True), lambda: run(False), reps)
+        st = _ratio_stats(tr, tm)
+        res.update(st, kind=kind, speedup=st["ratio"], peak_mib=0.0)
     else:  # hvp vs gradient on the first batch
         method = what.split("_", 1)[1]
         batch = data[0]
@@ -138,10 +202,11 @@ def one(model_name: str, what: str) -> dict:
             task.loss_fn(model, batch).mean().backward()
 
         grad_once()
-        tg1 = min(_timed(grad_once) for _ in range(3))
-        th = min(_timed(lambda: H @ v) for _ in range(3))
-        tg = min(tg1, min(_timed(grad_once) for _ in range(3)))
-        res.update(kind=method, seconds=th, hvp_over_grad=th / tg, peak_mib=peak)
+        tr, tm = _interleaved(grad_once, lambda: H @ v, max(reps, 5))
+        st = _ratio_stats(tr, tm)
+        st["ratio"], st["ratio_min"], st["ratio_max"] = 1 / st["ratio"], 1 / st["ratio_max"], 1 / st["ratio_min"]
+        st["ratio_best"] = 1 / st["ratio_best"]
+        res.update(st, kind=method, hvp_over_grad=st["ratio"], peak_mib=peak)
     return res
 
 
@@ -151,22 +216,34 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+WHATS = {
+    "mlp": ["sketch_explicit_old", "sketch_explicit", "sketch_explicit_qk", "sketch_explicit_sjlt",
+            "sketch_implicit_old", "sketch_implicit", "sketch_implicit_sjlt", "sketch_factored_old",
+            "sketch_factored", "hvp_fwd_rev", "hvp_double_backward"],
+    "minilm": ["sketch_explicit_old", "sketch_explicit", "sketch_explicit_sjlt", "sketch_implicit_old",
+               "sketch_implicit", "sketch_factored_old", "sketch_factored", "hvp_fwd_rev",
+               "hvp_double_backward"],
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "WHAT"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", default="mlp,minilm")
+    ap.add_argument("--whats", default=None, help="comma-separated rows (default: WHATS[model])")
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the markdown table to this file")
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(*args.one)))
+        print("RESULT " + json.dumps(one(*args.one, reps=args.reps)))
         return
-    whats = ["sketch_explicit", "sketch_implicit", "sketch_factored", "hvp_fwd_rev", "hvp_double_backward"]
     models = ["mlp"] if args.quick else args.models.split(",")
     rows = []
     for m in models:
-        for w in whats:
-            p = subprocess.run([sys.executable, __file__, "--one", m, w], capture_output=True, text=True)
+        for w in (args.whats.split(",") if args.whats else WHATS[m]):
+            p = subprocess.run([sys.executable, __file__, "--one", m, w, "--reps", str(args.reps)],
+                               capture_output=True, text=True)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
                 print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
@@ -182,20 +259,29 @@ def main() -> None:
         pass
     import torch
 
-    head = (f"Machine: {cpu}, {os.cpu_count()} cores (torch threads 2), torch {torch.__version__}, "
-            f"Python {platform.python_version()}; date {datetime.date.today().isoformat()}; d = {D}.\n\n")
-    lines = ["| model | N | measurement | sketch | s | examples/s | train-step examples/s | ratio (goal) | "
-             "peak RSS Δ MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else "?"
+    head = (f"Machine: {cpu}, {os.cpu_count()} cores, shared (load average at the end {' '.join(load)}), "
+            f"torch threads {rows[0]['threads'] if rows else '?'}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}; {datetime.datetime.now().isoformat(timespec='minutes')}; "
+            f"d = {D}; {args.reps} interleaved repetitions per row (HVP: max(reps, 5)).\n\n")
+    lines = ["| model | N | measurement | path | sketch | s median (fastest) | examples/s | train-step examples/s | "
+             "ratio median [min, max] | ratio of fastest runs (goal) | peak RSS Δ MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["what"].startswith("sketch_"):
-            goal = "≥ 0.5" if r["what"] == "sketch_factored" else "≥ 0.3"
-            lines.append(f"| {r['model']} | {r['n_params']:,} | {r['what']} | {r['kind']} | "
-                         f"{r['seconds']:.2f} | {r['ex_per_s']:.1f} | {r['train_ex_per_s']:.1f} | "
-                         f"{r['ratio']:.2f} ({goal}) | "
-                         f"{r['peak_mib']:.0f} |")
+        rng = f"{r['ratio']:.3g} [{r['ratio_min']:.3g}, {r['ratio_max']:.3g}] | {r['ratio_best']:.3g}"
+        if r["what"].startswith("ab_"):
+            lines.append(f"| {r['model']} | {r['n_params']:,} | {r['what'].split('_')[1]}: old s / hooks s | "
+                         f"A/B | {r['kind']} | {r['seconds']:.3f} ({r['seconds_min']:.3f}) | | | {rng} (speed-up) "
+                         "| |")
+        elif r["what"].startswith("sketch_"):
+            mode = r["what"].split("_")[1]
+            goal = "≥ 0.5" if mode == "factored" else "≥ 0.3"
+            lines.append(f"| {r['model']} | {r['n_params']:,} | {mode} | {r['path']} | {r['kind']} | "
+                         f"{r['seconds']:.3f} ({r['seconds_min']:.3f}) | {r['ex_per_s']:.1f} | {r['train_ex_per_s']:.1f} | "
+                         f"{rng} ({goal}) | {r['peak_mib']:.0f} |")
         else:
-            lines.append(f"| {r['model']} | {r['n_params']:,} | HVP / gradient | {r['kind']} | "
-                         f"{r['seconds']:.3f} | | | {r['hvp_over_grad']:.2f} (≤ 3) | {r['peak_mib']:.0f} |")
+            lines.append(f"| {r['model']} | {r['n_params']:,} | HVP / gradient | | {r['kind']} | "
+                         f"{r['seconds']:.3f} ({r['seconds_min']:.3f}) | | | {rng} (≤ 3) | {r['peak_mib']:.0f} |")
     table = head + "\n".join(lines) + "\n"
     print(table)
     if args.out:
