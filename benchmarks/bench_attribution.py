@@ -87,7 +87,7 @@ def quality(args) -> None:
             ("Arnoldi (200 it, top 100)", "arnoldi", None, dict(n_iters=200, top_k=100, damping=wd)),
             (f"influence exact GGN δ={max(wd, 1e-3)}", "influence", None,
              dict(curvature="ggn", damping=max(wd, 1e-3))),
-            (f"influence exact Hessian δ=0.01" if "MLP" in name else f"influence exact Hessian δ={wd}",
+            ("influence exact Hessian δ=0.01" if "MLP" in name else f"influence exact Hessian δ={wd}",
              "influence", None, dict(damping=0.01 if "MLP" in name else wd)),
         ]
         rows = []

@@ -6,7 +6,14 @@ Run: python examples/attribution_digits.py   (about 30 s on 2 CPU cores; no down
 import torch
 
 from gradsketch.attribution import Attributor, batches, classification_margin
-from gradsketch.eval import flip_labels, load_digits_split, load_model, make_mlp, mislabel_detection, train_models
+from gradsketch.eval import (
+    flip_labels,
+    load_digits_split,
+    load_model,
+    make_mlp,
+    mislabel_detection,
+    train_models,
+)
 from gradsketch.model import Task
 
 data = load_digits_split(n_train=1000, n_test=200, seed=0)

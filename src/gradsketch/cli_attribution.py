@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -66,7 +66,7 @@ def load_entry(entry: str) -> tuple[Any, Any, Any, Any]:
     return tuple(out)  # type: ignore[return-value]
 
 
-def _read_config(path: Optional[Path]) -> dict:
+def _read_config(path: Path | None) -> dict:
     if path is None:
         return {}
     text = Path(path).read_text()
@@ -143,21 +143,21 @@ def run_attribute(entry: str, **opts: Any) -> dict:
 
 
 @app.command("attribute")
-def attribute(entry: Optional[str] = typer.Argument(None, help="module:function returning (model, loss_fn, "
+def attribute(entry: str | None = typer.Argument(None, help="module:function returning (model, loss_fn, "
                                                                 "train_data, test_data)"),
-              config: Optional[Path] = typer.Option(None, help="JSON or TOML file with the options below"),
-              method: Optional[str] = typer.Option(None, help="trak, grad-dot, grad-cos, tracin, arnoldi, influence"),
-              kind: Optional[str] = typer.Option(None, help="sketch kind (affd, qk, sjlt, dense, ...)"),
-              d: Optional[int] = typer.Option(None, help="sketch dimension (0: exact gradients)"),
-              seed: Optional[int] = typer.Option(None, help="sketch / Arnoldi seed"),
-              mode: Optional[str] = typer.Option(None, help="explicit, implicit or factored"),
-              k: Optional[int] = typer.Option(None, help="proponents/opponents per test example"),
-              n_iters: Optional[int] = typer.Option(None, help="Arnoldi iterations"),
-              top_k: Optional[int] = typer.Option(None, help="Arnoldi eigenpairs kept"),
-              damping: Optional[float] = typer.Option(None, help="Arnoldi / influence damping"),
-              store: Optional[str] = typer.Option(None, help="feature store directory (default OUT/store)"),
-              out: Optional[str] = typer.Option(None, help="output directory"),
-              progress: Optional[bool] = typer.Option(None, help="progress bars")) -> None:
+              config: Path | None = typer.Option(None, help="JSON or TOML file with the options below"),
+              method: str | None = typer.Option(None, help="trak, grad-dot, grad-cos, tracin, arnoldi, influence"),
+              kind: str | None = typer.Option(None, help="sketch kind (affd, qk, sjlt, dense, ...)"),
+              d: int | None = typer.Option(None, help="sketch dimension (0: exact gradients)"),
+              seed: int | None = typer.Option(None, help="sketch / Arnoldi seed"),
+              mode: str | None = typer.Option(None, help="explicit, implicit or factored"),
+              k: int | None = typer.Option(None, help="proponents/opponents per test example"),
+              n_iters: int | None = typer.Option(None, help="Arnoldi iterations"),
+              top_k: int | None = typer.Option(None, help="Arnoldi eigenpairs kept"),
+              damping: float | None = typer.Option(None, help="Arnoldi / influence damping"),
+              store: str | None = typer.Option(None, help="feature store directory (default OUT/store)"),
+              out: str | None = typer.Option(None, help="output directory"),
+              progress: bool | None = typer.Option(None, help="progress bars")) -> None:
     """Attribute the test predictions of your model to its training examples; writes attribution.npz
     (top-k proponents/opponents, self-influence), summary.json and report.html to OUT."""
     cfg = _read_config(config)

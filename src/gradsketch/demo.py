@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 
@@ -191,7 +190,7 @@ def run_demo(out_dir: Any = "gradsketch-demo", *, n_train: int = 1000, n_test: i
     summary = {"auc": {k: r.auc for k, r in det.items()}, "ap": {k: r.ap for k, r in det.items()},
                "test_accuracy": acc_test, "timings_s": dict(timings), "total_s": total, "report": str(path)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    say(f"[5/5] mislabel ROC-AUC: " + ", ".join(f"{k} {r.auc:.3f}" for k, r in det.items()))
+    say("[5/5] mislabel ROC-AUC: " + ", ".join(f"{k} {r.auc:.3f}" for k, r in det.items()))
     say(f"report written to {path.resolve()} ({total:.1f}s)")
     return path
 
