@@ -7,7 +7,8 @@ trace, solvers on any linear operator), ``model`` (Task: per-example gradients, 
 
 __version__ = "0.1.0"
 
-from . import linalg
+from . import eval, linalg
+from .attribution import Attributor, TopK, classification_margin
 from .intrinsic import IntrinsicDimResult, SubspaceModel, intrinsic_dimension
 from .intrinsic import train as train_subspace
 from .linalg import LinearOperator, MatrixOperator
@@ -22,6 +23,7 @@ from .spectrum import DensityResult, SpectrumResult, SpectrumSeries, density, sp
 
 __all__ = [
     "__version__",
+    "Attributor", "TopK", "classification_margin", "eval",
     "sketch", "Sketch", "BlockSketch", "sketch_from_spec",
     "linalg", "LinearOperator", "MatrixOperator",
     "Task", "FactoredSketch", "HessianOperator", "GGNOperator", "FisherOperator", "sketched", "losses",
