@@ -3,6 +3,14 @@
 All three produce row i = Φ g_i with g_i = ∇_θ ℓ_i(θ) (same Φ, same numbers up to rounding); they differ in
 what they materialise: explicit holds [chunk, N] exact gradients, implicit differentiates ω ↦ ℓ_i(θ0 + Φᵀω)
 at ω = 0 (Schioppa 2024, §3), factored never forms weight gradients (LoGra).
+
+Explicit and implicit take their exact per-example gradients from :class:`~.factored.HookEngine` when they
+can (``per_example="auto"``, ``randomness="different"``, no BatchNorm in train mode): one batched forward and
+one backward pass to the hooked layers' outputs, then Σ_t δ_t a_tᵀ per layer, formed for one BlockSketch
+group and one chunk of examples at a time (peak: one group × chunk, not N × batch). This replaced
+``vmap(grad)`` over examples, which is slower and, for transformers 5 models with an attention mask, cannot
+trace at all (data-dependent mask checks) and fell back to one backward pass per example. The vmap/loop path
+remains for the parameters hooks cannot see and when hooks are not allowed.
 """
 
 from __future__ import annotations

@@ -367,7 +367,11 @@ class Task:
         ``n == task.n_params``, or a :class:`FactoredSketch` (:meth:`factored_sketch`).
         ``mode``: ``"explicit"`` sketches exact per-example gradients computed ``chunk_size`` examples at a
         time (default: as many as fit in ~256 MiB of gradients); ``"implicit"`` computes ∇_ω ℓ_i(θ0 + Φᵀω) at
-        ω = 0 (the same vector, obtained by differentiating through Φᵀ; Schioppa 2024); ``"factored"``
+        ω = 0 (the same vector, obtained by differentiating through Φᵀ; Schioppa 2024). With
+        ``per_example="auto"`` both take the exact per-example gradients of supported layers (Linear,
+        Conv1D, Conv2d, Embedding, LayerNorm and their biases) from one batched forward and backward pass
+        with hooks (as the factored mode does, but forming Σ_t δ_t a_tᵀ exactly, one BlockSketch group and
+        ``chunk_size`` examples at a time), the other parameters from vmap; ``"factored"``
         (LoGra, arXiv 2405.13954) never forms per-example weight gradients: for a supported layer with
         per-example gradient Σ_t δ_t a_tᵀ it computes Σ_t (F_out δ_t)(F_in a_t)ᵀ from forward/backward hooks
         (needs a :class:`FactoredSketch`). Non-finite rows follow ``nan_policy`` (indices of skipped rows in
