@@ -8,10 +8,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-#: elements per row chunk of the no-autograd fast path (two scratch buffers of this size, ~16 MiB each
-#: in float32, so that the intermediates of a chunk stay in the last-level cache and no large fresh
-#: allocations — whose page faults cost more than the arithmetic — are made per call)
+#: elements per row chunk of the no-autograd fast path (two scratch buffers of this size, 64 MiB each in
+#: float32): no large fresh allocation per op — their page faults cost more than the arithmetic — and
+#: several rows per GEMM so that both BLAS threads are used (1-row chunks measured slower)
 CHUNK_ELEMS = 1 << 24
+#: below this many input elements the fast path's extra ops cost more than the allocations it saves
+FAST_MIN_ELEMS = 1 << 20
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NAN_POLICIES = ("raise", "propagate")
@@ -87,7 +89,7 @@ class Sketch:
     def _fast_ok(self, x: Tensor) -> bool:
         """The chunked fast path applies: the kind has one, and nothing records ``x`` (no autograd graph,
         no torch.func transform, no forward-mode dual)."""
-        if self._forward_fast is None:
+        if self._forward_fast is None or x.numel() < FAST_MIN_ELEMS:
             return False
         if torch.is_grad_enabled() and x.requires_grad:
             return False
