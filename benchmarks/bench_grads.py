@@ -277,7 +277,8 @@ def main() -> None:
             mode = r["what"].split("_")[1]
             goal = "≥ 0.5" if mode == "factored" else "≥ 0.3"
             lines.append(f"| {r['model']} | {r['n_params']:,} | {mode} | {r['path']} | {r['kind']} | "
-                         f"{r['seconds']:.3f} ({r['seconds_min']:.3f}) | {r['ex_per_s']:.1f} | {r['train_ex_per_s']:.1f} | "
+                         f"{r['seconds']:.3f} ({r['seconds_min']:.3f}) | {r['ex_per_s']:.1f} | "
+                         f"{r['train_ex_per_s']:.1f} | "
                          f"{rng} ({goal}) | {r['peak_mib']:.0f} |")
         else:
             lines.append(f"| {r['model']} | {r['n_params']:,} | HVP / gradient | | {r['kind']} | "

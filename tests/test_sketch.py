@@ -63,8 +63,9 @@ def _inputs(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
 # With d = 256 a valid sketch has sd(‖Φx‖²/‖x‖²) ≈ √(2/d) ≈ 0.09 for the Gaussian-like kinds and up to
 # ≈ √(8/d) ≈ 0.18 for kinds with a Gaussian diagonal (AFJL, AFFD, QK). |ratio − 1| > 0.6 is then a
 # > 3.3 sd event (probability < 0.1% each under a normal approximation); we allow 6 of 120 seeds.
-# QK (and AFJL with Haar factors) is weaker on coordinate-aligned inputs: for a one-hot x, ‖Φx‖² is a product of two Beta(d_i/2,
-# (b_i − d_i)/2)-distributed column norms (here b_i ≈ 45, d_i = 16), relative sd ≈ 0.4, so its band is 1.3.
+# QK (and AFJL with Haar factors) is weaker on coordinate-aligned inputs: for a one-hot x, ‖Φx‖² is a
+# product of two Beta(d_i/2, (b_i − d_i)/2)-distributed column norms (here b_i ≈ 45, d_i = 16),
+# relative sd ≈ 0.4, so its band is 1.3.
 @pytest.mark.parametrize("kind,opts", [v for v in VARIANTS if v[0] != "ffd"],
                          ids=[i for i, v in zip(IDS, VARIANTS) if v[0] != "ffd"])
 def test_norm_concentration(kind, opts):
@@ -220,7 +221,7 @@ def test_block_sketch_is_a_sketch_of_the_concatenation():
     for s in range(40):
         B = BlockSketch(sizes, 256, kind="affd", seed=s)
         y = B(list(torch.split(X, sizes, dim=1)))
-        ratios.append(((y ** 2).sum(1) / (X ** 2).sum(1)))
+        ratios.append((y ** 2).sum(1) / (X ** 2).sum(1))
     r = torch.stack(ratios)
     assert abs(r.mean().item() - 1) < 0.05
 

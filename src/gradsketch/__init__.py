@@ -7,19 +7,17 @@ trace, solvers on any linear operator), ``model`` (Task: per-example gradients, 
 
 __version__ = "0.1.0"
 
-from . import eval, linalg
+# ``gradsketch.spectrum`` is the subpackage, made callable: ``gradsketch.spectrum(task, data, k=...)``.
+from . import eval, linalg, spectrum
 from .attribution import Attributor, TopK, classification_margin
 from .intrinsic import IntrinsicDimResult, SubspaceModel, intrinsic_dimension
 from .intrinsic import train as train_subspace
 from .linalg import LinearOperator, MatrixOperator
-from .model import FactoredSketch, GGNOperator, FisherOperator, HessianOperator, Task, losses, sketched
+from .model import FactoredSketch, FisherOperator, GGNOperator, HessianOperator, Task, losses, sketched
 from .sketch import BlockSketch, Sketch, sketch, sketch_from_spec
+from .spectrum import DensityResult, SpectrumResult, SpectrumSeries, density, spectrum_over_checkpoints, trace
 from .store import CorruptChunkError, GradientStore, fingerprint_model
 from .store import fill as fill_store
-
-# ``gradsketch.spectrum`` is the subpackage, made callable: ``gradsketch.spectrum(task, data, k=...)``.
-from . import spectrum
-from .spectrum import DensityResult, SpectrumResult, SpectrumSeries, density, spectrum_over_checkpoints, trace
 
 __all__ = [
     "__version__",

@@ -37,7 +37,8 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("afjl-orth", "afjl", {"preconditioner": "orthogonal"}),
     ("qk", "qk", {}),
 ]
-#: dense is O(nd) and generates the n×d Gaussian matrix per call (38 s at n = 2^20, d = 2^10 here): only timed up to this n·d
+#: dense is O(nd) and generates the n×d Gaussian matrix per call (38 s at n = 2^20, d = 2^10 here):
+#: only timed up to this n·d
 DENSE_MAX_ND = 1 << 28
 
 
@@ -115,7 +116,7 @@ def speed_table(log2_n: Sequence[int], log2_d: Sequence[int], variants: Sequence
                     row.update(ratio=math.nan, ms=math.nan, read_ms=math.nan, mem=None, skipped=True)
                 else:
                     S = sketch(kind, n, d, seed=1, **opts)
-                    fn = lambda S=S: S(x)  # noqa: E731
+                    fn = lambda S=S, x=x: S(x)  # noqa: E731
                     reps = 1 if kind == "dense" else repeats
                     ratio, t, r = time_ratio(fn, x, reps)
                     mem = peak_extra_mib(fn) if memory else None

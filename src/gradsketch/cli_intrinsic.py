@@ -7,7 +7,6 @@ registering ``intrinsic_dim`` as a command).
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 
@@ -26,8 +25,8 @@ def intrinsic_dim(
     steps: int = typer.Option(300, help="one-run: total step budget; grid: steps per d"),
     lr: float = typer.Option(0.05, help="Adam learning rate on ω"),
     full_lr: float = typer.Option(1e-2, help="learning rate of the full fine-tuning run"),
-    full_steps: Optional[int] = typer.Option(None, help="steps of full fine-tuning (default: steps)"),
-    full_metric: Optional[float] = typer.Option(None, help="full fine-tuning metric, if known (skips that run)"),
+    full_steps: int | None = typer.Option(None, help="steps of full fine-tuning (default: steps)"),
+    full_metric: float | None = typer.Option(None, help="full fine-tuning metric, if known (skips that run)"),
     eval_every: int = typer.Option(25, help="c: evaluate (and maybe double d) every c steps"),
     delta: float = typer.Option(0.005, help="δ: double d when the metric improved by less than this"),
     fraction: float = typer.Option(0.9, help="target fraction of the full metric"),
@@ -35,8 +34,8 @@ def intrinsic_dim(
     seed: int = typer.Option(0),
     n_train: int = typer.Option(1024, help="rotten-tomatoes: training examples"),
     seq: int = typer.Option(24, help="rotten-tomatoes: max tokens"),
-    plot: Optional[str] = typer.Option(None, help="write a PNG of metric vs d"),
-    json_out: Optional[str] = typer.Option(None, "--json", help="write the result table as JSON"),
+    plot: str | None = typer.Option(None, help="write a PNG of metric vs d"),
+    json_out: str | None = typer.Option(None, "--json", help="write the result table as JSON"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Print D_int (the smallest d reaching FRACTION × full fine-tuning's metric) and the table of stages."""

@@ -37,7 +37,7 @@ def _grid_figure(test_idx, tk, data, y_train_noisy, flipped, method: str, n_each
         ax.imshow(data.img_test[t].numpy(), cmap="gray_r")
         ax.set_title(f"test #{t}\nlabel {int(data.y_test[t])}", fontsize=7, color="navy")
         for j in range(n_each):
-            for side, off, vals, idx, col in (("+", 1, tk.values, tk.indices, "darkgreen"),
+            for side, off, _vals, idx, col in (("+", 1, tk.values, tk.indices, "darkgreen"),
                                               ("−", 1 + n_each, tk.opponent_values, tk.opponent_indices,
                                                "darkred")):
                 i = int(idx[t, j])

@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -211,12 +210,14 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval
         raise TypeError(f"model_fn: expected a callable returning an nn.Module, got {type(model_fn).__name__}")
     if isinstance(metric, str):
         if metric not in METRICS:
-            raise ValueError(f"metric: expected one of {sorted(METRICS)} or a callable(model, eval_data), got {metric!r}")
+            raise ValueError(f"metric: expected one of {sorted(METRICS)} or a callable(model, eval_data), "
+                             f"got {metric!r}")
         metric_fn = METRICS[metric]
     elif callable(metric):
         metric_fn = metric
     else:
-        raise TypeError(f"metric: expected a name or a callable(model, eval_data) -> float, got {type(metric).__name__}")
+        raise TypeError(f"metric: expected a name or a callable(model, eval_data) -> float, "
+                        f"got {type(metric).__name__}")
     d_max = _check_pos_int("d_max", d_max)
     d_start = _check_pos_int("d_start", d_start)
     eval_every = _check_pos_int("eval_every", eval_every)

@@ -69,7 +69,8 @@ def _batches(train_data: Any, batch_size: int | None, gen: torch.Generator):  # 
     if isinstance(train_data, tuple) and train_data and all(isinstance(t, Tensor) for t in train_data):
         m = train_data[0].shape[0]
         if any(t.shape[0] != m for t in train_data):
-            raise ValueError(f"train_data: expected tensors with equal first dimension, got {[tuple(t.shape) for t in train_data]}")
+            shapes = [tuple(t.shape) for t in train_data]
+            raise ValueError(f"train_data: expected tensors with equal first dimension, got {shapes}")
         bs = m if batch_size is None else int(batch_size)
         if bs < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")

@@ -105,7 +105,8 @@ def _explicit(task: Task, split: Any, ad: SketchAdapter, chunk: int) -> tuple[Te
 
 def _hook_engine(task: Task) -> Any:
     """The task's cached :class:`HookEngine`, or None when per-example gradients must come from vmap/loop:
-    ``per_example`` other than ``"auto"`` (an explicit choice of vmap or loop), ``randomness="same"``, or a BatchNorm in train mode (it mixes
+    ``per_example`` other than ``"auto"`` (an explicit choice of vmap or loop), ``randomness="same"``,
+    or a BatchNorm in train mode (it mixes
     the examples of a batch, so slices of the batch backward are not per-example gradients)."""
     if task.per_example != "auto" or task.randomness != "different":
         return None

@@ -181,7 +181,8 @@ class BlockSketch:
         return torch.cat(cols, dim=1)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
-        return f"BlockSketch(kind={self.kind!r}, blocks={len(self.sizes)}, groups={len(self.groups)}, n={self.n}, d={self.d})"
+        return (f"BlockSketch(kind={self.kind!r}, blocks={len(self.sizes)}, groups={len(self.groups)}, "
+                f"n={self.n}, d={self.d})")
 
 
 def sketch_from_spec(spec: Mapping[str, Any]) -> Sketch | BlockSketch:

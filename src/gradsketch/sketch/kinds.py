@@ -17,8 +17,8 @@ from ._random import derive_seed, generator
 from ._transforms import (
     balanced_factors,
     dht,
-    hadamard,
     haar_rows,
+    hadamard,
     kron_apply,
     kron_apply_padded,
     kron_apply_t,

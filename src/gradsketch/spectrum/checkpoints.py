@@ -118,7 +118,8 @@ def spectrum_over_checkpoints(task_or_model_factory: Any, checkpoints: Sequence[
         return Task(obj, loss_fn) if loss_fn is not None else Task.from_classifier(obj)
 
     task = make_task()
-    saved = {k: v.detach().clone() for k, v in task.model.state_dict().items()} if _is_task(task_or_model_factory) else None
+    saved = ({k: v.detach().clone() for k, v in task.model.state_dict().items()}
+             if _is_task(task_or_model_factory) else None)
     results: list[SpectrumResult] = []
     try:
         for i, ckpt in enumerate(checkpoints):
