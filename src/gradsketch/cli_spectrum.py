@@ -31,6 +31,8 @@ def load_entry(entry: str) -> tuple[Any, Any]:
         if not os.path.exists(mod_name):
             raise ValueError(f"entry: file {mod_name!r} does not exist")
         spec = importlib.util.spec_from_file_location("_gradsketch_entry", mod_name)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"entry: cannot import {mod_name!r} as a Python file")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     else:
@@ -110,7 +112,7 @@ def spectrum_cmd(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     typer.echo(f"model: {task.n_params} parameters; operator {operator}, "
-               f"{'sketch ' + sketch_kind + f' d={d}' if sk else 'exact'}")
+               f"{f'sketch {sketch_kind} d={d}' if sk else 'exact'}")
     typer.echo(f"{'rank':>4}  {'eigenvalue':>14}  {'residual':>10}")
     for i, (lam, r) in enumerate(zip(res.eigenvalues.tolist(), res.residuals.tolist()), 1):
         typer.echo(f"{i:>4}  {lam:>14.6g}  {r:>10.2e}")

@@ -256,8 +256,8 @@ class Attributor:
     def _featurise(self, comp: _Component, data: Iterable, progress: bool, tag: str) -> Any:
         from ..store import fingerprint_model
 
-        kw = dict(mode=self.mode if comp.sketch.__class__.__name__ != "ProjectionSketch" else "explicit",
-                  nan_policy=self.nan_policy, progress=progress, name="train_data")
+        mode = self.mode if comp.sketch.__class__.__name__ != "ProjectionSketch" else "explicit"
+        kw: dict[str, Any] = dict(mode=mode, nan_policy=self.nan_policy, progress=progress, name="train_data")
         if self.store is None:
             return featurise_memory(comp.task, data, comp.sketch, desc=f"featurise train [{tag}]", **kw)
         self.store.mkdir(parents=True, exist_ok=True)
@@ -501,6 +501,7 @@ class Attributor:
             if comp.q is not None:
                 s = s * comp.q[r0:r1].to(s.dtype)
             out = s if out is None else out + s
+        assert out is not None  # there is at least one component (checkpoints are non-empty)
         return out
 
     def _iter_train_blocks(self, dtype: torch.dtype):
@@ -572,6 +573,7 @@ class Attributor:
                 if comp.q is not None and self.method != "grad-cos":
                     v = v * comp.q[r0:r1].to(v.dtype)
                 tot = v if tot is None else tot + v
+            assert tot is not None  # there is at least one component (checkpoints are non-empty)
             out.append(tot)
         return torch.cat(out)
 

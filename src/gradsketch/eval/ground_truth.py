@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -111,9 +111,9 @@ def loo_effects(model_fn: Callable[[], nn.Module], train: tuple[Tensor, Tensor],
     masks = torch.ones(len(idx) + 1, n, dtype=torch.bool)
     for r, i in enumerate(idx):
         masks[r + 1, i] = False
-    acc = 0
+    acc: Tensor | int = 0
     for s in seeds:
         params = train_models(model_fn, Xtr, ytr, masks, seeds=[s] * (len(idx) + 1), **train_kw)
         o = model_outputs(model_fn, params, test[0], test[1], output).double()
         acc = acc + (o[1:] - o[:1] if output == "loss" else o[:1] - o[1:])
-    return acc / len(seeds)
+    return cast(Tensor, acc / len(seeds))

@@ -281,7 +281,7 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval
 
     # one-run doubling search
     sm = make(d_max)
-    state = {"d": d_start, "prev": None, "stage_start": 0, "best": -math.inf, "done": None}
+    state: dict[str, Any] = {"d": d_start, "prev": None, "stage_start": 0, "best": -math.inf, "done": None}
     sm.set_active_dim(d_start)
 
     def close_stage(step: int) -> None:

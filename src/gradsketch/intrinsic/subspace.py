@@ -82,6 +82,9 @@ class SubspaceModel(nn.Module):
     ``param_names``, ``n`` (subspace ambient size), ``d``, ``n_trainable``, ``active_dim``.
     """
 
+    omega_mask: Tensor  # registered buffer (declared for the type checker)
+    said_lambda: nn.Parameter | None
+
     def __init__(self, model: nn.Module, d: int, kind: str = "affd", seed: int = 0, said: bool = False,
                  params: Any = None, normalize: bool = True, **sketch_options: Any) -> None:
         super().__init__()

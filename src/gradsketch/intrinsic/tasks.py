@@ -64,7 +64,8 @@ class MiniLMClassifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         g = torch.Generator().manual_seed(seed)
-        h = encoder.config.hidden_size
+        config: Any = encoder.config  # a Hugging Face config object
+        h: int = config.hidden_size
         self.head = nn.Linear(h, n_classes)
         with torch.no_grad():
             self.head.weight.copy_(torch.randn(n_classes, h, generator=g) / math.sqrt(h))

@@ -102,7 +102,7 @@ def _batches(train_data: Any, batch_size: int | None, gen: torch.Generator):  # 
                     f"got {type(train_data).__name__}")
 
 
-def make_optimizer(optimizer: Any, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(optimizer: Any, params: Sequence[Tensor], lr: float) -> torch.optim.Optimizer:
     if isinstance(optimizer, str):
         name = optimizer.lower()
         if name == "adam":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -35,6 +35,12 @@ def work_dtype(op: LinearOperator) -> torch.dtype:
     return op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+@overload
+def check_int(value: Any, name: str, minimum: int | None = ..., maximum: int | None = ...,
+              allow_none: Literal[False] = ...) -> int: ...
+@overload
+def check_int(value: Any, name: str, minimum: int | None = ..., maximum: int | None = ...,
+              allow_none: bool = ...) -> int | None: ...
 def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None,
               allow_none: bool = False) -> int | None:
     """An integer (not a bool) in ``[minimum, maximum]``."""
@@ -50,6 +56,14 @@ def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
     return value
 
 
+@overload
+def check_real(value: Any, name: str, minimum: float | None = ..., maximum: float | None = ...,
+               min_inclusive: bool = ..., max_inclusive: bool = ..., allow_none: Literal[False] = ...
+               ) -> float: ...
+@overload
+def check_real(value: Any, name: str, minimum: float | None = ..., maximum: float | None = ...,
+               min_inclusive: bool = ..., max_inclusive: bool = ..., allow_none: bool = ...
+               ) -> float | None: ...
 def check_real(value: Any, name: str, minimum: float | None = None, maximum: float | None = None,
                min_inclusive: bool = True, max_inclusive: bool = True, allow_none: bool = False
                ) -> float | None:

@@ -15,7 +15,7 @@ use ``model.eval()`` for curvature.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -95,7 +95,11 @@ class CurvatureOperator(LinearOperator):
                 raise ValueError("data: expected at least one batch, got an empty iterable")
             out = acc / total
         else:
-            split = self._fixed if self.mode == "batch" else self._next_batch()
+            if self.mode == "batch":
+                assert self._fixed is not None  # mode "batch" set it in __init__
+                split = self._fixed
+            else:
+                split = self._next_batch()
             self.task._check_once(split)
             out = self._batch_sum(split, V) / split.size
         return out + self.damping * V if self.damping else out
@@ -157,8 +161,8 @@ class HessianOperator(CurvatureOperator):
                 tang = [vs[n] for n, t in p.items() for g, tt in pairs if tt is t]
                 hv = torch.autograd.grad([g for g, _ in pairs], leaves, grad_outputs=tang,
                                          retain_graph=j < V.shape[1] - 1, allow_unused=True)
-                hv = [torch.zeros_like(t) if h is None else h for h, t in zip(hv, leaves)]
-                cols.append(task.flatten(hv))
+                hv_full = [torch.zeros_like(t) if h is None else h for h, t in zip(hv, leaves)]
+                cols.append(task.flatten(hv_full))
         return torch.stack(cols, 1).detach()
 
 
@@ -211,16 +215,18 @@ class GGNOperator(CurvatureOperator):
     def _batch_sum(self, split: SplitBatch, V: Tensor) -> Tensor:
         task, batch, B = self.task, split.rebuild(), split.size
         p0 = task.params_dict()
+        output_fn, loss_on_output = task.output_fn, task.loss_on_output
+        assert output_fn is not None and loss_on_output is not None  # checked in __init__
 
         def out_fn(p: dict[str, Tensor]) -> Tensor:
-            z = task._fcall(task.output_fn, p, batch)
+            z = task._fcall(output_fn, p, batch)
             if not isinstance(z, Tensor) or z.ndim == 0 or z.shape[0] != B:
                 got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
                 raise ValueError(f"output_fn: expected a tensor [B={B}, ...] of model outputs, got {got}")
             return z
 
         def lo(z: Tensor) -> Tensor:
-            ell = task.loss_on_output(z, batch)
+            ell = loss_on_output(z, batch)
             if not isinstance(ell, Tensor) or tuple(ell.shape) != (B,):
                 got = tuple(ell.shape) if isinstance(ell, Tensor) else type(ell).__name__
                 raise ValueError(f"loss_on_output: expected per-example losses of shape [{B}], got {got}")
@@ -229,12 +235,12 @@ class GGNOperator(CurvatureOperator):
         if not self._no_forward_ad:
             try:
                 with torch.no_grad():
-                    z, vjp_fn = vjp(out_fn, p0)
+                    z, vjp_fn = vjp(out_fn, p0)  # type: ignore[misc]  # torch.func stubs: has_aux variant
                     gz = grad(lo)
 
                     def col(v: Tensor) -> Tensor:
-                        _, jv = jvp(out_fn, (p0,), (task.unflatten(v),))
-                        _, hjv = jvp(gz, (z,), (jv,))
+                        _, jv = jvp(out_fn, (p0,), (task.unflatten(v),))  # type: ignore[misc]  # torch.func stubs: has_aux variant
+                        _, hjv = jvp(gz, (z,), (jv,))  # type: ignore[misc]  # torch.func stubs: has_aux variant
                         return task.flatten(vjp_fn(hjv)[0])
 
                     return self._columns(col, V)
@@ -269,10 +275,10 @@ class FisherOperator(CurvatureOperator):
         if not self._no_forward_ad:
             try:
                 with torch.no_grad():
-                    _, vjp_fn = vjp(lf, p0)
+                    _, vjp_fn = vjp(lf, p0)  # type: ignore[misc]  # torch.func stubs: has_aux variant
 
                     def col(v: Tensor) -> Tensor:
-                        _, jv = jvp(lf, (p0,), (task.unflatten(v),))
+                        _, jv = jvp(lf, (p0,), (task.unflatten(v),))  # type: ignore[misc]  # torch.func stubs: has_aux variant
                         return task.flatten(vjp_fn(jv)[0])
 
                     return self._columns(col, V)
@@ -294,7 +300,7 @@ class _GenericSketch:
             raise ValueError(f"sketch: expected a sketch with n = {n} (the operator's size), got "
                              f"n = {getattr(sketch, 'n', None)}")
         self.d = int(sketch.d)
-        self.sizes: Sequence[int] | None = None
+        self.sizes: list[int] | None = None
         self.keys = None
         if sizes is not None:
             self.sizes = [int(s) for s in (sizes.values() if isinstance(sizes, dict) else sizes)]

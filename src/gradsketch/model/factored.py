@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -213,7 +213,7 @@ class FactoredSketch:
         if self.rest is not None:
             y = self.rest([byname[n] for n in self.rest_names], nan_policy=nan_policy)
             out = y if out is None else out + y
-        return out
+        return cast(Tensor, out)  # at least one block (a sketch covers n >= 1 parameters)
 
     def T(self, y: Tensor, nan_policy: str | None = None) -> list[Tensor]:
         res: dict[str, Tensor] = {n: s.T(y, nan_policy=nan_policy) for n, s in self.blocks.items()}
@@ -229,7 +229,7 @@ class FactoredSketch:
 
 
 # -- per-layer row/column vectors ----------------------------------------------------------------------
-def _rows_cols(kind: str, mod: nn.Module, x: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+def _rows_cols(kind: str, mod: Any, x: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     """(r [m, T, rows] or ids [m, T] for embeddings, c [m, T, cols]) with G = Σ_t r_t c_tᵀ per example."""
     m = x.shape[0]
     if kind == "linear":
@@ -389,7 +389,7 @@ class HookEngine:
             for x, dy in caps[id(mod)]:
                 e = self._exact(kind, role, mod, x[lo:hi], dy[lo:hi], plan.shape)
                 g = e if g is None else g + e
-        return g.reshape(hi - lo, -1)
+        return cast(Tensor, g).reshape(hi - lo, -1)
 
     @staticmethod
     def _exact_sum(kind: str, role: str, mod: nn.Module, x: Tensor, dy: Tensor,
@@ -405,7 +405,7 @@ class HookEngine:
         return HookEngine._exact(kind, role, mod, x, dy, shape).sum(0)
 
     @staticmethod
-    def _exact(kind: str, role: str, mod: nn.Module, x: Tensor, dy: Tensor, shape: tuple[int, ...]) -> Tensor:
+    def _exact(kind: str, role: str, mod: Any, x: Tensor, dy: Tensor, shape: tuple[int, ...]) -> Tensor:
         """Exact per-example gradient [m, *shape] of one use of a hooked parameter."""
         m = x.shape[0]
         if kind == "layernorm":
@@ -472,7 +472,7 @@ class FactoredEngine(HookEngine):
                 for x, dy in caps[id(mod)]:
                     e = self._exact(kind, role, mod, x, dy, plan.shape)
                     g = e if g is None else g + e
-            explicit[n] = g.reshape(m, -1)
+            explicit[n] = cast(Tensor, g).reshape(m, -1)
         if total is None:
             total = torch.zeros(m, S.d, dtype=dtype, device=device)
         for n in self.generic:

@@ -16,7 +16,7 @@ remains for the parameters hooks cannot see and when hooks are not allowed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -121,7 +121,7 @@ def _hook_engine(task: Task) -> Any:
         if any(isinstance(mod, _BatchNorm) and mod.training for mod in task.model.modules()):
             return None
         eng = HookEngine(task)
-        task._hook_engine = eng
+        cast(Any, task)._hook_engine = eng  # cached on the task (a dynamic private attribute)
     return eng if eng.hooked else None
 
 
@@ -154,7 +154,7 @@ def _explicit_hooked(task: Task, split: Any, ad: SketchAdapter, chunk: int | Non
                 del x
             y = ys[0] if len(ys) == 1 else torch.cat(ys)
             out = y if out is None else out + y
-        return out.to(task.dtype), losses
+        return cast(Tensor, out).to(task.dtype), losses  # a BlockSketch has at least one group
     step = _row_steps(m, task.n_params, item, chunk)
     rows = []
     for lo in range(0, m, step):
@@ -222,7 +222,7 @@ def _implicit(task: Task, split: Any, ad: SketchAdapter, chunk: int) -> tuple[Te
     task._check_once(split)
     rows, losses = [], []
     for _, sub in split.chunks(chunk):
-        r, li = task._run_per_example(lambda sub=sub: vmapped(sub), lambda sub=sub: looped(sub))
+        r, li = task._run_per_example(lambda sub=sub: vmapped(sub), lambda sub=sub: looped(sub))  # type: ignore[misc]
         rows.append(r)
         losses.append(li)
     return torch.cat(rows), torch.cat(losses)
@@ -245,7 +245,7 @@ def iter_sketch_grads(task: Task, data: Iterable, sketch: Any, mode: str = "expl
         engine = getattr(task, "_factored_engine", None)
         if engine is None or engine.sketch is not sketch:  # cached: the hook check runs once per sketch
             engine = FactoredEngine(task, sketch)
-            task._factored_engine = engine
+            cast(Any, task)._factored_engine = engine  # cached on the task (a dynamic private attribute)
     chunk = default_chunk(task, chunk_size)
     eng = _hook_engine(task) if mode != "factored" else None
     offset = 0
@@ -261,6 +261,7 @@ def iter_sketch_grads(task: Task, data: Iterable, sketch: Any, mode: str = "expl
             rows, losses = _implicit(task, split, ad, chunk)
         else:
             # the hooks hold activations, not [chunk, N] gradients: the whole batch by default
+            assert engine is not None  # mode == "factored" here: built above
             rows, losses = engine.batch(split, chunk_size)
         yield task._nonfinite(rows, losses, offset, nan_policy, task.skipped_indices_)
         offset += split.size

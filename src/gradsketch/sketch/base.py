@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -102,7 +103,7 @@ class Sketch:
             return False
         return True
 
-    _forward_fast = None  # optional: (x [M, n] contiguous, no autograd) -> [M, d]
+    _forward_fast: Callable[[Tensor], Tensor] | None = None  # optional: (x [M, n] contiguous, no autograd) -> [M, d]
 
     def _chunked(self, x: Tensor, width: int, fn) -> Tensor:
         """Run ``fn(x_chunk, bufs) -> [rows, d]`` over row chunks of ``x`` with two reused scratch
@@ -159,6 +160,7 @@ class Sketch:
         if not x2.shape[0]:
             y = x2.new_zeros(0, self.d)
         elif self._fast_ok(x2):
+            assert self._forward_fast is not None  # _fast_ok checked it
             y = self._forward_fast(x2)
         else:
             y = self._forward(x2)

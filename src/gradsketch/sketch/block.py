@@ -173,7 +173,7 @@ class BlockSketch:
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> Tensor:
         """Explicit ``[d, n]`` matrix of the concatenated map (tests only)."""
-        cols = [None] * len(self.sizes)
+        cols: list[Tensor | None] = [None] * len(self.sizes)
         for g, S in zip(self.groups, self.sketches):
             m = S.matrix(dtype)
             for i, piece in zip(g, torch.split(m, [self.sizes[i] for i in g], dim=1)):

@@ -7,7 +7,7 @@ Inputs are zero-padded to ``n_pad`` and outputs cropped to ``d``; the scales acc
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -279,7 +279,7 @@ def _ortho_factors(n: int, max_factor: int) -> list[int]:
 
 
 class _StructuredBase(Sketch):
-    option_names = ("preconditioner", "max_factor")
+    option_names: ClassVar[tuple[str, ...]] = ("preconditioner", "max_factor")
     default_max_factor = 1024
 
     def _common(self, preconditioner: str, max_factor: int) -> None:

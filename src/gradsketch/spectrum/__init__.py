@@ -5,6 +5,8 @@
 and ``write_report`` (self-contained HTML). Source: Schioppa, NeurIPS 2024 (arXiv 2402.03994), §3 and §5.
 """
 
+import types as _types
+
 from .checkpoints import SpectrumSeries, spectrum_over_checkpoints
 from .core import SpectrumResult, curvature_operator, spectrum
 from .density import DensityResult, density, trace
@@ -19,7 +21,7 @@ __all__ = [
 ]
 
 
-class _CallableModule(__import__("types").ModuleType):
+class _CallableModule(_types.ModuleType):
     """Lets ``gradsketch.spectrum(task, data, ...)`` call :func:`spectrum` while ``gradsketch.spectrum``
     stays the subpackage (so ``gradsketch.spectrum.density`` and ``import gradsketch.spectrum.plots``
     keep working)."""

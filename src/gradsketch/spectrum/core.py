@@ -18,7 +18,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 import numpy as np
 import torch
@@ -42,6 +42,10 @@ def _choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+@overload
+def _int(value: Any, name: str, minimum: int = ..., allow_none: Literal[False] = ...) -> int: ...
+@overload
+def _int(value: Any, name: str, minimum: int = ..., allow_none: bool = ...) -> int | None: ...
 def _int(value: Any, name: str, minimum: int = 1, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
@@ -249,7 +253,9 @@ class SpectrumResult:
         from ..model.curvature import _GenericSketch
         from ..sketch import sketch_from_spec
 
-        S = getattr(self, "_sketch", None) or sketch_from_spec(self.sketch_spec)
+        # only reached for a sketched result that has eigenvectors (checked by the caller)
+        assert self.eigenvectors is not None
+        S = getattr(self, "_sketch", None) or sketch_from_spec(cast(dict, self.sketch_spec))
         gs = _GenericSketch(S, G.shape[1])
         return gs.apply(G.to(self.eigenvectors.dtype))
 
@@ -283,7 +289,7 @@ class SpectrumResult:
                                                   "+".join(sorted(str(e) for e in ends)))
         out = SpectrumResult(lam[idx], None if V is None else V[:, idx.to(V.device)], res[idx], conv[idx],
                              self.n_hvp + other.n_hvp, self.sketch_spec, info)
-        out._sketch = getattr(self, "_sketch", None)
+        cast(Any, out)._sketch = getattr(self, "_sketch", None)
         return out
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -408,7 +414,7 @@ def spectrum(task: Any, data: Any = None, k: int = 10, sketch: Any = None, opera
             "damping": float(damping)}
     out = SpectrumResult(lam64, V[:, order.to(V.device)], res.detach()[order.to(res.device)].double().cpu(),
                          conv.cpu()[order], int(n_mv), sketch_spec(sketch), info)
-    out._sketch = sketch
+    cast(Any, out)._sketch = sketch
     return out
 
 

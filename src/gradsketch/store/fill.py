@@ -34,6 +34,7 @@ def fill(
         if row_range is not None:
             raise ValueError("row_range: expected None when rank/world_size are given, "
                              f"received {row_range!r}")
+        assert world_size is not None  # both-or-neither checked above
         row_range = store.row_range_for_rank(rank, world_size)
     start, stop = store._row_range(row_range)
     aligned = start % store.chunk_rows == 0 and (stop % store.chunk_rows == 0 or stop == store.n_rows)

@@ -35,7 +35,7 @@ import secrets
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -47,7 +47,7 @@ MANIFEST = "manifest.json"
 DATA = "data.npy"
 CHUNKS = "chunks"
 CHECKSUM = "sha256"
-DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+DTYPES: dict[str, np.dtype[Any]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 _MARKER_RE = re.compile(r"^(\d{6,})\.json$")
 
@@ -127,7 +127,7 @@ def to_numpy(rows) -> np.ndarray:
     return np.asarray(rows)
 
 
-def _describe_spec_diff(expected: dict, found: dict) -> str:
+def _describe_spec_diff(expected: Any, found: Any) -> str:
     if not isinstance(expected, dict) or not isinstance(found, dict):
         return f"expected {expected!r}, found {found!r}"
     keys = sorted(set(expected) | set(found))
@@ -423,11 +423,11 @@ class GradientStore:
 
     def chunk_checksums(self) -> dict[int, str]:
         """``{chunk index: sha256 hex}`` of the completed chunks, as recorded in their markers."""
-        out = {}
+        out: dict[int, str] = {}
         for i in self.completed_chunks():
             marker = self._read_marker(i)
             if marker is not None:
-                out[i] = marker.get(CHECKSUM)
+                out[i] = cast(str, marker.get(CHECKSUM))
         return out
 
     def _read_marker(self, i: int) -> dict | None:
@@ -503,7 +503,7 @@ class GradientStore:
         if overwrite and marker.exists():
             os.unlink(marker)
             _io.fsync_dir(marker.parent)
-        view = memoryview(arr).cast("B")
+        view = memoryview(arr).cast("B")  # type: ignore[arg-type]  # ndarray supports the buffer protocol
         checksum = hashlib.sha256(view).hexdigest()
         fd = self._data_fd()
         _io.pwrite_all(fd, view, self._offset + start * self.d * self.itemsize)
@@ -545,7 +545,7 @@ class GradientStore:
         """
         start, stop = self._row_range(row_range)
         self._require_complete(start, stop, allow_incomplete)
-        return self._memmap()[start:stop]
+        return cast(np.memmap, self._memmap()[start:stop])
 
     def iter_blocks(self, block_rows: int, row_range=None, *, allow_incomplete: bool = False,
                     as_tensor: bool = False) -> Iterator[np.ndarray]:
@@ -589,7 +589,8 @@ class GradientStore:
                 corrupt.append(i)
                 reasons.append(f"chunk {i}: unreadable or inconsistent marker {self._marker(i).name}")
                 continue
-            got = hashlib.sha256(memoryview(np.ascontiguousarray(mm[start:stop])).cast("B")).hexdigest()
+            block = np.ascontiguousarray(mm[start:stop])
+            got = hashlib.sha256(memoryview(block).cast("B")).hexdigest()  # type: ignore[arg-type]
             if got != marker.get(CHECKSUM):
                 corrupt.append(i)
                 reasons.append(f"chunk {i} (rows {start}:{stop}): expected sha256 {marker.get(CHECKSUM)}, "
