@@ -21,7 +21,7 @@ import typer
 app = typer.Typer(help="Training data attribution with sketched gradients.", no_args_is_help=True)
 
 _DEFAULTS = {"method": "trak", "kind": "affd", "d": 1024, "seed": 0, "mode": "explicit", "k": 10,
-             "n_iters": 100, "top_k": 30, "damping": None, "store": None, "out": "gradsketch-attribution",
+             "n_iters": 200, "top_k": 100, "damping": None, "store": None, "out": "gradsketch-attribution",
              "self_influence": True, "progress": True}
 
 

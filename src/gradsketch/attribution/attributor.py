@@ -141,7 +141,7 @@ class Attributor:
         average) or of ``(state_dict, lr)`` (tracin: Σ_c η_c⟨g_c(x), g_c(z)⟩); default: the current model.
         trak: ``margin_fn`` (model, batch) -> [B] output function (see :func:`classification_margin`),
         ``ridge`` (λ = ridge · tr(ΦᵀΦ)/d; default 1e-3 when d ≥ n_train, else 0).
-        arnoldi: ``n_iters`` (100), ``top_k`` (30), ``curvature`` ("hessian" | "ggn"), ``hessian_data``
+        arnoldi: ``n_iters`` (200), ``top_k`` (100), ``curvature`` ("hessian" | "ggn"), ``hessian_data``
         (batches for the HVPs, default the training data), ``positive_only`` (False), ``damping`` δ (0),
         ``seed`` (0), ``krylov_store`` ("device" | "host").
         influence: ``solver`` ("explicit" | "cg" | "lissa"), ``damping`` δ (0.01), ``curvature``,
@@ -360,8 +360,8 @@ class Attributor:
 
         from ..linalg import arnoldi, distill
 
-        n_iters = int(self._opt("n_iters", 100))
-        top_k = int(self._opt("top_k", 30))
+        n_iters = int(self._opt("n_iters", 200))
+        top_k = int(self._opt("top_k", 100))
         if top_k < 1 or n_iters < top_k:
             raise ValueError(f"top_k: expected 1 <= top_k <= n_iters = {n_iters}, got {top_k}")
         damping = float(self._opt("damping", 0.0))
