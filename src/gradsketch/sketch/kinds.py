@@ -114,10 +114,13 @@ class _Hashed:
 
     @staticmethod
     def forward(x: Tensor, rows: Tensor, vals: Tensor, d: int) -> Tensor:
-        y = x.new_zeros(x.shape[0], d)
+        # Accumulate in the transposed [d, M] layout: index_add along dim 0 moves contiguous rows of M
+        # values, while along dim 1 torch's CPU kernel loops over n strided column slices (measured 1.2-5.6x
+        # slower for M = 8..128, n = 3k..1M).
+        y = x.new_zeros(d, x.shape[0])
         for j in range(rows.shape[0]):
-            y = y.index_add(1, rows[j], x * vals[j])
-        return y
+            y = y.index_add(0, rows[j], (x * vals[j]).T)
+        return y.T
 
     @staticmethod
     def forward_into(u: Tensor, rows: Tensor, vals: Tensor, d: int, tmp: Tensor) -> Tensor:
