@@ -72,7 +72,7 @@ def test_trak_unsketched_equals_closed_form(setup):
     G, Gt = task.grads((X, y)), task.grads((Xt, yt))
     N = task.n_params
     K = G.T @ G
-    lam = 0.05 * torch.trace(K) / N
+    lam = 0.05 * torch.trace(K) / min(N_TRAIN, N)  # ridge in units of the mean non-zero eigenvalue
     ref = Gt @ torch.linalg.solve(K + lam * torch.eye(N, dtype=K.dtype), G.T)
     a = Attributor(task, "trak", ridge=0.05).fit(tr, progress=False)
     assert a.ridge_ == pytest.approx(float(lam))
@@ -88,7 +88,7 @@ def test_trak_margin_features_and_q(setup):
         q = torch.sigmoid(-fn(task.model, (X, y)))
     N = task.n_params
     K = F.T @ F
-    lam = 0.1 * torch.trace(K) / N
+    lam = 0.1 * torch.trace(K) / min(N_TRAIN, N)
     ref = Ft @ torch.linalg.solve(K + lam * torch.eye(N, dtype=K.dtype), F.T) * q
     S = Attributor(task, "trak", margin_fn=fn, ridge=0.1).fit(tr, progress=False).score(te, progress=False)
     torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-12)

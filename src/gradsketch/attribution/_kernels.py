@@ -3,6 +3,9 @@
 * :class:`EigKernel`: M = V diag(c) Vᵀ (V [d, r] orthonormal, or V = None for a diagonal M = diag(c));
   covers the TRAK inverse (ΦᵀΦ + λI)⁻¹, the explicit influence inverse (H + λI)⁻¹ and Arnoldi's
   Σ_i v_i v_iᵀ / λ_i.
+* :class:`CholKernel`: M = (K + λI)⁻¹ from a Cholesky factor (positive definite K + λI).
+* :class:`GramKernel`: M = (FᵀF + λI)⁻¹ for training features F [n, d] with d > n, through the n × n Gram
+  matrix FFᵀ (Woodbury): O(n²d + n³) instead of O(d²n + d³).
 * :class:`SolveKernel`: M = (A + λI)⁻¹ applied by CG or LiSSA (``gradsketch.linalg``).
 * ``None``: the identity (gradient dot products).
 """
@@ -28,9 +31,10 @@ class EigKernel:
         (:class:`CholKernel`, ~30× faster than eigh at d = 2048), else eigh with a pseudo-inverse on exactly
         singular directions (indefinite Hessians)."""
         K = K.detach().to("cpu", torch.float64)
-        A = (K + K.T) / 2 + damping * torch.eye(K.shape[0], dtype=K.dtype)
+        A = K.clone()  # Cholesky reads only the lower triangle, which is symmetric by construction
+        A.diagonal().add_(damping)
         L, info = torch.linalg.cholesky_ex(A)
-        if int(info) == 0 and bool(torch.isfinite(L).all()):
+        if int(info) == 0 and bool(torch.isfinite(L.diagonal()).all()):
             return CholKernel(L)
         w, V = torch.linalg.eigh((K + K.T) / 2)
         w = w + damping
@@ -67,6 +71,49 @@ class CholKernel:
     def quad(self, phi: Tensor) -> Tensor:
         z = torch.linalg.solve_triangular(self.L, phi.to(torch.float64).T, upper=False)
         return (z * z).sum(0)
+
+
+class GramKernel:
+    """M = (FᵀF + λI)⁻¹ (λ > 0) for features F [n, d], applied through the Gram matrix G = FFᵀ [n, n]:
+
+        M φ = (φ − Fᵀ (G + λI)⁻¹ F φ) / λ                      (Woodbury)
+
+    so that F M φ = (G + λI)⁻¹ F φ and φ_zᵀ M φ_z = [G (G + λI)⁻¹]_zz for a training row z. The subtraction
+    loses about eps · ‖G‖ / λ relative accuracy, which :func:`trak_kernel` bounds by using this form
+    only for λ ≥ 1e-8 · tr(G)."""
+
+    def __init__(self, F: Tensor, damping: float) -> None:
+        self.F = F.detach().to("cpu", torch.float64)
+        self.damping = float(damping)
+        A = self.F @ self.F.T
+        A.diagonal().add_(self.damping)
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) != 0:
+            raise FloatingPointError(f"ridge: the Gram matrix FFᵀ + λI (λ = {self.damping:.3g}) is not positive "
+                                     "definite in float64; expected a positive ridge and finite features")
+        self.L = L
+
+    def apply(self, phi: Tensor) -> Tensor:
+        phi = phi.to(torch.float64)
+        c = torch.cholesky_solve(self.F @ phi.T, self.L)  # [n, m]
+        return (phi - (self.F.T @ c).T) / self.damping
+
+    def quad(self, phi: Tensor) -> Tensor:
+        phi = phi.to(torch.float64)
+        u = self.F @ phi.T                                  # [n, m]
+        z = torch.linalg.solve_triangular(self.L, u, upper=False)
+        return ((phi * phi).sum(1) - (z * z).sum(0)) / self.damping
+
+
+def trak_kernel(F: Tensor, damping: float) -> Any:
+    """(FᵀF + λI)⁻¹ for training features F [n, d] (float64 on the CPU): the Gram form
+    (:class:`GramKernel`) when d > n and λ ≥ 1e-8 · tr(FᵀF), else a d × d Cholesky / eigh
+    (:meth:`EigKernel.inverse`)."""
+    n, d = F.shape
+    F = F.detach().to("cpu", torch.float64)
+    if d > n and damping > 0 and damping >= 1e-8 * float((F * F).sum()):
+        return GramKernel(F, damping)
+    return EigKernel.inverse(F.T @ F, damping)
 
 
 class SolveKernel:

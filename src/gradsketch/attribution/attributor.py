@@ -26,6 +26,24 @@ the curvature model). A training example that duplicates a test example therefor
 score, and self-influence (score(z, z)) is ≥ 0 for every PSD M. The influence-function score is
 g(x)ᵀ(H + δI)⁻¹g(z) = −I_up,loss(z, x) of Koh & Liang.
 
+**TRAK ensembles** (Park et al. 2023, Algorithm 1; as the ``traker`` package): with M model states
+(``models=`` independently trained models, or ``checkpoints=``) the score is
+
+    τ(x, z) = [ (1/M) Σ_m φ_m(x)ᵀ (Φ_mᵀΦ_m + λ_m I)⁻¹ φ_m(z) ] · q̄(z),    q̄ = (1/M) Σ_m q_m,
+
+each model with its own features and kernel, the out-to-loss weights averaged separately. Averaging over
+independently trained models is TRAK's main lever: on the digits MLP (benchmarks/results/attribution.md) the
+LDS goes from ~0.5 (one model) to ~0.65 (5 models) at the default ridge. M copies of one model give exactly
+the one-model score.
+
+**TRAK ridge.** λ = ``ridge`` · tr(ΦᵀΦ) / min(n_train, d), i.e. ``ridge`` is in units of the mean non-zero
+eigenvalue of ΦᵀΦ (its rank is at most min(n_train, d)), so one value means the same relative damping for
+every d, sketched or not, and for d ≥ n_train where ΦᵀΦ is singular. Default ``ridge=1.0``: damping at the
+mean eigenvalue. It was chosen on a validation split of digits (200 held-out images, not the test targets of
+the benchmark) from {0.1, 0.3, 1, 3, 10}, where it was best or within 0.01 of best for d = 512, 2048 and
+unsketched with 5 and 10 models. ``ridge=0`` is ``traker``'s default (λ = 0, sensible only for d ≪ n_train).
+When d > n_train the inverse is applied through the n × n Gram matrix (Woodbury), O(n²d) instead of O(d²n).
+
 **TRAK output function.** TRAK featurises gradients of the model output f (for classification the
 correct-class margin f = log p/(1−p)) and weights training examples by q = 1 − p = 1 − σ(f). Pass
 ``margin_fn(model, batch) -> [B]`` (e.g. :func:`classification_margin`) to do exactly that; without it the
@@ -53,15 +71,15 @@ from ._features import (
     iter_feature_chunks,
     sketch_spec,
 )
-from ._kernels import EigKernel, SolveKernel, apply_kernel, quad_kernel
+from ._kernels import EigKernel, SolveKernel, apply_kernel, quad_kernel, trak_kernel
 
 METHODS = ("grad-dot", "grad-cos", "tracin", "trak", "arnoldi", "influence")
 MODES = ("explicit", "implicit", "factored")
 _OPTIONS = {
-    "grad-dot": {"checkpoints"},
-    "grad-cos": {"checkpoints"},
+    "grad-dot": {"checkpoints", "models"},
+    "grad-cos": {"checkpoints", "models"},
     "tracin": {"checkpoints"},
-    "trak": {"checkpoints", "margin_fn", "ridge"},
+    "trak": {"checkpoints", "models", "margin_fn", "ridge"},
     "arnoldi": {"n_iters", "top_k", "curvature", "hessian_data", "positive_only", "damping", "seed",
                 "krylov_store"},
     "influence": {"solver", "damping", "curvature", "hessian_data", "tol", "maxiter", "depth", "scale"},
@@ -137,10 +155,13 @@ class Attributor:
         Common: ``nan_policy`` ("raise" | "skip"), ``store_dtype`` ("float16" | "float32"), ``chunk_rows``,
         ``block_rows`` (training rows per scoring block, default 4096), ``test_block_rows`` (test rows per
         top-k pass, default 1024).
-        grad-dot / grad-cos / tracin / trak: ``checkpoints``: list of ``state_dict`` (trak: ensemble
-        average) or of ``(state_dict, lr)`` (tracin: Σ_c η_c⟨g_c(x), g_c(z)⟩); default: the current model.
+        grad-dot / grad-cos / tracin / trak: ``checkpoints``: list of ``state_dict`` (trak, grad-dot,
+        grad-cos: ensemble average) or of ``(state_dict, lr)`` (tracin: Σ_c η_c⟨g_c(x), g_c(z)⟩); default: the
+        current model. grad-dot / grad-cos / trak: ``models``: list of ``nn.Module`` (same architecture as
+        ``task.model``, e.g. independently trained with :func:`gradsketch.eval.train_models`) or state_dicts,
+        the ensemble to average over (an alternative spelling of ``checkpoints``; not both).
         trak: ``margin_fn`` (model, batch) -> [B] output function (see :func:`classification_margin`),
-        ``ridge`` (λ = ridge · tr(ΦᵀΦ)/d; default 1e-3 when d ≥ n_train, else 0).
+        ``ridge`` (λ = ridge · tr(ΦᵀΦ) / min(n_train, d); default 1.0, see the module docstring).
         arnoldi: ``n_iters`` (200), ``top_k`` (100), ``curvature`` ("hessian" | "ggn"), ``hessian_data``
         (batches for the HVPs, default the training data), ``positive_only`` (False), ``damping`` δ (0),
         ``seed`` (0), ``krylov_store`` ("device" | "host").
@@ -151,7 +172,8 @@ class Attributor:
     -----------------------------
     n_train_ : int
     d_ : int, the feature dimension (sketch d, or top_k for Arnoldi with ``sketch=None``)
-    eigenvalues_ : Tensor [k] (arnoldi), ridge_ : float (trak), timings_ : dict of seconds per phase.
+    eigenvalues_ : Tensor [k] (arnoldi), ridge_ : float (trak: the absolute λ of the last model; ``ridges_`` all
+    of them), timings_ : dict of seconds per phase.
     """
 
     def __init__(self, task: Any, method: str = "trak", sketch: Any = None, store: Any = None,
@@ -183,6 +205,8 @@ class Attributor:
         self.options = dict(method_options)
         self.nan_policy = _check_choice(self.options.get("nan_policy", "raise"), "nan_policy", ("raise", "skip"))
         self._components: list[_Component] = []
+        self._shared_q: Tensor | None = None  # TRAK: q̄ averaged over the ensemble, applied to the summed score
+        self.ridges_: list[float] = []
         self.timings_: dict[str, float] = {}
         self._fitted = False
 
@@ -206,6 +230,21 @@ class Attributor:
 
     def _checkpoints(self) -> list[tuple[dict | None, float]]:
         cks = self.options.get("checkpoints")
+        models = self.options.get("models")
+        if models is not None:
+            if cks is not None:
+                raise ValueError("models: pass either models= or checkpoints=, not both")
+            if not isinstance(models, (list, tuple)) or not models:
+                raise ValueError("models: expected a non-empty list of nn.Module or state_dicts, got "
+                                 f"{type(models).__name__}")
+            cks = []
+            for i, m in enumerate(models):
+                if isinstance(m, nn.Module):
+                    cks.append({k: v.detach() for k, v in m.state_dict().items()})
+                elif isinstance(m, dict):
+                    cks.append(m)
+                else:
+                    raise TypeError(f"models[{i}]: expected an nn.Module or a state_dict, got {type(m).__name__}")
         if cks is None:
             return [(None, 1.0)]
         if not isinstance(cks, (list, tuple)) or not cks:
@@ -237,7 +276,11 @@ class Attributor:
         model = self.task.model
         saved = copy.deepcopy(model.state_dict())
         try:
-            model.load_state_dict(state)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                raise ValueError("checkpoints/models: a model state does not fit task.model (expected the same "
+                                 f"architecture and parameter names): {e}") from e
             yield
         finally:
             model.load_state_dict(saved)
@@ -328,6 +371,8 @@ class Attributor:
             raise TypeError("train_data: expected a re-iterable of batches (list, DataLoader), got a one-shot "
                             f"{type(train_data).__name__}")
         self._components = []
+        self._shared_q = None
+        self.ridges_ = []
         self.timings_ = {}
         self._fit_fingerprint = fingerprint_model(self.task.model)
         base_sketch = self._build_sketch()
@@ -349,6 +394,13 @@ class Attributor:
                     self._finalise(comp, train_data, progress)
                     self.timings_["finalise"] = self.timings_.get("finalise", 0.0) + time.perf_counter() - t1
             self._components.append(comp)
+        if self.method == "trak" and self.options.get("margin_fn") is not None:
+            # TRAK (Algorithm 1 of Park et al.; traker's finalize_scores): the out-to-loss weights are
+            # averaged over the ensemble and applied to the averaged score, not per model
+            qs = [cp.q for cp in self._components if cp.q is not None]
+            self._shared_q = torch.stack(qs).mean(0)
+            for cp in self._components:
+                cp.q = None
         first = self._components[0]
         self.n_train_ = int(first.feats.shape[0] if isinstance(first.feats, Tensor) else first.feats.n_rows)
         self.d_ = int(first.sketch.d)
@@ -411,18 +463,26 @@ class Attributor:
             comp.kernel = None
         elif m == "trak":
             d = comp.sketch.d
-            K = torch.zeros(d, d, dtype=torch.float64)
-            n = 0
-            for _, _, blk in self._blocks(comp, self._opt("block_rows", 4096), torch.float64):
-                blk = blk.cpu()
-                K += blk.T @ blk
-                n += blk.shape[0]
-            ridge = self._opt("ridge", None)
-            if ridge is None:
-                ridge = 1e-3 if d >= n else 0.0
-            lam = float(ridge) * float(torch.trace(K)) / d
+            ridge = self._opt("ridge", 1.0)
+            if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) \
+                    or ridge < 0:
+                raise ValueError(f"ridge: expected a finite number >= 0, got {ridge!r}")
+            br = self._opt("block_rows", 4096)
+            n = int(comp.feats.shape[0] if isinstance(comp.feats, Tensor) else comp.feats.n_rows)
+            if d > n:  # ΦᵀΦ has rank <= n < d: work with the n × n Gram matrix
+                F = torch.cat([blk.cpu() for _, _, blk in self._blocks(comp, br, torch.float64)])
+                lam = float(ridge) * float((F * F).sum()) / n
+                comp.kernel = trak_kernel(F, lam)
+                del F
+            else:
+                K = torch.zeros(d, d, dtype=torch.float64)
+                for _, _, blk in self._blocks(comp, br, torch.float64):
+                    K += blk.cpu().T @ blk.cpu()
+                lam = float(ridge) * float(torch.trace(K)) / d
+                comp.kernel = EigKernel.inverse(K, lam)
             self.ridge_ = lam
-            comp.kernel = EigKernel.inverse(K, lam)
+            self.ridges_.append(lam)
+            comp.info["ridge"] = lam
             if self.options.get("margin_fn") is not None:
                 comp.q = self._trak_q(data, progress)
         elif m == "influence":
@@ -502,6 +562,9 @@ class Attributor:
                 s = s * comp.q[r0:r1].to(s.dtype)
             out = s if out is None else out + s
         assert out is not None  # there is at least one component (checkpoints are non-empty)
+        if self._shared_q is not None:
+            r0, r1 = blocks[0][0], blocks[0][1]
+            out = out * self._shared_q[r0:r1].to(out.dtype)
         return out
 
     def _iter_train_blocks(self, dtype: torch.dtype):
@@ -574,6 +637,9 @@ class Attributor:
                     v = v * comp.q[r0:r1].to(v.dtype)
                 tot = v if tot is None else tot + v
             assert tot is not None  # there is at least one component (checkpoints are non-empty)
+            if self._shared_q is not None:
+                r0, r1 = blocks[0][0], blocks[0][1]
+                tot = tot * self._shared_q[r0:r1].to(tot.dtype)
             out.append(tot)
         return torch.cat(out)
 
