@@ -1,13 +1,16 @@
 """Attribution benchmarks: quality on digits (LDS, mislabel AUC), throughput vs TRAK's own pipeline, scale.
 
-usage: python benchmarks/bench_attribution.py [quality|traker|scale|all] [--hidden 32] [--d 2048]
-         [--subsets 64] [--runs 2] [--cache DIR] [--n-scale 60000]
+usage: python benchmarks/bench_attribution.py [quality|arnoldi-seeds|traker|scale|all] [--hidden 32,128]
+         [--d 4096] [--models 5] [--reps 3] [--seeds 5] [--subsets 64] [--runs 2] [--cache DIR] [--n-scale 60000]
 
-quality: an MLP 64-H-10 and a logistic regression on digits (1,000 train / 200 test; full-batch Adam /
-  L-BFGS, deterministic), LDS ground truth from retraining on 50% subsets (cached, resumable), every method's
-  LDS, and mislabel-detection AUC with 10% flipped labels (self-influence).
-traker: featurisation (examples/s) and scoring (pairs/s) of gradsketch vs the `traker` package (its CPU
-  BasicProjector) on the same model, data and d, ratios from one run, plus both LDS.
+quality: MLPs 64-H-10 (one per --hidden) and a logistic regression on digits (1,000 train / 200 test;
+  full-batch Adam / L-BFGS, deterministic), LDS ground truth from retraining on 50% subsets (cached,
+  resumable), every method's LDS (TRAK with one model and with an ensemble of --models independently trained
+  models), sketched (affd, d = --d, or the largest power of two below N for smaller models) vs unsketched, and
+  mislabel-detection AUC with 10% flipped labels (self-influence).
+arnoldi-seeds: LDS spread of Arnoldi over start-vector seeds on logistic regression, unsketched vs sketched.
+traker: featurisation (examples/s) and scoring of gradsketch vs the `traker` package's own pipeline (TRAKer on
+  the CPU) on the same models, data, d and ridge rule; --reps interleaved repetitions, plus both LDS.
 scale: featurise Fashion-MNIST training images (IDX files from Debian's dataset-fashion-mnist) with a small
   CNN into an AFFD store; examples/s and store size; blocked top-k memory.
 Numbers printed as markdown tables (copied into benchmarks/results/attribution.md).
@@ -16,6 +19,7 @@ Numbers printed as markdown tables (copied into benchmarks/results/attribution.m
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import os
 import shutil
@@ -34,6 +38,7 @@ from gradsketch.eval import (
     lds_ground_truth,
     load_digits_split,
     load_model,
+    load_models,
     make_mlp,
     mislabel_detection,
     train_models,
@@ -48,14 +53,24 @@ def _md(rows, header):
     return "\n".join(out)
 
 
+def _pow2_below(n: int) -> int:
+    return 1 << (int(n).bit_length() - 1)
+
+
+def _sketch_d(N: int, d: int) -> int:
+    """The sketch size for a model with N parameters: ``d`` when N > d, else the largest power of two < N
+    (a real compression, not a full-size rotation)."""
+    return d if N > d else _pow2_below(N - 1)
+
+
 def quality(args) -> None:
     D = load_digits_split(1000, 200, seed=0)
-    H = args.hidden
-    setups = {
-        f"MLP 64-{H}-10": (lambda: make_mlp((64, H, 10)), dict(steps=300, lr=1e-2, weight_decay=1e-3)),
-        "logistic regression": (lambda: make_mlp((64, 10), dtype=torch.float64),
-                                dict(optimizer="lbfgs", steps=300, weight_decay=1e-2)),
-    }
+    setups = {}
+    for H in [int(h) for h in str(args.hidden).split(",")]:
+        setups[f"MLP 64-{H}-10"] = (lambda H=H: make_mlp((64, H, 10)), dict(steps=300, lr=1e-2, weight_decay=1e-3))
+    setups["logistic regression"] = (lambda: make_mlp((64, 10), dtype=torch.float64),
+                                     dict(optimizer="lbfgs", steps=300, weight_decay=1e-2))
+    M = args.models
     for name, (mf, kw) in setups.items():
         if args.only and args.only not in name:
             continue
@@ -65,94 +80,168 @@ def quality(args) -> None:
         gt = lds_ground_truth(mf, (Xtr, D.y_train), (Xte, D.y_test), n_subsets=args.subsets, n_runs=args.runs,
                               cache=Path(args.cache) / name.replace(" ", "_"), progress=True, **kw)
         print(f"\n### {name}: ground truth {args.subsets} subsets × {args.runs} runs ({time.perf_counter() - t:.0f}s)")
-        model = load_model(mf, train_models(mf, Xtr, D.y_train, **kw))
-        task = Task.from_classifier(model)
+        # model 0 of the ensemble is the single model (seed 0); the ensemble: seeds 0..M-1
+        ens = load_models(mf, train_models(mf, Xtr, D.y_train, seeds=list(range(M)), **kw))
+        task = Task.from_classifier(ens[0])
         N = task.n_params
-        d = min(args.d, N)
-        # the noisy-label model for AUC
+        d = _sketch_d(N, args.d)
+        # the noisy-label models for AUC
         yn, flipped = flip_labels(D.y_train, 0.1, 10, seed=1)
-        noisy = Task.from_classifier(load_model(mf, train_models(mf, Xtr, yn, **kw)))
+        ens_n = load_models(mf, train_models(mf, Xtr, yn, seeds=list(range(M)), **kw))
+        noisy = Task.from_classifier(ens_n[0])
         tr, te = batches(Xtr, D.y_train, batch_size=250), batches(Xte, D.y_test, batch_size=200)
         trn = batches(Xtr, yn, batch_size=250)
         wd = kw["weight_decay"]
         sk = dict(kind="affd", d=d, seed=0)
         mg = classification_margin()
+        ens_opt = dict(models=ens)
         methods = [
             ("grad-dot", "grad-dot", None, {}),
             ("grad-cos", "grad-cos", None, {}),
-            ("TRAK (margin, ridge 0.1)", "trak", None, dict(margin_fn=mg, ridge=0.1)),
-            (f"TRAK (margin, ridge 0.1) affd d={d}", "trak", sk, dict(margin_fn=mg, ridge=0.1)),
-            ("Arnoldi (100 it, top 30)", "arnoldi", None, dict(n_iters=100, top_k=30, damping=wd)),
-            (f"Arnoldi (100 it, top 30) affd d={d}", "arnoldi", sk, dict(n_iters=100, top_k=30, damping=wd)),
-            ("Arnoldi (200 it, top 100)", "arnoldi", None, dict(n_iters=200, top_k=100, damping=wd)),
-            (f"influence exact GGN δ={max(wd, 1e-3)}", "influence", None,
-             dict(curvature="ggn", damping=max(wd, 1e-3))),
-            ("influence exact Hessian δ=0.01" if "MLP" in name else f"influence exact Hessian δ={wd}",
-             "influence", None, dict(damping=0.01 if "MLP" in name else wd)),
+            ("TRAK 1 model", "trak", None, dict(margin_fn=mg)),
+            (f"TRAK 1 model affd d={d}", "trak", sk, dict(margin_fn=mg)),
+            (f"TRAK {M} models", "trak", None, dict(margin_fn=mg, **ens_opt)),
+            (f"TRAK {M} models affd d={d}", "trak", sk, dict(margin_fn=mg, **ens_opt)),
+            (f"TRAK {M} models affd d={d}, ridge 0 (traker default)", "trak", sk, dict(margin_fn=mg, ridge=0.0,
+                                                                                         **ens_opt)),
+            ("Arnoldi (200 it, top 100)", "arnoldi", None, dict(damping=wd)),
+            (f"Arnoldi (200 it, top 100) affd d={d}", "arnoldi", sk, dict(damping=wd)),
         ]
+        if N <= 8192:
+            methods.append((f"influence exact GGN δ={max(wd, 1e-3)}", "influence", None,
+                            dict(curvature="ggn", damping=max(wd, 1e-3))))
+        if N <= 3000:
+            methods.append(("influence exact Hessian δ=0.01" if "MLP" in name else f"influence exact Hessian δ={wd}",
+                            "influence", None, dict(damping=0.01 if "MLP" in name else wd)))
         rows = []
         for label, m, s, opts in methods:
             t = time.perf_counter()
             S = Attributor(task, m, sketch=s, **opts).fit(tr, progress=False).score(te, progress=False)
             fit_s = time.perf_counter() - t
             L = lds(S, gt.masks, gt.outputs).mean
-            a = Attributor(noisy, m, sketch=s, **opts).fit(trn, progress=False)
+            nopts = dict(opts, models=ens_n) if "models" in opts else opts
+            a = Attributor(noisy, m, sketch=s, **nopts).fit(trn, progress=False)
             auc = mislabel_detection(a.self_influence(progress=False), flipped)
             rows.append([label, L, auc.auc, auc.ap, f"{fit_s:.1f}"])
             print(rows[-1], flush=True)
-        print(f"\n{name} (N = {N} parameters)\n")
+        print(f"\n{name} (N = {N} parameters, sketch d = {d})\n")
         print(_md(rows, ["method", "LDS", "mislabel AUC", "mislabel AP", "fit+score s"]))
+
+
+def arnoldi_seeds(args) -> None:
+    """Arnoldi start-vector randomness vs sketch error on logistic regression (N = 650): LDS of unsketched
+    Arnoldi and of Arnoldi on ΦHΦᵀ for several seeds (the seed sets Arnoldi's start vector; the sketch seed is
+    fixed), at d = N (affd is then an orthogonal rotation: same spectrum, only the start vector differs) and
+    at d = 512."""
+    D = load_digits_split(1000, 200, seed=0)
+    mf = lambda: make_mlp((64, 10), dtype=torch.float64)  # noqa: E731
+    kw = dict(optimizer="lbfgs", steps=300, weight_decay=1e-2)
+    Xtr, Xte = D.x_train.double(), D.x_test.double()
+    gt = lds_ground_truth(mf, (Xtr, D.y_train), (Xte, D.y_test), n_subsets=args.subsets, n_runs=args.runs,
+                          cache=Path(args.cache) / "logistic_regression", progress=True, **kw)
+    task = Task.from_classifier(load_model(mf, train_models(mf, Xtr, D.y_train, **kw)))
+    N = task.n_params
+    tr, te = batches(Xtr, D.y_train, batch_size=250), batches(Xte, D.y_test, batch_size=200)
+    rows = []
+    for it, k in ((100, 30), (200, 100)):
+        for label, s in (("unsketched", None), (f"affd d={N} (rotation)", dict(kind="affd", d=N, seed=0)),
+                         ("affd d=512", dict(kind="affd", d=512, seed=0))):
+            vals = []
+            for seed in range(args.seeds):
+                S = Attributor(task, "arnoldi", sketch=s, n_iters=it, top_k=k, damping=1e-2, seed=seed).fit(
+                    tr, progress=False).score(te, progress=False)
+                vals.append(lds(S, gt.masks, gt.outputs).mean)
+            v = np.array(vals)
+            rows.append([f"{it} it, top {k}", label, f"{v.mean():.3f}", f"{v.std(ddof=1):.3f}",
+                         f"{v.min():.3f}–{v.max():.3f}"])
+            print(rows[-1], flush=True)
+    print(f"\nArnoldi LDS over {args.seeds} start-vector seeds, logistic regression N = {N}\n")
+    print(_md(rows, ["Arnoldi", "operator", "mean LDS", "sd", "range"]))
+
+
+def _traker_run(model, states, tr, te, d, n, m, ridge, tmp):
+    """TRAK's own pipeline (traker.TRAKer on the CPU: FunctionalGradientComputer, BasicProjector with its CPU
+    default (normal) projection, float32): featurize + finalize_features for every model, then scores.
+    λ per model by gradsketch's rule on traker's own xtx: ridge · tr(xtx) / min(n, d)."""
+    import logging
+
+    from trak import TRAKer
+
+    t0 = time.perf_counter()
+    tk = TRAKer(model=model, task="image_classification", train_set_size=n, save_dir=str(tmp), device="cpu",
+                proj_dim=d, use_half_precision=False, projector_seed=0, logging_level=logging.ERROR)
+    for i, sd in enumerate(states):
+        tk.load_checkpoint(sd, model_id=i)
+        for X, y in tr:
+            tk.featurize(batch=(X, y), num_samples=X.shape[0])
+    for i in range(len(states)):
+        tk.saver.load_current_store(i)
+        g = torch.as_tensor(tk.saver.current_store["grads"])
+        tk.score_computer.lambda_reg = ridge * float((g.double() ** 2).sum()) / min(n, d)
+        if not hasattr(tk.projector, "proj_matrix"):  # traker 0.3.2 bug: a second free_memory() raises
+            tk.projector.proj_matrix = None
+        tk.finalize_features(model_ids=[i])
+    t1 = time.perf_counter()
+    for i, sd in enumerate(states):
+        tk.start_scoring_checkpoint(exp_name="test", checkpoint=sd, model_id=i, num_targets=m)
+        for X, y in te:
+            tk.score(batch=(X, y), num_samples=X.shape[0])
+    S = torch.as_tensor(np.array(tk.finalize_scores(exp_name="test"))).T.double()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, S
 
 
 def traker_compare(args) -> None:
     try:
-        from trak.projectors import BasicProjector, ProjectionType
+        import trak  # noqa: F401
     except ImportError:
         print("traker is not installed (pip install traker): skipped")
         return
     D = load_digits_split(1000, 200, seed=0)
-    mf = lambda: make_mlp((64, args.hidden, 10))  # noqa: E731
-    model = load_model(mf, train_models(mf, D.x_train, D.y_train, steps=300, lr=1e-2, weight_decay=1e-3))
-    task = Task.from_classifier(model)
-    N = task.n_params
-    d = min(args.d, N)
+    n, m = 1000, 200
     tr, te = batches(D.x_train, D.y_train, batch_size=250), batches(D.x_test, D.y_test, batch_size=200)
     mg = classification_margin()
-    # gradsketch: margin gradients, AFFD sketch, in memory
-    t = time.perf_counter()
-    a = Attributor(task, "trak", sketch=dict(kind="affd", d=d, seed=0), margin_fn=mg, ridge=0.1).fit(tr, progress=False)
-    gs_feat = time.perf_counter() - t
-    t = time.perf_counter()
-    S = a.score(te, progress=False)
-    gs_score = time.perf_counter() - t
-    # TRAK's pipeline: per-example margin gradients (torch.func, as TRAK's FunctionalGradientComputer does)
-    # projected with its CPU BasicProjector (dense Rademacher, generated block by block)
-    mt = Task(model, mg)
-    proj = BasicProjector(grad_dim=N, proj_dim=d, seed=0, proj_type=ProjectionType.rademacher, device="cpu",
-                          dtype=torch.float32, block_size=100)
-    t = time.perf_counter()
-    feats = torch.cat([proj.project(mt.grads(b), model_id=0) for b in tr])
-    K = feats.T.double() @ feats.double()
-    lam = 0.1 * torch.trace(K) / d
-    Kinv = torch.linalg.inv(K + lam * torch.eye(d, dtype=torch.float64))
-    tk_feat = time.perf_counter() - t
-    t = time.perf_counter()
-    ft = torch.cat([proj.project(mt.grads(b), model_id=0) for b in te])
-    with torch.no_grad():
-        q = torch.sigmoid(-mg(model, (D.x_train, D.y_train))).double()
-    S2 = (ft.double() @ Kinv @ feats.double().T) * q
-    tk_score = time.perf_counter() - t
-    gt = lds_ground_truth(mf, (D.x_train, D.y_train), (D.x_test, D.y_test), n_subsets=args.subsets,
-                          n_runs=args.runs, cache=Path(args.cache) / f"MLP_64-{args.hidden}-10", progress=True,
-                          steps=300, lr=1e-2, weight_decay=1e-3)
-    n, m = 1000, 200
-    rows = [["gradsketch (affd)", f"{n / gs_feat:.0f}", f"{m * n / gs_score:.3g}", lds(S, gt.masks, gt.outputs).mean],
-            ["traker BasicProjector (rademacher)", f"{n / tk_feat:.0f}", f"{m * n / tk_score:.3g}",
-             lds(S2, gt.masks, gt.outputs).mean]]
-    print(f"\nTRAK pipeline comparison: MLP N = {N}, d = {d}, 1000 train / 200 test, CPU\n")
-    print(_md(rows, ["pipeline", "featurise examples/s (incl. kernel)", "score pairs/s (incl. test featurisation)",
-                     "LDS"]))
-    print(f"\nratio featurisation: {tk_feat / gs_feat:.1f}x, scoring: {tk_score / gs_score:.1f}x")
+    out = []
+    for H in [int(h) for h in str(args.hidden).split(",")]:
+        mf = lambda H=H: make_mlp((64, H, 10))  # noqa: E731
+        kw = dict(steps=300, lr=1e-2, weight_decay=1e-3)
+        gt = lds_ground_truth(mf, (D.x_train, D.y_train), (D.x_test, D.y_test), n_subsets=args.subsets,
+                              n_runs=args.runs, cache=Path(args.cache) / f"MLP_64-{H}-10", progress=True, **kw)
+        models = load_models(mf, train_models(mf, D.x_train, D.y_train, seeds=list(range(args.models)), **kw))
+        task = Task.from_classifier(copy.deepcopy(models[0]))
+        N = task.n_params
+        d = _sketch_d(N, args.d)
+        for M in sorted({1, args.models}):
+            states = [{k: v.detach().clone() for k, v in mm.state_dict().items()} for mm in models[:M]]
+            gs_f, gs_s, tk_f, tk_s = [], [], [], []
+            for rep in range(args.reps):  # interleaved: gradsketch, traker, gradsketch, traker, ...
+                t = time.perf_counter()
+                a = Attributor(task, "trak", sketch=dict(kind="affd", d=d, seed=0), margin_fn=mg,
+                               models=states).fit(tr, progress=False)
+                gs_f.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                S = a.score(te, progress=False)
+                gs_s.append(time.perf_counter() - t)
+                tmp = Path(tempfile.mkdtemp(prefix="gs-traker-"))
+                try:
+                    f, s2, S2 = _traker_run(copy.deepcopy(models[0]), states, tr, te, d, n, m, 1.0, tmp)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                tk_f.append(f)
+                tk_s.append(s2)
+                print(f"H={H} M={M} rep {rep}: gradsketch fit {gs_f[-1]:.2f}s score {gs_s[-1]:.2f}s | traker "
+                      f"featurize+finalize {tk_f[-1]:.2f}s score {tk_s[-1]:.2f}s", flush=True)
+            L1, L2 = lds(S, gt.masks, gt.outputs).mean, lds(S2, gt.masks, gt.outputs).mean
+            rf = np.array(tk_f) / np.array(gs_f)
+            rs = np.array(tk_s) / np.array(gs_s)
+            out.append([f"MLP 64-{H}-10 (N = {N})", d, M, f"{n * M / np.median(gs_f):.0f}",
+                        f"{n * M / np.median(tk_f):.0f}", f"{np.median(rf):.1f}× ({rf.min():.1f}–{rf.max():.1f})",
+                        f"{np.median(rs):.1f}×", L1, L2])
+            print(out[-1], flush=True)
+    print(f"\nTRAK pipeline comparison (CPU, {args.reps} interleaved repetitions, medians; ratio = traker time / "
+          "gradsketch time per repetition)\n")
+    print(_md(out, ["model", "d", "models", "gradsketch featurise ex/s", "traker featurise ex/s",
+                    "featurise ratio (range)", "score ratio", "LDS gradsketch", "LDS traker"]))
 
 
 def _read_idx(path: Path, offset: int) -> np.ndarray:
@@ -196,8 +285,11 @@ def scale(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", nargs="?", default="all", choices=["quality", "traker", "scale", "all"])
-    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("what", nargs="?", default="all", choices=["quality", "arnoldi-seeds", "traker", "scale", "all"])
+    p.add_argument("--hidden", default="32", help="hidden widths of the digits MLPs, comma-separated (e.g. 32,128)")
+    p.add_argument("--models", type=int, default=5, help="TRAK ensemble size (independently trained models)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved timing repetitions (traker)")
+    p.add_argument("--seeds", type=int, default=5, help="Arnoldi start-vector seeds (arnoldi-seeds)")
     p.add_argument("--d", type=int, default=4096)
     p.add_argument("--subsets", type=int, default=64)
     p.add_argument("--runs", type=int, default=2)
@@ -208,6 +300,8 @@ def main() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     if args.what in ("quality", "all"):
         quality(args)
+    if args.what in ("arnoldi-seeds", "all"):
+        arnoldi_seeds(args)
     if args.what in ("traker", "all"):
         traker_compare(args)
     if args.what in ("scale", "all"):

@@ -153,3 +153,20 @@ def test_trak_bad_input_names_argument():
         Attributor(task, "trak", models=[wrong]).fit(tr, progress=False)
     with pytest.raises(TypeError, match="models"):
         Attributor(task, "tracin", models=[model(1)])
+
+
+def test_gram_path_float32_features_close_to_float64():
+    """float32 features: the Gram matrix is a float32 GEMM (factorised in float64); the scores stay within
+    float32 accuracy of the float64 closed form (bound: relative error ≤ 1e-4 · max|S| at these sizes)."""
+    train, test = data()
+    m = model(0)
+    S64, q, _ = closed_form(m, train, test, 1.0)
+    m32 = copy.deepcopy(m).float()
+    task = Task.from_classifier(m32)
+    tr = batches(train[0].float(), train[1], batch_size=4)
+    te = batches(test[0].float(), test[1], batch_size=2)
+    a = Attributor(task, "trak", margin_fn=classification_margin()).fit(tr, progress=False)
+    assert isinstance(a._components[0].kernel, GramKernel)
+    S = a.score(te, progress=False).double()
+    ref = S64 * q
+    assert float((S - ref).abs().max()) <= 1e-4 * float(ref.abs().max())

@@ -12,6 +12,7 @@ from gradsketch.eval import (
     lds,
     lds_ground_truth,
     load_model,
+    load_models,
     loo_correlation,
     loo_effects,
     make_mlp,
@@ -111,6 +112,12 @@ def test_train_models_vectorised_equals_one_by_one():
     torch.testing.assert_close(model_outputs(mf, together, Xt, yt, "loss"), -lp)
     # margin = log p/(1 - p)
     torch.testing.assert_close(o, lp - torch.log1p(-lp.exp()), rtol=1e-4, atol=1e-4)
+    # load_models: every stacked model as a module, in order
+    ms = load_models(mf, together)
+    assert len(ms) == 3
+    for m, mod in enumerate(ms):
+        torch.testing.assert_close(mod(Xt), load_model(mf, together, m)(Xt), rtol=0, atol=0)
+    assert not torch.equal(ms[0](Xt), ms[1](Xt))
 
 
 def test_lds_ground_truth_cache_resumes(tmp_path):

@@ -83,9 +83,12 @@ class GramKernel:
     only for λ ≥ 1e-8 · tr(G)."""
 
     def __init__(self, F: Tensor, damping: float) -> None:
-        self.F = F.detach().to("cpu", torch.float64)
+        F = F.detach().to("cpu")
+        self.F = F.to(torch.float64)
         self.damping = float(damping)
-        A = self.F @ self.F.T
+        # the n × n Gram matrix in the features' own precision (float32 features: a float32 GEMM, half the
+        # time of float64; features are stored in float16/float32 anyway), factorised in float64
+        A = (F @ F.T).to(torch.float64) if F.dtype == torch.float32 else self.F @ self.F.T
         A.diagonal().add_(self.damping)
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) != 0:
@@ -106,13 +109,14 @@ class GramKernel:
 
 
 def trak_kernel(F: Tensor, damping: float) -> Any:
-    """(FᵀF + λI)⁻¹ for training features F [n, d] (float64 on the CPU): the Gram form
+    """(FᵀF + λI)⁻¹ for training features F [n, d] (on the CPU; float32 or float64): the Gram form
     (:class:`GramKernel`) when d > n and λ ≥ 1e-8 · tr(FᵀF), else a d × d Cholesky / eigh
-    (:meth:`EigKernel.inverse`)."""
+    (:meth:`EigKernel.inverse`, float64)."""
     n, d = F.shape
-    F = F.detach().to("cpu", torch.float64)
-    if d > n and damping > 0 and damping >= 1e-8 * float((F * F).sum()):
+    F = F.detach().to("cpu")
+    if d > n and damping > 0 and damping >= 1e-8 * float(F.to(torch.float64).square().sum()):
         return GramKernel(F, damping)
+    F = F.to(torch.float64)
     return EigKernel.inverse(F.T @ F, damping)
 
 

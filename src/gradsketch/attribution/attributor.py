@@ -470,8 +470,10 @@ class Attributor:
             br = self._opt("block_rows", 4096)
             n = int(comp.feats.shape[0] if isinstance(comp.feats, Tensor) else comp.feats.n_rows)
             if d > n:  # ΦᵀΦ has rank <= n < d: work with the n × n Gram matrix
-                F = torch.cat([blk.cpu() for _, _, blk in self._blocks(comp, br, torch.float64)])
-                lam = float(ridge) * float((F * F).sum()) / n
+                f64 = isinstance(comp.feats, Tensor) and comp.feats.dtype == torch.float64
+                fdt = torch.float64 if f64 else torch.float32
+                F = torch.cat([blk.cpu() for _, _, blk in self._blocks(comp, br, fdt)])
+                lam = float(ridge) * float(F.to(torch.float64).square().sum()) / n
                 comp.kernel = trak_kernel(F, lam)
                 del F
             else:

@@ -136,6 +136,13 @@ def load_model(model_fn: Callable[[], nn.Module], params: dict[str, Tensor], i: 
     return m
 
 
+def load_models(model_fn: Callable[[], nn.Module], params: dict[str, Tensor]) -> list[nn.Module]:
+    """All ``M`` stacked models as ordinary modules, e.g. the ensemble for
+    ``Attributor(task, "trak", models=load_models(mf, train_models(mf, X, y, seeds=range(5))))``."""
+    M = next(iter(params.values())).shape[0]
+    return [load_model(model_fn, params, i) for i in range(M)]
+
+
 def model_outputs(model_fn: Callable[[], nn.Module], params: dict[str, Tensor], X: Tensor, y: Tensor,
                   output: str = "margin") -> Tensor:
     """``[M, n]`` outputs of the stacked models on ``(X, y)``: ``"margin"`` z_y − logsumexp_{j≠y} z_j
