@@ -33,7 +33,7 @@ def explicit_hessian(task: Task, X, y) -> torch.Tensor:
     return torch.func.hessian(mean_loss)(task.flatten(p0))
 
 
-@pytest.mark.parametrize("method", ["fwd_rev", "double_backward", "auto"])
+@pytest.mark.parametrize("method", ["fwd_rev", "fwd_ad", "double_backward", "auto"])
 def test_hvp_equals_torch_func_hessian_and_finite_difference(method):
     X, y = data3()
     task = Task(tiny(), classifier_loss())

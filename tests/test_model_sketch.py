@@ -44,15 +44,24 @@ def test_plain_sketch_and_list_blocksketch_accepted():
 
 
 def _kron_expected(task: Task, S: FactoredSketch, G: torch.Tensor) -> torch.Tensor:
-    """Σ_p over Kronecker blocks vec(F_r G_p F_cᵀ) + rest BlockSketch of the exact rest gradients."""
+    """Σ over Kronecker blocks of vec(F_r G'_p F_cᵀ) placed in the block's output slice, G'_p the weight
+    gradient with its folded bias as an extra last column (Linear/Conv2d) or row (Conv1D), + the rest
+    BlockSketch of the exact rest gradients."""
     parts = task.unflatten(G)
-    out = torch.zeros(G.shape[0], S.d, dtype=G.dtype)
+    B = G.shape[0]
+    out = torch.zeros(B, S.d, dtype=G.dtype)
     for name, blk in S.blocks.items():
         fr, fc = (f.to(torch.float64) for f in blk.factor_matrices(torch.float64))
-        g2 = parts[name].reshape(G.shape[0], *S.shapes2d[name])
-        out += (fr @ g2 @ fc.T).reshape(G.shape[0], -1)
+        g2 = parts[name].reshape(B, *S.shapes2d[name])
+        if name in S.bias_of:
+            bname, side = S.bias_of[name]
+            gb = parts[bname].reshape(B, -1)
+            g2 = torch.cat([g2, gb[:, :, None]], 2) if side == "cols" else torch.cat([g2, gb[:, None, :]], 1)
+        y = (fr @ g2 @ fc.T).reshape(B, -1)
+        off = S.offsets.get(name, 0)
+        out[:, off:off + y.shape[1]] += y
     if S.rest is not None:
-        out += S.rest([parts[n].reshape(G.shape[0], -1) for n in S.rest_names])
+        out += S.rest([parts[n].reshape(B, -1) for n in S.rest_names])
     return out
 
 
@@ -61,7 +70,9 @@ def test_factored_mlp_equals_kronecker_sketch_of_exact_grads():
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)).double()
     task = Task(model, classifier_loss())
     S = task.factored_sketch(64, seed=5)
-    assert set(S.blocks) == {"0.weight", "2.weight"} and S.rest_names == ["0.bias", "2.bias"]
+    # biases fold into their weight's Kronecker block ([rows, cols + 1]): nothing is left for the rest
+    assert set(S.blocks) == {"0.weight", "2.weight"} and S.rest_names == [] and S.rest is None
+    assert S.bias_of == {"0.weight": ("0.bias", "cols"), "2.weight": ("2.bias", "cols")}
     out = task.sketch_grads(batches(X, y, 10), S, mode="factored", progress=False)
     G = task.grads((X, y))
     torch.testing.assert_close(out, _kron_expected(task, S, G), atol=TOL, rtol=0)
@@ -88,6 +99,9 @@ def test_factored_gpt2_tied_embeddings_layernorm_and_padding():
     kron = set(S.blocks)
     assert "transformer.wte.weight" in kron and "transformer.h.0.attn.c_attn.weight" in kron
     assert "transformer.ln_f.weight" in S.rest_names
+    # Conv1D biases fold in as an extra row; the LayerNorm rest (640 >= d, affd) is dense: no scatter form
+    assert S.bias_of["transformer.h.0.attn.c_attn.weight"] == ("transformer.h.0.attn.c_attn.bias", "rows")
+    assert S.rest_scatter(torch.float64, torch.device("cpu")) is None
     data = [token_batch(3, 9, seed=1, pad_rows={0: 5}), token_batch(2, 9, seed=2, pad_rows={1: 3})]
     out = task.sketch_grads(data, S, mode="factored", progress=False)
     G = torch.cat([task.grads(b) for b in data])
@@ -114,21 +128,74 @@ def test_factored_generic_params_take_explicit_path():
     X, y = digits(9)
     task = Task(Scaled(), classifier_loss())
     S = task.factored_sketch(40, seed=2, kind="sjlt")
-    assert "gain" in S.rest_names and "lin.weight" in S.blocks
+    assert S.rest_names == ["gain"] and "lin.weight" in S.blocks and "lin.bias" not in S.rest_names
+    # a 10-coordinate CountSketch rest: applied as scatter-adds of its explicit sparse columns
+    rows, vals = S.rest_scatter(torch.float64, torch.device("cpu"))
+    M = torch.zeros(40, 10, dtype=torch.float64)
+    for k in range(rows.shape[0]):
+        M[rows[k], torch.arange(10)] += vals[k]
+    torch.testing.assert_close(M, S.rest.matrix(), atol=0, rtol=0)
     out = task.sketch_grads([(X, y)], S, mode="factored", progress=False)
     torch.testing.assert_close(out, _kron_expected(task, S, task.grads((X, y))), atol=TOL, rtol=0)
 
 
-def test_factored_sketch_spec_roundtrip_and_adjoint():
+@pytest.mark.parametrize("d", [64, 256])
+def test_factored_sketch_spec_roundtrip_and_adjoint(d):
     task = Task(mlp(hidden=32), classifier_loss())
-    S = task.factored_sketch(64, seed=7)
+    S = task.factored_sketch(d, seed=7)
+    assert set(S.blocks) == {"0.weight", "2.weight"} and len(S.bias_of) == 2 and S.rest is None
     S2 = FactoredSketch.from_spec(S.spec)
     x = [torch.randn(3, n, dtype=torch.float64) for n in task.param_sizes]
     torch.testing.assert_close(S(x), S2(x))
-    yv = torch.randn(3, 64, dtype=torch.float64)
+    yv = torch.randn(3, d, dtype=torch.float64)
     lhs = (S(x) * yv).sum()
     rhs = sum((a * b).sum() for a, b in zip(x, S.T(yv)))
     torch.testing.assert_close(lhs, rhs)
+    # S is linear and S(x) is Σ_i over coordinates: the explicit matrix from unit vectors reproduces it
+    eye = torch.eye(task.n_params, dtype=torch.float64)
+    M = S(list(torch.split(eye, task.param_sizes, dim=1))).T  # [d, N]
+    torch.testing.assert_close(S(x), torch.cat(x, 1) @ M.T)
+
+
+def test_factored_small_layer_embedded_as_exact_rotation():
+    """MLP 64-16-10 at d = 256: 2.weight with its bias is [10, 17] (170 <= 256 coordinates, no factorisation
+    of 256 fits): an orthogonal Kronecker rotation into an output slice, exactly norm-preserving."""
+    X, y = digits(12)
+    task = Task(mlp(), classifier_loss())
+    S = task.factored_sketch(256, seed=4)
+    assert S.rest is None and set(S.offsets) == {"2.weight"} and S.blocks["2.weight"].d == 170
+    sl = S.block_slice("2.weight")
+    assert sl.stop - sl.start == 170 and 0 <= sl.start <= 256 - 170
+    out = task.sketch_grads(batches(X, y, 5), S, mode="factored", progress=False)
+    G = task.grads((X, y))
+    torch.testing.assert_close(out, _kron_expected(task, S, G), atol=TOL, rtol=0)
+    # the block alone is an isometry: ‖Φ_p g_p‖ = ‖g_p‖ for each example (qk stores its Haar factors in
+    # float32, so orthogonal to ~1e-7)
+    parts = task.unflatten(G)
+    g = torch.cat([parts["2.weight"], parts["2.bias"][:, :, None]], 2).reshape(12, -1)
+    yb = S.blocks["2.weight"](g)
+    torch.testing.assert_close(yb.norm(dim=1), g.norm(dim=1), atol=0, rtol=1e-6)
+    assert not torch.allclose(yb.norm(dim=1), 1.01 * g.norm(dim=1), atol=0, rtol=1e-6)
+    # explicit and implicit modes with the same FactoredSketch are the same map
+    torch.testing.assert_close(task.sketch_grads([(X, y)], S, progress=False), out, atol=TOL, rtol=0)
+    torch.testing.assert_close(task.sketch_grads([(X, y)], S, mode="implicit", progress=False), out,
+                               atol=TOL, rtol=0)
+
+
+def test_factored_version1_spec_rebuilds_unfolded_map():
+    """Specs written before biases were folded (no "version" key) rebuild the old map: biases in the rest."""
+    task = Task(mlp(), classifier_loss())
+    S = task.factored_sketch(64, seed=1)
+    old = {k: v for k, v in S.spec.items() if k not in ("version", "bias_of", "offsets")}
+    old["blocks"] = {n: dict(b, n=b["n"] - b["in_factors"][0], in_factors=[b["in_factors"][0],
+                                                                           b["in_factors"][1] - 1])
+                     for n, b in S.spec["blocks"].items()}
+    old["rest"] = dict(sizes={"0.bias": 16, "2.bias": 10}, d=64, kind="sjlt", seed=5)
+    S1 = FactoredSketch.from_spec(old)
+    assert S1.bias_of == {} and S1.rest_names == ["0.bias", "2.bias"] and S1.shapes2d["0.weight"] == (16, 64)
+    X, y = digits(6)
+    out = task.sketch_grads([(X, y)], S1, mode="factored", progress=False)
+    torch.testing.assert_close(out, _kron_expected(task, S1, task.grads((X, y))), atol=TOL, rtol=0)
 
 
 def test_nan_policy_skip_records_indices_and_zeroes_rows():

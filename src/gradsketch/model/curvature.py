@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .task import Task
 
 MODES = ("full", "batch", "stochastic")
-HVP_METHODS = ("auto", "fwd_rev", "double_backward")
+HVP_METHODS = ("auto", "fwd_rev", "fwd_ad", "double_backward")
 
 
 class CurvatureOperator(LinearOperator):
@@ -131,7 +131,32 @@ class HessianOperator(CurvatureOperator):
 
     def _batch_sum(self, split: SplitBatch, V: Tensor) -> Tensor:
         method = "double_backward" if self.method == "auto" else self.method
+        if method == "fwd_ad":
+            return self._fwd_ad(split, V)
         return (self._fwd_rev if method == "fwd_rev" else self._double_backward)(split, V)
+
+    def _fwd_ad(self, split: SplitBatch, V: Tensor) -> Tensor:
+        """Forward-over-reverse with ``torch.autograd.forward_ad``: the parameters become dual numbers
+        (θ, v), one ordinary forward and backward pass on them, and the tangent of ∇_θ L is H v. No
+        functorch transforms; one forward + backward per column."""
+        import torch.autograd.forward_ad as fwAD
+
+        task = self.task
+        batch = split.rebuild()
+        cols = []
+        for j in range(V.shape[1]):
+            vs = task.unflatten(V[:, j])
+            with fwAD.dual_level(), torch.enable_grad():
+                prim = {n: t.detach().requires_grad_(True) for n, t in task.params_dict().items()}
+                duals = {n: fwAD.make_dual(t, vs[n].to(t.dtype)) for n, t in prim.items()}
+                loss = task._losses(duals, batch, split.size).sum()
+                gs = torch.autograd.grad(loss, list(prim.values()), allow_unused=True)
+                hv = []
+                for g, t in zip(gs, prim.values()):
+                    tan = None if g is None else fwAD.unpack_dual(g).tangent
+                    hv.append(torch.zeros_like(t) if tan is None else tan.detach())
+            cols.append(task.flatten(hv))
+        return torch.stack(cols, 1)
 
     def _fwd_rev(self, split: SplitBatch, V: Tensor) -> Tensor:
         task, batch, B = self.task, split.rebuild(), split.size

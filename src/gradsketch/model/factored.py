@@ -76,6 +76,10 @@ def layer_type(module: nn.Module) -> str | None:
 
 
 FACTORABLE = ("linear", "conv1d", "embedding", "conv2d")
+#: the leftover (non-Kronecker) block is applied as an explicit sparse matrix when it has at most this many
+#: entries n_rest·d and at most this fraction of them non-zero (see FactoredSketch.rest_scatter)
+REST_MATRIX_MAX = 2**26
+REST_MATRIX_DENSITY = 1 / 64
 
 
 @dataclass
@@ -128,47 +132,100 @@ def factor_pair(d: int, rows: int, cols: int) -> tuple[int, int] | None:
 class FactoredSketch:
     """Whole-model sketch R^N -> R^d: Σ_p Φ_p(g_p) over the task's parameters p (independent blocks).
 
-    Supported weights of shape [rows, cols] (2-D view: first dimension × the rest) get a Kronecker ``qk``
-    sketch F_r ⊗ F_c with d = d_r·d_c (:func:`factor_pair`); the others share one BlockSketch of ``kind``.
-    Build with :meth:`gradsketch.Task.factored_sketch`. ``S(xs)``: list of [..., n_p] -> [..., d];
-    ``S.T(y)``: [..., d] -> list of [..., n_p]; ``S.spec`` rebuilds it with :meth:`from_spec`.
+    Supported weights get a Kronecker ``qk`` sketch F_r ⊗ F_c of their [rows, cols] view (first dimension ×
+    the rest); the others share one BlockSketch of ``kind`` (the "rest"). Build with
+    :meth:`gradsketch.Task.factored_sketch`. ``S(xs)``: list of [..., n_p] -> [..., d]; ``S.T(y)``: [..., d] ->
+    list of [..., n_p]; ``S.spec`` rebuilds it with :meth:`from_spec`.
+
+    Spec version 2 (what :meth:`for_task` builds) adds two things that keep small tensors out of the rest:
+
+    * **Biases folded into their weight's block.** A Linear/Conv2d bias is the gradient of an extra input
+      column of ones, so [G | g_b] ([rows, cols + 1]; for transformers' Conv1D, whose rows are the inputs,
+      [G; g_bᵀ], [rows + 1, cols]) gets one Kronecker sketch: the factored path just adds F_c's last column
+      to F_c a_t, at no extra cost (the usual LoGra treatment of biases).
+    * **Small layers embedded.** A weight (with its bias) too small for d = d_r·d_c (rows·cols < d, or no
+      factorisation of d fits) but with rows·cols ≤ d gets a qk sketch onto d_p = rows·cols coordinates
+      (full Haar rotations Q_r ⊗ Q_c: an exact isometry of the block) written into the slice
+      [offset, offset + d_p) of the output, offset drawn from the seed. Summed with the other independent
+      blocks this is still a sketch of the whole gradient with E‖Φg‖² = ‖g‖².
+
+    Version-1 specs (no ``"version"`` key) rebuild the earlier map exactly: no folding, no embedding.
     """
 
     def __init__(self, names: list[str], sizes: list[int], d: int, blocks: dict[str, Any],
                  shapes2d: dict[str, tuple[int, int]], rest: Any, spec: dict[str, Any]) -> None:
         self.names, self.sizes, self.d = list(names), [int(s) for s in sizes], int(d)
         self.n = int(sum(self.sizes))
-        self.blocks = blocks                   # name -> qk Sketch (Kronecker)
-        self.shapes2d = shapes2d               # name -> (rows, cols)
+        self.blocks = blocks                   # weight name -> qk Sketch (Kronecker)
+        self.shapes2d = shapes2d               # weight name -> (rows, cols) of the weight itself
+        #: weight name -> (bias name, "cols" | "rows"): the bias is the block's extra last column / row
+        self.bias_of: dict[str, tuple[str, str]] = {
+            w: (b[0], b[1]) for w, b in spec.get("bias_of", {}).items()}
+        #: weight name -> first output coordinate of an embedded (d_p < d) block
+        self.offsets: dict[str, int] = {w: int(o) for w, o in spec.get("offsets", {}).items()}
+        folded = {b for b, _ in self.bias_of.values()}
         self.rest = rest                       # BlockSketch over rest_names, or None
-        self.rest_names = [n for n in self.names if n not in blocks]
+        self.rest_names = [n for n in self.names if n not in blocks and n not in folded]
         self.spec = spec
         self._factors: dict[tuple[str, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+        self._rest_cols: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor] | None] = {}
 
     @classmethod
     def for_task(cls, task: Task, d: int, seed: int = 0, kind: str = "affd",
                  **options: Any) -> FactoredSketch:
         if int(d) != d or d < 1:
             raise ValueError(f"d: expected a positive integer, got {d!r}")
+        d = int(d)
         plans = plan_task(task)
+        shapes = dict(zip(task.param_names, task.param_shapes))
+        # a bias rides along with its weight when both are selected and each is used by that module alone
+        bias_for: dict[str, tuple[str, str]] = {}
+        for n, plan in plans.items():
+            if plan.generic or len(plan.uses) != 1 or plan.uses[0][2] != "weight":
+                continue
+            mod, kind_w, _ = plan.uses[0]
+            if kind_w not in ("linear", "conv2d", "conv1d"):
+                continue
+            bias = [b for b, pb in plans.items() if not pb.generic and pb.uses == [(mod, kind_w, "bias")]]
+            if bias:
+                bias_for[n] = (bias[0], "rows" if kind_w == "conv1d" else "cols")
         fac: dict[str, dict[str, Any]] = {}
+        bias_of: dict[str, list[str]] = {}
+        offsets: dict[str, int] = {}
         for n, shape in zip(task.param_names, task.param_shapes):
-            if plans[n].weight_like and len(shape) >= 2:
-                rows, cols = shape[0], math.prod(shape[1:])
-                pair = factor_pair(int(d), rows, cols)
-                if pair is not None:
-                    fac[n] = dict(kind="qk", n=rows * cols, d=int(d), seed=_derive_seed(seed, n),
-                                  in_factors=[rows, cols], out_factors=list(pair))
-        rest = [(n, s) for n, s in zip(task.param_names, task.param_sizes) if n not in fac]
+            if not (plans[n].weight_like and len(shape) >= 2):
+                continue
+            rows, cols = shape[0], math.prod(shape[1:])
+            b = bias_for.get(n)
+            if b is not None:
+                rows, cols = (rows + 1, cols) if b[1] == "rows" else (rows, cols + 1)
+                if shapes[b[0]] != ((cols if b[1] == "rows" else rows),):
+                    b = None  # a bias of an unexpected shape: leave it to the rest
+                    rows, cols = shape[0], math.prod(shape[1:])
+            pair = factor_pair(d, rows, cols)
+            if pair is not None:
+                fac[n] = dict(kind="qk", n=rows * cols, d=d, seed=_derive_seed(seed, n),
+                              in_factors=[rows, cols], out_factors=list(pair))
+            elif rows * cols <= d:  # small: an exact rotation onto rows·cols coordinates of the output
+                fac[n] = dict(kind="qk", n=rows * cols, d=rows * cols, seed=_derive_seed(seed, n),
+                              in_factors=[rows, cols], out_factors=[rows, cols])
+                offsets[n] = _derive_seed(seed, "offset:" + n) % (d - rows * cols + 1)
+            else:
+                continue
+            if b is not None:
+                bias_of[n] = [b[0], b[1]]
+        folded = {b[0] for b in bias_of.values()}
+        rest = [(n, s) for n, s in zip(task.param_names, task.param_sizes) if n not in fac and n not in folded]
         rest_kind = kind
         if rest and sum(s for _, s in rest) < d:
             from ..sketch import KINDS
 
             if not KINDS[kind].allows_d_greater_than_n:
                 rest_kind = "sjlt"  # fewer leftover coordinates than d: a CountSketch block (d > n allowed)
-        spec = {"type": "FactoredSketch", "d": int(d), "seed": int(seed), "kind": kind, "options": options,
-                "names": list(task.param_names), "sizes": list(task.param_sizes), "blocks": fac,
-                "rest": None if not rest else dict(sizes=dict(rest), d=int(d), kind=rest_kind,
+        spec = {"type": "FactoredSketch", "version": 2, "d": d, "seed": int(seed), "kind": kind,
+                "options": options, "names": list(task.param_names), "sizes": list(task.param_sizes),
+                "blocks": fac, "bias_of": bias_of, "offsets": offsets,
+                "rest": None if not rest else dict(sizes=dict(rest), d=d, kind=rest_kind,
                                                    seed=_derive_seed(seed, "rest"), **options)}
         return cls.from_spec(spec)
 
@@ -177,7 +234,12 @@ class FactoredSketch:
         from ..sketch import BlockSketch, sketch
 
         blocks = {n: sketch(**s) for n, s in spec["blocks"].items()}
-        shapes2d = {n: tuple(s["in_factors"]) for n, s in spec["blocks"].items()}
+        bias_of = spec.get("bias_of", {})
+        shapes2d = {}
+        for n, s in spec["blocks"].items():
+            rows, cols = s["in_factors"]
+            side = bias_of.get(n, [None, None])[1]
+            shapes2d[n] = (rows - 1, cols) if side == "rows" else (rows, cols - 1) if side == "cols" else (rows, cols)
         rest = None if spec["rest"] is None else BlockSketch(**spec["rest"])
         return cls(spec["names"], spec["sizes"], spec["d"], blocks, shapes2d, rest, spec)
 
@@ -187,15 +249,80 @@ class FactoredSketch:
         if self.rest is not None:
             self.rest.to(device)
         self._factors.clear()
+        self._rest_cols.clear()
         return self
 
     def factors(self, name: str, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(F_r [d_r, rows], F_c [d_c, cols]) of a Kronecker block, scale folded in (cached)."""
+        """(F_r [d_r, rows'], F_c [d_c, cols']) of a Kronecker block, scale folded in (cached); rows'/cols'
+        include the folded bias's extra row/column (the last one)."""
         key = (name, dtype, device)
         if key not in self._factors:
             fr, fc = self.blocks[name].factor_matrices(torch.float64)
             self._factors[key] = (fr.to(device, dtype), fc.to(device, dtype))
         return self._factors[key]
+
+    def block_slice(self, name: str) -> slice:
+        """Output coordinates of a Kronecker block: all of them, or an embedded block's slice."""
+        off = self.offsets.get(name)
+        return slice(0, self.d) if off is None else slice(off, off + self.blocks[name].d)
+
+    def block_input(self, name: str, g: Tensor, gb: Tensor | None) -> Tensor:
+        """``[..., n_w]`` weight gradient (and ``[..., n_b]`` folded bias gradient) -> the block's
+        ``[..., rows'·cols']`` input."""
+        if name not in self.bias_of:
+            return g
+        rows, cols = self.shapes2d[name]
+        lead = g.shape[:-1]
+        g2 = g.reshape(*lead, rows, cols)
+        assert gb is not None
+        if self.bias_of[name][1] == "cols":
+            g2 = torch.cat([g2, gb.reshape(*lead, rows, 1).to(g2.dtype)], dim=-1)
+        else:
+            g2 = torch.cat([g2, gb.reshape(*lead, 1, cols).to(g2.dtype)], dim=-2)
+        return g2.reshape(*lead, -1)
+
+    def rest_scatter(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """The leftover BlockSketch as explicit sparse columns (cached): ``(rows [q, n_rest], vals [q, n_rest])``
+        with column j of its ``[d, n_rest]`` matrix equal to Σ_k vals[k, j]·e_{rows[k, j]} (q = the most
+        non-zeros in a column; shorter columns padded with value 0), or None.
+
+        Built only when the block is small and sparse: ``n_rest·d ≤ REST_MATRIX_MAX`` and at most
+        max(8, ``REST_MATRIX_DENSITY·d``) non-zeros per column (an SJLT rest block, as the digits MLP's biases and
+        unfactorable last layer get: d > n_rest). Then q ``scatter_add_`` calls along the rows of the
+        ``[m, d]`` result replace the sketch call of every batch (the same linear map; entries come from
+        applying the sketch to unit vectors in float64, so results agree up to rounding). Dense kinds give up
+        after one chunk of columns."""
+        key = (dtype, device)
+        if key in self._rest_cols:
+            return self._rest_cols[key]
+        found: tuple[Tensor, Tensor] | None = None
+        rest, names = self.rest, set(self.rest_names)
+        sizes = [s for n, s in zip(self.names, self.sizes) if n in names]
+        n_rest = sum(sizes)
+        if rest is not None and n_rest * self.d <= REST_MATRIX_MAX:
+            qmax = max(8, int(REST_MATRIX_DENSITY * self.d))
+            rows: list[Tensor] = []
+            vals: list[Tensor] = []
+            with torch.no_grad():
+                for lo in range(0, n_rest, 512):
+                    hi = min(n_rest, lo + 512)
+                    eye = torch.zeros(hi - lo, n_rest, dtype=torch.float64, device=rest.device)
+                    eye[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
+                    cols = rest(list(torch.split(eye, sizes, dim=1)), nan_policy="propagate")  # [k, d]: Mᵀ rows
+                    q = int((cols != 0).sum(1).max())
+                    if q > qmax:
+                        break
+                    # the q largest-magnitude entries of each column hold all of its non-zeros
+                    v, r = cols.abs().topk(max(q, 1), dim=1)
+                    rows.append(r)
+                    vals.append(torch.gather(cols, 1, r) * (v != 0))
+                else:
+                    q = max(t.shape[1] for t in rows)
+                    r_all = torch.cat([torch.nn.functional.pad(t, (0, q - t.shape[1])) for t in rows])
+                    v_all = torch.cat([torch.nn.functional.pad(t, (0, q - t.shape[1])) for t in vals])
+                    found = (r_all.T.contiguous().to(device), v_all.T.contiguous().to(device, dtype))
+        self._rest_cols[key] = found
+        return found
 
     def _split(self, xs: Any) -> list[Tensor]:
         xs = list(xs.values()) if isinstance(xs, dict) else list(xs)
@@ -207,8 +334,14 @@ class FactoredSketch:
         xs = self._split(xs)
         out = None
         byname = dict(zip(self.names, xs))
+        lead = xs[0].shape[:-1]
         for n, s in self.blocks.items():
-            y = s(byname[n], nan_policy=nan_policy)
+            bias = self.bias_of.get(n)
+            y = s(self.block_input(n, byname[n], None if bias is None else byname[bias[0]]), nan_policy=nan_policy)
+            if n in self.offsets:
+                full = torch.zeros(*lead, self.d, dtype=y.dtype, device=y.device)
+                full[..., self.block_slice(n)] = y
+                y = full
             out = y if out is None else out + y
         if self.rest is not None:
             y = self.rest([byname[n] for n in self.rest_names], nan_policy=nan_policy)
@@ -216,7 +349,21 @@ class FactoredSketch:
         return cast(Tensor, out)  # at least one block (a sketch covers n >= 1 parameters)
 
     def T(self, y: Tensor, nan_policy: str | None = None) -> list[Tensor]:
-        res: dict[str, Tensor] = {n: s.T(y, nan_policy=nan_policy) for n, s in self.blocks.items()}
+        res: dict[str, Tensor] = {}
+        lead = y.shape[:-1]
+        for n, s in self.blocks.items():
+            z = s.T(y[..., self.block_slice(n)], nan_policy=nan_policy)
+            bias = self.bias_of.get(n)
+            if bias is None:
+                res[n] = z
+                continue
+            rows, cols = self.shapes2d[n]
+            if bias[1] == "cols":
+                z2 = z.reshape(*lead, rows, cols + 1)
+                res[n], res[bias[0]] = z2[..., :cols].reshape(*lead, -1), z2[..., cols]
+            else:
+                z2 = z.reshape(*lead, rows + 1, cols)
+                res[n], res[bias[0]] = z2[..., :rows, :].reshape(*lead, -1), z2[..., rows, :]
         if self.rest is not None:
             r = self.rest.T(y, nan_policy=nan_policy)
             r = list(r.values()) if isinstance(r, dict) else list(r)
@@ -225,6 +372,7 @@ class FactoredSketch:
 
     def __repr__(self) -> str:
         return (f"FactoredSketch(n={self.n}, d={self.d}, kronecker_blocks={len(self.blocks)}, "
+                f"folded_biases={len(self.bias_of)}, embedded={len(self.offsets)}, "
                 f"other_blocks={len(self.rest_names)})")
 
 
@@ -277,6 +425,8 @@ class HookEngine:
             for mod, kind, _ in self.plans[n].uses:
                 mods[id(mod)] = (mod, kind)
         self.modules = list(mods.values())
+        # the model can be called as it is when every selected parameter requires grad (the usual case)
+        self.direct = all(t.requires_grad for _, t in task.named_params)
 
     def _capture(self, split: Any, param_grads: bool = False
                  ) -> tuple[Tensor, dict[int, list[tuple[Tensor, Tensor]]], dict[str, Tensor]]:
@@ -306,10 +456,18 @@ class HookEngine:
 
             handles = [mod.register_forward_hook(make_hook(id(mod))) for mod, _ in self.modules]
             try:
-                p = {n: t.requires_grad_(n in self.hooked) for n, t in
-                     ((n, t.detach()) for n, t in task.params_dict().items())}
-                with torch.enable_grad():
-                    losses = task._losses(p, split.rebuild(), split.size)
+                if self.direct:
+                    # every selected parameter already requires grad: call the model itself (no
+                    # functional_call); autograd.grad below differentiates only towards the captured
+                    # outputs (and the hooked parameters for the check), never writes .grad
+                    p: dict[str, Tensor] = dict(task.named_params)
+                    with torch.enable_grad():
+                        losses = task._losses(None, split.rebuild(), split.size)
+                else:
+                    p = {n: t.requires_grad_(n in self.hooked) for n, t in
+                         ((n, t.detach()) for n, t in task.params_dict().items())}
+                    with torch.enable_grad():
+                        losses = task._losses(p, split.rebuild(), split.size)
             finally:
                 for h in handles:
                     h.remove()
@@ -318,7 +476,7 @@ class HookEngine:
                 continue
             break
         outs = [o for lst in caps.values() for _, o, _ in lst if o.requires_grad]
-        pnames = [n for n in task.param_names if n in self.hooked and p[n].requires_grad] if param_grads else []
+        pnames = [n for n in task.param_names if n in self.hooked] if param_grads else []
         targets = outs + [p[n] for n in pnames]
         grads = torch.autograd.grad(losses.sum(), targets, allow_unused=True) if targets else ()
         it = iter(grads[:len(outs)])
@@ -421,6 +579,8 @@ class HookEngine:
         if kind == "embedding":
             g = torch.zeros(m, shape[0], c.shape[-1], dtype=c.dtype, device=c.device)
             g.scatter_add_(1, r.unsqueeze(-1).expand(-1, -1, c.shape[-1]), c)
+        elif r.shape[1] == 1:  # one position per example: a broadcast outer product (faster than einsum)
+            g = r[:, 0, :, None] * c[:, 0, None, :]
         else:
             g = torch.einsum("mtr,mtc->mrc", r, c)
         return g.reshape(m, *shape)
@@ -433,54 +593,97 @@ class FactoredEngine(HookEngine):
         super().__init__(task)
         self.sketch = sketch
 
-    def batch(self, split: Any, chunk: int | None = None) -> tuple[Tensor, Tensor]:
-        rows, losses = [], []
+    def batch(self, split: Any, chunk: int | None = None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``([m, d] sketched rows, [m] losses)`` of one batch, ``chunk`` examples per capture (default: all),
+        written into ``out`` when given."""
         self.task._check_once(split)
-        step = split.size if chunk is None else chunk
-        for _, sub in split.chunks(step):
-            r, li = self._one(sub)
+        if chunk is None or chunk >= split.size:
+            return self._one(split, out)
+        rows, losses = [], []
+        for lo, sub in split.chunks(chunk):
+            r, li = self._one(sub, None if out is None else out[lo:lo + sub.size])
             rows.append(r)
             losses.append(li)
-        return torch.cat(rows), torch.cat(losses)
+        return (torch.cat(rows) if out is None else out), torch.cat(losses)
 
-    def _one(self, split: Any) -> tuple[Tensor, Tensor]:
+    def _one(self, split: Any, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         task, S = self.task, self.sketch
         dtype, device, m = task.dtype, task.device, split.size
         losses, caps, gd = self.prepare(split)
-        total = None
-        explicit: dict[str, Tensor] = {}
-        for n in self.task.param_names:
-            if n not in self.hooked:
-                continue
-            plan = self.plans[n]
-            if n in S.blocks:
-                fr, fc = S.factors(n, dtype, device)
-                for mod, kind, _ in plan.uses:
-                    for x, dy in caps[id(mod)]:
-                        r, c = _rows_cols(kind, mod, x, dy)
-                        pr = fr.T[r] if kind == "embedding" else r.to(dtype) @ fr.T   # [m, T, d_r]
-                        pc = c.to(dtype) @ fc.T                                        # [m, T, d_c]
+        total = torch.empty(m, S.d, dtype=dtype, device=device) if out is None else out
+        # full-width blocks first: the first one writes `total` (no zero fill), embedded blocks add later
+        order = sorted(S.blocks, key=lambda n: n in S.offsets)
+        filled = False
+        done: set[str] = set()
+        for n in order:
+            bias = S.bias_of.get(n)
+            bname = None if bias is None else bias[0]
+            if n not in self.hooked or (bname is not None and bname not in self.hooked):
+                continue  # exact per-example gradient path below
+            if not filled and n in S.offsets:
+                total.zero_()
+                filled = True
+            fr, fc = S.factors(n, dtype, device)
+            sl = S.block_slice(n)
+            t3 = (total if sl.stop - sl.start == S.d else total[:, sl]).view(m, fr.shape[0], fc.shape[0])
+            rows, cols = S.shapes2d[n]
+            # the folded bias is the last input column (Linear, Conv2d) or row (Conv1D) of ones
+            fr_w, fr_b = (fr[:, :rows], fr[:, rows]) if bias is not None and bias[1] == "rows" else (fr, None)
+            fc_w, fc_b = (fc[:, :cols], fc[:, cols]) if bias is not None and bias[1] == "cols" else (fc, None)
+            for mod, kind, _ in self.plans[n].uses:
+                for x, dy in caps[id(mod)]:
+                    r, c = _rows_cols(kind, mod, x, dy)
+                    pr = fr_w.T[r] if kind == "embedding" else r.to(dtype) @ fr_w.T   # [m, T, d_r]
+                    pc = c.to(dtype) @ fc_w.T                                          # [m, T, d_c]
+                    if fr_b is not None:
+                        pr += fr_b
+                    if fc_b is not None:
+                        pc += fc_b
+                    if pr.shape[1] == 1:
+                        # one position per example (an MLP): the outer product (F_r δ)(F_c a)ᵀ, one
+                        # broadcast multiply into the [m, d] result (bmm with k = 1 is slower)
+                        a, b = pr[:, 0, :, None], pc[:, 0, None, :]
+                        if filled:
+                            t3.addcmul_(a, b)
+                        else:
+                            torch.mul(a, b, out=t3)
+                    elif filled:
                         # Σ_t (F_r δ_t)(F_c a_t)ᵀ: a batched [d_r, T] @ [T, d_c] product per example,
                         # accumulated in place into the [m, d] result
-                        if total is None:
-                            total = torch.bmm(pr.transpose(1, 2), pc).reshape(m, -1)
-                        else:
-                            total.view(m, fr.shape[0], fc.shape[0]).baddbmm_(pr.transpose(1, 2), pc)
-                continue
-            g = None
+                        t3.baddbmm_(pr.transpose(1, 2), pc)
+                    else:
+                        torch.bmm(pr.transpose(1, 2), pc, out=t3)
+                    filled = True
+            done.add(n)
+            if bname is not None:
+                done.add(bname)
+        if not filled:
+            total.zero_()
+
+        def exact(name: str) -> Tensor:
+            if name not in self.hooked:
+                return gd[name].reshape(m, -1)
+            plan, g = self.plans[name], None
             for mod, kind, role in plan.uses:
                 for x, dy in caps[id(mod)]:
                     e = self._exact(kind, role, mod, x, dy, plan.shape)
                     g = e if g is None else g + e
-            explicit[n] = cast(Tensor, g).reshape(m, -1)
-        if total is None:
-            total = torch.zeros(m, S.d, dtype=dtype, device=device)
-        for n in self.generic:
-            if n in S.blocks:  # Kronecker block fed with the exact per-example gradient
-                total += S.blocks[n](gd[n].reshape(m, -1), nan_policy="propagate").to(dtype)
-            else:
-                explicit[n] = gd[n].reshape(m, -1)
-        if S.rest is not None:
-            total += S.rest([explicit[n] for n in S.rest_names], nan_policy="propagate").to(dtype)
-        return total, losses
+            return cast(Tensor, g).reshape(m, -1)
 
+        for n in order:  # Kronecker blocks whose weight (or bias) the hooks cannot see: the exact gradient
+            if n in done:
+                continue
+            bias = S.bias_of.get(n)
+            xb = S.block_input(n, exact(n), None if bias is None else exact(bias[0]))
+            total[:, S.block_slice(n)] += S.blocks[n](xb, nan_policy="propagate").to(dtype)
+        if S.rest is not None:
+            xs = [exact(n) for n in S.rest_names]
+            sc = S.rest_scatter(dtype, device)
+            if sc is not None:  # small sparse leftover block: scatter-add its columns into the rows
+                xr = (xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)).to(dtype)
+                rows_k, vals_k = sc
+                for k in range(rows_k.shape[0]):
+                    total.scatter_add_(1, rows_k[k].expand(m, -1), xr * vals_k[k])
+            else:
+                total += S.rest(xs, nan_policy="propagate").to(dtype)
+        return total, losses

@@ -228,40 +228,91 @@ def _implicit(task: Task, split: Any, ad: SketchAdapter, chunk: int) -> tuple[Te
     return torch.cat(rows), torch.cat(losses)
 
 
+class _Runner:
+    """One ``sketch_grads`` call: validates the arguments once, then ``rows(split, out)`` gives a batch's
+    ``[B, d]`` sketched gradients (non-finite rows handled), written into ``out`` when the mode can."""
+
+    def __init__(self, task: Task, sketch: Any, mode: str, chunk_size: int | None, nan_policy: str | None,
+                 record: list[int]) -> None:
+        from .task import SKETCH_MODES
+
+        if mode not in SKETCH_MODES:
+            raise ValueError(f"mode: expected one of {SKETCH_MODES}, got {mode!r}")
+        self.task, self.mode, self.chunk_size, self.nan_policy, self.record = (
+            task, mode, chunk_size, nan_policy, record)
+        self.ad = SketchAdapter(sketch, task)
+        self.engine: Any = None
+        if mode == "factored":
+            if self.ad.kind != "factored":
+                raise TypeError("sketch: mode='factored' needs a FactoredSketch (task.factored_sketch(d, ...)), "
+                                f"got {type(sketch).__name__}")
+            from .factored import FactoredEngine
+
+            engine = getattr(task, "_factored_engine", None)
+            if engine is None or engine.sketch is not sketch:  # cached: the hook check runs once per sketch
+                engine = FactoredEngine(task, sketch)
+                cast(Any, task)._factored_engine = engine  # cached on the task (a dynamic private attribute)
+            self.engine = engine
+        self.chunk = default_chunk(task, chunk_size)
+        self.eng = _hook_engine(task) if mode != "factored" else None
+        self.offset = 0
+
+    def rows(self, split: Any, out: Tensor | None = None) -> Tensor:
+        task, mode, ad = self.task, self.mode, self.ad
+        if mode != "factored" and self.eng is not None and self.eng.hooked:
+            task._check_once(split)
+            fn = _explicit_hooked if mode == "explicit" else _implicit_hooked
+            rows, losses = fn(task, split, ad, self.chunk_size, self.eng)
+        elif mode == "explicit":
+            rows, losses = _explicit(task, split, ad, self.chunk)
+        elif mode == "implicit":
+            rows, losses = _implicit(task, split, ad, self.chunk)
+        else:
+            # the hooks hold activations, not [chunk, N] gradients: the whole batch by default
+            rows, losses = self.engine.batch(split, self.chunk_size, out=out)
+        rows = task._nonfinite(rows, losses, self.offset, self.nan_policy, self.record)
+        self.offset += split.size
+        if out is not None and rows is not out:
+            out.copy_(rows)
+            return out
+        return rows
+
+
 def iter_sketch_grads(task: Task, data: Iterable, sketch: Any, mode: str = "explicit", progress: bool = True,
                       chunk_size: int | None = None, nan_policy: str | None = None) -> Iterator[Tensor]:
     """Yields ``[B, d]`` sketched per-example gradients batch by batch (see ``Task.sketch_grads``)."""
-    from .task import SKETCH_MODES, _tqdm
+    from .task import _tqdm
 
-    if mode not in SKETCH_MODES:
-        raise ValueError(f"mode: expected one of {SKETCH_MODES}, got {mode!r}")
-    ad = SketchAdapter(sketch, task)
-    if mode == "factored":
-        if ad.kind != "factored":
-            raise TypeError("sketch: mode='factored' needs a FactoredSketch (task.factored_sketch(d, ...)), "
-                            f"got {type(sketch).__name__}")
-        from .factored import FactoredEngine
-
-        engine = getattr(task, "_factored_engine", None)
-        if engine is None or engine.sketch is not sketch:  # cached: the hook check runs once per sketch
-            engine = FactoredEngine(task, sketch)
-            cast(Any, task)._factored_engine = engine  # cached on the task (a dynamic private attribute)
-    chunk = default_chunk(task, chunk_size)
-    eng = _hook_engine(task) if mode != "factored" else None
-    offset = 0
+    run = _Runner(task, sketch, mode, chunk_size, nan_policy, task.skipped_indices_)
     for batch in _tqdm(data, progress, f"sketch_grads[{mode}]", data_len(data)):
+        yield run.rows(task._split(batch))
+
+
+def sketch_grads(task: Task, data: Iterable, sketch: Any, mode: str = "explicit", progress: bool = True,
+                 chunk_size: int | None = None, nan_policy: str | None = None) -> Tensor:
+    """All rows as one ``[n, d]`` tensor. When ``len(data)`` is known the result is allocated once (sized
+    from the first batch) and each batch's rows are written into it (the factored mode computes them in
+    place), instead of concatenating per-batch results at the end."""
+    from .task import _tqdm
+
+    run = _Runner(task, sketch, mode, chunk_size, nan_policy, task.skipped_indices_)
+    n_batches = data_len(data)
+    buf: Tensor | None = None
+    pos = 0
+    extra: list[Tensor] = []  # rows that did not fit (batches larger than the first)
+    for batch in _tqdm(data, progress, f"sketch_grads[{mode}]", n_batches):
         split = task._split(batch)
-        if mode != "factored" and eng is not None and eng.hooked:
-            task._check_once(split)
-            fn = _explicit_hooked if mode == "explicit" else _implicit_hooked
-            rows, losses = fn(task, split, ad, chunk_size, eng)
-        elif mode == "explicit":
-            rows, losses = _explicit(task, split, ad, chunk)
-        elif mode == "implicit":
-            rows, losses = _implicit(task, split, ad, chunk)
+        if buf is None and n_batches is not None and not extra:
+            buf = torch.empty(n_batches * split.size, run.ad.d, dtype=task.dtype, device=task.device)
+        if buf is not None and not extra and pos + split.size <= buf.shape[0]:
+            run.rows(split, out=buf[pos:pos + split.size])
+            pos += split.size
         else:
-            # the hooks hold activations, not [chunk, N] gradients: the whole batch by default
-            assert engine is not None  # mode == "factored" here: built above
-            rows, losses = engine.batch(split, chunk_size)
-        yield task._nonfinite(rows, losses, offset, nan_policy, task.skipped_indices_)
-        offset += split.size
+            extra.append(run.rows(split))
+    if buf is None and not extra:
+        raise ValueError("data: expected at least one batch, got an empty iterable")
+    if not extra:
+        assert buf is not None
+        return buf[:pos] if pos < buf.shape[0] else buf
+    parts = ([buf[:pos]] if buf is not None and pos else []) + extra
+    return torch.cat(parts, 0)

@@ -211,9 +211,10 @@ class Task:
     def _fcall(self, fn: Callable[[nn.Module, Any], Any], p: dict[str, Tensor], batch: Any) -> Any:
         return functional_call(self._call, {"model." + n: t for n, t in p.items()}, (fn, batch))
 
-    def _losses(self, p: dict[str, Tensor], batch: Any, expected: int) -> Tensor:
-        """Per-example losses with the selected parameters replaced by ``p``; checks the shape ``[B]``."""
-        out = self._fcall(self.loss_fn, p, batch)
+    def _losses(self, p: dict[str, Tensor] | None, batch: Any, expected: int) -> Tensor:
+        """Per-example losses with the selected parameters replaced by ``p`` (``None``: the model's own
+        parameters, called directly, without ``functional_call``); checks the shape ``[B]``."""
+        out = self.loss_fn(self.model, batch) if p is None else self._fcall(self.loss_fn, p, batch)
         if not isinstance(out, Tensor):
             raise TypeError(f"loss_fn: expected a tensor of per-example losses [B], got {type(out).__name__}")
         if out.ndim == 0:
@@ -316,6 +317,10 @@ class Task:
         policy = self.nan_policy if nan_policy is None else nan_policy
         if policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy: expected one of {NAN_POLICIES}, got {policy!r}")
+        # one reduction: a sum containing NaN or ±Inf is not finite, so a finite sum proves every entry
+        # finite (a sum that merely overflows falls through to the exact per-row test below)
+        if bool(torch.isfinite(losses.sum() + rows.sum())):
+            return rows
         # row max and min propagate NaN and show ±Inf: the same test as isfinite(rows).all(1) without a
         # [B, d] temporary
         bad = ~(torch.isfinite(losses.reshape(-1)) & torch.isfinite(rows.amax(dim=1))
@@ -377,12 +382,11 @@ class Task:
         (needs a :class:`FactoredSketch`). Non-finite rows follow ``nan_policy`` (indices of skipped rows in
         ``task.skipped_indices_``).
         """
+        from .sketching import sketch_grads
+
         self.skipped_indices_ = []
-        parts = list(self.iter_sketch_grads(data, sketch, mode=mode, progress=progress, chunk_size=chunk_size,
-                                            nan_policy=nan_policy))
-        if not parts:
-            raise ValueError("data: expected at least one batch, got an empty iterable")
-        return torch.cat(parts, 0)
+        return sketch_grads(self, data, sketch, mode=mode, progress=progress, chunk_size=chunk_size,
+                            nan_policy=nan_policy)
 
     # -- curvature -------------------------------------------------------------------------------------
     def hessian(self, data: Iterable, mode: str = "full", damping: float = 0.0, method: str = "auto",
