@@ -16,7 +16,7 @@ use ``model.eval()`` for curvature.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -68,6 +68,9 @@ class CurvatureOperator(LinearOperator):
                 self._iter = None
         raise ValueError("data: expected at least one batch, got an empty iterable")
 
+    #: subclasses whose ``_batch_sum`` takes a ``scale`` multiplying the loss (cheaper than scaling the result)
+    _scales_loss = False
+
     def _batch_sum(self, split: SplitBatch, V: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -101,7 +104,10 @@ class CurvatureOperator(LinearOperator):
             else:
                 split = self._next_batch()
             self.task._check_once(split)
-            out = self._batch_sum(split, V) / split.size
+            if self._scales_loss:  # 1/B folded into the loss: no pass over the [N, k] result
+                out = cast(Any, self)._batch_sum(split, V, 1.0 / split.size)
+            else:
+                out = self._batch_sum(split, V) / split.size
         return out + self.damping * V if self.damping else out
 
     def _columns(self, col: Any, V: Tensor) -> Tensor:
@@ -129,13 +135,16 @@ class HessianOperator(CurvatureOperator):
         super().__init__(task, data, mode, damping, progress)
         self.method = method
 
-    def _batch_sum(self, split: SplitBatch, V: Tensor) -> Tensor:
+    _scales_loss = True
+
+    def _batch_sum(self, split: SplitBatch, V: Tensor, scale: float = 1.0) -> Tensor:
+        """``scale · Σ_{i in batch} ∇²ℓ_i V``."""
         method = "double_backward" if self.method == "auto" else self.method
         if method == "fwd_ad":
-            return self._fwd_ad(split, V)
-        return (self._fwd_rev if method == "fwd_rev" else self._double_backward)(split, V)
+            return self._fwd_ad(split, V, scale)
+        return (self._fwd_rev if method == "fwd_rev" else self._double_backward)(split, V, scale)
 
-    def _fwd_ad(self, split: SplitBatch, V: Tensor) -> Tensor:
+    def _fwd_ad(self, split: SplitBatch, V: Tensor, scale: float = 1.0) -> Tensor:
         """Forward-over-reverse with ``torch.autograd.forward_ad``: the parameters become dual numbers
         (θ, v), one ordinary forward and backward pass on them, and the tangent of ∇_θ L is H v. No
         functorch transforms; one forward + backward per column."""
@@ -143,25 +152,33 @@ class HessianOperator(CurvatureOperator):
 
         task = self.task
         batch = split.rebuild()
-        cols = []
+        out = V.new_empty(V.shape)
         for j in range(V.shape[1]):
             vs = task.unflatten(V[:, j])
             with fwAD.dual_level(), torch.enable_grad():
                 prim = {n: t.detach().requires_grad_(True) for n, t in task.params_dict().items()}
                 duals = {n: fwAD.make_dual(t, vs[n].to(t.dtype)) for n, t in prim.items()}
                 loss = task._losses(duals, batch, split.size).sum()
+                if scale != 1.0:
+                    loss = loss * scale
                 gs = torch.autograd.grad(loss, list(prim.values()), allow_unused=True)
-                hv = []
-                for g, t in zip(gs, prim.values()):
-                    tan = None if g is None else fwAD.unpack_dual(g).tangent
-                    hv.append(torch.zeros_like(t) if tan is None else tan.detach())
-            cols.append(task.flatten(hv))
-        return torch.stack(cols, 1)
+                tans = [None if g is None else fwAD.unpack_dual(g).tangent for g in gs]
+            self._write_column(out, j, tans)
+        return out
 
-    def _fwd_rev(self, split: SplitBatch, V: Tensor) -> Tensor:
+    def _write_column(self, out: Tensor, j: int, parts: list[Tensor | None]) -> None:
+        """``out[:, j] = flatten(parts)`` piece by piece (None: zeros), without a flattened temporary."""
+        col = out[:, j]
+        for piece, h in zip(torch.split(col, self.task.param_sizes), parts):
+            if h is None:
+                piece.zero_()
+            else:
+                piece.copy_(h.detach().reshape(-1))
+
+    def _fwd_rev(self, split: SplitBatch, V: Tensor, scale: float = 1.0) -> Tensor:
         task, batch, B = self.task, split.rebuild(), split.size
         p0 = task.params_dict()
-        g = grad(lambda p: task._losses(p, batch, B).sum())
+        g = grad(lambda p: task._losses(p, batch, B).sum() * scale)
 
         def col(v: Tensor) -> Tensor:
             return task.flatten(jvp(g, (p0,), (task.unflatten(v),))[1])
@@ -169,26 +186,27 @@ class HessianOperator(CurvatureOperator):
         with torch.no_grad():
             return self._columns(col, V)
 
-    def _double_backward(self, split: SplitBatch, V: Tensor) -> Tensor:
+    def _double_backward(self, split: SplitBatch, V: Tensor, scale: float = 1.0) -> Tensor:
         task = self.task
         p = {n: t.detach().requires_grad_(True) for n, t in task.params_dict().items()}
         leaves = list(p.values())
+        out = V.new_empty(V.shape)
         with torch.enable_grad():
             loss = task._losses(p, split.rebuild(), split.size).sum()
+            if scale != 1.0:
+                loss = loss * scale
             gs = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-            pairs = [(g, t) for g, t in zip(gs, leaves) if g is not None and g.requires_grad]
-            cols = []
+            idx = [i for i, g in enumerate(gs) if g is not None and g.requires_grad]
             for j in range(V.shape[1]):
-                if not pairs:
-                    cols.append(torch.zeros_like(V[:, 0]))
+                if not idx:
+                    out[:, j].zero_()
                     continue
-                vs = task.unflatten(V[:, j])
-                tang = [vs[n] for n, t in p.items() for g, tt in pairs if tt is t]
-                hv = torch.autograd.grad([g for g, _ in pairs], leaves, grad_outputs=tang,
+                vs = list(torch.split(V[:, j], task.param_sizes))
+                tang = [vs[i].reshape(leaves[i].shape) for i in idx]
+                hv = torch.autograd.grad([gs[i] for i in idx], leaves, grad_outputs=tang,
                                          retain_graph=j < V.shape[1] - 1, allow_unused=True)
-                hv_full = [torch.zeros_like(t) if h is None else h for h, t in zip(hv, leaves)]
-                cols.append(task.flatten(hv_full))
-        return torch.stack(cols, 1).detach()
+                self._write_column(out, j, list(hv))
+        return out
 
 
 class _ReverseLinearization:
