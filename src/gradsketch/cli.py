@@ -48,6 +48,7 @@ def info() -> None:
 
     import gradsketch
     from gradsketch.sketch import KINDS, PRECONDITIONERS
+    from gradsketch.sketch._native import status as native_status
 
     typer.echo(json.dumps({
         "gradsketch": gradsketch.__version__,
@@ -56,6 +57,7 @@ def info() -> None:
         "preconditioners": list(PRECONDITIONERS),
         "cuda": torch.cuda.is_available(),
         "threads": torch.get_num_threads(),
+        "native_kernels": native_status(),
     }, indent=2))
 
 

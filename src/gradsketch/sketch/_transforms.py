@@ -11,20 +11,23 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from . import _native
 
-def kron_apply(x: Tensor, mats: Sequence[Tensor]) -> Tensor:
-    """``(M_1 ⊗ … ⊗ M_K) x`` for every row of ``x``: ``[M, ∏c_i] -> [M, ∏r_i]``, ``M_i`` of shape [r_i, c_i].
+
+def kron_apply(x: Tensor, mats: Sequence[Tensor], tail: int = 1) -> Tensor:
+    """``(M_1 ⊗ … ⊗ M_K ⊗ I_tail) x`` for every row of ``x``: ``[M, ∏c_i·tail] -> [M, ∏r_i·tail]``, ``M_i`` of
+    shape [r_i, c_i].
 
     Row-major convention: the first factor acts on the slowest-varying index. Factor i is one batched
-    GEMM ``M_i @ y`` on the view ``[M·∏r_{<i}, c_i, ∏c_{>i}]`` (no transposed copies; the last factor is a
-    plain GEMM). The Kronecker product is never formed.
+    GEMM ``M_i @ y`` on the view ``[M·∏r_{<i}, c_i, ∏c_{>i}·tail]`` (no transposed copies; the last factor
+    is a plain GEMM when tail = 1). The Kronecker product is never formed.
     """
     m = x.shape[0]
     cols = [int(a.shape[1]) for a in mats]
     pre = m
     y = x
     for i, a in enumerate(mats):
-        post = math.prod(cols[i + 1:])
+        post = math.prod(cols[i + 1:]) * tail
         if post == 1:
             y = y.reshape(pre, cols[i]) @ a.T
         else:
@@ -118,12 +121,49 @@ def wht_mats(n: int, factor: int, dtype: torch.dtype, device: torch.device) -> l
     return [hadamard(b, dtype, device) for b in pow2_split(n, factor)]
 
 
+class _NativeWHT(torch.autograd.Function):
+    """The normalised WHT by the native kernel, differentiable to any order (H is symmetric: the
+    backward and forward-mode rules are the transform itself)."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+        return _wht_native(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        pass
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        return wht(g)
+
+    @staticmethod
+    def jvp(ctx, t: Tensor) -> Tensor:  # type: ignore[override]
+        return wht(t)
+
+
+def _wht_native(x: Tensor) -> Tensor:
+    return _native.fwht_(x.contiguous().clone(), 1.0 / math.sqrt(x.shape[-1]))
+
+
+def native_wht_ok(x: Tensor) -> bool:
+    """The native kernel can transform ``x`` (a 2-D CPU float32/float64 tensor outside torch.func)."""
+    return x.dim() == 2 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) \
+        and _native.usable(x.contiguous() if not x.is_contiguous() else x)
+
+
 def wht(x: Tensor, factor: int = 64) -> Tensor:
     """Normalised Walsh–Hadamard transform of every row, ``[M, 2^p] -> [M, 2^p]``.
 
-    ``H_{2^p} = H_{b_1} ⊗ … ⊗ H_{b_K}`` for any split of p, so ``factor`` only changes speed.
+    ``H_{2^p} = H_{b_1} ⊗ … ⊗ H_{b_K}`` for any split of p, so ``factor`` only changes speed. On the CPU
+    the cache-blocked native kernel (:mod:`._native`) computes it when available; otherwise, and inside
+    torch.func transforms, the Kronecker factors as batched GEMMs.
     """
     n = x.shape[-1]
+    if native_wht_ok(x):
+        if (torch.is_grad_enabled() and x.requires_grad) or torch.autograd.forward_ad._current_level >= 0:
+            return _NativeWHT.apply(x)
+        return _wht_native(x)
     mats = [hadamard(b, x.dtype, x.device) for b in pow2_split(n, factor)]
     return kron_apply(x, mats)
 

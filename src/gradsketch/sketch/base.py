@@ -90,7 +90,7 @@ class Sketch:
     def _fast_ok(self, x: Tensor) -> bool:
         """The chunked fast path applies: the kind has one, and nothing records ``x`` (no autograd graph,
         no torch.func transform, no forward-mode dual)."""
-        if self._forward_fast is None or x.numel() < FAST_MIN_ELEMS:
+        if self._forward_fast is None or x.numel() < self._fast_min_elems():
             return False
         if torch.is_grad_enabled() and x.requires_grad:
             return False
@@ -102,6 +102,10 @@ class Sketch:
         except AttributeError:  # pragma: no cover - private API moved: be conservative
             return False
         return True
+
+    def _fast_min_elems(self) -> int:
+        """Inputs with fewer elements take the plain path (the fast path's set-up would not pay off)."""
+        return FAST_MIN_ELEMS
 
     _forward_fast: Callable[[Tensor], Tensor] | None = None  # optional: (x [M, n] contiguous, no autograd) -> [M, d]
 

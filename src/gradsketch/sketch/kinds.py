@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _native
 from ._random import derive_seed, generator
 from ._transforms import (
     balanced_factors,
@@ -23,6 +24,7 @@ from ._transforms import (
     kron_apply_padded,
     kron_apply_t,
     kron_rot,
+    native_wht_ok,
     pow2_split,
     split_exponent_like,
     wht,
@@ -124,7 +126,10 @@ class _Hashed:
 
     @staticmethod
     def forward_into(u: Tensor, rows: Tensor, vals: Tensor, d: int, tmp: Tensor) -> Tensor:
-        """:meth:`forward` for a contiguous block ``u`` with a scratch buffer ``tmp`` (no autograd)."""
+        """:meth:`forward` for a contiguous block ``u`` with a scratch buffer ``tmp`` (no autograd); the
+        native scatter kernel when it applies (each output row stays in cache while its input streams by)."""
+        if _native.usable(u):
+            return _native.sjlt(u, rows, vals, d)
         y = u.new_zeros(u.shape[0], d)
         t = tmp[: u.numel()].view(u.shape)
         for j in range(rows.shape[0]):
@@ -163,6 +168,10 @@ class SJLTSketch(Sketch):
 
     def _vals(self, dtype: torch.dtype) -> Tensor:
         return self._buf("signs", dtype) * self._scale
+
+    def _fast_min_elems(self) -> int:
+        # the native scatter has no per-call set-up to amortise: use it at every size
+        return 0 if _native.library() is not None else super()._fast_min_elems()
 
     def _forward(self, x: Tensor) -> Tensor:
         return _Hashed.forward(x, self._bufs["rows"], self._vals(x.dtype), self.d)
@@ -217,13 +226,24 @@ def _pre_mats(kind: str, n_pad: int, mats: list[Tensor], x: Tensor) -> list[Tens
     return wht_mats(n_pad, WHT_FACTOR_FAST, x.dtype, x.device) if kind == "hadamard" else mats
 
 
+def _pre_apply(kind: str, u: Tensor, pm: list[Tensor], bufs: tuple[Tensor, Tensor]) -> Tensor:
+    """The full pre-conditioner on a loaded block ``u`` that lives in ``bufs[0]``: the native FWHT in
+    place when it applies, else :func:`kron_rot` into the buffers."""
+    if kind == "hadamard" and u.data_ptr() == bufs[0].data_ptr() and native_wht_ok(u):
+        return _native.fwht_(u, 1.0 / math.sqrt(u.shape[1]))
+    return kron_rot(u, pm, bufs)
+
+
 def _restricted_factors(kind: str, n_pad: int, d: int, max_factor: int, gen: torch.Generator,
-                        permute_cols: bool) -> tuple[list[Tensor], int]:
+                        permute_cols: bool) -> tuple[list[Tensor], int, list[tuple[Tensor, Tensor | None]]]:
     """Kronecker factors [D_i, b_i] of a row-restricted orthogonal transform R·H·Π (Π within factors).
 
     hadamard: rows of H_{b_i} chosen at random, columns permuted at random; orthogonal: Haar rows.
-    Returns the factors and D_pad = ∏ D_i ≥ d (the output is cropped to d).
+    Returns the factors, D_pad = ∏ D_i ≥ d (the output is cropped to d) and, for hadamard, each factor's
+    kept rows and the gather order of its columns (``M_i = H[rows][:, perm]``, so ``M_i y = H[rows]·y[src]``
+    with ``src = argsort(perm)``; ``None`` without permutation), which the native kernel uses.
     """
+    index: list[tuple[Tensor, Tensor | None]] = []
     if kind == "hadamard":
         q = next_pow2(d).bit_length() - 1
 
@@ -239,9 +259,13 @@ def _restricted_factors(kind: str, n_pad: int, d: int, max_factor: int, gen: tor
             h = hadamard(b, torch.float64)
             rows = torch.randperm(b, generator=gen)[:r]
             m = h[rows]
+            src = None
             if permute_cols:
-                m = m[:, torch.randperm(b, generator=gen)]
-            mats.append(m.to(torch.float32).contiguous())
+                perm = torch.randperm(b, generator=gen)
+                m = m[:, perm]
+                src = torch.argsort(perm).to(torch.int32)
+            mats.append(m.contiguous())  # float64, exact ±1/√b: stored as int8 signs by the sketch
+            index.append((rows.to(torch.int32), src))
     else:
         bs = _ortho_factors(n_pad, max_factor)
         if math.prod(bs) != n_pad:
@@ -249,7 +273,26 @@ def _restricted_factors(kind: str, n_pad: int, d: int, max_factor: int, gen: tor
         ds = _bounded_factors(d, bs)
         mats = [haar_rows(b, r, gen).to(torch.float32) for b, r in zip(bs, ds)]
     # contract the most reducing factor first: the definition orders factors that way
-    return mats, math.prod(int(m.shape[0]) for m in mats)
+    return mats, math.prod(int(m.shape[0]) for m in mats), index
+
+
+class _NativeRestricted:
+    """The row-restricted Hadamard transform ``(M_1 ⊗ … ⊗ M_K)`` of AFJL/AFFD evaluated with the native
+    kernel on its last (fast-index) factor, which shrinks the data by ``b_K / D_K`` in one pass over it, and
+    batched GEMMs for the other factors on the shrunk data. Same linear map as :func:`kron_apply`."""
+
+    def __init__(self, sk: Sketch, mats: list[Tensor], index: list[tuple[Tensor, Tensor | None]]) -> None:
+        self.b = int(mats[-1].shape[1])
+        self.r = int(mats[-1].shape[0])
+        sk._bufs["Rsel"] = index[-1][0]
+        if index[-1][1] is not None:
+            sk._bufs["Rsrc"] = index[-1][1]
+
+    def __call__(self, sk: Sketch, u: Tensor, rm: list[Tensor], mult: Tensor | None) -> Tensor:
+        """``(M_1 ⊗ … ⊗ M_K)(mult ⊙ u)`` for the contiguous ``[r, n_pad]`` block ``u``."""
+        src = sk._bufs.get("Rsrc")
+        v = _native.whtsel(u, self.b, sk._bufs["Rsel"], 1.0 / math.sqrt(self.b), src=src, mult=mult)
+        return kron_apply(v.view(u.shape[0], -1), rm[:-1], tail=self.r)
 
 
 def _n_factors(n: int, max_factor: int, floats_for_k) -> int:
@@ -294,6 +337,37 @@ class _StructuredBase(Sketch):
         self.max_factor = max_factor
 
 
+    n_rmats = 0
+    _rscale: list[float | None] = []
+
+    def _store_rmats(self, mats: list[Tensor], signs_only: bool) -> None:
+        """Keep the restricted factors: Hadamard ones as int8 ±1 with their 1/√b applied in the compute
+        dtype (exact in float64, and the same map the native kernel evaluates), others as float32."""
+        self._rscale = []
+        for i, m in enumerate(mats):
+            if signs_only:
+                b = int(m.shape[1])
+                self._bufs[f"R{i}"] = torch.round(m * math.sqrt(b)).to(torch.int8)
+                self._rscale.append(1.0 / math.sqrt(b))
+            else:
+                self._bufs[f"R{i}"] = m.to(torch.float32)
+                self._rscale.append(None)
+        self.n_rmats = len(mats)
+
+    def _rmats(self, dtype: torch.dtype) -> list[Tensor]:
+        out = []
+        for i, sc in enumerate(self._rscale):
+            if sc is None:
+                out.append(self._buf(f"R{i}", dtype))
+                continue
+            key = (f"R{i}*", dtype)
+            c = self._cache.get(key)
+            if c is None:
+                c = self._cache[key] = self._bufs[f"R{i}"].to(dtype) * sc
+            out.append(c)
+        return out
+
+
 class FJLSketch(_StructuredBase):
     """Fast JL (Ailon & Chazelle 2009): Φ = G_s·P·B/√s — random signs B, orthogonal pre-conditioner P
     (Walsh–Hadamard by default), then a sparse Gaussian G_s with s non-zeros per column."""
@@ -336,7 +410,7 @@ class FJLSketch(_StructuredBase):
         rows, vals = self._bufs["rows"], self._buf("vals", x.dtype)
 
         def fn(xc: Tensor, bufs: tuple[Tensor, Tensor]) -> Tensor:
-            u = kron_rot(_load(xc, self.n_pad, bufs[0], signs), pm, bufs)
+            u = _pre_apply(self.preconditioner, _load(xc, self.n_pad, bufs[0], signs), pm, bufs)
             tmp = bufs[1] if u.data_ptr() == bufs[0].data_ptr() else bufs[0]
             return _Hashed.forward_into(u, rows, vals, self.d, tmp)
 
@@ -378,18 +452,17 @@ class AFFDSketch(_StructuredBase):
             self._bufs["perm"] = torch.randperm(self.n_pad, generator=g).to(torch.int32)
             self._bufs["rows"] = torch.randperm(self.n_pad, generator=g)[: self.d].to(torch.int32)
             self.n_rmats = 0
+            self._native_r: _NativeRestricted | None = None
         else:
-            mats, _ = _restricted_factors(preconditioner, self.n_pad, self.d, max_factor, g, permute_cols=True)
-            for i, m in enumerate(mats):
-                self._bufs[f"R{i}"] = m
-            self.n_rmats = len(mats)
+            mats, _, index = _restricted_factors(preconditioner, self.n_pad, self.d, max_factor, g,
+                                                 permute_cols=True)
+            self._store_rmats(mats, preconditioner == "hadamard")
+            self._native_r = _NativeRestricted(self, mats, index) if preconditioner == "hadamard" else None
         self.scale = math.sqrt(self.n_pad / self.d)
 
     def _pmats(self, dtype: torch.dtype) -> list[Tensor]:
         return [self._buf(f"P{i}", dtype) for i in range(len(self.pre.mats))]
 
-    def _rmats(self, dtype: torch.dtype) -> list[Tensor]:
-        return [self._buf(f"R{i}", dtype) for i in range(self.n_rmats)]
 
     def _forward(self, x: Tensor) -> Tensor:
         u = _pad(x, self.n_pad)
@@ -409,8 +482,12 @@ class AFFDSketch(_StructuredBase):
         signs = self._buf("B", x.dtype) if self.pre.needs_signs else None
         gs = self._buf("G", x.dtype) * self.scale
 
+        nr = self._native_r
+
         def fn(xc: Tensor, bufs: tuple[Tensor, Tensor]) -> Tensor:
-            u = kron_rot(_load(xc, self.n_pad, bufs[0], signs), pm, bufs)  # u lives in a buffer
+            u = _pre_apply(self.preconditioner, _load(xc, self.n_pad, bufs[0], signs), pm, bufs)  # in a buffer
+            if nr is not None and _native.usable(u):
+                return nr(self, u, rm, gs)[:, : self.d]  # the G·scale product is fused into the kernel
             u.mul_(gs)
             return kron_rot(u, rm, bufs)[:, : self.d]
 
@@ -458,16 +535,15 @@ class AFJLSketch(_StructuredBase):
         if preconditioner == "fft":
             self._bufs["rows"] = torch.randperm(self.n_pad, generator=g)[: self.d].to(torch.int32)
             self.n_rmats = 0
+            self._native_r: _NativeRestricted | None = None
         else:
-            mats, _ = _restricted_factors(preconditioner, self.n_pad, self.d, max_factor, g, permute_cols=False)
-            for i, m in enumerate(mats):
-                self._bufs[f"R{i}"] = m
-            self.n_rmats = len(mats)
+            mats, _, index = _restricted_factors(preconditioner, self.n_pad, self.d, max_factor, g,
+                                                 permute_cols=False)
+            self._store_rmats(mats, preconditioner == "hadamard")
+            self._native_r = _NativeRestricted(self, mats, index) if preconditioner == "hadamard" else None
         self._bufs["G"] = torch.randn(self.d, generator=g)
         self.scale = math.sqrt(self.n_pad / self.d)
 
-    def _rmats(self, dtype: torch.dtype) -> list[Tensor]:
-        return [self._buf(f"R{i}", dtype) for i in range(self.n_rmats)]
 
     def _forward(self, x: Tensor) -> Tensor:
         u = _pad(x, self.n_pad)
@@ -485,8 +561,16 @@ class AFJLSketch(_StructuredBase):
         rm = self._rmats(x.dtype)
         signs = self._buf("B", x.dtype) if self.needs_signs else None
         gs = self._buf("G", x.dtype) * self.scale
-        return self._chunked(
-            x, self.n_pad, lambda xc, bufs: kron_rot(_load(xc, self.n_pad, bufs[0], signs), rm, bufs)[:, : self.d] * gs)
+        nr = self._native_r
+
+        def fn(xc: Tensor, bufs: tuple[Tensor, Tensor]) -> Tensor:
+            if nr is not None and _native.usable(xc):
+                if xc.shape[1] == self.n_pad:  # the signs are fused into the kernel: one pass over x
+                    return nr(self, xc, rm, signs)[:, : self.d] * gs
+                return nr(self, _load(xc, self.n_pad, bufs[0], signs), rm, None)[:, : self.d] * gs
+            return kron_rot(_load(xc, self.n_pad, bufs[0], signs), rm, bufs)[:, : self.d] * gs
+
+        return self._chunked(x, self.n_pad, fn)
 
     def _adjoint(self, y: Tensor) -> Tensor:
         v = y * (self._buf("G", y.dtype) * self.scale)

@@ -1,0 +1,305 @@
+"""Optional native CPU kernels (``_native.c``): a cache-blocked fast Walsh–Hadamard transform and the
+CountSketch scatter.
+
+The C file is compiled on first use with the system C compiler (``$CC`` or ``cc``, ``-O3 -march=native``)
+into a per-user cache (``$GRADSKETCH_CACHE`` or ``~/.cache/gradsketch``) keyed by the source, the
+compiler and the CPU, and loaded with :mod:`ctypes` (no Python headers, no torch headers: compiling takes
+well under a second). Calls release the GIL, so rows are split across ``torch.get_num_threads()`` Python
+threads. On load the kernels are checked against the pure-torch transforms on small inputs.
+
+Everything here is optional: without a compiler, with ``GRADSKETCH_NATIVE=0``, or for tensors that are
+not contiguous float32/float64 CPU tensors, callers fall back to the pure-torch formulation, which
+computes the same linear map.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+_SRC = Path(__file__).with_name("_native.c")
+_L = 1 << 12  # block length of the kernel's first phase (GS_L_LOG in _native.c)
+_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno"]
+#: below this many elements a call is not split across threads
+_PARALLEL_MIN = 1 << 16
+
+_status: dict[str, str] = {"state": "not loaded"}
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("GRADSKETCH_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gradsketch"
+
+
+def _compile(cc: str, out: Path, flags: list[str]) -> bool:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *flags, str(_SRC), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            _status["compile_error"] = r.stderr[-2000:]
+            return False
+        os.replace(tmp, out)  # atomic: concurrent processes never load a half-written library
+        return True
+    except (OSError, subprocess.SubprocessError) as e:
+        _status["compile_error"] = repr(e)
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+    for suf in ("f32", "f64"):
+        getattr(lib, f"gs_fwht_{suf}").argtypes = [ptr, i64, i64, i64, i64, dbl]
+        getattr(lib, f"gs_fwht_phase1_{suf}").argtypes = [ptr, i64, i64, i64]
+        getattr(lib, f"gs_fwht_phase2_{suf}").argtypes = [ptr, i64, i64, i64, dbl]
+        getattr(lib, f"gs_sjlt_{suf}").argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64]
+        getattr(lib, f"gs_whtsel_{suf}").argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, dbl, ptr, i64, i64]
+        for name in ("gs_fwht_", "gs_fwht_phase2_", "gs_whtsel_"):
+            getattr(lib, name + suf).restype = ctypes.c_int
+        for name in ("gs_fwht_phase1_", "gs_sjlt_"):
+            getattr(lib, name + suf).restype = None
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or ``None`` when they are switched off or cannot be built (see :func:`status`)."""
+    if os.environ.get("GRADSKETCH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        _status["state"] = "disabled by GRADSKETCH_NATIVE"
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        _status["state"] = "no C compiler found (set CC); using the pure-torch transforms"
+        return None
+    src = _SRC.read_bytes()
+    lib = None
+    for flags in (_FLAGS + ["-march=native"], _FLAGS):
+        key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_id().encode(),
+                                         platform.machine().encode()])).hexdigest()[:16]
+        path = _cache_dir() / f"native-{key}.so"
+        if not path.exists() and not _compile(cc, path, flags):
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+        except (OSError, AttributeError) as e:
+            _status["load_error"] = repr(e)
+            lib = None
+            continue
+        _status["path"] = str(path)
+        _status["flags"] = " ".join(flags)
+        break
+    if lib is None:
+        _status["state"] = "could not build the native kernels; using the pure-torch transforms"
+        log.info("gradsketch native kernels unavailable: %s", _status)
+        return None
+    _status["state"] = "loaded"
+    if not _self_check(lib):
+        _status["state"] = "self-check failed; using the pure-torch transforms"
+        log.warning("gradsketch native kernels failed their self-check and are disabled")
+        return None
+    return lib
+
+
+def status() -> dict[str, str]:
+    """Where the native kernels stand (compiled path, flags, or why they are not used)."""
+    library()
+    return dict(_status)
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gradsketch-native")
+            _pool_size = n
+        return _pool
+
+
+def _parallel(calls: list) -> None:
+    if len(calls) == 1:
+        results = [calls[0]()]
+    else:
+        results = [f.result() for f in [_executor(len(calls)).submit(c) for c in calls]]
+    if any(r is not None and r != 0 for r in results):
+        raise MemoryError("gradsketch native kernel: could not allocate its scratch buffer")
+
+
+def _split(total: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    units = -(-total // align)
+    parts = max(1, min(parts, units))
+    bounds = [min(total, (units * i // parts) * align) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _suffix(x: Tensor) -> str | None:
+    return {torch.float32: "f32", torch.float64: "f64"}.get(x.dtype)
+
+
+def usable(x: Tensor) -> bool:
+    """``x`` is a tensor the kernels take (CPU, contiguous, float32/float64, no autograd or torch.func
+    wrapper) and the kernels are available."""
+    if x.device.type != "cpu" or _suffix(x) is None or not x.is_contiguous():
+        return False
+    try:
+        if torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return False
+    except AttributeError:  # pragma: no cover - private API moved: be conservative
+        return False
+    return library() is not None
+
+
+def fwht_(x: Tensor, scale: float = 1.0, threads: int | None = None) -> Tensor:
+    """In place: every row of the contiguous ``[M, n]`` tensor ``x`` (n a power of two) becomes
+    ``scale · H_n x`` with the unnormalised Sylvester–Hadamard matrix ``H_n`` (entries ±1). Requires
+    :func:`usable` (x). Returns ``x``."""
+    lib = library()
+    assert lib is not None and usable(x) and x.dim() == 2
+    m, n = x.shape
+    if n & (n - 1):
+        raise ValueError(f"fwht_: the row length must be a power of two, got {n}")
+    suf = _suffix(x)
+    ptr = x.data_ptr()
+    nt = max(1, threads if threads is not None else torch.get_num_threads())
+    if m * n < _PARALLEL_MIN or nt == 1 or (m >= nt) or n <= _L:
+        fn = getattr(lib, f"gs_fwht_{suf}")
+        _parallel([lambda a=a, b=b: fn(ptr, m, n, a, b, scale)
+                   for a, b in _split(m, nt if m * n >= _PARALLEL_MIN else 1)])
+        return x
+    # fewer rows than threads and long rows: share each row between threads, phase by phase
+    p1, p2 = getattr(lib, f"gs_fwht_phase1_{suf}"), getattr(lib, f"gs_fwht_phase2_{suf}")
+    es = x.element_size()
+    for r in range(m):
+        rp = ptr + r * n * es
+        _parallel([lambda a=a, b=b, rp=rp: p1(rp, n, a, b) for a, b in _split(n // _L, nt)])
+        _parallel([lambda a=a, b=b, rp=rp: p2(rp, n, a, b, scale) for a, b in _split(_L, nt, align=16)])
+    return x
+
+
+def sjlt(x: Tensor, rows: Tensor, vals: Tensor, d: int, threads: int | None = None) -> Tensor:
+    """``y[b, rows[k, j]] += vals[k, j] · x[b, j]`` for a contiguous ``[M, n]`` ``x``; ``rows`` int32
+    ``[s, n]`` in ``[0, d)``, ``vals`` ``[s, n]`` of x's dtype. Requires :func:`usable` (x). Returns ``[M, d]``."""
+    lib = library()
+    assert lib is not None and usable(x) and x.dim() == 2
+    m, n = x.shape
+    s = rows.shape[0]
+    rows = rows.contiguous()
+    vals = vals.to(x.dtype).contiguous()
+    if rows.dtype != torch.int32 or rows.shape != (s, n) or vals.shape != (s, n):
+        raise ValueError(f"sjlt: expected int32 rows and vals of shape [s, {n}], got {rows.dtype} "
+                         f"{tuple(rows.shape)} and {tuple(vals.shape)}")
+    y = x.new_zeros(m, d)
+    fn = getattr(lib, f"gs_sjlt_{_suffix(x)}")
+    nt = max(1, threads if threads is not None else torch.get_num_threads())
+    xp, yp, ip, vp = x.data_ptr(), y.data_ptr(), rows.data_ptr(), vals.data_ptr()
+    _parallel([lambda a=a, b=b: fn(xp, n, yp, d, ip, vp, s, a, b)
+               for a, b in _split(m, nt if m * n >= _PARALLEL_MIN else 1)])
+    return y
+
+
+def whtsel(x: Tensor, b: int, sel: Tensor, scale: float, src: Tensor | None = None,
+           mult: Tensor | None = None, threads: int | None = None) -> Tensor:
+    """``out[m, g, i] = scale · (H_b t_g)[sel[i]]`` with ``t_g[k] = (mult ⊙ x)[m, g·b + src[k]]``: a row-restricted,
+    column-permuted Walsh–Hadamard factor on the fast index of the contiguous ``[M, n]`` ``x`` (``H_b``
+    unnormalised; ``src`` int32 ``[b]`` or ``None``; ``mult`` ``[n]`` of x's dtype or ``None``). Returns
+    ``[M, n // b, len(sel)]``. Requires :func:`usable` (x)."""
+    lib = library()
+    assert lib is not None and usable(x) and x.dim() == 2
+    m, n = x.shape
+    if b < 1 or b & (b - 1) or n % b:
+        raise ValueError(f"whtsel: b must be a power of two dividing n={n}, got {b}")
+    sel = sel.to(torch.int32).contiguous()
+    r = sel.numel()
+    if src is not None:
+        src = src.to(torch.int32).contiguous()
+        if src.numel() != b:
+            raise ValueError(f"whtsel: src must have b={b} entries, got {src.numel()}")
+    if mult is not None:
+        mult = mult.to(x.dtype).contiguous()
+        if mult.numel() != n:
+            raise ValueError(f"whtsel: mult must have n={n} entries, got {mult.numel()}")
+    out = x.new_empty(m, n // b, r)
+    fn = getattr(lib, f"gs_whtsel_{_suffix(x)}")
+    xp, op, selp = x.data_ptr(), out.data_ptr(), sel.data_ptr()
+    srcp = src.data_ptr() if src is not None else None
+    mp = mult.data_ptr() if mult is not None else None
+    nt = max(1, threads if threads is not None else torch.get_num_threads())
+    _parallel([lambda a=a, c=c: fn(xp, n, b, srcp, mp, selp, r, scale, op, a, c)
+               for a, c in _split(m, nt if m * n >= _PARALLEL_MIN else 1)])
+    return out
+
+
+def _reference_wht(x: Tensor) -> Tensor:
+    n = x.shape[-1]
+    y = x.clone()
+    h = 1
+    while h < n:
+        y = y.view(-1, n // (2 * h), 2, h)
+        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2)
+        h *= 2
+    return y.reshape(x.shape)
+
+
+def _self_check(lib: ctypes.CDLL) -> bool:
+    g = torch.Generator().manual_seed(0)
+    try:
+        for n in (1, 2, 8, 64, 1 << 13, 1 << 15):
+            x = torch.randn(3, n, generator=g, dtype=torch.float64)
+            ref = _reference_wht(x) * 0.5
+            got = x.clone()
+            lib.gs_fwht_f64(got.data_ptr(), 3, n, 0, 3, 0.5)
+            if not torch.allclose(got, ref, rtol=1e-12, atol=1e-12 * n):
+                _status["self_check"] = f"fwht mismatch at n={n}"
+                return False
+        x = torch.randn(2, 50, generator=g, dtype=torch.float64)
+        rows = torch.randint(0, 7, (2, 50), generator=g, dtype=torch.int32)
+        vals = torch.randn(2, 50, generator=g, dtype=torch.float64)
+        y = torch.zeros(2, 7, dtype=torch.float64)
+        lib.gs_sjlt_f64(x.data_ptr(), 50, y.data_ptr(), 7, rows.data_ptr(), vals.data_ptr(), 2, 0, 2)
+        ref = torch.zeros(2, 7, dtype=torch.float64)
+        for k in range(2):
+            ref.index_add_(1, rows[k].long(), x * vals[k])
+        if not torch.allclose(y, ref, rtol=1e-12, atol=1e-12):
+            _status["self_check"] = "sjlt mismatch"
+            return False
+    except Exception as e:  # pragma: no cover - a broken build must never break the library
+        _status["self_check"] = repr(e)
+        return False
+    return True
