@@ -222,3 +222,38 @@ def test_iter_sketch_grads_streams_batches():
     S = task.block_sketch(64, kind="sjlt")
     parts = list(task.iter_sketch_grads(batches(X, y, 4), S, progress=False))
     assert [p.shape[0] for p in parts] == [4, 4, 2]
+
+
+@pytest.mark.parametrize("which", ["cnn", "gpt2"])
+def test_explicit_blocksketch_on_conv_and_transformer_equals_sketch_of_exact(which):
+    """Explicit mode forms each group's per-example gradients in place in a reused scratch buffer (Conv2d
+    via batched matmul, Conv1D/Embedding/LayerNorm with several positions per example, tied embeddings)."""
+    if which == "cnn":
+        X, y = digits(10, image=True)
+        task = Task(cnn(), classifier_loss())
+        data = batches(X, y, 4)
+        G = task.grads((X, y))
+    else:
+        task = Task(gpt2(), causal_lm_loss(reduction="sum"))
+        data = [token_batch(3, 9, seed=1, pad_rows={0: 5}), token_batch(2, 9, seed=2)]
+        G = torch.cat([task.grads(b) for b in data])
+    S = task.block_sketch(64, kind="sjlt", seed=2, min_group=128)
+    assert len(S.groups) > 1
+    out = task.sketch_grads(data, S, progress=False, chunk_size=2)
+    torch.testing.assert_close(out, S(_blocks(task, G)), atol=TOL, rtol=0)
+
+
+def test_sketch_grads_batches_of_changing_size_and_iterators():
+    """The result is preallocated from the first batch when len(data) is known; batches larger than the
+    first and one-shot iterators take the concatenating path. All give the same rows."""
+    X, y = digits(15)
+    task = Task(mlp(), classifier_loss())
+    S = task.factored_sketch(64, seed=3)
+    ref = task.sketch_grads([(X, y)], S, mode="factored", progress=False)
+    sizes = [(0, 3), (3, 10), (10, 15)]  # 3, then 7 (larger than the first), then 5
+    data = [(X[a:b], y[a:b]) for a, b in sizes]
+    for d in (data, iter(data)):
+        for mode in ("factored", "explicit"):
+            out = task.sketch_grads(d if isinstance(d, list) else iter(data), S, mode=mode, progress=False)
+            assert out.shape == (15, 64)
+            torch.testing.assert_close(out, ref, atol=TOL, rtol=0)

@@ -427,6 +427,15 @@ class HookEngine:
         self.modules = list(mods.values())
         # the model can be called as it is when every selected parameter requires grad (the usual case)
         self.direct = all(t.requires_grad for _, t in task.named_params)
+        self._scratch: Tensor | None = None
+
+    def scratch(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A flat buffer of at least ``numel`` elements, reused from call to call (grown when needed). Its
+        contents are overwritten by every user: take a view, fill it, consume it before the next call."""
+        buf = self._scratch
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = self._scratch = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
 
     def _capture(self, split: Any, param_grads: bool = False
                  ) -> tuple[Tensor, dict[int, list[tuple[Tensor, Tensor]]], dict[str, Tensor]]:
@@ -548,6 +557,41 @@ class HookEngine:
                 e = self._exact(kind, role, mod, x[lo:hi], dy[lo:hi], plan.shape)
                 g = e if g is None else g + e
         return cast(Tensor, g).reshape(hi - lo, -1)
+
+    def grad_into(self, caps: dict[int, list[tuple[Tensor, Tensor]]], gd: dict[str, Tensor], name: str,
+                  lo: int, hi: int, out: Tensor) -> Tensor:
+        """:meth:`grad` written into ``out`` ``[hi - lo, numel]`` (any row stride, e.g. a column slice of a
+        reused scratch buffer): weights of Linear/Conv1D/Conv2d layers are formed in place (broadcast outer
+        product for one position per example, batched matmul otherwise), so no fresh [m, numel] tensor is
+        allocated (on CPU, large fresh allocations cost page faults every batch)."""
+        m = hi - lo
+        if name not in self.hooked:
+            return out.copy_(gd[name][lo:hi].reshape(m, -1))
+        plan = self.plans[name]
+        first = True
+        for mod, kind, role in plan.uses:
+            for x, dy in caps[id(mod)]:
+                if role == "weight" and kind in ("linear", "conv1d", "conv2d"):
+                    r, c = _rows_cols(kind, mod, x[lo:hi], dy[lo:hi])
+                    v3 = out.view(m, r.shape[-1], c.shape[-1])
+                    if r.shape[1] == 1:
+                        a, b = r[:, 0, :, None], c[:, 0, None, :]
+                        if first:
+                            torch.mul(a, b, out=v3)
+                        else:
+                            v3.addcmul_(a, b)
+                    elif first:
+                        torch.bmm(r.transpose(1, 2), c, out=v3)
+                    else:
+                        v3.baddbmm_(r.transpose(1, 2), c)
+                else:
+                    e = self._exact(kind, role, mod, x[lo:hi], dy[lo:hi], plan.shape).reshape(m, -1)
+                    if first:
+                        out.copy_(e)
+                    else:
+                        out.add_(e)
+                first = False
+        return out
 
     @staticmethod
     def _exact_sum(kind: str, role: str, mod: nn.Module, x: Tensor, dy: Tensor,

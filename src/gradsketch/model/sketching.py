@@ -143,17 +143,25 @@ def _explicit_hooked(task: Task, split: Any, ad: SketchAdapter, chunk: int | Non
         S = ad.sketch
         out = None
         for g, Sg in zip(S.groups, S.sketches):
-            step = _row_steps(m, sum(S.sizes[i] for i in g), item, chunk)
+            width = sum(S.sizes[i] for i in g)
+            step = _row_steps(m, width, item, chunk)
             ys = []
             for lo in range(0, m, step):
                 hi = min(m, lo + step)
-                xs = [eng.grad(caps, gd, names[i], lo, hi) for i in g]
-                x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=-1)
-                del xs
+                # the group's per-example gradients written side by side into a scratch buffer kept
+                # across batches (no torch.cat, no fresh [rows, width] allocation per batch)
+                x = eng.scratch((hi - lo) * width, task.dtype, task.device).view(hi - lo, width)
+                off = 0
+                for i in g:
+                    eng.grad_into(caps, gd, names[i], lo, hi, x[:, off:off + S.sizes[i]])
+                    off += S.sizes[i]
                 ys.append(Sg(x, out_dtype=torch.promote_types(x.dtype, torch.float32), nan_policy="propagate"))
                 del x
             y = ys[0] if len(ys) == 1 else torch.cat(ys)
-            out = y if out is None else out + y
+            if out is None and y.untyped_storage().data_ptr() == eng.scratch(0, task.dtype, task.device
+                                                                           ).untyped_storage().data_ptr():
+                y = y.clone()  # a sketch that returned a view of its input: the scratch is reused next
+            out = y if out is None else out.add_(y)
         return cast(Tensor, out).to(task.dtype), losses  # a BlockSketch has at least one group
     step = _row_steps(m, task.n_params, item, chunk)
     rows = []
