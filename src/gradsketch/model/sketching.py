@@ -15,6 +15,7 @@ remains for the parameters hooks cannot see and when hooks are not allowed.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -192,8 +193,20 @@ def _implicit_hooked(task: Task, split: Any, ad: SketchAdapter, chunk: int | Non
             continue
         cot = [eng.grad(caps, gd, names[i], lo, hi).to(deltas[i].dtype).reshape(hi - lo, *deltas[i].shape)
                for i in keep]
-        (r,) = torch.autograd.grad([deltas[i] for i in keep], omega, cot, retain_graph=hi < m,
-                                   is_grads_batched=True)
+        outs = [deltas[i] for i in keep]
+        r = None
+        if not getattr(task, "_implicit_unbatched", False):
+            try:
+                (r,) = torch.autograd.grad(outs, omega, cot, retain_graph=True, is_grads_batched=True)
+            except RuntimeError as e:
+                # a sketch op whose backward cannot run under vmap (e.g. a native kernel handed a batched
+                # tensor): one backward per example instead (same numbers, slower), remembered on the task
+                warnings.warn(f"implicit mode: batched backward through the sketch failed ({str(e)[:120]}); "
+                              "using one backward per example", RuntimeWarning, stacklevel=2)
+                cast(Any, task)._implicit_unbatched = True
+        if r is None:
+            r = torch.stack([torch.autograd.grad(outs, omega, [c[k] for c in cot], retain_graph=True)[0]
+                             for k in range(hi - lo)])
         rows.append(r)
     return torch.cat(rows), losses
 
