@@ -157,29 +157,37 @@ def test_factored_sketch_spec_roundtrip_and_adjoint(d):
     torch.testing.assert_close(S(x), torch.cat(x, 1) @ M.T)
 
 
-def test_factored_small_layer_embedded_as_exact_rotation():
+def test_factored_small_layer_embedded_exactly():
     """MLP 64-16-10 at d = 256: 2.weight with its bias is [10, 17] (170 <= 256 coordinates, no factorisation
-    of 256 fits): an orthogonal Kronecker rotation into an output slice, exactly norm-preserving."""
+    of 256 fits): written as it is into an output slice (exact), the rest of the output sketched."""
     X, y = digits(12)
     task = Task(mlp(), classifier_loss())
     S = task.factored_sketch(256, seed=4)
-    assert S.rest is None and set(S.offsets) == {"2.weight"} and S.blocks["2.weight"].d == 170
+    assert S.rest is None and set(S.offsets) == {"2.weight"} and S.blocks["2.weight"].kind == "identity"
     sl = S.block_slice("2.weight")
     assert sl.stop - sl.start == 170 and 0 <= sl.start <= 256 - 170
     out = task.sketch_grads(batches(X, y, 5), S, mode="factored", progress=False)
     G = task.grads((X, y))
     torch.testing.assert_close(out, _kron_expected(task, S, G), atol=TOL, rtol=0)
-    # the block alone is an isometry: ‖Φ_p g_p‖ = ‖g_p‖ for each example (qk stores its Haar factors in
-    # float32, so orthogonal to ~1e-7)
+    # the slice holds [G | g_b] of the last layer plus the (independent) sketch of the first layer there
     parts = task.unflatten(G)
     g = torch.cat([parts["2.weight"], parts["2.bias"][:, :, None]], 2).reshape(12, -1)
-    yb = S.blocks["2.weight"](g)
-    torch.testing.assert_close(yb.norm(dim=1), g.norm(dim=1), atol=0, rtol=1e-6)
-    assert not torch.allclose(yb.norm(dim=1), 1.01 * g.norm(dim=1), atol=0, rtol=1e-6)
+    first = S([parts[n].reshape(12, -1) if n.startswith("0.") else torch.zeros(12, s)
+               for n, s in zip(task.param_names, task.param_sizes)])
+    torch.testing.assert_close(out[:, sl] - first[:, sl], g, atol=TOL, rtol=0)
     # explicit and implicit modes with the same FactoredSketch are the same map
     torch.testing.assert_close(task.sketch_grads([(X, y)], S, progress=False), out, atol=TOL, rtol=0)
     torch.testing.assert_close(task.sketch_grads([(X, y)], S, mode="implicit", progress=False), out,
                                atol=TOL, rtol=0)
+    # a spec whose embedded block is a full qk rotation (also accepted) is an exact isometry of the block
+    spec = dict(S.spec, blocks=dict(S.spec["blocks"]))
+    spec["blocks"]["2.weight"] = dict(kind="qk", n=170, d=170, seed=9, in_factors=[10, 17], out_factors=[10, 17])
+    R = FactoredSketch.from_spec(spec)
+    out_r = task.sketch_grads(batches(X, y, 5), R, mode="factored", progress=False)
+    torch.testing.assert_close(out_r, _kron_expected(task, R, G), atol=TOL, rtol=0)
+    yb = R.blocks["2.weight"](g)
+    torch.testing.assert_close(yb.norm(dim=1), g.norm(dim=1), atol=0, rtol=1e-6)  # float32 Haar factors
+    assert not torch.allclose(yb, g)
 
 
 def test_factored_version1_spec_rebuilds_unfolded_map():

@@ -129,6 +129,28 @@ def factor_pair(d: int, rows: int, cols: int) -> tuple[int, int] | None:
     return best
 
 
+class _Identity:
+    """The identity on a [rows, cols] block (an embedded small layer of a :class:`FactoredSketch`)."""
+
+    kind = "identity"
+
+    def __init__(self, rows: int, cols: int) -> None:
+        self.rows, self.cols = int(rows), int(cols)
+        self.n = self.d = self.rows * self.cols
+
+    def __call__(self, x: Tensor, nan_policy: str | None = None) -> Tensor:
+        return x.clone()
+
+    def T(self, y: Tensor, nan_policy: str | None = None) -> Tensor:
+        return y.clone()
+
+    def to(self, device: torch.device | str) -> _Identity:
+        return self
+
+    def factor_matrices(self, dtype: torch.dtype = torch.float32) -> list[Tensor]:
+        return [torch.eye(self.rows, dtype=dtype), torch.eye(self.cols, dtype=dtype)]
+
+
 class FactoredSketch:
     """Whole-model sketch R^N -> R^d: Σ_p Φ_p(g_p) over the task's parameters p (independent blocks).
 
@@ -144,10 +166,11 @@ class FactoredSketch:
       [G; g_bᵀ], [rows + 1, cols]) gets one Kronecker sketch: the factored path just adds F_c's last column
       to F_c a_t, at no extra cost (the usual LoGra treatment of biases).
     * **Small layers embedded.** A weight (with its bias) too small for d = d_r·d_c (rows·cols < d, or no
-      factorisation of d fits) but with rows·cols ≤ d gets a qk sketch onto d_p = rows·cols coordinates
-      (full Haar rotations Q_r ⊗ Q_c: an exact isometry of the block) written into the slice
-      [offset, offset + d_p) of the output, offset drawn from the seed. Summed with the other independent
-      blocks this is still a sketch of the whole gradient with E‖Φg‖² = ‖g‖².
+      factorisation of d fits) but with rows·cols ≤ d is written as it is (block kind ``"identity"``: an
+      exact isometry, no projection, no FLOPs) into the slice [offset, offset + rows·cols) of the output,
+      offset drawn from the seed. Summed with the other, independent and zero-mean, random blocks this is
+      still a sketch of the whole gradient with E‖Φg‖² = ‖g‖² and unbiased inner products. (A block spec
+      of kind ``"qk"`` with an offset, a full rotation, is also accepted.)
 
     Version-1 specs (no ``"version"`` key) rebuild the earlier map exactly: no folding, no embedding.
     """
@@ -206,9 +229,9 @@ class FactoredSketch:
             if pair is not None:
                 fac[n] = dict(kind="qk", n=rows * cols, d=d, seed=_derive_seed(seed, n),
                               in_factors=[rows, cols], out_factors=list(pair))
-            elif rows * cols <= d:  # small: an exact rotation onto rows·cols coordinates of the output
-                fac[n] = dict(kind="qk", n=rows * cols, d=rows * cols, seed=_derive_seed(seed, n),
-                              in_factors=[rows, cols], out_factors=[rows, cols])
+            elif rows * cols <= d and all(k != "embedding" for _, k, _ in plans[n].uses):
+                # small: the block itself, unprojected, in rows·cols coordinates of the output
+                fac[n] = dict(kind="identity", n=rows * cols, d=rows * cols, in_factors=[rows, cols])
                 offsets[n] = _derive_seed(seed, "offset:" + n) % (d - rows * cols + 1)
             else:
                 continue
@@ -233,7 +256,8 @@ class FactoredSketch:
     def from_spec(cls, spec: dict[str, Any]) -> FactoredSketch:
         from ..sketch import BlockSketch, sketch
 
-        blocks = {n: sketch(**s) for n, s in spec["blocks"].items()}
+        blocks = {n: (_Identity(*s["in_factors"]) if s["kind"] == "identity" else sketch(**s))
+                  for n, s in spec["blocks"].items()}
         bias_of = spec.get("bias_of", {})
         shapes2d = {}
         for n, s in spec["blocks"].items():
@@ -667,22 +691,35 @@ class FactoredEngine(HookEngine):
             if not filled and n in S.offsets:
                 total.zero_()
                 filled = True
-            fr, fc = S.factors(n, dtype, device)
-            sl = S.block_slice(n)
-            t3 = (total if sl.stop - sl.start == S.d else total[:, sl]).view(m, fr.shape[0], fc.shape[0])
+            ident = isinstance(S.blocks[n], _Identity)
             rows, cols = S.shapes2d[n]
-            # the folded bias is the last input column (Linear, Conv2d) or row (Conv1D) of ones
-            fr_w, fr_b = (fr[:, :rows], fr[:, rows]) if bias is not None and bias[1] == "rows" else (fr, None)
-            fc_w, fc_b = (fc[:, :cols], fc[:, cols]) if bias is not None and bias[1] == "cols" else (fc, None)
+            sl = S.block_slice(n)
+            if ident:  # an embedded small layer: Σ_t r'_t c'_tᵀ itself, no projection
+                blk = S.blocks[n]
+                t3 = total[:, sl].view(m, blk.rows, blk.cols)
+            else:
+                fr, fc = S.factors(n, dtype, device)
+                t3 = (total if sl.stop - sl.start == S.d else total[:, sl]).view(m, fr.shape[0], fc.shape[0])
+                # the folded bias is the last input column (Linear, Conv2d) or row (Conv1D) of ones
+                fr_w, fr_b = (fr[:, :rows], fr[:, rows]) if bias is not None and bias[1] == "rows" else (fr, None)
+                fc_w, fc_b = (fc[:, :cols], fc[:, cols]) if bias is not None and bias[1] == "cols" else (fc, None)
             for mod, kind, _ in self.plans[n].uses:
                 for x, dy in caps[id(mod)]:
                     r, c = _rows_cols(kind, mod, x, dy)
-                    pr = fr_w.T[r] if kind == "embedding" else r.to(dtype) @ fr_w.T   # [m, T, d_r]
-                    pc = c.to(dtype) @ fc_w.T                                          # [m, T, d_c]
-                    if fr_b is not None:
-                        pr += fr_b
-                    if fc_b is not None:
-                        pc += fc_b
+                    if ident:
+                        pr, pc = r.to(dtype), c.to(dtype)
+                        if bias is not None:  # the column (row) of ones of the folded bias
+                            if bias[1] == "cols":
+                                pc = torch.cat([pc, pc.new_ones(*pc.shape[:-1], 1)], -1)
+                            else:
+                                pr = torch.cat([pr, pr.new_ones(*pr.shape[:-1], 1)], -1)
+                    else:
+                        pr = fr_w.T[r] if kind == "embedding" else r.to(dtype) @ fr_w.T   # [m, T, d_r]
+                        pc = c.to(dtype) @ fc_w.T                                          # [m, T, d_c]
+                        if fr_b is not None:
+                            pr += fr_b
+                        if fc_b is not None:
+                            pc += fc_b
                     if pr.shape[1] == 1:
                         # one position per example (an MLP): the outer product (F_r δ)(F_c a)ᵀ, one
                         # broadcast multiply into the [m, d] result (bmm with k = 1 is slower)
