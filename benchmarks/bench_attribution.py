@@ -129,40 +129,62 @@ def quality(args) -> None:
 
 
 def arnoldi_seeds(args) -> None:
-    """Arnoldi start-vector randomness vs sketch error on logistic regression (N = 650): LDS of unsketched
-    Arnoldi and of Arnoldi on ΦHΦᵀ for several seeds (the seed sets Arnoldi's start vector; the sketch seed is
-    fixed), at d = N (affd is then an orthogonal rotation: same spectrum, only the start vector differs) and
-    at d = 512."""
+    """Arnoldi start-vector randomness vs sketch error: LDS of unsketched Arnoldi and of Arnoldi on ΦHΦᵀ over
+    several seeds (the seed draws the start vector; the sketch seed is fixed). ``start="parameter"`` (the
+    default) starts the sketched run from Φz, z the unsketched run's start vector; ``start="sketch"`` from an
+    independent Gaussian in R^d (the behaviour before). Logistic regression (N = 650: d = N, where affd is an
+    orthogonal rotation, and d = 512) and each MLP of --hidden (200 iterations / top 100 only)."""
     D = load_digits_split(1000, 200, seed=0)
-    mf = lambda: make_mlp((64, 10), dtype=torch.float64)  # noqa: E731
-    kw = dict(optimizer="lbfgs", steps=300, weight_decay=1e-2)
-    Xtr, Xte = D.x_train.double(), D.x_test.double()
-    gt = lds_ground_truth(mf, (Xtr, D.y_train), (Xte, D.y_test), n_subsets=args.subsets, n_runs=args.runs,
-                          cache=Path(args.cache) / "logistic_regression", progress=True, **kw)
-    task = Task.from_classifier(load_model(mf, train_models(mf, Xtr, D.y_train, **kw)))
-    N = task.n_params
-    tr, te = batches(Xtr, D.y_train, batch_size=250), batches(Xte, D.y_test, batch_size=200)
+    setups = [("logistic regression", lambda: make_mlp((64, 10), dtype=torch.float64),
+               dict(optimizer="lbfgs", steps=300, weight_decay=1e-2), torch.float64)]
+    for H in [int(h) for h in str(args.hidden).split(",")]:
+        setups.append((f"MLP 64-{H}-10", lambda H=H: make_mlp((64, H, 10)),
+                       dict(steps=300, lr=1e-2, weight_decay=1e-3), torch.float32))
     rows = []
-    for it, k in ((100, 30), (200, 100)):
-        for label, s in (("unsketched", None), (f"affd d={N} (rotation)", dict(kind="affd", d=N, seed=0)),
-                         ("affd d=512", dict(kind="affd", d=512, seed=0))):
-            vals = []
-            for seed in range(args.seeds):
-                S = Attributor(task, "arnoldi", sketch=s, n_iters=it, top_k=k, damping=1e-2, seed=seed).fit(
-                    tr, progress=False).score(te, progress=False)
-                vals.append(lds(S, gt.masks, gt.outputs).mean)
-            v = np.array(vals)
-            rows.append([f"{it} it, top {k}", label, f"{v.mean():.3f}", f"{v.std(ddof=1):.3f}",
-                         f"{v.min():.3f}–{v.max():.3f}"])
-            print(rows[-1], flush=True)
-    print(f"\nArnoldi LDS over {args.seeds} start-vector seeds, logistic regression N = {N}\n")
-    print(_md(rows, ["Arnoldi", "operator", "mean LDS", "sd", "range"]))
+    for name, mf, kw, dt in setups:
+        if args.only and args.only not in name:
+            continue
+        Xtr, Xte = D.x_train.to(dt), D.x_test.to(dt)
+        gt = lds_ground_truth(mf, (Xtr, D.y_train), (Xte, D.y_test), n_subsets=args.subsets, n_runs=args.runs,
+                              cache=Path(args.cache) / name.replace(" ", "_"), progress=True, **kw)
+        task = Task.from_classifier(load_model(mf, train_models(mf, Xtr, D.y_train, **kw)))
+        N = task.n_params
+        tr, te = batches(Xtr, D.y_train, batch_size=250), batches(Xte, D.y_test, batch_size=200)
+        wd = kw["weight_decay"]
+        if "logistic" in name:
+            settings = [(100, 30), (200, 100)]
+            ops = [("unsketched", None, "parameter"), (f"affd d={N} (rotation), start Φz", dict(kind="affd", d=N),
+                                                        "parameter"),
+                   (f"affd d={N} (rotation), start in R^d", dict(kind="affd", d=N), "sketch"),
+                   ("affd d=512, start Φz", dict(kind="affd", d=512), "parameter")]
+        else:
+            d = _sketch_d(N, args.d)
+            settings = [(200, 100)]
+            ops = [("unsketched", None, "parameter"), (f"affd d={d}, start Φz", dict(kind="affd", d=d), "parameter")]
+        for it, k in settings:
+            base = None
+            for label, s, start in ops:
+                vals = []
+                for seed in range(args.seeds):
+                    S = Attributor(task, "arnoldi", sketch=s, n_iters=it, top_k=k, damping=wd, seed=seed,
+                                   start=start).fit(tr, progress=False).score(te, progress=False)
+                    vals.append(lds(S, gt.masks, gt.outputs).mean)
+                v = np.array(vals)
+                base = v if base is None else base
+                gap = v - base
+                rows.append([f"{name} (N = {N})", f"{it} it, top {k}", label, f"{v.mean():.3f}",
+                             f"{v.std(ddof=1):.3f}", f"{v.min():.3f}–{v.max():.3f}",
+                             "" if s is None else f"{gap.mean():+.3f} ({gap.min():+.3f}…{gap.max():+.3f})"])
+                print(rows[-1], flush=True)
+    print(f"\nArnoldi LDS over {args.seeds} start-vector seeds (gap: sketched − unsketched, same seed)\n")
+    print(_md(rows, ["model", "Arnoldi", "operator", "mean LDS", "sd", "range", "gap to unsketched (min…max)"]))
 
 
 def _traker_run(model, states, tr, te, d, n, m, ridge, tmp):
     """TRAK's own pipeline (traker.TRAKer on the CPU: FunctionalGradientComputer, BasicProjector with its CPU
-    default (normal) projection, float32): featurize + finalize_features for every model, then scores.
-    λ per model by gradsketch's rule on traker's own xtx: ridge · tr(xtx) / min(n, d)."""
+    default (normal) projection, float32): featurize every model, finalize_features, then scores.
+    λ per model by gradsketch's rule on traker's own xtx: ridge · tr(xtx) / min(n, d).
+    Returns (featurize s, finalize s, score s, scores [m, n])."""
     import logging
 
     from trak import TRAKer
@@ -174,6 +196,7 @@ def _traker_run(model, states, tr, te, d, n, m, ridge, tmp):
         tk.load_checkpoint(sd, model_id=i)
         for X, y in tr:
             tk.featurize(batch=(X, y), num_samples=X.shape[0])
+    t1 = time.perf_counter()
     for i in range(len(states)):
         tk.saver.load_current_store(i)
         g = torch.as_tensor(tk.saver.current_store["grads"])
@@ -181,14 +204,14 @@ def _traker_run(model, states, tr, te, d, n, m, ridge, tmp):
         if not hasattr(tk.projector, "proj_matrix"):  # traker 0.3.2 bug: a second free_memory() raises
             tk.projector.proj_matrix = None
         tk.finalize_features(model_ids=[i])
-    t1 = time.perf_counter()
+    t2 = time.perf_counter()
     for i, sd in enumerate(states):
         tk.start_scoring_checkpoint(exp_name="test", checkpoint=sd, model_id=i, num_targets=m)
         for X, y in te:
             tk.score(batch=(X, y), num_samples=X.shape[0])
     S = torch.as_tensor(np.array(tk.finalize_scores(exp_name="test"))).T.double()
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, S
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2, S
 
 
 def traker_compare(args) -> None:
@@ -211,37 +234,54 @@ def traker_compare(args) -> None:
         task = Task.from_classifier(copy.deepcopy(models[0]))
         N = task.n_params
         d = _sketch_d(N, args.d)
+        configs = [tuple(c.split(":")) for c in args.kinds.split(",")]
         for M in sorted({1, args.models}):
             states = [{k: v.detach().clone() for k, v in mm.state_dict().items()} for mm in models[:M]]
-            gs_f, gs_s, tk_f, tk_s = [], [], [], []
-            for rep in range(args.reps):  # interleaved: gradsketch, traker, gradsketch, traker, ...
-                t = time.perf_counter()
-                a = Attributor(task, "trak", sketch=dict(kind="affd", d=d, seed=0), margin_fn=mg,
-                               models=states).fit(tr, progress=False)
-                gs_f.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                S = a.score(te, progress=False)
-                gs_s.append(time.perf_counter() - t)
+            gs: dict = {c: ([], [], [], None) for c in configs}  # fit s, features s, score s, scores
+            tk_f, tk_p, tk_s = [], [], []
+            for rep in range(args.reps):  # interleaved: gradsketch (each config), traker, gradsketch, ...
+                for c in configs:
+                    kind, mode = c
+                    t = time.perf_counter()
+                    a = Attributor(task, "trak", sketch=dict(kind=kind, d=d, seed=0), mode=mode, margin_fn=mg,
+                                   models=states).fit(tr, progress=False)
+                    gs[c][0].append(time.perf_counter() - t)
+                    gs[c][1].append(a.timings_["featurise"])
+                    t = time.perf_counter()
+                    S = a.score(te, progress=False)
+                    gs[c][2].append(time.perf_counter() - t)
+                    gs[c] = (*gs[c][:3], S)
+                    print(f"H={H} M={M} rep {rep}: gradsketch {kind}/{mode} fit {gs[c][0][-1]:.2f}s (features "
+                          f"{gs[c][1][-1]:.2f}s) score {gs[c][2][-1]:.2f}s", flush=True)
                 tmp = Path(tempfile.mkdtemp(prefix="gs-traker-"))
                 try:
-                    f, s2, S2 = _traker_run(copy.deepcopy(models[0]), states, tr, te, d, n, m, 1.0, tmp)
+                    f, fin, s2, S2 = _traker_run(copy.deepcopy(models[0]), states, tr, te, d, n, m, 1.0, tmp)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-                tk_f.append(f)
+                tk_f.append(f + fin)
+                tk_p.append(f)
                 tk_s.append(s2)
-                print(f"H={H} M={M} rep {rep}: gradsketch fit {gs_f[-1]:.2f}s score {gs_s[-1]:.2f}s | traker "
-                      f"featurize+finalize {tk_f[-1]:.2f}s score {tk_s[-1]:.2f}s", flush=True)
-            L1, L2 = lds(S, gt.masks, gt.outputs).mean, lds(S2, gt.masks, gt.outputs).mean
-            rf = np.array(tk_f) / np.array(gs_f)
-            rs = np.array(tk_s) / np.array(gs_s)
-            out.append([f"MLP 64-{H}-10 (N = {N})", d, M, f"{n * M / np.median(gs_f):.0f}",
-                        f"{n * M / np.median(tk_f):.0f}", f"{np.median(rf):.1f}× ({rf.min():.1f}–{rf.max():.1f})",
-                        f"{np.median(rs):.1f}×", L1, L2])
-            print(out[-1], flush=True)
+                print(f"H={H} M={M} rep {rep}: traker featurize {f:.2f}s finalize {fin:.2f}s score {s2:.2f}s",
+                      flush=True)
+            L2 = lds(S2, gt.masks, gt.outputs).mean
+            out.append([f"MLP 64-{H}-10 (N = {N})", d, M, "traker (TRAKer, CPU, normal projection)",
+                        f"{n * M / np.median(tk_p):.0f}", f"{n * M / np.median(tk_f):.0f}", "1", "1", "1", L2])
+            for c in configs:
+                gs_f, gs_p, gs_s, S = gs[c]
+                rf = np.array(tk_f) / np.array(gs_f)
+                rp = np.array(tk_p) / np.array(gs_p)
+                rs = np.array(tk_s) / np.array(gs_s)
+                out.append([f"MLP 64-{H}-10 (N = {N})", d, M, f"gradsketch {c[0]}, {c[1]}",
+                            f"{n * M / np.median(gs_p):.0f}", f"{n * M / np.median(gs_f):.0f}",
+                            f"{np.median(rp):.1f}× ({rp.min():.1f}–{rp.max():.1f})",
+                            f"{np.median(rf):.1f}× ({rf.min():.1f}–{rf.max():.1f})",
+                            f"{np.median(rs):.1f}×", lds(S, gt.masks, gt.outputs).mean])
+            for r in out[-len(configs) - 1:]:
+                print(r, flush=True)
     print(f"\nTRAK pipeline comparison (CPU, {args.reps} interleaved repetitions, medians; ratio = traker time / "
           "gradsketch time per repetition)\n")
-    print(_md(out, ["model", "d", "models", "gradsketch featurise ex/s", "traker featurise ex/s",
-                    "featurise ratio (range)", "score ratio", "LDS gradsketch", "LDS traker"]))
+    print(_md(out, ["model", "d", "models", "pipeline", "features ex/s", "features + kernel ex/s",
+                    "ratio features (range)", "ratio features + kernel (range)", "ratio score", "LDS"]))
 
 
 def _read_idx(path: Path, offset: int) -> np.ndarray:
@@ -289,6 +329,8 @@ def main() -> None:
     p.add_argument("--hidden", default="32", help="hidden widths of the digits MLPs, comma-separated (e.g. 32,128)")
     p.add_argument("--models", type=int, default=5, help="TRAK ensemble size (independently trained models)")
     p.add_argument("--reps", type=int, default=3, help="interleaved timing repetitions (traker)")
+    p.add_argument("--kinds", default="affd:explicit,sjlt:factored",
+                   help="gradsketch sketch kind:mode pairs compared with traker (comma-separated)")
     p.add_argument("--seeds", type=int, default=5, help="Arnoldi start-vector seeds (arnoldi-seeds)")
     p.add_argument("--d", type=int, default=4096)
     p.add_argument("--subsets", type=int, default=64)

@@ -78,17 +78,18 @@ class GramKernel:
 
         M φ = (φ − Fᵀ (G + λI)⁻¹ F φ) / λ                      (Woodbury)
 
-    so that F M φ = (G + λI)⁻¹ F φ and φ_zᵀ M φ_z = [G (G + λI)⁻¹]_zz for a training row z. The subtraction
-    loses about eps · ‖G‖ / λ relative accuracy, which :func:`trak_kernel` bounds by using this form
-    only for λ ≥ 1e-8 · tr(G)."""
+    so that F M φ = (G + λI)⁻¹ F φ and φ_zᵀ M φ_z = [G (G + λI)⁻¹]_zz for a training row z. The large products
+    (G, Fφ, Fᵀc) run in the features' own precision (float32 features: float32 GEMMs; they are stored in
+    float16/float32 anyway), the n × n factorisation and solves in float64. The subtraction loses about
+    eps · ‖G‖ / λ relative accuracy, which :func:`trak_kernel` bounds by using this form only for
+    λ ≥ 1e-8 · tr(G)."""
 
-    def __init__(self, F: Tensor, damping: float) -> None:
-        F = F.detach().to("cpu")
-        self.F = F.to(torch.float64)
+    def __init__(self, F: Tensor, damping: float, G: Tensor | None = None) -> None:
+        self.F = F.detach().to("cpu")
+        if self.F.dtype not in (torch.float32, torch.float64):
+            self.F = self.F.to(torch.float32)
         self.damping = float(damping)
-        # the n × n Gram matrix in the features' own precision (float32 features: a float32 GEMM, half the
-        # time of float64; features are stored in float16/float32 anyway), factorised in float64
-        A = (F @ F.T).to(torch.float64) if F.dtype == torch.float32 else self.F @ self.F.T
+        A = (self.F @ self.F.T if G is None else G).to(torch.float64)
         A.diagonal().add_(self.damping)
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) != 0:
@@ -96,26 +97,38 @@ class GramKernel:
                                      "definite in float64; expected a positive ridge and finite features")
         self.L = L
 
+    def _u(self, phi: Tensor) -> Tensor:
+        return (self.F @ phi.to(self.F.dtype).T).to(torch.float64)  # [n, m]
+
     def apply(self, phi: Tensor) -> Tensor:
-        phi = phi.to(torch.float64)
-        c = torch.cholesky_solve(self.F @ phi.T, self.L)  # [n, m]
-        return (phi - (self.F.T @ c).T) / self.damping
+        c = torch.cholesky_solve(self._u(phi), self.L)  # [n, m] float64
+        back = (self.F.T @ c.to(self.F.dtype)).T.to(torch.float64)
+        return (phi.to(torch.float64) - back) / self.damping
 
     def quad(self, phi: Tensor) -> Tensor:
-        phi = phi.to(torch.float64)
-        u = self.F @ phi.T                                  # [n, m]
-        z = torch.linalg.solve_triangular(self.L, u, upper=False)
-        return ((phi * phi).sum(1) - (z * z).sum(0)) / self.damping
+        z = torch.linalg.solve_triangular(self.L, self._u(phi), upper=False)
+        p = phi.to(torch.float64)
+        return ((p * p).sum(1) - (z * z).sum(0)) / self.damping
 
 
-def trak_kernel(F: Tensor, damping: float) -> Any:
+def gram(F: Tensor) -> Tensor:
+    """FFᵀ [n, n] in float64, computed with a GEMM in F's precision (float32 or float64)."""
+    F = F.detach().to("cpu")
+    if F.dtype not in (torch.float32, torch.float64):
+        F = F.to(torch.float32)
+    return (F @ F.T).to(torch.float64)
+
+
+def trak_kernel(F: Tensor, damping: float, G: Tensor | None = None) -> Any:
     """(FᵀF + λI)⁻¹ for training features F [n, d] (on the CPU; float32 or float64): the Gram form
-    (:class:`GramKernel`) when d > n and λ ≥ 1e-8 · tr(FᵀF), else a d × d Cholesky / eigh
-    (:meth:`EigKernel.inverse`, float64)."""
+    (:class:`GramKernel`; ``G`` = FFᵀ if already computed) when d > n and λ ≥ 1e-8 · tr(FᵀF), else a d × d
+    Cholesky / eigh (:meth:`EigKernel.inverse`, float64)."""
     n, d = F.shape
     F = F.detach().to("cpu")
-    if d > n and damping > 0 and damping >= 1e-8 * float(F.to(torch.float64).square().sum()):
-        return GramKernel(F, damping)
+    if d > n and damping > 0:
+        G = gram(F) if G is None else G
+        if damping >= 1e-8 * float(torch.trace(G)):
+            return GramKernel(F, damping, G)
     F = F.to(torch.float64)
     return EigKernel.inverse(F.T @ F, damping)
 

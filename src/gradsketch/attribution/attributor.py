@@ -71,7 +71,7 @@ from ._features import (
     iter_feature_chunks,
     sketch_spec,
 )
-from ._kernels import EigKernel, SolveKernel, apply_kernel, quad_kernel, trak_kernel
+from ._kernels import EigKernel, SolveKernel, apply_kernel, gram, quad_kernel, trak_kernel
 
 METHODS = ("grad-dot", "grad-cos", "tracin", "trak", "arnoldi", "influence")
 MODES = ("explicit", "implicit", "factored")
@@ -81,7 +81,7 @@ _OPTIONS = {
     "tracin": {"checkpoints"},
     "trak": {"checkpoints", "models", "margin_fn", "ridge"},
     "arnoldi": {"n_iters", "top_k", "curvature", "hessian_data", "positive_only", "damping", "seed",
-                "krylov_store"},
+                "krylov_store", "start"},
     "influence": {"solver", "damping", "curvature", "hessian_data", "tol", "maxiter", "depth", "scale"},
 }
 _COMMON = {"nan_policy", "store_dtype", "chunk_rows", "block_rows", "test_block_rows"}
@@ -164,7 +164,10 @@ class Attributor:
         ``ridge`` (λ = ridge · tr(ΦᵀΦ) / min(n_train, d); default 1.0, see the module docstring).
         arnoldi: ``n_iters`` (200), ``top_k`` (100), ``curvature`` ("hessian" | "ggn"), ``hessian_data``
         (batches for the HVPs, default the training data), ``positive_only`` (False), ``damping`` δ (0),
-        ``seed`` (0), ``krylov_store`` ("device" | "host").
+        ``seed`` (0), ``krylov_store`` ("device" | "host"), ``start`` ("parameter" | "sketch"): with a sketch,
+        the Arnoldi start vector on ΦHΦᵀ is Φz for the Gaussian z ∈ R^N that the unsketched run would start
+        from ("parameter", default: sketched and unsketched runs share their randomness, and for an orthogonal
+        Φ (d = N) give the same eigenpairs), or a Gaussian in R^d ("sketch").
         influence: ``solver`` ("explicit" | "cg" | "lissa"), ``damping`` δ (0.01), ``curvature``,
         ``hessian_data``, ``tol``, ``maxiter`` (cg), ``depth``, ``scale`` (lissa).
 
@@ -419,9 +422,10 @@ class Attributor:
         damping = float(self._opt("damping", 0.0))
         positive_only = bool(self._opt("positive_only", False))
         seed = self._opt("seed", 0)
+        start = _check_choice(self._opt("start", "parameter"), "start", ("parameter", "sketch"))
         config = {"n_iters": n_iters, "top_k": top_k, "positive_only": positive_only, "seed": seed,
                   "curvature": self._opt("curvature", "hessian"), "sketch": sketch_spec(sketch),
-                  "fingerprint": comp.fingerprint}
+                  "fingerprint": comp.fingerprint, "start": start if self.sketch is not None else None}
         t0 = time.perf_counter()
         if self.sketch is not None:  # featurise Φg first, then the sketched Hessian ΦHΦᵀ (d × d)
             comp.sketch = sketch
@@ -431,7 +435,16 @@ class Attributor:
 
         def compute():
             op = self._curvature_op(data, sketch)
-            res = arnoldi(op, n_iters, seed=seed, store=self._opt("krylov_store", "device"), progress=progress)
+            v0 = None
+            if self.sketch is not None and start == "parameter":
+                from ..linalg._validate import make_generator, random_probes, work_dtype
+                from ..model.curvature import _GenericSketch
+
+                N = self.task.n_params
+                z = random_probes(N, 1, "gaussian", make_generator(seed), work_dtype(op), torch.device("cpu"))
+                v0 = _GenericSketch(sketch, N).apply(z[:, 0][None].to(self.task.device))[0].to(work_dtype(op))
+            res = arnoldi(op, n_iters, v0=v0, seed=seed, store=self._opt("krylov_store", "device"),
+                          progress=progress)
             lam, vecs = distill(res.Q, res.H, min(top_k, res.H.shape[1]), positive_only=positive_only)
             vecs = vecs / vecs.norm(dim=0, keepdim=True).clamp_min(torch.finfo(vecs.dtype).tiny)
             return {"eigenvalues": lam.detach().cpu(), "eigenvectors": vecs.detach().cpu()}
@@ -472,10 +485,12 @@ class Attributor:
             if d > n:  # ΦᵀΦ has rank <= n < d: work with the n × n Gram matrix
                 f64 = isinstance(comp.feats, Tensor) and comp.feats.dtype == torch.float64
                 fdt = torch.float64 if f64 else torch.float32
-                F = torch.cat([blk.cpu() for _, _, blk in self._blocks(comp, br, fdt)])
-                lam = float(ridge) * float(F.to(torch.float64).square().sum()) / n
-                comp.kernel = trak_kernel(F, lam)
-                del F
+                parts = [blk.cpu() for _, _, blk in self._blocks(comp, max(br, n), fdt)]
+                F = parts[0] if len(parts) == 1 else torch.cat(parts)
+                G = gram(F)
+                lam = float(ridge) * float(torch.trace(G)) / n
+                comp.kernel = trak_kernel(F, lam, G)
+                del F, G, parts
             else:
                 K = torch.zeros(d, d, dtype=torch.float64)
                 for _, _, blk in self._blocks(comp, br, torch.float64):
