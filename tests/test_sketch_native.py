@@ -170,3 +170,21 @@ def test_switched_off_kernels_give_the_same_sketches(tmp_path):
         assert res["1"]["state"] == "loaded"
     for k, v in res["0"]["out"].items():
         assert torch.allclose(torch.tensor(v), torch.tensor(res["1"]["out"][k]), rtol=1e-10, atol=1e-10), k
+
+
+@native
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_kernels_work_in_a_forked_child():
+    """A thread pool inherited through fork() has no threads: the child must make its own, not hang."""
+    x = torch.randn(4, 1 << 17)
+    want = _native.fwht_(x.clone(), 1.0, threads=2)  # creates the pool in the parent
+    pid = os.fork()
+    if pid == 0:  # child: exit code 0 iff the kernel runs and agrees
+        ok = False
+        try:
+            torch.set_num_threads(1)  # as DataLoader workers do: torch's own OpenMP pool is not fork-safe
+            ok = torch.allclose(_native.fwht_(x.clone(), 1.0, threads=2), want)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

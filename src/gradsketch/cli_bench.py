@@ -36,6 +36,11 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("afjl-fft", "afjl", {"preconditioner": "fft"}),
     ("afjl-orth", "afjl", {"preconditioner": "orthogonal"}),
     ("qk", "qk", {}),
+    # the same maps with the native CPU kernels switched off (the pure-torch formulation), for the record
+    ("sjlt-torch", "sjlt", {}),
+    ("fjl-torch", "fjl", {}),
+    ("affd-torch", "affd", {}),
+    ("afjl-torch", "afjl", {}),
 ]
 #: dense is O(nd) and generates the n×d Gaussian matrix per call (38 s at n = 2^20, d = 2^10 here):
 #: only timed up to this n·d
@@ -95,9 +100,9 @@ def speed_table(log2_n: Sequence[int], log2_d: Sequence[int], variants: Sequence
                 batch: int = 32, repeats: int = 3, memory: bool = True, seed: int = 0,
                 echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Time every variant on a ``[batch, n]`` float32 batch; print a markdown table; return the rows."""
-    from gradsketch.sketch import sketch
+    from gradsketch.sketch import _native, sketch
 
-    chosen = [v for v in VARIANTS if variants is None or v[0] in variants]
+    chosen = [v for v in VARIANTS if (v[0] in variants if variants is not None else not v[0].endswith("-torch"))]
     rows: list[dict[str, Any]] = []
     echo(f"batch {batch} float32, torch {torch.__version__}, {torch.get_num_threads()} threads; "
          f"ratio = median sketch time / median time of x.sum() (interleaved, {repeats} repeats)")
@@ -116,7 +121,12 @@ def speed_table(log2_n: Sequence[int], log2_d: Sequence[int], variants: Sequence
                     row.update(ratio=math.nan, ms=math.nan, read_ms=math.nan, mem=None, skipped=True)
                 else:
                     S = sketch(kind, n, d, seed=1, **opts)
-                    fn = lambda S=S, x=x: S(x)  # noqa: E731
+                    if label.endswith("-torch"):
+                        def fn(S=S, x=x):
+                            with _native.disabled():
+                                return S(x)
+                    else:
+                        fn = lambda S=S, x=x: S(x)  # noqa: E731
                     reps = 1 if kind == "dense" else repeats
                     ratio, t, r = time_ratio(fn, x, reps)
                     mem = peak_extra_mib(fn) if memory else None

@@ -23,7 +23,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,9 +41,11 @@ _FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno"]
 _PARALLEL_MIN = 1 << 16
 
 _status: dict[str, str] = {"state": "not loaded"}
+_off = False  # set by disabled(): benchmarks compare against the pure-torch formulation in one process
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0
 
 
 def _cpu_id() -> str:
@@ -143,13 +147,14 @@ def status() -> dict[str, str]:
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    global _pool, _pool_size, _pool_pid
     with _pool_lock:
-        if _pool is None or _pool_size < n:
-            if _pool is not None:
+        if _pool is None or _pool_size < n or _pool_pid != os.getpid():
+            if _pool is not None and _pool_pid == os.getpid():
                 _pool.shutdown(wait=False)
+            # a pool inherited through fork() has no threads in the child: always make a fresh one there
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gradsketch-native")
-            _pool_size = n
+            _pool_size, _pool_pid = n, os.getpid()
         return _pool
 
 
@@ -173,10 +178,21 @@ def _suffix(x: Tensor) -> str | None:
     return {torch.float32: "f32", torch.float64: "f64"}.get(x.dtype)
 
 
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block every sketch uses the pure-torch formulation (for benchmarks and tests)."""
+    global _off
+    old, _off = _off, True
+    try:
+        yield
+    finally:
+        _off = old
+
+
 def usable(x: Tensor) -> bool:
     """``x`` is a tensor the kernels take (CPU, contiguous, float32/float64, no autograd or torch.func
     wrapper) and the kernels are available."""
-    if x.device.type != "cpu" or _suffix(x) is None or not x.is_contiguous():
+    if _off or x.device.type != "cpu" or _suffix(x) is None or not x.is_contiguous():
         return False
     try:
         if torch._C._functorch.is_functorch_wrapped_tensor(x):

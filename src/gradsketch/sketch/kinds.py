@@ -171,7 +171,7 @@ class SJLTSketch(Sketch):
 
     def _fast_min_elems(self) -> int:
         # the native scatter has no per-call set-up to amortise: use it at every size
-        return 0 if _native.library() is not None else super()._fast_min_elems()
+        return 0 if _native.library() is not None and not _native._off else super()._fast_min_elems()
 
     def _forward(self, x: Tensor) -> Tensor:
         return _Hashed.forward(x, self._bufs["rows"], self._vals(x.dtype), self.d)
