@@ -188,3 +188,15 @@ def test_kernels_work_in_a_forked_child():
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("kind", ["affd", "afjl", "fjl", "sjlt"])
+def test_batched_gradients_through_the_sketch(kind):
+    """autograd.grad(is_grads_batched=True) hands the backward storage-less batched tensors: the kernels
+    must step aside for the torch formulation (implicit-mode per-example gradients rely on this)."""
+    S = sketch(kind, 3000, 64, seed=1)
+    w = torch.zeros(64, dtype=torch.float64, requires_grad=True)
+    out = S.T(w)
+    v = torch.randn(3, 3000, dtype=torch.float64)
+    (g,) = torch.autograd.grad(out, w, v, is_grads_batched=True)
+    assert torch.allclose(g, S(v), atol=1e-10)

@@ -199,6 +199,10 @@ def usable(x: Tensor) -> bool:
             return False
     except AttributeError:  # pragma: no cover - private API moved: be conservative
         return False
+    try:
+        x.data_ptr()  # batched gradients (autograd.grad(is_grads_batched=True)) have no storage
+    except RuntimeError:
+        return False
     return library() is not None
 
 
