@@ -132,8 +132,9 @@ def arnoldi_seeds(args) -> None:
     """Arnoldi start-vector randomness vs sketch error: LDS of unsketched Arnoldi and of Arnoldi on ΦHΦᵀ over
     several seeds (the seed draws the start vector; the sketch seed is fixed). ``start="parameter"`` (the
     default) starts the sketched run from Φz, z the unsketched run's start vector; ``start="sketch"`` from an
-    independent Gaussian in R^d (the behaviour before). Logistic regression (N = 650: d = N, where affd is an
-    orthogonal rotation, and d = 512) and each MLP of --hidden (200 iterations / top 100 only)."""
+    independent Gaussian in R^d (the behaviour before). Logistic regression (N = 650: d = N, where a random
+    square affd is far from orthogonal (singular values 1e-3 to 2.8), and d = 512) and each MLP of --hidden
+    (200 iterations / top 100 only)."""
     D = load_digits_split(1000, 200, seed=0)
     setups = [("logistic regression", lambda: make_mlp((64, 10), dtype=torch.float64),
                dict(optimizer="lbfgs", steps=300, weight_decay=1e-2), torch.float64)]
@@ -153,9 +154,9 @@ def arnoldi_seeds(args) -> None:
         wd = kw["weight_decay"]
         if "logistic" in name:
             settings = [(100, 30), (200, 100)]
-            ops = [("unsketched", None, "parameter"), (f"affd d={N} (rotation), start Φz", dict(kind="affd", d=N),
-                                                        "parameter"),
-                   (f"affd d={N} (rotation), start in R^d", dict(kind="affd", d=N), "sketch"),
+            ops = [("unsketched", None, "parameter"),
+                   (f"affd d={N} (= N, not orthogonal), start Φz", dict(kind="affd", d=N), "parameter"),
+                   (f"affd d={N} (= N), start in R^d", dict(kind="affd", d=N), "sketch"),
                    ("affd d=512, start Φz", dict(kind="affd", d=512), "parameter")]
         else:
             d = _sketch_d(N, args.d)
