@@ -608,6 +608,14 @@ class HookEngine:
                         torch.bmm(r.transpose(1, 2), c, out=v3)
                     else:
                         v3.baddbmm_(r.transpose(1, 2), c)
+                elif role == "weight" and kind == "embedding":
+                    # rows of the used ids only, scattered straight into the (zeroed) output: no fresh
+                    # [m, vocab, dim] tensor (375 MB per batch of 8 for MiniLM's word embeddings)
+                    ids, cc = _rows_cols(kind, mod, x[lo:hi], dy[lo:hi])
+                    v3 = out.view(m, plan.shape[0], cc.shape[-1])
+                    if first:
+                        v3.zero_()
+                    v3.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, cc.shape[-1]), cc.to(v3.dtype))
                 else:
                     e = self._exact(kind, role, mod, x[lo:hi], dy[lo:hi], plan.shape).reshape(m, -1)
                     if first:
