@@ -200,3 +200,32 @@ def test_batched_gradients_through_the_sketch(kind):
     v = torch.randn(3, 3000, dtype=torch.float64)
     (g,) = torch.autograd.grad(out, w, v, is_grads_batched=True)
     assert torch.allclose(g, S(v), atol=1e-10)
+
+
+@native
+@pytest.mark.parametrize("b", [1, 4, 64])
+def test_whtsel_adjoint_identity(b):
+    g = torch.Generator().manual_seed(b)
+    n = 5 * b
+    x = torch.randn(3, n, generator=g, dtype=torch.float64)
+    sel = torch.randperm(b, generator=g)[: max(1, b // 2)]
+    src = torch.argsort(torch.randperm(b, generator=g))
+    mult = torch.randn(n, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 5, sel.numel(), generator=g, dtype=torch.float64)
+    lhs = (_native.whtsel(x, b, sel, 0.3, src=src, mult=mult) * y).sum()
+    rhs = (x * _native.whtsel_t(y, b, sel, 0.3, src=src, mult=mult)).sum()
+    assert abs(float(lhs - rhs)) < 1e-10 * float(x.abs().sum() * y.abs().sum()) ** 0.5
+    with pytest.raises(ValueError, match="sel has"):
+        _native.whtsel_t(y, b, sel[:0] if sel.numel() > 1 else torch.arange(2), 1.0)
+
+
+@pytest.mark.parametrize("kind", ["affd", "afjl"])
+def test_native_adjoint_equals_torch_adjoint(kind):
+    S = sketch(kind, 9000, 300, seed=4)
+    y = torch.randn(5, 300, dtype=torch.float64)
+    got = S.T(y)
+    with _native.disabled():
+        want = S.T(y)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+    w = torch.randn(300, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: S.T(t), (w,))

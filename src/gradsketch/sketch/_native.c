@@ -212,6 +212,39 @@ int gs_whtsel_##SUF(const T *x, int64_t n, int64_t b, const int32_t *src, const 
     return 0;                                                                                            \
 }                                                                                                        \
                                                                                                          \
+/* The adjoint of gs_whtsel: x[row, g*b + src[k]] = mult[g*b + src[k]] * t[k] with                       \
+   t = scale * H_b (y[row, g, :] placed at sel), for rows [r0, r1) of the contiguous [M, n/b, r] y. */   \
+int gs_whtsel_t_##SUF(const T *y, int64_t n, int64_t b, const int32_t *src, const T *mult,              \
+                      const int32_t *sel, int64_t r, double scale_d, T *x, int64_t r0, int64_t r1) {    \
+    T scale = (T)scale_d;                                                                                \
+    T *t = (T *)malloc((size_t)b * sizeof(T));                                                           \
+    if (!t) return -1;                                                                                   \
+    int64_t groups = n / b;                                                                              \
+    for (int64_t row = r0; row < r1; ++row) {                                                            \
+        const T *restrict yr = y + row * groups * r;                                                     \
+        T *restrict xr = x + row * n;                                                                    \
+        for (int64_t g = 0; g < groups; ++g) {                                                           \
+            memset(t, 0, (size_t)b * sizeof(T));                                                         \
+            for (int64_t i = 0; i < r; ++i) t[sel[i]] = yr[g * r + i] * scale;                           \
+            block_##SUF(t, b);                                                                           \
+            T *restrict xg = xr + g * b;                                                                 \
+            if (src && mult) {                                                                           \
+                const T *restrict mg = mult + g * b;                                                     \
+                for (int64_t k = 0; k < b; ++k) xg[src[k]] = t[k] * mg[src[k]];                          \
+            } else if (src) {                                                                            \
+                for (int64_t k = 0; k < b; ++k) xg[src[k]] = t[k];                                       \
+            } else if (mult) {                                                                           \
+                const T *restrict mg = mult + g * b;                                                     \
+                for (int64_t k = 0; k < b; ++k) xg[k] = t[k] * mg[k];                                    \
+            } else {                                                                                     \
+                memcpy(xg, t, (size_t)b * sizeof(T));                                                    \
+            }                                                                                            \
+        }                                                                                                \
+    }                                                                                                    \
+    free(t);                                                                                             \
+    return 0;                                                                                            \
+}                                                                                                        \
+                                                                                                         \
 void gs_sjlt_##SUF(const T *x, int64_t n, T *out, int64_t d, const int32_t *idx, const T *vals,        \
                    int64_t s, int64_t r0, int64_t r1) {                                                  \
     int64_t b = r0;                                                                                      \

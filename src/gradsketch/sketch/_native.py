@@ -94,7 +94,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"gs_fwht_phase2_{suf}").argtypes = [ptr, i64, i64, i64, dbl]
         getattr(lib, f"gs_sjlt_{suf}").argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64]
         getattr(lib, f"gs_whtsel_{suf}").argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, dbl, ptr, i64, i64]
-        for name in ("gs_fwht_", "gs_fwht_phase2_", "gs_whtsel_"):
+        getattr(lib, f"gs_whtsel_t_{suf}").argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, dbl, ptr, i64, i64]
+        for name in ("gs_fwht_", "gs_fwht_phase2_", "gs_whtsel_", "gs_whtsel_t_"):
             getattr(lib, name + suf).restype = ctypes.c_int
         for name in ("gs_fwht_phase1_", "gs_sjlt_"):
             getattr(lib, name + suf).restype = None
@@ -254,6 +255,42 @@ def sjlt(x: Tensor, rows: Tensor, vals: Tensor, d: int, threads: int | None = No
     return y
 
 
+def _whtsel_args(n: int, b: int, sel: Tensor, src: Tensor | None, mult: Tensor | None, dtype: torch.dtype):
+    if b < 1 or b & (b - 1) or n % b:
+        raise ValueError(f"whtsel: b must be a power of two dividing n={n}, got {b}")
+    sel = sel.to(torch.int32).contiguous()
+    if src is not None:
+        src = src.to(torch.int32).contiguous()
+        if src.numel() != b:
+            raise ValueError(f"whtsel: src must have b={b} entries, got {src.numel()}")
+    if mult is not None:
+        mult = mult.to(dtype).contiguous()
+        if mult.numel() != n:
+            raise ValueError(f"whtsel: mult must have n={n} entries, got {mult.numel()}")
+    return sel, src, mult
+
+
+def whtsel_t(y: Tensor, b: int, sel: Tensor, scale: float, src: Tensor | None = None,
+             mult: Tensor | None = None, threads: int | None = None) -> Tensor:
+    """The adjoint of :func:`whtsel`: ``[M, G, r] -> [M, G·b]``. Requires :func:`usable` (y)."""
+    lib = library()
+    assert lib is not None and usable(y) and y.dim() == 3
+    m, groups, r = y.shape
+    n = groups * b
+    sel, src, mult = _whtsel_args(n, b, sel, src, mult, y.dtype)
+    if sel.numel() != r:
+        raise ValueError(f"whtsel_t: y has {r} outputs per group but sel has {sel.numel()}")
+    x = y.new_empty(m, n)
+    fn = getattr(lib, f"gs_whtsel_t_{_suffix(y)}")
+    yp, xp, selp = y.data_ptr(), x.data_ptr(), sel.data_ptr()
+    srcp = src.data_ptr() if src is not None else None
+    mp = mult.data_ptr() if mult is not None else None
+    nt = max(1, threads if threads is not None else torch.get_num_threads())
+    _parallel([lambda a=a, c=c: fn(yp, n, b, srcp, mp, selp, r, scale, xp, a, c)
+               for a, c in _split(m, nt if m * n >= _PARALLEL_MIN else 1)])
+    return x
+
+
 def whtsel(x: Tensor, b: int, sel: Tensor, scale: float, src: Tensor | None = None,
            mult: Tensor | None = None, threads: int | None = None) -> Tensor:
     """``out[m, g, i] = scale · (H_b t_g)[sel[i]]`` with ``t_g[k] = (mult ⊙ x)[m, g·b + src[k]]``: a row-restricted,
@@ -263,18 +300,8 @@ def whtsel(x: Tensor, b: int, sel: Tensor, scale: float, src: Tensor | None = No
     lib = library()
     assert lib is not None and usable(x) and x.dim() == 2
     m, n = x.shape
-    if b < 1 or b & (b - 1) or n % b:
-        raise ValueError(f"whtsel: b must be a power of two dividing n={n}, got {b}")
-    sel = sel.to(torch.int32).contiguous()
+    sel, src, mult = _whtsel_args(n, b, sel, src, mult, x.dtype)
     r = sel.numel()
-    if src is not None:
-        src = src.to(torch.int32).contiguous()
-        if src.numel() != b:
-            raise ValueError(f"whtsel: src must have b={b} entries, got {src.numel()}")
-    if mult is not None:
-        mult = mult.to(x.dtype).contiguous()
-        if mult.numel() != n:
-            raise ValueError(f"whtsel: mult must have n={n} entries, got {mult.numel()}")
     out = x.new_empty(m, n // b, r)
     fn = getattr(lib, f"gs_whtsel_{_suffix(x)}")
     xp, op, selp = x.data_ptr(), out.data_ptr(), sel.data_ptr()

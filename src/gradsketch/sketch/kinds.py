@@ -289,10 +289,64 @@ class _NativeRestricted:
             sk._bufs["Rsrc"] = index[-1][1]
 
     def __call__(self, sk: Sketch, u: Tensor, rm: list[Tensor], mult: Tensor | None) -> Tensor:
-        """``(M_1 ⊗ … ⊗ M_K)(mult ⊙ u)`` for the contiguous ``[r, n_pad]`` block ``u``."""
-        src = sk._bufs.get("Rsrc")
-        v = _native.whtsel(u, self.b, sk._bufs["Rsel"], 1.0 / math.sqrt(self.b), src=src, mult=mult)
+        """``(M_1 ⊗ … ⊗ M_K)(mult ⊙ u)`` for the contiguous ``[r, n_pad]`` block ``u`` (no autograd)."""
+        v = self.last(sk, u, mult, adjoint=False)
         return kron_apply(v.view(u.shape[0], -1), rm[:-1], tail=self.r)
+
+    def last(self, sk: Sketch, u: Tensor, mult: Tensor | None, adjoint: bool) -> Tensor:
+        """The last factor with the multiplier: ``[M, G·b] -> [M, G, r]`` (adjoint: ``[M, G·r] -> [M, G·b]``).
+        The native kernel when it can take ``u``, else the same map as a GEMM (autograd-transparent)."""
+        src, sel = sk._bufs.get("Rsrc"), sk._bufs["Rsel"]
+        m = u.shape[0]
+        if _native.usable(u):
+            if adjoint:
+                return _native.whtsel_t(u.view(m, -1, self.r), self.b, sel, 1.0 / math.sqrt(self.b), src=src,
+                                        mult=mult)
+            return _native.whtsel(u, self.b, sel, 1.0 / math.sqrt(self.b), src=src, mult=mult)
+        a = sk._rmats(u.dtype)[-1]  # type: ignore[attr-defined]
+        if adjoint:
+            out = (u.reshape(m, -1, self.r) @ a).reshape(m, -1)
+            return out * mult if mult is not None else out
+        return (u * mult if mult is not None else u).reshape(m, -1, self.b) @ a.T
+
+    def apply(self, sk: Sketch, u: Tensor, rm: list[Tensor], mult: Tensor | None) -> Tensor:
+        """``(M_1 ⊗ … ⊗ M_K)(mult ⊙ u)`` for any ``[M, n_pad]`` ``u``, differentiable."""
+        v = self._last_any(sk, u, mult, adjoint=False)
+        return kron_apply(v.reshape(u.shape[0], -1), rm[:-1], tail=self.r)
+
+    def apply_t(self, sk: Sketch, y: Tensor, rm: list[Tensor], mult: Tensor | None) -> Tensor:
+        """The adjoint of :meth:`apply`: ``[M, ∏D_i] -> [M, n_pad]``, differentiable."""
+        v = kron_apply(y, [a.T for a in rm[:-1]], tail=self.r)
+        return self._last_any(sk, v, mult, adjoint=True)
+
+    def _last_any(self, sk: Sketch, u: Tensor, mult: Tensor | None, adjoint: bool) -> Tensor:
+        u = u.contiguous()
+        if _native.usable(u):
+            return _LastFactorFn.apply(u, self, sk, mult, adjoint)
+        return self.last(sk, u, mult, adjoint)
+
+
+class _LastFactorFn(torch.autograd.Function):
+    """:meth:`_NativeRestricted.last` under autograd and forward-mode AD: each direction's backward is the
+    other direction (the map is linear)."""
+
+    @staticmethod
+    def forward(u, nr, sk, mult, adjoint):  # type: ignore[override]
+        return nr.last(sk, u, mult, adjoint)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        _, ctx.nr, ctx.sk, ctx.mult, ctx.adjoint = inputs
+        ctx.shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        gi = ctx.nr._last_any(ctx.sk, g.reshape(g.shape[0], -1), ctx.mult, not ctx.adjoint)
+        return gi.reshape(ctx.shape), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, t, *_):  # type: ignore[override]
+        return ctx.nr._last_any(ctx.sk, t, ctx.mult, ctx.adjoint)
 
 
 def _n_factors(n: int, max_factor: int, floats_for_k) -> int:
@@ -469,7 +523,10 @@ class AFFDSketch(_StructuredBase):
         if self.pre.needs_signs:
             u = u * self._buf("B", x.dtype)
         u = self.pre.apply(u, self._pmats(x.dtype))
-        u = u * (self._buf("G", x.dtype) * self.scale)
+        gs = self._buf("G", x.dtype) * self.scale
+        if self._native_r is not None:
+            return self._native_r.apply(self, u, self._rmats(x.dtype), gs)[:, : self.d]
+        u = u * gs
         if self.preconditioner == "fft":
             return dht(u[:, self._bufs["perm"]])[:, self._bufs["rows"]]
         return kron_apply(u, self._rmats(x.dtype))[:, : self.d]
@@ -498,6 +555,12 @@ class AFFDSketch(_StructuredBase):
             z = y.new_zeros(y.shape[0], self.n_pad).index_copy(1, self._bufs["rows"].long(), y)
             z = dht(z)
             u = z.new_zeros(z.shape).index_copy(1, self._bufs["perm"].long(), z)
+        elif self._native_r is not None:
+            mats = self._rmats(y.dtype)
+            d_pad = math.prod(int(m.shape[0]) for m in mats)
+            u = self._native_r.apply_t(self, _pad(y, d_pad), mats, self._buf("G", y.dtype) * self.scale)
+            u = self.pre.apply_t(u, self._pmats(y.dtype))
+            return (u * self._buf("B", y.dtype) if self.pre.needs_signs else u)[:, : self.n]
         else:
             mats = self._rmats(y.dtype)
             d_pad = math.prod(int(m.shape[0]) for m in mats)
@@ -551,6 +614,8 @@ class AFJLSketch(_StructuredBase):
             u = u * self._buf("B", x.dtype)
         if self.preconditioner == "fft":
             v = dht(u)[:, self._bufs["rows"]]
+        elif self._native_r is not None:
+            v = self._native_r.apply(self, u, self._rmats(x.dtype), None)[:, : self.d]
         else:
             v = kron_apply(u, self._rmats(x.dtype))[:, : self.d]
         return v * (self._buf("G", x.dtype) * self.scale)
@@ -576,6 +641,10 @@ class AFJLSketch(_StructuredBase):
         v = y * (self._buf("G", y.dtype) * self.scale)
         if self.preconditioner == "fft":
             u = dht(v.new_zeros(v.shape[0], self.n_pad).index_copy(1, self._bufs["rows"].long(), v))
+        elif self._native_r is not None:  # the signs are fused into the last factor's kernel
+            mats = self._rmats(y.dtype)
+            d_pad = math.prod(int(m.shape[0]) for m in mats)
+            return self._native_r.apply_t(self, _pad(v, d_pad), mats, self._buf("B", y.dtype))[:, : self.n]
         else:
             mats = self._rmats(y.dtype)
             d_pad = math.prod(int(m.shape[0]) for m in mats)
