@@ -188,8 +188,12 @@ class HessianOperator(CurvatureOperator):
 
     def _double_backward(self, split: SplitBatch, V: Tensor, scale: float = 1.0) -> Tensor:
         task = self.task
-        p = {n: t.detach().requires_grad_(True) for n, t in task.params_dict().items()}
-        leaves = list(p.values())
+        direct = all(t.requires_grad for _, t in task.named_params)
+        # every selected parameter requires grad (the usual case): differentiate the model as it is, no
+        # functional_call (autograd.grad never writes .grad); otherwise detached copies swapped in
+        p: dict[str, Tensor] | None = None if direct else {
+            n: t.detach().requires_grad_(True) for n, t in task.params_dict().items()}
+        leaves = [t for _, t in task.named_params] if p is None else list(p.values())
         out = V.new_empty(V.shape)
         with torch.enable_grad():
             loss = task._losses(p, split.rebuild(), split.size).sum()
