@@ -227,5 +227,7 @@ def test_native_adjoint_equals_torch_adjoint(kind):
     with _native.disabled():
         want = S.T(y)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
-    w = torch.randn(300, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: S.T(t), (w,))
+    small = sketch(kind, 70, 6, seed=4)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: small.T(t), (w,))
+    assert torch.autograd.gradgradcheck(lambda t: small.T(t), (w,))
