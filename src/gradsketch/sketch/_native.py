@@ -270,25 +270,20 @@ def _whtsel_args(n: int, b: int, sel: Tensor, src: Tensor | None, mult: Tensor |
     return sel, src, mult
 
 
-def whtsel_t(y: Tensor, b: int, sel: Tensor, scale: float, src: Tensor | None = None,
-             mult: Tensor | None = None, threads: int | None = None) -> Tensor:
-    """The adjoint of :func:`whtsel`: ``[M, G, r] -> [M, G·b]``. Requires :func:`usable` (y)."""
+def _whtsel_run(name: str, inp: Tensor, out: Tensor, n: int, b: int, sel: Tensor, src: Tensor | None,
+                mult: Tensor | None, scale: float, threads: int | None) -> Tensor:
+    """Run ``gs_<name>`` over the rows of ``inp`` into ``out`` on the worker threads."""
     lib = library()
-    assert lib is not None and usable(y) and y.dim() == 3
-    m, groups, r = y.shape
-    n = groups * b
-    sel, src, mult = _whtsel_args(n, b, sel, src, mult, y.dtype)
-    if sel.numel() != r:
-        raise ValueError(f"whtsel_t: y has {r} outputs per group but sel has {sel.numel()}")
-    x = y.new_empty(m, n)
-    fn = getattr(lib, f"gs_whtsel_t_{_suffix(y)}")
-    yp, xp, selp = y.data_ptr(), x.data_ptr(), sel.data_ptr()
+    assert lib is not None
+    fn = getattr(lib, f"gs_{name}_{_suffix(inp)}")
+    ip, op, selp = inp.data_ptr(), out.data_ptr(), sel.data_ptr()
     srcp = src.data_ptr() if src is not None else None
     mp = mult.data_ptr() if mult is not None else None
+    m = inp.shape[0]
     nt = max(1, threads if threads is not None else torch.get_num_threads())
-    _parallel([lambda a=a, c=c: fn(yp, n, b, srcp, mp, selp, r, scale, xp, a, c)
+    _parallel([lambda a=a, c=c: fn(ip, n, b, srcp, mp, selp, sel.numel(), scale, op, a, c)
                for a, c in _split(m, nt if m * n >= _PARALLEL_MIN else 1)])
-    return x
+    return out
 
 
 def whtsel(x: Tensor, b: int, sel: Tensor, scale: float, src: Tensor | None = None,
@@ -297,20 +292,23 @@ def whtsel(x: Tensor, b: int, sel: Tensor, scale: float, src: Tensor | None = No
     column-permuted Walsh–Hadamard factor on the fast index of the contiguous ``[M, n]`` ``x`` (``H_b``
     unnormalised; ``src`` int32 ``[b]`` or ``None``; ``mult`` ``[n]`` of x's dtype or ``None``). Returns
     ``[M, n // b, len(sel)]``. Requires :func:`usable` (x)."""
-    lib = library()
-    assert lib is not None and usable(x) and x.dim() == 2
+    assert usable(x) and x.dim() == 2
     m, n = x.shape
     sel, src, mult = _whtsel_args(n, b, sel, src, mult, x.dtype)
-    r = sel.numel()
-    out = x.new_empty(m, n // b, r)
-    fn = getattr(lib, f"gs_whtsel_{_suffix(x)}")
-    xp, op, selp = x.data_ptr(), out.data_ptr(), sel.data_ptr()
-    srcp = src.data_ptr() if src is not None else None
-    mp = mult.data_ptr() if mult is not None else None
-    nt = max(1, threads if threads is not None else torch.get_num_threads())
-    _parallel([lambda a=a, c=c: fn(xp, n, b, srcp, mp, selp, r, scale, op, a, c)
-               for a, c in _split(m, nt if m * n >= _PARALLEL_MIN else 1)])
-    return out
+    out = x.new_empty(m, n // b, sel.numel())
+    return _whtsel_run("whtsel", x, out, n, b, sel, src, mult, scale, threads)
+
+
+def whtsel_t(y: Tensor, b: int, sel: Tensor, scale: float, src: Tensor | None = None,
+             mult: Tensor | None = None, threads: int | None = None) -> Tensor:
+    """The adjoint of :func:`whtsel`: ``[M, G, r] -> [M, G·b]``. Requires :func:`usable` (y)."""
+    assert usable(y) and y.dim() == 3
+    m, groups, r = y.shape
+    n = groups * b
+    sel, src, mult = _whtsel_args(n, b, sel, src, mult, y.dtype)
+    if sel.numel() != r:
+        raise ValueError(f"whtsel_t: y has {r} outputs per group but sel has {sel.numel()}")
+    return _whtsel_run("whtsel_t", y, y.new_empty(m, n), n, b, sel, src, mult, scale, threads)
 
 
 def _reference_wht(x: Tensor) -> Tensor:
