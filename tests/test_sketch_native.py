@@ -231,3 +231,13 @@ def test_native_adjoint_equals_torch_adjoint(kind):
     w = torch.randn(6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: small.T(t), (w,))
     assert torch.autograd.gradgradcheck(lambda t: small.T(t), (w,))
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_code_is_never_loaded_from_a_directory_others_can_write(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert not _native._private_dir(shared)
+    private = tmp_path / "private"
+    assert _native._private_dir(private) and (private.stat().st_mode & 0o077) == 0

@@ -67,10 +67,29 @@ def _cache_dir() -> Path:
     return Path(base) / "gradsketch"
 
 
+def _private_dir(place: Path) -> bool:
+    """``place`` exists (made if needed) and only this user can write to it: a library is loaded from
+    there, so a directory someone else could plant a file in is never used."""
+    try:
+        place.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = place.stat()
+    except OSError as e:
+        _status["compile_error"] = f"cannot use {place}: {e!r}"
+        return False
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        _status["compile_error"] = f"{place} is not private to this user; not loading code from it"
+        return False
+    return True
+
+
 def _compile(cc: str, out: Path, flags: list[str]) -> bool:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+    except OSError as e:  # an unwritable cache: the caller tries the next place
+        _status["compile_error"] = f"cannot write to {out.parent}: {e!r}"
+        return False
     try:
         r = subprocess.run([cc, *flags, str(_SRC), "-o", tmp], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
@@ -113,10 +132,13 @@ def library() -> ctypes.CDLL | None:
         return None
     src = _SRC.read_bytes()
     lib = None
-    for flags in (_FLAGS + ["-march=native"], _FLAGS):
+    places = [_cache_dir(), Path(tempfile.gettempdir()) / f"gradsketch-{os.getuid() if hasattr(os, 'getuid') else 0}"]
+    for flags, place in [(f, p) for f in (_FLAGS + ["-march=native"], _FLAGS) for p in places]:
         key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_id().encode(),
                                          platform.machine().encode()])).hexdigest()[:16]
-        path = _cache_dir() / f"native-{key}.so"
+        path = place / f"native-{key}.so"
+        if not _private_dir(place):
+            continue
         if not path.exists() and not _compile(cc, path, flags):
             continue
         try:
