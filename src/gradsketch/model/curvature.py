@@ -123,10 +123,13 @@ class CurvatureOperator(LinearOperator):
 
 class HessianOperator(CurvatureOperator):
     """H = ∇²_θ (1/n) Σ_i ℓ_i(θ) (+ λI). ``method``: ``"fwd_rev"`` (forward-over-reverse, ``jvp`` of
-    ``grad``, columns vectorised with vmap), ``"double_backward"`` (one forward + backward with
-    ``create_graph``, then one backward per column, reusing the first backward), ``"auto"``:
-    ``double_backward``: it needs no forward-mode AD rules, and the two were within measurement noise of
-    each other on the digits MLP and MiniLM (benchmarks/results/grads.md)."""
+    ``grad``, columns vectorised with vmap), ``"fwd_ad"`` (forward-over-reverse with
+    ``torch.autograd.forward_ad``: dual parameters, one forward + backward per column), ``"double_backward"``
+    (one forward + backward with ``create_graph``, then one backward per column, reusing the first
+    backward), ``"auto"``: ``double_backward``: it needs no forward-mode AD rules and was the fastest on the
+    digits MLP and MiniLM (about 3.3-3.7x a gradient for one vector, 2.6-3.0x per vector with 4 columns per
+    call; benchmarks/results/grads.md). Pass several columns at once (``H @ V``) where the algorithm allows:
+    the first forward/backward pass is shared by all of them."""
 
     def __init__(self, task: Task, data: Iterable, mode: str = "full", damping: float = 0.0,
                  method: str = "auto", progress: bool = False) -> None:

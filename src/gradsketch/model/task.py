@@ -350,8 +350,10 @@ class Task:
 
     def factored_sketch(self, d: int, seed: int = 0, kind: str = "affd", **options: Any) -> Any:
         """A :class:`FactoredSketch` for ``sketch_grads(mode="factored")``: a Kronecker ``qk`` sketch
-        F_out ⊗ F_in per supported weight (Linear, transformers Conv1D, Embedding, Conv2d), and a
-        ``kind`` BlockSketch over the other parameters; all blocks summed into R^d."""
+        F_out ⊗ F_in per supported weight (Linear, transformers Conv1D, Embedding, Conv2d) with its bias
+        folded in as an extra input column (row for Conv1D); small weights that admit no factorisation of d
+        are written exactly into a slice of the output; a ``kind`` BlockSketch over the other parameters;
+        all blocks summed into R^d."""
         from .factored import FactoredSketch
 
         return FactoredSketch.for_task(self, d, seed=seed, kind=kind, **options)
