@@ -170,3 +170,22 @@ def test_gram_path_float32_features_close_to_float64():
     S = a.score(te, progress=False).double()
     ref = S64 * q
     assert float((S - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("block_rows", [4, 4096])
+def test_gram_path_from_store_matches_memory(tmp_path, block_rows):
+    """Features read back from a float32 GradientStore (several blocks) give the in-memory scores up to float32
+    rounding of the stored features."""
+    train, test = data()
+    task = Task.from_classifier(model(0))
+    tr, te = batches(*train, batch_size=4), batches(*test, batch_size=2)
+    fn = classification_margin()
+    mem = Attributor(task, "trak", margin_fn=fn).fit(tr, progress=False)
+    st = Attributor(task, "trak", margin_fn=fn, store=tmp_path / f"s{block_rows}", store_dtype="float32",
+                    block_rows=block_rows).fit(tr, progress=False)
+    assert isinstance(st._components[0].kernel, GramKernel)
+    ref = mem.score(te, progress=False)
+    got = st.score(te, progress=False).double()
+    assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+    si = st.self_influence(progress=False)
+    assert float((si - mem.self_influence(progress=False)).abs().max()) <= 1e-4 * float(si.abs().max())
