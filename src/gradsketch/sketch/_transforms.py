@@ -51,7 +51,8 @@ def kron_apply_padded(x: Tensor, mats: Sequence[Tensor]) -> Tensor:
     tail = x[:, full * p:]
     y = None
     if full:
-        y = torch.matmul(a0[:, :full], x[:, : full * p].reshape(m, full, p))  # [m, r0, p]
+        # a contiguous copy of the factor's kept columns: MKL's batched GEMM is ~1.4x slower on the strided slice
+        y = torch.matmul(a0[:, :full].contiguous(), x[:, : full * p].reshape(m, full, p))  # [m, r0, p]
     if full < cols[0] and tail.shape[1]:
         t = torch.nn.functional.pad(tail, (0, p - tail.shape[1]))  # [m, p]
         extra = a0[:, full, None] * t[:, None, :]
