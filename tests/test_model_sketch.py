@@ -195,9 +195,14 @@ def test_factored_version1_spec_rebuilds_unfolded_map():
     task = Task(mlp(), classifier_loss())
     S = task.factored_sketch(64, seed=1)
     old = {k: v for k, v in S.spec.items() if k not in ("version", "bias_of", "offsets")}
-    old["blocks"] = {n: dict(b, n=b["n"] - b["in_factors"][0], in_factors=[b["in_factors"][0],
-                                                                           b["in_factors"][1] - 1])
-                     for n, b in S.spec["blocks"].items()}
+    from gradsketch.model.factored import factor_pair
+
+    # version 1 planned every weight (without its bias) as a full-d Kronecker block by factor_pair
+    old["blocks"] = {}
+    for n, b in S.spec["blocks"].items():
+        rows, cols = b["in_factors"][0], b["in_factors"][1] - 1
+        old["blocks"][n] = dict(kind="qk", n=rows * cols, d=64, seed=b["seed"], in_factors=[rows, cols],
+                                out_factors=list(factor_pair(64, rows, cols)))
     old["rest"] = dict(sizes={"0.bias": 16, "2.bias": 10}, d=64, kind="sjlt", seed=5)
     S1 = FactoredSketch.from_spec(old)
     assert S1.bias_of == {} and S1.rest_names == ["0.bias", "2.bias"] and S1.shapes2d["0.weight"] == (16, 64)
@@ -265,3 +270,22 @@ def test_sketch_grads_batches_of_changing_size_and_iterators():
             out = task.sketch_grads(d if isinstance(d, list) else iter(data), S, mode=mode, progress=False)
             assert out.shape == (15, 64)
             torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
+def test_block_plan_keeps_a_small_side_whole():
+    from gradsketch.model.factored import block_plan, factor_pair
+
+    # a 10-class head with its bias: ten output gradients are kept exact, the 1025 inputs go to 409
+    assert factor_pair(4096, 10, 1025) == (8, 512)
+    assert block_plan(4096, 10, 1025) == (10, 409)
+    assert block_plan(4096, 1025, 10) == (409, 10)
+    # a big square layer: the exact factorisation of d (balanced compression) is better
+    assert block_plan(4096, 1024, 1025) == (64, 64)
+    task = Task(mlp(hidden=32), classifier_loss())
+    S = task.factored_sketch(64, seed=5)
+    spec = S.spec["blocks"]["2.weight"]  # [10, 33] with the bias: (10, 6) beats (8, 8)
+    assert spec["out_factors"] == [10, 6] and spec["d"] == 60 and 0 <= S.offsets["2.weight"] <= 4
+    fr, _ = S.blocks["2.weight"].factor_matrices(torch.float64)  # the kept side is an exact rotation
+    scale = (spec["n"] / spec["d"]) ** 0.5
+    # the Haar factors are stored in float32
+    torch.testing.assert_close(fr.T @ fr / scale**2, torch.eye(10, dtype=torch.float64), atol=1e-6, rtol=0)

@@ -129,6 +129,30 @@ def factor_pair(d: int, rows: int, cols: int) -> tuple[int, int] | None:
     return best
 
 
+def block_plan(d: int, rows: int, cols: int) -> tuple[int, int] | None:
+    """Output sizes (d_r, d_c) of the Kronecker block F_r ⊗ F_c for a [rows, cols] weight, d_r·d_c ≤ d.
+
+    Candidates: :func:`factor_pair` (d_r·d_c = d exactly), and keeping a small side whole (d_r = rows with
+    d_c = ⌊d/rows⌋, or the same for cols), which then makes that factor an exact rotation and the block an
+    embedded slice of R^d. Each is scored by the relative variance of a sketched inner product of rank-one
+    gradients δaᵀ, ≈ Σ_side 1/d_side over the sides that are compressed (0 for a side kept whole); the
+    smallest wins, the exact factorisation on ties. E.g. a 10-class head [10, 1025] at d = 4096 gets
+    (10, 409) (variance ≈ 0.002) instead of (8, 512) (≈ 0.13: ten output gradients squeezed into eight).
+    """
+    def var(k: int, m: int) -> float:
+        return 0.0 if k >= m else 1.0 / k
+
+    cands = []
+    pair = factor_pair(d, rows, cols)
+    if pair is not None:
+        cands.append((var(pair[0], rows) + var(pair[1], cols), 0, pair))
+    if rows <= d // 2 and cols > d // rows:
+        cands.append((var(d // rows, cols), 1, (rows, d // rows)))
+    if cols <= d // 2 and rows > d // cols:
+        cands.append((var(d // cols, rows), 1, (d // cols, cols)))
+    return min(cands)[2] if cands else None
+
+
 class _Identity:
     """The identity on a [rows, cols] block (an embedded small layer of a :class:`FactoredSketch`)."""
 
@@ -158,6 +182,11 @@ class FactoredSketch:
     the rest); the others share one BlockSketch of ``kind`` (the "rest"). Build with
     :meth:`gradsketch.Task.factored_sketch`. ``S(xs)``: list of [..., n_p] -> [..., d]; ``S.T(y)``: [..., d] ->
     list of [..., n_p]; ``S.spec`` rebuilds it with :meth:`from_spec`.
+
+    Each large weight's block sizes come from :func:`block_plan`: an exact factorisation d = d_r·d_c, or a
+    small side kept whole (a 10-class head keeps its 10 output gradients exact) with the block embedded in a
+    seeded slice of R^d, whichever has the smaller inner-product variance (the spec records the choice, so
+    a spec always rebuilds the same map).
 
     Spec version 2 (what :meth:`for_task` builds) adds two things that keep small tensors out of the rest:
 
@@ -225,10 +254,13 @@ class FactoredSketch:
                 if shapes[b[0]] != ((cols if b[1] == "rows" else rows),):
                     b = None  # a bias of an unexpected shape: leave it to the rest
                     rows, cols = shape[0], math.prod(shape[1:])
-            pair = factor_pair(d, rows, cols)
+            pair = block_plan(d, rows, cols) if rows * cols > d else factor_pair(d, rows, cols)
             if pair is not None:
-                fac[n] = dict(kind="qk", n=rows * cols, d=d, seed=_derive_seed(seed, n),
+                dp = pair[0] * pair[1]
+                fac[n] = dict(kind="qk", n=rows * cols, d=dp, seed=_derive_seed(seed, n),
                               in_factors=[rows, cols], out_factors=list(pair))
+                if dp < d:  # a side kept whole: the block fills a seeded slice of the output
+                    offsets[n] = _derive_seed(seed, "offset:" + n) % (d - dp + 1)
             elif rows * cols <= d and all(k != "embedding" for _, k, _ in plans[n].uses):
                 # small: the block itself, unprojected, in rows·cols coordinates of the output
                 fac[n] = dict(kind="identity", n=rows * cols, d=rows * cols, in_factors=[rows, cols])
