@@ -282,3 +282,15 @@ def test_cpu_gpu_equal(kind, opts):
     cpu = S(x)
     gpu = sketch(**S.spec).to("cuda")(x.cuda()).cpu()
     assert torch.allclose(cpu, gpu, atol=1e-8 * math.sqrt(5000))
+
+
+def test_finite_check_is_not_fooled_by_an_overflowing_sum():
+    """The NaN/Inf guard reduces first; finite outputs whose sum overflows must pass, a NaN must not."""
+    S = sketch("affd", 100, 16, seed=0)
+    x = torch.randn(2, 100)
+    out = torch.full((2, 16), 3e38)  # every entry finite, the float32 sum is inf
+    got = S._finish(out, x, (2,), 16, torch.float32, None, "x")
+    assert torch.equal(got, out)
+    out[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="overflowed"):
+        S._finish(out, x, (2,), 16, torch.float32, None, "x")

@@ -148,7 +148,10 @@ class Sketch:
         policy = self.nan_policy if nan_policy is None else nan_policy
         if policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy: expected one of {NAN_POLICIES}, got {policy!r}")
-        if policy == "raise" and out.numel() and not bool(torch.isfinite(out).all()):
+        # one reduction first (a NaN/Inf anywhere makes the sum non-finite); the exact elementwise test only
+        # then, because a finite output can still overflow its sum
+        if policy == "raise" and out.numel() and not bool(torch.isfinite(out.sum())) \
+                and not bool(torch.isfinite(out).all()):
             bad = (~torch.isfinite(inp)).nonzero()
             if bad.numel():
                 row, col = (int(v) for v in bad[0])
