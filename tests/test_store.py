@@ -77,6 +77,48 @@ def test_torch_inputs_any_float_dtype(tmp_path):
     np.testing.assert_array_equal(s.array((5, 15), allow_incomplete=True), X[5:15].numpy())
 
 
+def test_conversion_matches_numpy_cast_bit_for_bit(tmp_path):
+    """Rows are cast with torch for speed: the float16 store must hold exactly numpy's round-to-nearest-even
+    cast, across the float16 range (subnormals, ties, the largest finite value 65504)."""
+    rng = np.random.default_rng(3)
+    exps = rng.uniform(-27, 15.99, size=(20, 64))
+    X = (np.sign(rng.standard_normal((20, 64))) * 2.0 ** exps).astype(np.float32)
+    X[0, :6] = [65504.0, 65519.99, -65519.99, 2.0 ** -24, 2.0 ** -25 * 1.0000001, 1 + 2.0 ** -11]  # edges, a tie
+    for dtype in ("float16", "float32"):
+        s = GradientStore.create_or_open(tmp_path / dtype, 20, 64, SPEC, FP, chunk_rows=20, dtype=dtype)
+        s.write_chunk(0, X)
+        np.testing.assert_array_equal(s.array(), X.astype(dtype))
+    s = GradientStore.create_or_open(tmp_path / "f64", 20, 64, SPEC, FP, chunk_rows=10, dtype="float16")
+    s.write_chunk(0, X[:10].astype(np.float64) * (1 + 2.0 ** -30))  # float64 -> float16: one rounding
+    s.write_chunk(1, torch.from_numpy(X[10:]).double())
+    np.testing.assert_array_equal(s.array(), np.concatenate([(X[:10].astype(np.float64) * (1 + 2.0 ** -30)),
+                                                             X[10:].astype(np.float64)]).astype(np.float16))
+
+
+def test_nonfinite_checks_on_fast_path(tmp_path):
+    s = make(tmp_path, dtype="float32")
+    X = torch.from_numpy(rows())
+    bad = X[:5].clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"received NaN/Inf in row 3 \(1 non-finite row\(s\): 3\)"):
+        s.write_chunk(0, bad)
+    huge = X[5:10].double()
+    huge[1] = 1e308  # every entry finite, the float64 row sum is inf: must not be reported as NaN/Inf input
+    with pytest.raises(ValueError, match=r"row 6 after conversion to float32 \(overflow"):
+        s.write_chunk(1, huge)
+    cancel = X[10:15].double()
+    # finite and summing to 0 in float64, but each overflows float32
+    cancel[0, :2] = torch.tensor([1e308, -1e308], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"row 10 after conversion to float32"):
+        s.write_chunk(2, cancel)
+    h = GradientStore.create_or_open(tmp_path / "h", 5, 8, SPEC, FP, chunk_rows=5, dtype="float16")
+    h.write_chunk(0, torch.full((5, 8), 60000.0))  # finite in float16 though each row's sum overflows it
+    assert float(h.array().astype(np.float32).min()) == 60000.0
+    s.write_chunk(0, X[:5].t().contiguous().t())  # column-major rows are taken as they are
+    np.testing.assert_array_equal(s.array((0, 5), allow_incomplete=True), X[:5].numpy())
+    assert s.missing_chunks() == [1, 2, 3, 4]
+
+
 def test_dtype_aliases():
     from gradsketch.store.gradient_store import normalize_dtype
 
