@@ -506,10 +506,9 @@ class GradientStore:
             # entry, or finite entries whose sum overflows) need the elementwise test
             if bool(torch.isfinite(arr.sum(dim=1)).all()):
                 return
-            ok = torch.isfinite(arr).all(dim=1)
-            finite = ok.numpy()
+            finite: np.ndarray = torch.isfinite(arr).all(dim=1).numpy()
         else:
-            finite = np.isfinite(arr).all(axis=1)
+            finite = np.asarray(np.isfinite(arr).all(axis=1))
         if not finite.all():
             bad = np.flatnonzero(~finite)
             rows = ", ".join(str(row0 + int(b)) for b in bad[:5]) + (", ..." if len(bad) > 5 else "")
