@@ -748,11 +748,22 @@ class FactoredEngine(HookEngine):
                     r, c = _rows_cols(kind, mod, x, dy)
                     if ident:
                         pr, pc = r.to(dtype), c.to(dtype)
-                        if bias is not None:  # the column (row) of ones of the folded bias
-                            if bias[1] == "cols":
-                                pc = torch.cat([pc, pc.new_ones(*pc.shape[:-1], 1)], -1)
+                        if bias is not None:
+                            # the folded bias (the column, or row, of ones) is Σ_t δ_t (Σ_t x_t for Conv1D):
+                            # write it into its own column (row) of the block and the weight part into the
+                            # rest, instead of concatenating ones to the [m, T, ·] inputs (a full copy)
+                            cols_side = bias[1] == "cols"
+                            bpart = (pr if cols_side else pc).sum(1)
+                            tb = t3[:, :, -1] if cols_side else t3[:, -1, :]
+                            tw = t3[:, :, :-1] if cols_side else t3[:, :-1, :]
+                            if filled:
+                                tb.add_(bpart)
+                                tw.baddbmm_(pr.transpose(1, 2), pc)
                             else:
-                                pr = torch.cat([pr, pr.new_ones(*pr.shape[:-1], 1)], -1)
+                                tb.copy_(bpart)
+                                tw.baddbmm_(pr.transpose(1, 2), pc, beta=0)
+                            filled = True
+                            continue
                     else:
                         pr = fr_w.T[r] if kind == "embedding" else r.to(dtype) @ fr_w.T   # [m, T, d_r]
                         pc = c.to(dtype) @ fc_w.T                                          # [m, T, d_c]
