@@ -157,6 +157,27 @@ def test_factored_sketch_spec_roundtrip_and_adjoint(d):
     torch.testing.assert_close(S(x), torch.cat(x, 1) @ M.T)
 
 
+def test_factored_embedded_conv2d_and_conv1d_blocks_with_folded_biases():
+    """Blocks small enough to embed exactly (identity at an offset) write their folded bias as its own column
+    (Conv2d: Σ over positions of δ) or row (Conv1D: Σ over positions of the input) next to the weight part."""
+    X, y = digits(8, image=True)
+    task = Task(cnn(), classifier_loss())
+    S = task.factored_sketch(256, seed=2)  # [4, 9+1], [6, 36+1], [10, 24+1]: every block is embedded
+    assert all(S.blocks[n].kind == "identity" for n in S.blocks) and len(S.offsets) == 3 and S.rest is None
+    assert all(side == "cols" for _, side in S.bias_of.values())
+    out = task.sketch_grads(batches(X, y, 4), S, mode="factored", progress=False)
+    torch.testing.assert_close(out, _kron_expected(task, S, task.grads((X, y))), atol=TOL, rtol=0)
+
+    model = gpt2()
+    task = Task(model, causal_lm_loss(reduction="sum"))
+    S = task.factored_sketch(8192, seed=1)  # attn.c_proj [64+1, 64] = 4160 <= 8192 is embedded, rows side
+    emb = [n for n in S.offsets if S.blocks[n].kind == "identity" and S.bias_of.get(n, ("", ""))[1] == "rows"]
+    assert "transformer.h.0.attn.c_proj.weight" in emb
+    data = [token_batch(3, 7, seed=3, pad_rows={2: 4})]
+    out = task.sketch_grads(data, S, mode="factored", progress=False)
+    torch.testing.assert_close(out, _kron_expected(task, S, task.grads(data[0])), atol=TOL, rtol=0)
+
+
 def test_factored_small_layer_embedded_exactly():
     """MLP 64-16-10 at d = 256: 2.weight with its bias is [10, 17] (170 <= 256 coordinates, no factorisation
     of 256 fits): written as it is into an output slice (exact), the rest of the output sketched."""

@@ -752,17 +752,10 @@ class FactoredEngine(HookEngine):
                             # the folded bias (the column, or row, of ones) is Σ_t δ_t (Σ_t x_t for Conv1D):
                             # write it into its own column (row) of the block and the weight part into the
                             # rest, instead of concatenating ones to the [m, T, ·] inputs (a full copy)
+                            # (an identity block is embedded at an offset: `total` was zero-filled before it)
                             cols_side = bias[1] == "cols"
-                            bpart = (pr if cols_side else pc).sum(1)
-                            tb = t3[:, :, -1] if cols_side else t3[:, -1, :]
-                            tw = t3[:, :, :-1] if cols_side else t3[:, :-1, :]
-                            if filled:
-                                tb.add_(bpart)
-                                tw.baddbmm_(pr.transpose(1, 2), pc)
-                            else:
-                                tb.copy_(bpart)
-                                tw.baddbmm_(pr.transpose(1, 2), pc, beta=0)
-                            filled = True
+                            (t3[:, :, -1] if cols_side else t3[:, -1, :]).add_((pr if cols_side else pc).sum(1))
+                            (t3[:, :, :-1] if cols_side else t3[:, :-1, :]).baddbmm_(pr.transpose(1, 2), pc)
                             continue
                     else:
                         pr = fr_w.T[r] if kind == "embedding" else r.to(dtype) @ fr_w.T   # [m, T, d_r]
