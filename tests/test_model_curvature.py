@@ -145,3 +145,38 @@ def test_curvature_on_gpt2_with_sdpa_attention_falls_back_to_math_kernel():
     for name in ("hessian", "fisher"):
         torch.testing.assert_close(getattr(task, name)(data) @ v, getattr(ref_task, name)(data) @ v,
                                    atol=1e-9, rtol=0)
+
+
+def test_ggn_and_fisher_batch_stochastic_modes_and_damping():
+    """The three modes and damping are shared by every curvature operator: GGN and Fisher against their
+    one-batch full-mode products (each exact, checked above)."""
+    X, y = data3(12)
+    task = Task.from_classifier(tiny())
+    data = batches(X, y, 4)
+    v = torch.randn(task.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for make in (task.ggn, task.fisher):
+        per = [make([b]) @ v for b in data]
+        assert not torch.allclose(per[0], per[1])  # the batches differ, so the cycling below is visible
+        torch.testing.assert_close(make(data, mode="batch") @ v, per[0], atol=TOL, rtol=0)
+        op = make(data, mode="stochastic", damping=0.25)
+        for a, b in zip([op @ v for _ in range(4)], per + per[:1]):
+            torch.testing.assert_close(a, b + 0.25 * v, atol=TOL, rtol=0)
+        torch.testing.assert_close(make(data, damping=0.25) @ v, make(data) @ v + 0.25 * v, atol=TOL, rtol=0)
+
+
+def test_to_scipy_eigsh_and_cg_agree_with_the_dense_hessian():
+    import numpy as np
+    from scipy.sparse.linalg import cg, eigsh
+
+    X, y = data3(10)
+    task = Task(tiny(), classifier_loss())
+    Hx = explicit_hessian(task, X, y)
+    A = task.hessian([(X, y)], damping=0.1).to_scipy()
+    assert A.shape == Hx.shape and A.dtype == np.float64
+    top = np.sort(eigsh(A, k=3, which="LA", tol=1e-12)[0])
+    np.testing.assert_allclose(top, torch.linalg.eigvalsh(Hx)[-3:].numpy() + 0.1, atol=1e-9, rtol=0)
+    b = np.random.default_rng(1).standard_normal(task.n_params)
+    x, info = cg(A, b, rtol=1e-12, maxiter=2000)
+    assert info == 0
+    ref = torch.linalg.solve(Hx + 0.1 * torch.eye(task.n_params, dtype=torch.float64), torch.tensor(b))
+    np.testing.assert_allclose(x, ref.numpy(), atol=1e-7, rtol=0)

@@ -32,6 +32,30 @@ def test_mlp_sketch_grads_equal_blocksketch_of_exact(kind, mode):
     torch.testing.assert_close(out, G @ S.matrix().T, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("per_example", ["vmap", "loop"])
+def test_unhooked_explicit_and_implicit_paths(per_example):
+    """per_example="vmap"/"loop" bypass the hook engine: explicit mode sketches vmapped (or looped) per-example
+    gradients, implicit mode differentiates L(θ0 + Φᵀω) at ω = 0 literally. Both equal Φ(exact gradients),
+    on a CNN (Conv2d, in-place ReLU) and on GPT-2 with padding."""
+    from gradsketch.model import sketching
+
+    X, y = digits(9, image=True)
+    task = Task(cnn(), classifier_loss(), per_example=per_example)
+    assert sketching._hook_engine(task) is None
+    S = task.block_sketch(64, kind="qk", seed=4)
+    G = task.grads((X, y))
+    for mode in ("explicit", "implicit"):
+        out = task.sketch_grads(batches(X, y, 4), S, mode=mode, progress=False, chunk_size=2)
+        torch.testing.assert_close(out, S(_blocks(task, G)), atol=TOL, rtol=0)
+    task = Task(gpt2(), causal_lm_loss(reduction="mean"), per_example=per_example)
+    S = task.block_sketch(128, kind="sjlt", seed=5)
+    b = token_batch(3, 8, seed=4, pad_rows={1: 5})
+    G = task.grads(b)
+    for mode in ("explicit", "implicit"):
+        torch.testing.assert_close(task.sketch_grads([b], S, mode=mode, progress=False), S(_blocks(task, G)),
+                                   atol=TOL, rtol=0)
+
+
 def test_plain_sketch_and_list_blocksketch_accepted():
     X, y = digits(6)
     task = Task(mlp(), classifier_loss())
