@@ -334,3 +334,36 @@ def test_block_plan_keeps_a_small_side_whole():
     scale = (spec["n"] / spec["d"]) ** 0.5
     # the Haar factors are stored in float32
     torch.testing.assert_close(fr.T @ fr / scale**2, torch.eye(10, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_weight_also_used_outside_its_module_is_caught_by_the_self_check():
+    """A Linear weight also applied with F.linear elsewhere: the hooks see only the module call, so the first
+    batch's check of Σ_i G_i against the batch gradient moves it (and its bias) to the exact vmapped path.
+    Explicit, implicit and factored modes still equal the sketch of the exact gradients."""
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(64, 16)
+            self.head = torch.nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = torch.tanh(self.lin(x)) + torch.nn.functional.linear(x.flip(1), self.lin.weight)
+            return self.head(h)
+
+    X, y = digits(10)
+    for mode in ("explicit", "implicit", "factored"):
+        task = Task(Shared().double(), classifier_loss())
+        G = task.grads((X, y))
+        S = task.factored_sketch(32, seed=1) if mode == "factored" else task.block_sketch(48, kind="qk", seed=1)
+        out = task.sketch_grads(batches(X, y, 5), S, mode=mode, progress=False)
+        expected = _kron_expected(task, S, G) if mode == "factored" else S(_blocks(task, G))
+        if mode == "factored":  # the moved weight's block is computed from its exact per-example gradient
+            from gradsketch.model._batch import SplitBatch
+            from gradsketch.model.factored import FactoredEngine
+
+            eng = FactoredEngine(task, S)
+            eng.batch(SplitBatch((X, y)))
+            assert "lin.weight" in eng.generic and "head.weight" not in eng.generic
+        torch.testing.assert_close(out, expected, atol=TOL, rtol=0)
