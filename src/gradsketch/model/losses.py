@@ -1,8 +1,11 @@
 """Per-example losses: every helper returns a ``[B]`` tensor, one loss per example.
 
 Token-level losses (sequence models) reduce over each example's own valid tokens with ``reduction="sum"``
-or ``"mean"``; padding (``mask == 0``) and ``ignore_index`` targets contribute nothing, so padding an
-example inside a batch changes neither its loss nor its gradient.
+or ``"mean"``; padding (``mask == 0``) and ``ignore_index`` targets contribute nothing. For next-token
+prediction (:func:`causal_lm_per_example`) a term t -> t+1 counts only when both the predicting position t
+and the target t+1 are real tokens, so left or right padding an example inside a batch changes neither its
+loss nor its gradient (provided the model itself ignores the padding: attention mask, and position ids
+counted over the real tokens for left padding).
 
 ``*_loss`` builders return ``loss_fn(model, batch) -> [B]`` callables ready for :class:`gradsketch.Task`.
 """
@@ -25,8 +28,9 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _reduce_tokens(per_token: Tensor, valid: Tensor, reduction: str) -> Tensor:
-    """``[B, ...]`` token losses and validity -> ``[B]``: Σ_t valid·ℓ_t, or that / max(1, Σ_t valid)."""
-    per_token = per_token * valid.to(per_token.dtype)
+    """``[B, ...]`` token losses and validity -> ``[B]``: Σ_{t valid} ℓ_t, or that / max(1, #valid). Invalid
+    tokens are selected out, not multiplied by 0 (an infinite loss at a padding position stays out)."""
+    per_token = torch.where(valid, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
     flat = per_token.reshape(per_token.shape[0], -1).sum(1)
     if reduction == "sum":
         return flat
@@ -73,13 +77,23 @@ def causal_lm_per_example(logits: Tensor, input_ids: Tensor, attention_mask: Ten
                           reduction: str = "mean", ignore_index: int = -100) -> Tensor:
     """Next-token cross-entropy per sequence: ``logits [B, T, V]``, ``input_ids [B, T]`` -> ``[B]``.
 
-    ℓ_i = reduce_{t: m_{i,t+1}=1} −log p(x_{i,t+1} | x_{i,≤t}); positions whose *target* is padding
-    (``attention_mask == 0``) or ``ignore_index`` are dropped, so right-padding contributes nothing.
+    ℓ_i = reduce_{t ∈ V_i} −log p(x_{i,t+1} | x_{i,≤t}) (``logits[:, t]`` predicts ``input_ids[:, t+1]``),
+    with V_i = {t < T−1 : m_{i,t} ≠ 0, m_{i,t+1} ≠ 0, x_{i,t+1} ≠ ignore_index} for the ``attention_mask`` m
+    (all ones when omitted): a term counts only when both the predicting position and the target are real
+    tokens. So neither left padding (the first real token, predicted from a padding position, is not
+    counted) nor right padding (padding targets) contributes. ``reduction="sum"``: Σ over V_i; ``"mean"``:
+    that / |V_i| (0 when V_i is empty).
     """
     if logits.ndim != 3 or input_ids.shape != logits.shape[:2]:
         raise ValueError(f"logits/input_ids: expected [B, T, V] and [B, T], got {tuple(logits.shape)} and "
                          f"{tuple(input_ids.shape)}")
-    shift_mask = None if attention_mask is None else attention_mask[:, 1:]
+    shift_mask = None
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (input_ids), got "
+                             f"{tuple(attention_mask.shape)}")
+        real = attention_mask != 0
+        shift_mask = real[:, :-1] & real[:, 1:]
     return cross_entropy_per_example(logits[:, :-1], input_ids[:, 1:], mask=shift_mask,
                                      reduction=reduction, ignore_index=ignore_index)
 
@@ -107,13 +121,18 @@ def classifier_loss(input_key: Any = 0, target_key: Any = 1, loss: str = "cross_
 
 def causal_lm_loss(reduction: str = "mean") -> Callable[[torch.nn.Module, Any], Tensor]:
     """``loss_fn(model, batch)`` for a transformers causal LM and a batch dict with ``input_ids`` and
-    (optionally) ``attention_mask``: :func:`causal_lm_per_example` of ``model(...).logits``."""
+    (optionally) ``attention_mask`` and ``position_ids``: :func:`causal_lm_per_example` of
+    ``model(...).logits``. For left-padded batches pass ``position_ids`` counted over the real tokens
+    (e.g. ``(mask.cumsum(1) - 1).clamp_min(0)``): models that number positions 0, 1, ... from the first
+    column would otherwise see a left-padded sequence at shifted positions."""
     _check_reduction(reduction)
 
     def loss_fn(model: torch.nn.Module, batch: Any) -> Tensor:
         ids = _get(batch, "input_ids", "batch")
         mask = batch.get("attention_mask") if hasattr(batch, "get") else None
-        out = model(input_ids=ids, attention_mask=mask)
+        pos = batch.get("position_ids") if hasattr(batch, "get") else None
+        kw = {} if pos is None else {"position_ids": pos}
+        out = model(input_ids=ids, attention_mask=mask, **kw)
         logits = out.logits if hasattr(out, "logits") else out
         return causal_lm_per_example(logits, ids, mask, reduction=reduction)
 

@@ -5,12 +5,16 @@ what they materialise: explicit holds [chunk, N] exact gradients, implicit diffe
 at ω = 0 (Schioppa 2024, §3), factored never forms weight gradients (LoGra).
 
 Explicit and implicit take their exact per-example gradients from :class:`~.factored.HookEngine` when they
-can (``per_example="auto"``, ``randomness="different"``, no BatchNorm in train mode): one batched forward and
+can (``per_example="auto"``, ``randomness="different"``): one batched forward and
 one backward pass to the hooked layers' outputs, then Σ_t δ_t a_tᵀ per layer, formed for one BlockSketch
 group and one chunk of examples at a time (peak: one group × chunk, not N × batch). This replaced
 ``vmap(grad)`` over examples, which is slower and, for transformers 5 models with an attention mask, cannot
 trace at all (data-dependent mask checks) and fell back to one backward pass per example. The vmap/loop path
 remains for the parameters hooks cannot see and when hooks are not allowed.
+
+A BatchNorm that normalises with batch statistics (train mode, or ``track_running_stats=False``) mixes the
+examples of a batch, so per-example gradients are not defined: every mode raises ``ValueError`` naming it
+(:meth:`Task.check_per_example`) when the call starts and before each batch, before any forward pass.
 """
 
 from __future__ import annotations
@@ -106,21 +110,17 @@ def _explicit(task: Task, split: Any, ad: SketchAdapter, chunk: int) -> tuple[Te
 
 def _hook_engine(task: Task) -> Any:
     """The task's cached :class:`HookEngine`, or None when per-example gradients must come from vmap/loop:
-    ``per_example`` other than ``"auto"`` (an explicit choice of vmap or loop), ``randomness="same"``,
-    or a BatchNorm in train mode (it mixes
-    the examples of a batch, so slices of the batch backward are not per-example gradients)."""
+    ``per_example`` other than ``"auto"`` (an explicit choice of vmap or loop) or ``randomness="same"``.
+    (A BatchNorm with batch statistics, under which slices of the batch backward would not be per-example
+    gradients, is refused before: :meth:`Task.check_per_example`.)"""
     if task.per_example != "auto" or task.randomness != "different":
         return None
     eng = getattr(task, "_hook_engine", None)
     if eng is False:  # hooks switched off (benchmarks compare with the vmap/loop path)
         return None
     if eng is None:
-        from torch.nn.modules.batchnorm import _BatchNorm
-
         from .factored import HookEngine
 
-        if any(isinstance(mod, _BatchNorm) and mod.training for mod in task.model.modules()):
-            return None
         eng = HookEngine(task)
         cast(Any, task)._hook_engine = eng  # cached on the task (a dynamic private attribute)
     return eng if eng.hooked else None
@@ -259,6 +259,7 @@ class _Runner:
 
         if mode not in SKETCH_MODES:
             raise ValueError(f"mode: expected one of {SKETCH_MODES}, got {mode!r}")
+        task.check_per_example()  # BatchNorm with batch statistics: refused before any forward pass
         self.task, self.mode, self.chunk_size, self.nan_policy, self.record = (
             task, mode, chunk_size, nan_policy, record)
         self.ad = SketchAdapter(sketch, task)
@@ -280,6 +281,7 @@ class _Runner:
 
     def rows(self, split: Any, out: Tensor | None = None) -> Tensor:
         task, mode, ad = self.task, self.mode, self.ad
+        task.check_per_example()  # again per batch: the model may have been put in train mode meanwhile
         if mode != "factored" and self.eng is not None and self.eng.hooked:
             task._check_once(split)
             fn = _explicit_hooked if mode == "explicit" else _implicit_hooked

@@ -5,10 +5,20 @@ batch of B examples, ``task.grads(batch)`` is the [B, N] matrix with rows g_i = 
 ``torch.func.vmap(torch.func.grad(...))`` over ``torch.func.functional_call`` (other parameters and the
 buffers are held fixed). Sketched gradients (``sketch_grads``) and curvature operators (``hessian``,
 ``ggn``, ``fisher``) are built on the same functional view.
+
+BatchNorm. A BatchNorm layer that normalises with batch statistics (any ``_BatchNorm`` in train mode, or
+built with ``track_running_stats=False``) makes each example's loss depend on the other examples of its
+batch, so per-example gradients are not defined: every per-example path (``grads``, ``per_example_grads``,
+``sketch_grads`` in every mode) raises ``ValueError`` naming the layer before any forward pass
+(:meth:`Task.check_per_example`). Curvature operators of the mean loss are defined and allowed. No forward
+pass run by a ``Task`` updates running statistics: BatchNorm/InstanceNorm layers in train mode normalise with
+batch (instance) statistics as usual while their running estimates are detached for the call
+(:meth:`Task.frozen_running_stats`), so the model's buffers are left as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -17,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.parameter import UninitializedBuffer
 
 from ._batch import SplitBatch
 
@@ -39,6 +51,15 @@ class _Call(nn.Module):
         return fn(self.model, batch)
 
 
+def _batch_statistics(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a BatchNorm (1d/2d/3d, Sync, Lazy) that normalises with the statistics of the
+    batch: in train mode, or in eval mode without running estimates (``track_running_stats=False``); the
+    rule of ``_BatchNorm.forward``."""
+    if not isinstance(mod, _BatchNorm):
+        return False
+    return bool(mod.training) or (mod.running_mean is None and mod.running_var is None)
+
+
 def _tqdm(iterable: Iterable, progress: bool, desc: str, total: int | None = None) -> Iterable:
     if not progress:
         return iterable
@@ -53,7 +74,10 @@ class Task:
     Parameters
     ----------
     model : nn.Module
-        Any module; its train/eval mode and buffers are used as they are.
+        Any module; its train/eval mode and buffers are used as they are, and never written (BatchNorm
+        running statistics included). A BatchNorm that normalises with batch statistics (train mode, or
+        ``track_running_stats=False``) mixes the examples of a batch: per-example gradients then raise
+        ``ValueError`` (call ``model.eval()`` or use GroupNorm/LayerNorm); curvature operators work.
     loss_fn : callable ``(model, batch) -> Tensor [B]``
         Per-example losses (unreduced). May be omitted when ``output_fn`` and ``loss_on_output`` are given:
         then ``loss_fn(model, batch) = loss_on_output(output_fn(model, batch), batch)``.
@@ -67,7 +91,7 @@ class Task:
         How exact per-example gradients are computed. ``"vmap"``: ``vmap(grad)``; ``"loop"``: one backward
         pass per example (slow; works for any model); ``"auto"``: vmap, falling back to the loop (with a
         warning, once) when vmap cannot trace the model (``.item()``/data-dependent control flow, in-place
-        updates of buffers such as BatchNorm running statistics in train mode, ops without batching rules).
+        updates of buffers, ops without batching rules).
     randomness : ``"different"`` | ``"same"``
         Under vmap each example is a batch of one; ``"different"`` draws independent random numbers
         (dropout masks) per example, as a batched forward pass would; ``"same"`` shares one draw across the
@@ -207,14 +231,76 @@ class Task:
     def _split(self, batch: Any) -> SplitBatch:
         return batch if isinstance(batch, SplitBatch) else SplitBatch(batch, self.device)
 
+    # -- BatchNorm ----------------------------------------------------------------------------------
+    def check_per_example(self) -> None:
+        """Raise ``ValueError`` when per-example gradients of the model are not defined: a BatchNorm layer
+        (any ``torch.nn.modules.batchnorm._BatchNorm``: BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm*)
+        normalises with the statistics of the whole batch (train mode, or ``track_running_stats=False`` in
+        any mode), so each example's loss depends on the other examples of its batch. The message names
+        the layer and the fix (``model.eval()``, or a per-example normalisation such as GroupNorm or
+        LayerNorm). Every per-example path runs it before any forward pass, so a refused call changes
+        nothing (buffers included). InstanceNorm, GroupNorm, LayerNorm and dropout act on each example
+        alone and are allowed."""
+        bad = [(n, m) for n, m in self.model.named_modules() if _batch_statistics(m)]
+        if not bad:
+            return
+        name, mod = bad[0]
+        where = f"module {name!r}" if name else "the model itself"
+        cls = type(mod).__name__
+        if mod.running_mean is None and mod.running_var is None:
+            why = (f"{where} ({cls}) has track_running_stats=False, so it normalises with the statistics of "
+                   "the whole batch, in eval mode too")
+            fix = ("model.eval() does not change that; build the layer with track_running_stats=True and call "
+                   "model.eval() (it then normalises with its running estimates), or use a per-example "
+                   "normalisation such as GroupNorm or LayerNorm")
+        else:
+            why = f"{where} ({cls}) is in train mode, so it normalises with the statistics of the whole batch"
+            fix = ("call model.eval() first (BatchNorm then normalises every example with its running "
+                   "estimates), or use a per-example normalisation such as GroupNorm or LayerNorm")
+        more = ""
+        if len(bad) > 1:
+            others = ", ".join(f"{n!r} ({type(m).__name__})" for n, m in bad[1:4])
+            more = f" (and {len(bad) - 1} more such layer(s): {others}{', ...' if len(bad) > 4 else ''})"
+        raise ValueError(f"model: per-example gradients are not defined: {why}, and each example's loss "
+                         f"depends on the other examples in its batch{more}. To fix: {fix}.")
+
+    @contextlib.contextmanager
+    def frozen_running_stats(self) -> Iterator[None]:
+        """Within the block, BatchNorm (and InstanceNorm) layers in train mode that track running statistics
+        normalise with batch (instance) statistics as usual but do not update ``running_mean``,
+        ``running_var`` and ``num_batches_tracked``: the buffers are detached from the layer for the block
+        (as ``torch.func.replace_all_batch_norm_modules_`` does, for good) and put back, unchanged, at its
+        end. Every forward pass of the task runs inside it: outputs are those of an ordinary train-mode
+        forward pass, and ``torch.func`` transforms (vmap, curvature products) do not meet in-place buffer
+        updates, which they cannot trace."""
+        saved = []
+        for mod in self.model.modules():
+            if (isinstance(mod, _NormBase) and mod.training and mod.track_running_stats
+                    and isinstance(mod.running_mean, Tensor) and not isinstance(mod.running_mean, UninitializedBuffer)):
+                saved.append((mod, mod.running_mean, mod.running_var, mod.num_batches_tracked))
+        for mod, *_ in saved:
+            mod.running_mean = mod.running_var = mod.num_batches_tracked = None
+            mod.track_running_stats = False
+        try:
+            yield
+        finally:
+            for mod, rm, rv, nbt in saved:
+                mod.running_mean, mod.running_var, mod.num_batches_tracked = rm, rv, nbt
+                mod.track_running_stats = True
+
     # -- functional evaluation ---------------------------------------------------------------------
     def _fcall(self, fn: Callable[[nn.Module, Any], Any], p: dict[str, Tensor], batch: Any) -> Any:
-        return functional_call(self._call, {"model." + n: t for n, t in p.items()}, (fn, batch))
+        with self.frozen_running_stats():
+            return functional_call(self._call, {"model." + n: t for n, t in p.items()}, (fn, batch))
 
     def _losses(self, p: dict[str, Tensor] | None, batch: Any, expected: int) -> Tensor:
         """Per-example losses with the selected parameters replaced by ``p`` (``None``: the model's own
         parameters, called directly, without ``functional_call``); checks the shape ``[B]``."""
-        out = self.loss_fn(self.model, batch) if p is None else self._fcall(self.loss_fn, p, batch)
+        if p is None:
+            with self.frozen_running_stats():
+                out = self.loss_fn(self.model, batch)
+        else:
+            out = self._fcall(self.loss_fn, p, batch)
         if not isinstance(out, Tensor):
             raise TypeError(f"loss_fn: expected a tensor of per-example losses [B], got {type(out).__name__}")
         if out.ndim == 0:
@@ -240,7 +326,8 @@ class Task:
         self._validated = True
 
     def loss(self, batch: Any) -> Tensor:
-        """Per-example losses ``[B]`` at the current parameters (no gradient)."""
+        """Per-example losses ``[B]`` at the current parameters (no gradient). A BatchNorm in train mode
+        normalises with the statistics of this batch (its running estimates are not updated)."""
         split = self._split(batch)
         with torch.no_grad():
             return self._losses(self.params_dict(), split.rebuild(), split.size)
@@ -296,7 +383,9 @@ class Task:
 
     def per_example_grads(self, batch: Any, names: Sequence[str] | None = None
                           ) -> tuple[dict[str, Tensor], Tensor]:
-        """Exact per-example gradients ``name -> [B, *shape]`` and the losses ``[B]`` (no NaN check)."""
+        """Exact per-example gradients ``name -> [B, *shape]`` and the losses ``[B]`` (no NaN check).
+        ``ValueError`` before any forward pass when a BatchNorm mixes the examples (:meth:`check_per_example`)."""
+        self.check_per_example()
         split = self._split(batch)
         self._check_once(split)
         names = list(self.param_names if names is None else names)
@@ -305,7 +394,10 @@ class Task:
     def grads(self, batch: Any, nan_policy: str | None = None) -> Tensor:
         """Exact per-example gradients ``[B, N]``: row i is ∇_θ ℓ_i(θ), flattened in parameter order.
 
-        Holds B·N numbers: for large models use :meth:`sketch_grads`."""
+        Holds B·N numbers: for large models use :meth:`sketch_grads`. ``ValueError`` before any forward pass
+        when a BatchNorm normalises with batch statistics (train mode, or ``track_running_stats=False``):
+        per-example gradients are then not defined (:meth:`check_per_example`)."""
+        self.check_per_example()
         split = self._split(batch)
         g, losses = self.per_example_grads(split)
         G = self.flatten(g, batch_dims=1)
@@ -382,7 +474,8 @@ class Task:
         (LoGra, arXiv 2405.13954) never forms per-example weight gradients: for a supported layer with
         per-example gradient Σ_t δ_t a_tᵀ it computes Σ_t (F_out δ_t)(F_in a_t)ᵀ from forward/backward hooks
         (needs a :class:`FactoredSketch`). Non-finite rows follow ``nan_policy`` (indices of skipped rows in
-        ``task.skipped_indices_``).
+        ``task.skipped_indices_``). Every mode raises ``ValueError`` before any forward pass when a BatchNorm
+        normalises with batch statistics (:meth:`check_per_example`).
         """
         from .sketching import sketch_grads
 
