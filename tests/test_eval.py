@@ -9,6 +9,7 @@ import torch
 from gradsketch.attribution import Attributor, batches
 from gradsketch.eval import (
     flip_labels,
+    ground_truth,
     lds,
     lds_ground_truth,
     load_model,
@@ -120,7 +121,7 @@ def test_train_models_vectorised_equals_one_by_one():
     assert not torch.equal(ms[0](Xt), ms[1](Xt))
 
 
-def test_lds_ground_truth_cache_resumes(tmp_path):
+def test_lds_ground_truth_cache_resumes(tmp_path, monkeypatch):
     X, y, Xt, yt = _lr_problem()
     X, Xt = X.float(), Xt.float()
 
@@ -128,10 +129,28 @@ def test_lds_ground_truth_cache_resumes(tmp_path):
         return make_mlp((4, 3))
 
     kw = dict(n_subsets=6, n_runs=2, group=2, steps=20, lr=0.05, progress=False)
+    trained = []  # the subset masks of every train_models call, to see which groups were (re)trained
+    real = ground_truth.train_models
+
+    def counting(model_fn, X, y, masks, **k):
+        trained.append(masks.clone())
+        return real(model_fn, X, y, masks, **k)
+
+    monkeypatch.setattr(ground_truth, "train_models", counting)
     a = lds_ground_truth(mf, (X, y), (Xt, yt), cache=tmp_path, **kw)
+    assert len(trained) == 3  # groups 0, 2, 4 of two subsets each
     (tmp_path / "group_00002.npy").unlink()
+    trained.clear()
     b = lds_ground_truth(mf, (X, y), (Xt, yt), cache=tmp_path, **kw)
+    # only the deleted group (subsets 2 and 3, n_runs models each) was retrained; the others came from the cache
+    assert len(trained) == 1 and torch.equal(trained[0], a.masks[2:4].repeat_interleave(2, 0))
     torch.testing.assert_close(a.outputs, b.outputs)
     assert torch.equal(a.masks, b.masks) and a.outputs.shape == (6, 6)
+    # a complete cache trains nothing, and its files are what is returned (not a recomputation)
+    trained.clear()
+    np.save(tmp_path / "group_00004.npy", np.full((2, 6), 7.0))
+    c = lds_ground_truth(mf, (X, y), (Xt, yt), cache=tmp_path, **kw)
+    assert trained == [] and torch.equal(c.outputs[4:], torch.full((2, 6), 7.0, dtype=torch.float64))
+    torch.testing.assert_close(c.outputs[:4], a.outputs[:4])
     with pytest.raises(ValueError, match="another configuration"):
         lds_ground_truth(mf, (X, y), (Xt, yt), cache=tmp_path, **{**kw, "n_runs": 3})

@@ -9,10 +9,12 @@ losses and the data as lists (or DataLoaders) of batches. Options come from flag
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ app = typer.Typer(help="Training data attribution with sketched gradients.", no_
 
 _DEFAULTS = {"method": "trak", "kind": "affd", "d": 1024, "seed": 0, "mode": "explicit", "k": 10,
              "n_iters": 200, "top_k": 100, "damping": None, "store": None, "out": "gradsketch-attribution",
-             "self_influence": True, "progress": True}
+             "self_influence": True, "progress": True, "rank": None, "world_size": None}
 
 
 @app.command("demo")
@@ -86,6 +88,20 @@ def _read_config(path: Path | None) -> dict:
     return cfg
 
 
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    """Bad input found while fitting or scoring (a feature store that holds other rows, test batches the model
+    cannot evaluate) as a one-line usage error (exit code 2), like the other bad flags, not a traceback."""
+    from .attribution._features import DataMismatchError, StoreMismatchError
+
+    try:
+        yield
+    except StoreMismatchError as e:
+        raise typer.BadParameter(str(e), param_hint="--store/--out") from e
+    except DataMismatchError as e:
+        raise typer.BadParameter(str(e), param_hint="ENTRY") from e
+
+
 def run_attribute(entry: str, **opts: Any) -> dict:
     """The ``attribute`` pipeline as a function: returns the summary it writes to ``summary.json``."""
     import numpy as np
@@ -108,13 +124,28 @@ def run_attribute(entry: str, **opts: Any) -> dict:
     if method in ("arnoldi", "influence") and o["damping"] is not None:
         extra["damping"] = float(o["damping"])
     store = Path(o["store"]) if o["store"] else out / "store"
+    rank, world_size = o["rank"], o["world_size"]
+    if (rank is None) != (world_size is None):
+        raise typer.BadParameter(f"expected both --rank and --world-size or neither, got rank={rank!r}, "
+                                 f"world_size={world_size!r}", param_hint="--rank/--world-size")
+    if world_size is not None and (int(world_size) < 1 or not 0 <= int(rank) < int(world_size)):
+        raise typer.BadParameter(f"expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}",
+                                 param_hint="--rank/--world-size")
     timings = {}
     t0 = time.perf_counter()
     att = Attributor(task, method, sketch=sketch, store=store, mode=o["mode"], **extra)
-    att.fit(train_data, progress=o["progress"])
+    if rank is not None:  # this process writes its share of the store; a later run without --rank finalises
+        with _usage_errors():
+            att.featurise(train_data, rank=int(rank), world_size=int(world_size), progress=o["progress"])
+        timings["featurise"] = time.perf_counter() - t0
+        return {"entry": entry, "method": method, "sketch": sketch, "store": str(store), "rank": int(rank),
+                "world_size": int(world_size), "timings_s": timings}
+    with _usage_errors():
+        att.fit(train_data, progress=o["progress"])
     timings["fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tk = att.topk(test_data, int(o["k"]), progress=o["progress"])
+    with _usage_errors():
+        tk = att.topk(test_data, int(o["k"]), progress=o["progress"])
     timings["topk"] = time.perf_counter() - t0
     arrays = {k: v.numpy() for k, v in tk._asdict().items()}
     if o["self_influence"]:
@@ -157,16 +188,30 @@ def attribute(entry: str | None = typer.Argument(None, help="module:function ret
               damping: float | None = typer.Option(None, help="Arnoldi / influence damping"),
               store: str | None = typer.Option(None, help="feature store directory (default OUT/store)"),
               out: str | None = typer.Option(None, help="output directory"),
-              progress: bool | None = typer.Option(None, help="progress bars")) -> None:
+              progress: bool | None = typer.Option(None, help="progress bars"),
+              rank: int | None = typer.Option(None, help="featurise only this process's share of the store "
+                                                         "(with --world-size) and stop; a run without --rank "
+                                                         "then finalises and scores"),
+              world_size: int | None = typer.Option(None, help="number of processes sharing the store (with "
+                                                               "--rank)")) -> None:
     """Attribute the test predictions of your model to its training examples; writes attribution.npz
-    (top-k proponents/opponents, self-influence), summary.json and report.html to OUT."""
+    (top-k proponents/opponents, self-influence), summary.json and report.html to OUT.
+
+    Several processes can build the feature store together: run ``--rank r --world-size w`` in each (r = 0..w-1,
+    same --store), then once without --rank to finalise and score. The store under OUT/store (or --store) is
+    reused by any method that featurises the same rows (e.g. grad-dot, grad-cos, tracin after trak without a
+    margin); a store holding other rows is refused with a usage error naming what differs."""
     cfg = _read_config(config)
     entry = entry or cfg.pop("entry", None)
     cfg.pop("entry", None)
     if not entry:
         raise typer.BadParameter("expected module:function (argument or 'entry' in --config)", param_hint="ENTRY")
     flags = dict(method=method, kind=kind, d=d, seed=seed, mode=mode, k=k, n_iters=n_iters, top_k=top_k,
-                 damping=damping, store=store, out=out, progress=progress)
+                 damping=damping, store=store, out=out, progress=progress, rank=rank, world_size=world_size)
     opts = {**cfg, **{key: v for key, v in flags.items() if v is not None}}
     summary = run_attribute(entry, **opts)
+    if "rank" in summary:
+        typer.echo(f"rank {summary['rank']}/{summary['world_size']}: featurised its share of the store at "
+                   f"{Path(summary['store']).resolve()}; run without --rank to finalise and score")
+        return
     typer.echo(f"report written to {Path(summary['report']).resolve()}")

@@ -7,13 +7,25 @@ sketch with ``n = task.n_params``, a FactoredSketch, the identity or a projectio
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..model._batch import SplitBatch, data_len
+
+_END = object()
+
+
+class StoreMismatchError(ValueError):
+    """An existing feature store holds other rows than this fit needs; the message names what differs."""
+
+
+class DataMismatchError(ValueError):
+    """Data that the task cannot evaluate (e.g. test batches not structured like the training batches)."""
 
 
 class IdentitySketch:
@@ -107,14 +119,44 @@ def featurise_memory(task: Any, data: Iterable, sketch: Any, mode: str, nan_poli
     return torch.cat(parts, 0)
 
 
+def _first_batch_error(name: str, e: BaseException) -> DataMismatchError:
+    return DataMismatchError(
+        f"{name}: the first test batch failed in the model's forward/loss ({type(e).__name__}: {e}); test "
+        "batches must have the same structure as the training batches (the same tuple/dict layout, input "
+        "feature shapes and dtypes as the model's parameters, labels in the range the loss accepts)")
+
+
 def iter_feature_chunks(task: Any, data: Iterable, sketch: Any, mode: str, nan_policy: str, progress: bool,
                         name: str, desc: str, rows_per_chunk: int) -> Iterator[tuple[int, Tensor]]:
     """Yields ``(row_start, [m, d])`` groups of at least ``rows_per_chunk`` rows (the last may be smaller):
-    test features computed a group at a time, so memory stays O(rows_per_chunk · d)."""
+    test features computed a group at a time, so memory stays O(rows_per_chunk · d).
+
+    The first batch is checked once (no per-batch cost): if the task cannot evaluate it (a batch not
+    structured like the training batches: other feature width, dict instead of tuple, float64 inputs to a
+    float32 model, labels out of range), :class:`DataMismatchError` names ``name`` and chains the original
+    exception. Non-finite gradients keep their own error (FloatingPointError naming the example)."""
     from tqdm.auto import tqdm
 
-    buf, start, offset = [], 0, 0
-    for batch in tqdm(data, desc=desc, total=data_len(data), disable=not progress, leave=False):
+    it = iter(tqdm(data, desc=desc, total=data_len(data), disable=not progress, leave=False))
+    first = next(it, _END)
+    if first is _END:
+        raise ValueError(f"{name}: expected at least one example, got an empty dataset")
+    try:
+        SplitBatch(first)
+    except (TypeError, ValueError) as e:
+        raise DataMismatchError(f"{name}: the first test batch is not a batch of examples ({e}); test "
+                                "batches must have the same structure as the training batches") from e
+    try:
+        r = _rows(task, first, sketch, mode, nan_policy, 0, name)
+    except (FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:
+        raise _first_batch_error(name, e) from e
+    buf, start, offset = [r], 0, r.shape[0]
+    if offset >= rows_per_chunk:
+        yield start, torch.cat(buf, 0)
+        buf, start = [], offset
+    for batch in it:
         r = _rows(task, batch, sketch, mode, nan_policy, offset, name)
         buf.append(r)
         offset += r.shape[0]
@@ -123,19 +165,137 @@ def iter_feature_chunks(task: Any, data: Iterable, sketch: Any, mode: str, nan_p
             buf, start = [], offset
     if buf:
         yield start, torch.cat(buf, 0)
-    if offset == 0:
-        raise ValueError(f"{name}: expected at least one example, got an empty dataset")
+
+
+# ------------------------------------------------------------------------------------------- feature stores
+FEATURE_KINDS = {
+    "loss-gradient": "per-example gradients of the loss (used by grad-dot, grad-cos, tracin, influence, arnoldi "
+                     "with a sketch, and trak without margin_fn)",
+    "output-gradient": "per-example gradients of TRAK's margin_fn (used by trak with margin_fn)",
+    "arnoldi-projection": "projections of exact loss gradients on Arnoldi eigenvectors (used by arnoldi with "
+                          "sketch=None)",
+}
+
+
+def _describe_kind(kind: Any) -> str:
+    return f"{kind!r}: {FEATURE_KINDS[kind]}" if kind in FEATURE_KINDS else repr(kind)
+
+
+def _store_mismatches(path: Any, n_rows: int, d: int, spec: dict, fingerprint: str, dtype: str,
+                      chunk_rows: int | None, metadata: dict | None) -> list[str]:
+    """What differs between the store on disk at ``path`` and the rows this fit needs (empty: it matches)."""
+    import json
+
+    from ..store import GradientStore
+    from ..store.gradient_store import normalize_dtype
+
+    st = GradientStore.open(path)
+    try:
+        found_spec, found_meta = st.spec, st.metadata
+        want = json.loads(json.dumps(spec, sort_keys=True))
+        out = []
+        if want.get("features") != found_spec.get("features"):
+            out.append(f"rows: the store holds {_describe_kind(found_spec.get('features', '<unrecorded>'))}, "
+                       f"this fit needs {_describe_kind(want.get('features'))}")
+        if want.get("sketch") != found_spec.get("sketch"):
+            a, b = want.get("sketch"), found_spec.get("sketch")
+            if isinstance(a, dict) and isinstance(b, dict):
+                parts = [f"{k}: expected {a.get(k, '<absent>')!r}, found {b.get(k, '<absent>')!r}"
+                         for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+                out.append(f"sketch spec differs ({'; '.join(parts)})")
+            else:
+                out.append(f"sketch spec differs (expected {a!r}, found {b!r})")
+        if want.get("mode") != found_spec.get("mode"):
+            out.append(f"mode: the rows were computed with mode={found_spec.get('mode', '<unrecorded>')!r}, this "
+                       f"fit uses mode={want.get('mode')!r}")
+        for k in sorted((set(want) | set(found_spec)) - {"features", "sketch", "mode"}):
+            if want.get(k) != found_spec.get(k):
+                out.append(f"spec {k}: expected {want.get(k, '<absent>')!r}, found {found_spec.get(k, '<absent>')!r}")
+        if fingerprint != st.fingerprint:
+            out.append(f"model fingerprint: the rows were computed with other model parameters (expected "
+                       f"{fingerprint[:19]}..., found {st.fingerprint[:19]}...): the model or checkpoint changed")
+        if n_rows != st.n_rows:
+            out.append(f"dataset size: the store has {st.n_rows} rows, train_data has {n_rows} examples")
+        if d != st.d:
+            out.append(f"feature dimension d: expected {d}, found {st.d}")
+        if normalize_dtype(dtype) != st.dtype:
+            out.append(f"store_dtype: expected {normalize_dtype(dtype)!r}, found {st.dtype!r}")
+        if chunk_rows is not None and int(chunk_rows) != st.chunk_rows:
+            out.append(f"chunk_rows: expected {chunk_rows}, found {st.chunk_rows}")
+        if metadata is not None:
+            want_meta = json.loads(json.dumps(metadata, sort_keys=True))
+            if want_meta != found_meta:
+                old = " (a store written by an older gradsketch that recorded the method)" \
+                    if "method" in found_meta else ""
+                out.append(f"metadata: expected {want_meta!r}, found {found_meta!r}{old}")
+        return out
+    finally:
+        st.close()
+
+
+class _WriteLock:
+    """An exclusive advisory lock (``flock``) taken around each chunk write of :func:`featurise_store`, so
+    that concurrent featurising processes never write the same chunk: the one that gets the lock second
+    finds the marker and skips it. A no-op where ``fcntl`` is unavailable."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def __enter__(self) -> _WriteLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+
+
+def _write_if_missing(store: Any, c: int, rows: Tensor, lock: _WriteLock) -> bool:
+    """Write chunk ``c`` unless another writer completed it meanwhile; True if this call wrote it."""
+    with lock:
+        if store._marker(c).exists():  # completed by another process since we last looked: never overwrite
+            return False
+        try:
+            store.write_chunk(c, rows)
+        except ValueError:
+            if not store._marker(c).exists():
+                raise
+            # completed by a writer that does not take our lock (e.g. store.fill) between the check above and
+            # our marker: it is done; make sure the bytes on disk are the ones its marker records
+            store.verify(store.chunk_range(c))
+            return False
+    return True
 
 
 def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_policy: str, progress: bool,
                     path: Any, spec: dict, fingerprint: str, dtype: str, chunk_rows: int | None,
-                    metadata: dict | None, name: str, desc: str) -> Any:
-    """Fill a :class:`GradientStore` at ``path`` with the feature rows of ``data`` (resumable).
+                    metadata: dict | None, name: str, desc: str, rank: int | None = None,
+                    world_size: int | None = None) -> Any:
+    """Fill a :class:`GradientStore` at ``path`` with the feature rows of ``data`` (resumable, multi-writer).
 
     The data are iterated once in order; a batch is differentiated only if it overlaps a chunk that is
     still missing, and a chunk is written as soon as all its rows are computed, so a process killed at any
-    point loses at most the chunks it had not finished. A store on disk that was built with another
-    sketch spec, model fingerprint, row count or dtype is refused (ValueError naming what differs).
+    point loses at most the chunks it had not finished. With ``rank``/``world_size`` only the rows of
+    ``store.row_range_for_rank(rank, world_size)`` are computed (batches before that share are skipped
+    without any computation, iteration stops after it), and the store may be returned incomplete.
+
+    Several processes may featurise one store at once (disjoint ranks or not): completion is re-checked
+    before each batch and, under an exclusive file lock, before each write; a chunk that another writer
+    completed meanwhile is treated as done and never overwritten. A store on disk that holds other rows
+    (another feature kind, sketch spec, mode, model fingerprint, row count, dtype) is refused with
+    :class:`StoreMismatchError` naming what differs.
     """
     from tqdm.auto import tqdm
 
@@ -143,17 +303,32 @@ def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_polic
 
     n_rows = count_examples(data, name)
     d = int(sketch.d)
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        diffs = _store_mismatches(path, n_rows, d, spec, fingerprint, dtype, chunk_rows, metadata)
+        if diffs:
+            raise StoreMismatchError(
+                f"store: the feature store at {str(path)!r} holds other rows than this fit needs and cannot be "
+                f"reused: {'; '.join(diffs)}. Methods share a store only when they featurise the same rows "
+                "(same output function, sketch, mode, model and data); use another store path or delete this one")
     try:
         store = GradientStore.create_or_open(path, n_rows, d, spec, fingerprint, dtype=dtype,
                                              chunk_rows=chunk_rows, metadata=metadata)
     except ValueError as e:
-        raise ValueError(f"store: the feature store at {str(path)!r} was built for another model, sketch or "
-                         f"dataset and cannot be reused (delete it or pick another path): {e}") from e
+        raise StoreMismatchError(f"store: the feature store at {str(path)!r} holds other rows than this fit "
+                                 f"needs and cannot be reused (use another store path or delete it): {e}") from e
     if store.completed_chunks():  # reopened: never build on corrupt rows (CorruptChunkError names them)
         store.verify()
-    missing = set(store.missing_chunks())
+    if rank is None:
+        lo_row, hi_row = 0, n_rows
+    else:
+        if world_size is None:
+            raise ValueError(f"world_size: expected an integer >= 1 with rank={rank!r}, got None")
+        lo_row, hi_row = store.row_range_for_rank(rank, world_size)
+    missing = set(store.missing_chunks((lo_row, hi_row)))
     if not missing:
         return store
+    lock = _WriteLock(path.parent / f".{path.name}.write.lock")
     cr = store.chunk_rows
     bufs: dict[int, dict[int, Tensor]] = {}  # chunk -> row_start -> rows
     offset = 0
@@ -162,8 +337,17 @@ def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_polic
         for batch in data:
             split = SplitBatch(batch)
             b = split.size
+            if offset + b <= lo_row:  # before this rank's share: nothing to compute
+                offset += b
+                continue
             lo_c, hi_c = offset // cr, (offset + b - 1) // cr
             need = [c for c in range(lo_c, hi_c + 1) if c in missing]
+            for c in need:  # completed by another writer since we looked: done, drop what we buffered
+                if store._marker(c).exists():
+                    missing.discard(c)
+                    bufs.pop(c, None)
+                    bar.update()
+            need = [c for c in need if c in missing]
             if need:
                 lo = max(offset, need[0] * cr)
                 hi = min(offset + b, min((need[-1] + 1) * cr, n_rows))
@@ -177,7 +361,7 @@ def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_polic
                     got = sum(t.shape[0] for t in bufs.get(c, {}).values())
                     if got == c1 - c0:
                         parts = [bufs[c][k] for k in sorted(bufs[c])]
-                        store.write_chunk(c, torch.cat(parts, 0).float())
+                        _write_if_missing(store, c, torch.cat(parts, 0).float(), lock)
                         del bufs[c]
                         missing.discard(c)
                         bar.update()
@@ -186,7 +370,7 @@ def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_polic
                 break
     finally:
         bar.close()
-    if offset < n_rows and missing:
+    if missing:
         raise ValueError(f"{name}: the data yielded {offset} examples now but {n_rows} before; expected the "
                          "same examples in the same order on every pass")
     return store

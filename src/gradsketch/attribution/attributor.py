@@ -56,6 +56,8 @@ import contextlib
 import copy
 import json
 import math
+import os
+import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -148,7 +150,13 @@ class Attributor:
     store : None or path
         ``None`` keeps training features in memory (task dtype). A directory path writes them to
         :class:`gradsketch.GradientStore` s under it (``features_<c>``, one per checkpoint): a rerun of
-        ``fit`` after a crash resumes; a store built for another sketch spec or model is refused.
+        ``fit`` after a crash resumes, several processes may fill it at once (:meth:`featurise` with
+        ``rank``/``world_size``). A store is identified by what its rows are, not by the method: the
+        differentiated output ("loss-gradient": grad-dot, grad-cos, tracin, influence, arnoldi with a sketch,
+        trak without ``margin_fn``; "output-gradient": trak with ``margin_fn``; "arnoldi-projection": arnoldi
+        with ``sketch=None``), the sketch spec, ``mode``, the model state of checkpoint ``c`` (fingerprint),
+        the row count and ``store_dtype``. Methods whose rows agree share a store (the second one only
+        finalises); otherwise ``StoreMismatchError`` (a ValueError) says what differs.
     mode : ``"explicit"`` | ``"implicit"`` | ``"factored"``
         How sketched gradients are computed (:meth:`gradsketch.Task.sketch_grads`).
     **method_options
@@ -299,7 +307,8 @@ class Attributor:
                         per_example=self.task.per_example, nan_policy=self.task.nan_policy)
         return self.task
 
-    def _featurise(self, comp: _Component, data: Iterable, progress: bool, tag: str) -> Any:
+    def _featurise(self, comp: _Component, data: Iterable, progress: bool, tag: str, rank: int | None = None,
+                   world_size: int | None = None) -> Any:
         from ..store import fingerprint_model
 
         mode = self.mode if comp.sketch.__class__.__name__ != "ProjectionSketch" else "explicit"
@@ -307,11 +316,15 @@ class Attributor:
         if self.store is None:
             return featurise_memory(comp.task, data, comp.sketch, desc=f"featurise train [{tag}]", **kw)
         self.store.mkdir(parents=True, exist_ok=True)
-        spec = {"sketch": sketch_spec(comp.sketch), "features": self._feature_kind()}
+        # the store's identity is what its rows ARE (not the method that consumes them): the differentiated
+        # output (loss, TRAK margin, Arnoldi projection), the sketch, the mode, the model state (fingerprint),
+        # the checkpoint index and (checked by the store) the row count; methods with equal rows share it
+        spec = {"sketch": sketch_spec(comp.sketch), "features": self._feature_kind(), "mode": mode}
         return featurise_store(comp.task, data, comp.sketch, path=self.store / f"features_{comp.index}",
                                spec=spec, fingerprint=fingerprint_model(self.task.model),
                                dtype=self._opt("store_dtype", "float16"), chunk_rows=self._opt("chunk_rows", None),
-                               metadata={"method": self.method}, desc=f"featurise train [{tag}]", **kw)
+                               metadata={"checkpoint": comp.index}, desc=f"featurise train [{tag}]", rank=rank,
+                               world_size=world_size, **kw)
 
     def _feature_kind(self) -> str:
         if self.method == "trak" and self.options.get("margin_fn") is not None:
@@ -355,16 +368,79 @@ class Attributor:
                 return blob["value"]
         value = compute()
         self.store.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"config": key, "value": value}, tmp)
-        tmp.replace(path)
+        # a private temporary name: concurrent fits (several processes on one store) each save their own
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            torch.save({"config": key, "value": value}, tmp)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return value
 
     # ------------------------------------------------------------------ fit
+    def featurise(self, train_data: Iterable, rank: int | None = None, world_size: int | None = None,
+                  progress: bool = True) -> Attributor:
+        """Write the training feature rows to the store, without finalising (needs ``store=``).
+
+        With ``rank``/``world_size``, this process computes only its share of every store: the contiguous,
+        chunk-aligned rows ``GradientStore.row_range_for_rank(rank, world_size)`` (batches before the share
+        are skipped without computation; iteration stops after it). Run ``featurise(train_data, rank=r,
+        world_size=w)`` in w processes (at once or one after the other), then ``fit(train_data)`` in any
+        process: it finds the stores complete and only finalises (a chunk still missing, e.g. from a rank that
+        died, is computed there). Without ``rank`` every missing row is computed.
+
+        Processes may share one store freely: each re-checks completion before every batch and (under an
+        exclusive file lock) before every chunk write, treating a chunk that another process completed as
+        done; nothing is overwritten, and the result is the store one process would have written.
+
+        ``train_data`` must be the same batches, in the same order, in every process. For ``arnoldi`` with
+        ``sketch=None`` the rows are projections on the eigenvectors, so each process first computes (or loads
+        from the store directory, where the first one to finish caches them) the Arnoldi eigenpairs.
+        Returns ``self`` (not fitted: call :meth:`fit` to score).
+        """
+        from ..model._batch import is_reiterable
+        from ..store import fingerprint_model
+
+        if self.store is None:
+            raise ValueError("store: featurise() writes the training features to a store; expected "
+                             "Attributor(..., store=path), got store=None (fit() featurises in memory)")
+        if (rank is None) != (world_size is None):
+            raise ValueError(f"rank, world_size: expected both or neither, got rank={rank!r}, "
+                             f"world_size={world_size!r}")
+        if world_size is not None:
+            if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+                raise ValueError(f"world_size: expected an integer >= 1, got {world_size!r}")
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+                raise ValueError(f"rank: expected an integer in [0, {world_size}), got {rank!r}")
+        if not is_reiterable(train_data):
+            raise TypeError("train_data: expected a re-iterable of batches (list, DataLoader), got a one-shot "
+                            f"{type(train_data).__name__}")
+        base_sketch = self._build_sketch()
+        feat_task = self._feature_task()
+        cks = self._checkpoints()
+        share = "" if rank is None else f" rank {rank}/{world_size}"
+        for c, (state, weight) in enumerate(cks):
+            comp = _Component(state, weight, c)
+            comp.task = feat_task
+            tag = (f"{self.method} {c + 1}/{len(cks)}" if state is not None else self.method) + share
+            with self._state(state):
+                comp.fingerprint = fingerprint_model(self.task.model)
+                if self.method == "arnoldi" and self.sketch is None:
+                    comp.sketch = self._arnoldi_projection(self._arnoldi_eig(comp, train_data, base_sketch,
+                                                                             progress))
+                else:
+                    comp.sketch = base_sketch
+                self._featurise(comp, train_data, progress, tag, rank=rank, world_size=world_size).close()
+        return self
+
     def fit(self, train_data: Iterable, progress: bool = True) -> Attributor:
         """Featurise the training set (``[n_train, d]`` rows in memory or in the store) and finalise the
         method (TRAK kernel inverse, Arnoldi eigenpairs, Hessian inverse). ``train_data``: a re-iterable
-        of batches (list, DataLoader) with a fixed order. Returns ``self``."""
+        of batches (list, DataLoader) with a fixed order. Returns ``self``.
+
+        With a store, only missing chunks are computed: a rerun after a crash resumes, a store filled by
+        :meth:`featurise` (e.g. one share per rank) or by a fit of another method with the same rows (see the
+        class docstring) is only finalised, and concurrent fits on one store all succeed with the same rows."""
         import time
 
         from ..model._batch import is_reiterable
@@ -410,28 +486,20 @@ class Attributor:
         self._fitted = True
         return self
 
-    def _fit_arnoldi(self, comp: _Component, data: Iterable, sketch: Any, progress: bool, tag: str) -> None:
-        import time
-
+    def _arnoldi_eig(self, comp: _Component, data: Iterable, sketch: Any, progress: bool) -> dict:
+        """Top-k eigenpairs of H (or ΦHΦᵀ) by Arnoldi + distill, cached next to the store."""
         from ..linalg import arnoldi, distill
 
         n_iters = int(self._opt("n_iters", 200))
         top_k = int(self._opt("top_k", 100))
         if top_k < 1 or n_iters < top_k:
             raise ValueError(f"top_k: expected 1 <= top_k <= n_iters = {n_iters}, got {top_k}")
-        damping = float(self._opt("damping", 0.0))
         positive_only = bool(self._opt("positive_only", False))
         seed = self._opt("seed", 0)
         start = _check_choice(self._opt("start", "parameter"), "start", ("parameter", "sketch"))
         config = {"n_iters": n_iters, "top_k": top_k, "positive_only": positive_only, "seed": seed,
                   "curvature": self._opt("curvature", "hessian"), "sketch": sketch_spec(sketch),
                   "fingerprint": comp.fingerprint, "start": start if self.sketch is not None else None}
-        t0 = time.perf_counter()
-        if self.sketch is not None:  # featurise Φg first, then the sketched Hessian ΦHΦᵀ (d × d)
-            comp.sketch = sketch
-            comp.feats = self._featurise(comp, data, progress, tag)
-            self.timings_["featurise"] = self.timings_.get("featurise", 0.0) + time.perf_counter() - t0
-        t1 = time.perf_counter()
 
         def compute():
             op = self._curvature_op(data, sketch)
@@ -449,7 +517,24 @@ class Attributor:
             vecs = vecs / vecs.norm(dim=0, keepdim=True).clamp_min(torch.finfo(vecs.dtype).tiny)
             return {"eigenvalues": lam.detach().cpu(), "eigenvectors": vecs.detach().cpu()}
 
-        eig = self._cached(comp, "arnoldi", config, compute)
+        return self._cached(comp, "arnoldi", config, compute)
+
+    def _arnoldi_projection(self, eig: dict) -> ProjectionSketch:
+        """Without a sketch, the Arnoldi features are p_i(z) = ⟨u_i, ∇ℓ(z)⟩."""
+        return ProjectionSketch(eig["eigenvectors"].to(device=self.task.device, dtype=self.task.dtype),
+                                tag="arnoldi-projection")
+
+    def _fit_arnoldi(self, comp: _Component, data: Iterable, sketch: Any, progress: bool, tag: str) -> None:
+        import time
+
+        damping = float(self._opt("damping", 0.0))
+        t0 = time.perf_counter()
+        if self.sketch is not None:  # featurise Φg first, then the sketched Hessian ΦHΦᵀ (d × d)
+            comp.sketch = sketch
+            comp.feats = self._featurise(comp, data, progress, tag)
+            self.timings_["featurise"] = self.timings_.get("featurise", 0.0) + time.perf_counter() - t0
+        t1 = time.perf_counter()
+        eig = self._arnoldi_eig(comp, data, sketch, progress)
         lam = eig["eigenvalues"].to(torch.float64)
         vecs = eig["eigenvectors"]
         self.timings_["curvature"] = self.timings_.get("curvature", 0.0) + time.perf_counter() - t1
@@ -459,8 +544,7 @@ class Attributor:
             comp.kernel = EigKernel(c, vecs.to(torch.float64))
         else:  # project exact gradients on the eigenvectors (the stored features are p_i(z))
             t2 = time.perf_counter()
-            comp.sketch = ProjectionSketch(vecs.to(device=self.task.device, dtype=self.task.dtype),
-                                           tag="arnoldi-projection")
+            comp.sketch = self._arnoldi_projection(eig)
             comp.feats = self._featurise(comp, data, progress, tag)
             comp.kernel = EigKernel(c, None)
             self.timings_["featurise"] = self.timings_.get("featurise", 0.0) + time.perf_counter() - t2
