@@ -755,7 +755,11 @@ class FactoredEngine(HookEngine):
                             # (an identity block is embedded at an offset: `total` was zero-filled before it)
                             cols_side = bias[1] == "cols"
                             (t3[:, :, -1] if cols_side else t3[:, -1, :]).add_((pr if cols_side else pc).sum(1))
-                            (t3[:, :, :-1] if cols_side else t3[:, :-1, :]).baddbmm_(pr.transpose(1, 2), pc)
+                            tw = t3[:, :, :-1] if cols_side else t3[:, :-1, :]
+                            if pr.shape[1] == 1:  # one position (an MLP): a broadcast outer product
+                                tw.addcmul_(pr[:, 0, :, None], pc[:, 0, None, :])
+                            else:
+                                tw.baddbmm_(pr.transpose(1, 2), pc)
                             continue
                     else:
                         pr = fr_w.T[r] if kind == "embedding" else r.to(dtype) @ fr_w.T   # [m, T, d_r]
