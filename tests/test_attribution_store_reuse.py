@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_demo import ENTRY as DEMO_ENTRY  # the user entry point make() of the CLI tests
 from typer.testing import CliRunner
 
 from gradsketch.attribution import Attributor, _features, classification_margin
@@ -113,19 +114,7 @@ def test_store_from_an_older_version_is_refused_clearly(tmp_path):
     assert "older gradsketch that recorded the method" in msg
 
 
-ENTRY = '''
-import torch
-from torch import nn
-import torch.nn.functional as F
-
-def make():
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(60, 5, generator=g); y = (X[:, 0] > 0).long()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
-    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")
-    return model, loss_fn, [(X[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)], [(X[48:], y[48:])]
-
+ENTRY = DEMO_ENTRY + '''
 def bad_test():
     model, loss_fn, train, test = make()
     return model, loss_fn, train, [(torch.randn(4, 7), torch.zeros(4, dtype=torch.long))]
