@@ -3,18 +3,40 @@
 Eigenpairs: :func:`lanczos`, :func:`eigsh` (ARPACK bridge), :func:`arnoldi` + :func:`distill`,
 :func:`arnoldi_eigs`. Trace: :func:`hutchinson`, :func:`hutchpp`. Spectral density: :func:`slq`.
 Inverse products: :func:`cg`, :func:`lissa`. Streaming: :class:`FrequentDirections`.
+Operator algebra (``A.T``, ``A @ B``, ``A + B``, ``c * A``, ``A.damped(λ)``, ``A.inverse(λ, method)``) and
+inverse operators: :mod:`gradsketch.linalg.operator`.
 """
 
 from .arnoldi import ArnoldiResult, Distilled, arnoldi, arnoldi_eigs, distill
 from .frequent_directions import FrequentDirections
 from .lanczos import EigResult, eigsh, lanczos, symmetry_defect
-from .operator import DampedOperator, FunctionOperator, LinearOperator, MatrixOperator
+from .operator import (
+    AdjointOperator,
+    CGInverse,
+    CholeskyInverse,
+    DampedOperator,
+    EigenOperator,
+    FunctionOperator,
+    IdentityOperator,
+    LinearOperator,
+    LiSSAInverse,
+    MatrixOperator,
+    ProductOperator,
+    SumOperator,
+    WoodburyInverse,
+    dense_inverse,
+    gram,
+    inverse,
+    ridge_inverse,
+)
 from .slq import SLQResult, slq
 from .solvers import SolveResult, cg, lissa
 from .trace import TraceResult, hutchinson, hutchpp
 
 __all__ = [
-    "LinearOperator", "MatrixOperator", "FunctionOperator", "DampedOperator",
+    "LinearOperator", "MatrixOperator", "FunctionOperator", "DampedOperator", "IdentityOperator",
+    "AdjointOperator", "ProductOperator", "SumOperator", "EigenOperator", "CholeskyInverse", "WoodburyInverse",
+    "CGInverse", "LiSSAInverse", "inverse", "dense_inverse", "ridge_inverse", "gram",
     "EigResult", "lanczos", "eigsh", "symmetry_defect",
     "ArnoldiResult", "Distilled", "arnoldi", "distill", "arnoldi_eigs",
     "TraceResult", "hutchinson", "hutchpp",

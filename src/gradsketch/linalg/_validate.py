@@ -6,14 +6,13 @@ message that names the argument, what was expected and what arrived.
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Iterable, Iterator
-from typing import Any, Literal, overload
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._validation import check_bool, check_choice, check_int, check_real  # noqa: F401  (re-exported)
 from .operator import LinearOperator
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -33,71 +32,6 @@ def check_operator(op: Any, name: str = "op", square: bool = True) -> LinearOper
 def work_dtype(op: LinearOperator) -> torch.dtype:
     """Precision of the Krylov vectors: the operator's own for float32/float64, float32 for half types."""
     return op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-@overload
-def check_int(value: Any, name: str, minimum: int | None = ..., maximum: int | None = ...,
-              allow_none: Literal[False] = ...) -> int: ...
-@overload
-def check_int(value: Any, name: str, minimum: int | None = ..., maximum: int | None = ...,
-              allow_none: bool = ...) -> int | None: ...
-def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None,
-              allow_none: bool = False) -> int | None:
-    """An integer (not a bool) in ``[minimum, maximum]``."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} ({value!r})")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name}: expected an integer <= {maximum}, got {value}")
-    return value
-
-
-@overload
-def check_real(value: Any, name: str, minimum: float | None = ..., maximum: float | None = ...,
-               min_inclusive: bool = ..., max_inclusive: bool = ..., allow_none: Literal[False] = ...
-               ) -> float: ...
-@overload
-def check_real(value: Any, name: str, minimum: float | None = ..., maximum: float | None = ...,
-               min_inclusive: bool = ..., max_inclusive: bool = ..., allow_none: bool = ...
-               ) -> float | None: ...
-def check_real(value: Any, name: str, minimum: float | None = None, maximum: float | None = None,
-               min_inclusive: bool = True, max_inclusive: bool = True, allow_none: bool = False
-               ) -> float | None:
-    """A finite real number in the given interval."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} ({value!r})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value}")
-    if minimum is not None and (value < minimum or (value == minimum and not min_inclusive)):
-        rel = ">=" if min_inclusive else ">"
-        raise ValueError(f"{name}: expected a number {rel} {minimum}, got {value}")
-    if maximum is not None and (value > maximum or (value == maximum and not max_inclusive)):
-        rel = "<=" if max_inclusive else "<"
-        raise ValueError(f"{name}: expected a number {rel} {maximum}, got {value}")
-    return value
-
-
-def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:
-    """One of a fixed set of strings."""
-    choices = tuple(choices)
-    if not isinstance(value, str):
-        raise TypeError(f"{name}: expected one of {choices}, got {type(value).__name__} ({value!r})")
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
-    return value
-
-
-def check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} ({value!r})")
-    return value
 
 
 def make_generator(seed: Any, name: str = "seed") -> torch.Generator:

@@ -26,7 +26,7 @@ from ._validate import (
     random_probes,
     work_dtype,
 )
-from .lanczos import EigResult, check_tol, orthogonalise, random_unit
+from .lanczos import EigResult, check_tol, orthogonalise, random_unit, select_indices, symmetry_defect
 from .operator import LinearOperator
 
 
@@ -118,9 +118,11 @@ def arnoldi(op: LinearOperator, n_iter: int, v0: Tensor | None = None, seed: Any
     return ArnoldiResult(Q=Qr.T, H=H, n_matvec=m, n_restarts=restarts)
 
 
-def distill(Q: Tensor, H: Tensor, top_k: int, positive_only: bool = False) -> Distilled:
+def distill(Q: Tensor, H: Tensor, top_k: int, positive_only: bool = False, which: str = "LM") -> Distilled:
     """Top eigenpairs from an Arnoldi decomposition: ``S = (H_m + H_mᵀ)/2 = Y Λ Yᵀ`` with
-    ``H_m = H[:m, :m]``; keep ``top_k`` by ``|λ|`` (or the largest positive ones); eigenvectors ``Q_m Y``.
+    ``H_m = H[:m, :m]``; keep ``top_k`` by ``which`` (default ``"LM"``: by ``|λ|``; or the largest positive
+    ones with ``positive_only``); eigenvectors ``Q_m Y``. The one eigenpair step of every Arnoldi user
+    (:func:`arnoldi_eigs`, ``gradsketch.spectrum``, Arnoldi influence).
 
     Source: Schioppa et al., "Scaling Up Influence Functions", AAAI 2022 (the "distill" step).
 
@@ -129,10 +131,18 @@ def distill(Q: Tensor, H: Tensor, top_k: int, positive_only: bool = False) -> Di
         H: ``[m+1, m]`` (or ``[m, m]``) Hessenberg matrix.
         top_k: ``1 ≤ top_k ≤ m``.
         positive_only: keep only ``λ > 0``, largest first (may return fewer than ``top_k``).
+        which: ``"LM"`` (largest |λ|), ``"LA"`` (largest), ``"SA"`` (smallest), ``"BE"`` (both ends); ignored
+            with ``positive_only``.
 
     Returns:
-        :class:`Distilled` ``(eigenvalues [k], eigenvectors [n, k])``: ordered by descending ``|λ|``
-        (descending ``λ`` with ``positive_only``), same dtype/device as ``Q``.
+        :class:`Distilled` ``(eigenvalues [k], eigenvectors [n, k])``: in ``which`` order (descending ``|λ|``
+        for ``"LM"``; descending ``λ`` with ``positive_only``), same dtype/device as ``Q``.
+
+    >>> from gradsketch.linalg import MatrixOperator
+    >>> A = torch.diag(torch.tensor([3.0, -5.0, 1.0], dtype=torch.float64))
+    >>> Q, H = arnoldi(MatrixOperator(A), 3)
+    >>> distill(Q, H, 2).eigenvalues.round(decimals=8).tolist()
+    [-5.0, 3.0]
     """
     if not isinstance(Q, Tensor):
         raise TypeError(f"Q: expected a torch.Tensor, got {type(Q).__name__}")
@@ -148,6 +158,7 @@ def distill(Q: Tensor, H: Tensor, top_k: int, positive_only: bool = False) -> Di
     if top_k > m:
         raise ValueError(f"top_k: expected at most m = {m} (the Krylov dimension), got {top_k}")
     check_bool(positive_only, "positive_only")
+    which = check_choice(which, "which", ("LA", "SA", "LM", "BE"))
     Hm = H[:m, :m].detach().to("cpu", torch.float64).numpy()
     if not np.all(np.isfinite(Hm)):
         raise ValueError("H: expected finite values, got NaN or Inf")
@@ -156,7 +167,7 @@ def distill(Q: Tensor, H: Tensor, top_k: int, positive_only: bool = False) -> Di
         pos = np.flatnonzero(lam > 0)
         idx = pos[np.argsort(-lam[pos], kind="stable")][:top_k]
     else:
-        idx = np.argsort(-np.abs(lam), kind="stable")[:top_k]
+        idx = select_indices(lam, which, top_k)
     dtype = Q.dtype if Q.is_floating_point() else torch.float64
     Yk = torch.as_tensor(np.ascontiguousarray(Y[:, idx]), dtype=dtype, device=Q.device)
     vecs = Q[:, :m].to(dtype) @ Yk
@@ -165,13 +176,23 @@ def distill(Q: Tensor, H: Tensor, top_k: int, positive_only: bool = False) -> Di
 
 def arnoldi_eigs(op: LinearOperator, top_k: int, n_iter: int | None = None, seed: Any = 0,
                  v0: Tensor | None = None, positive_only: bool = False, store: str = "device",
-                 tol: float | None = None, progress: bool = False) -> EigResult:
+                 tol: float | None = None, progress: bool = False, which: str = "LM",
+                 check_symmetric: bool = False, residuals: bool = True) -> EigResult:
     """:func:`arnoldi` + :func:`distill` + true residuals ``‖A v − λ v‖`` (one ``matmat`` of ``top_k``
-    columns), as an :class:`EigResult` (``which="LM"``, or ``"LA"`` with ``positive_only``).
+    columns), as an :class:`EigResult` (``which``, or ``"LA"`` with ``positive_only``).
 
     Source: Schioppa et al., AAAI 2022. Default ``n_iter = min(n, max(3·top_k, top_k + 60))``; ``tol``
     only sets the ``converged`` flags (``residual ≤ tol·|λ| + 100·ε·‖A‖_est``; default 1e-6 in float64,
-    1e-4 in float32): there is no early stop.
+    1e-4 in float32): there is no early stop. ``check_symmetric`` first measures the operator's asymmetry
+    with random probes (2 products) and refuses a non-symmetric one (the symmetrised Hessenberg matrix would
+    be meaningless). ``residuals=False`` skips the residual product (residuals are then NaN and
+    ``converged`` all False): Arnoldi influence, whose every product is a pass over the training set, does.
+    Eigenvectors are normalised to unit length.
+
+    >>> from gradsketch.linalg import MatrixOperator
+    >>> A = torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64))
+    >>> arnoldi_eigs(MatrixOperator(A), 2, n_iter=20).eigenvalues.round(decimals=6).tolist()
+    [20.0, 19.0]
     """
     op = check_operator(op)
     n = op.shape[0]
@@ -182,17 +203,33 @@ def arnoldi_eigs(op: LinearOperator, top_k: int, n_iter: int | None = None, seed
     m = min(n, max(3 * top_k, top_k + 60)) if n_iter is None else min(n, n_iter)
     if m < top_k:
         raise ValueError(f"n_iter: expected at least top_k = {top_k} steps, got {n_iter}")
+    which = check_choice(which, "which", ("LA", "SA", "LM", "BE"))
+    check_bool(check_symmetric, "check_symmetric")
+    check_bool(residuals, "residuals")
     dtype, dev = work_dtype(op), op.device
     tol = check_tol(tol, dtype)
+    used = 0
+    if check_symmetric:
+        defect, used = symmetry_defect(op, seed=seed + 1 if isinstance(seed, int) else 1)
+        if defect > (1e-8 if dtype == torch.float64 else 1e-4):
+            raise ValueError(f"op: Arnoldi eigenpairs need a symmetric operator, but random probes give a "
+                             f"relative asymmetry {defect:.3g}; the symmetrised Hessenberg matrix would be "
+                             "meaningless")
     res = arnoldi(op, m, v0=v0, seed=seed, store=store, progress=progress)
-    lam, V = distill(res.Q, res.H, top_k, positive_only=positive_only)
+    lam, V = distill(res.Q, res.H, min(top_k, res.H.shape[1]), positive_only=positive_only, which=which)
     lam, V = lam.to(dev), V.to(dev)
-    V = V / V.norm(dim=0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    AV = apply(op, V, dtype, "residual check")
-    r = (AV - V * lam).norm(dim=0)
-    eps = float(torch.finfo(dtype).eps)
-    anorm = float(res.H.abs().max()) if res.H.numel() else 0.0
-    conv = r <= tol * lam.abs() + 100 * eps * anorm
+    V = V / V.norm(dim=0, keepdim=True).clamp_min(torch.finfo(V.dtype).tiny)
+    if residuals:
+        AV = apply(op, V.to(dtype), dtype, "residual check")
+        r = (AV - V.to(dtype) * lam.to(dtype)).norm(dim=0)
+        eps = float(torch.finfo(dtype).eps)
+        anorm = float(res.H.abs().max()) if res.H.numel() else 0.0
+        conv = r <= tol * lam.abs().to(dtype) + 100 * eps * anorm
+        extra = lam.numel()
+    else:
+        r = torch.full((lam.numel(),), float("nan"), dtype=lam.dtype, device=lam.device)
+        conv = torch.zeros(lam.numel(), dtype=torch.bool)
+        extra = 0
     return EigResult(eigenvalues=lam, eigenvectors=V, residuals=r, converged=conv.cpu(),
-                     n_matvec=res.n_matvec + lam.numel(), n_iter=res.H.shape[1],
-                     which="LA" if positive_only else "LM")
+                     n_matvec=res.n_matvec + extra + used, n_iter=res.H.shape[1],
+                     which="LA" if positive_only else which)

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..linalg import LinearOperator, arnoldi, lanczos
-from ..linalg.lanczos import select_indices
+from ..linalg import LinearOperator, arnoldi_eigs, lanczos
 
 OPERATORS = ("hessian", "ggn", "fisher")
 METHODS = ("lanczos", "arnoldi")
@@ -420,31 +419,11 @@ def spectrum(task: Any, data: Any = None, k: int = 10, sketch: Any = None, opera
 
 def _arnoldi_eigs(op: LinearOperator, k: int, which: str, n_iter: int | None, tol: float | None, seed: int,
                   store: str, progress: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int]:
-    """Arnoldi + eigenpairs of ``(H_m + H_mᵀ)/2`` selected by ``which``, with true residuals."""
-    from ..linalg.lanczos import symmetry_defect
-
+    """Arnoldi + eigenpairs of ``(H_m + H_mᵀ)/2`` selected by ``which``, with true residuals: the one
+    routine :func:`gradsketch.linalg.arnoldi_eigs`, after a symmetry check."""
     dim = op.shape[0]
-    m = min(dim, max(3 * k, k + 60)) if n_iter is None else min(dim, n_iter)
-    if m < k:
+    if n_iter is not None and min(dim, n_iter) < k:
         raise ValueError(f"n_iter: expected at least k = {k} Arnoldi steps, got {n_iter}")
-    defect, used = symmetry_defect(op, seed=seed + 1 if isinstance(seed, int) else 1)
-    dtype = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
-    if defect > (1e-8 if dtype == torch.float64 else 1e-4):
-        raise ValueError(f"op: spectrum(method='arnoldi') needs a symmetric operator, but random probes give a "
-                         f"relative asymmetry {defect:.3g}; the symmetrised Hessenberg matrix would be meaningless")
-    ar = arnoldi(op, m, seed=seed, store=store, progress=progress)
-    mm = ar.H.shape[1]
-    Hm = ar.H[:mm, :mm].detach().double().cpu().numpy()
-    theta, Y = np.linalg.eigh((Hm + Hm.T) / 2)
-    idx = select_indices(theta, which, k)
-    Yk = torch.as_tensor(np.ascontiguousarray(Y[:, idx]), dtype=ar.Q.dtype, device=ar.Q.device)
-    V = (ar.Q[:, :mm] @ Yk).to(op.device)
-    V = V / V.norm(dim=0, keepdim=True).clamp_min(torch.finfo(V.dtype).tiny)
-    lam = torch.as_tensor(theta[idx], dtype=V.dtype, device=V.device)
-    AV = op.matmat(V)
-    res = (AV - V * lam).norm(dim=0)
-    eps = float(torch.finfo(V.dtype).eps)
-    tol = (1e-6 if V.dtype == torch.float64 else 1e-4) if tol is None else float(tol)
-    anorm = float(np.abs(Hm).max()) if Hm.size else 0.0
-    conv = res <= tol * lam.abs() + 100 * eps * anorm
-    return lam, V, res, conv, ar.n_matvec + used + k, mm
+    r = arnoldi_eigs(op, k, n_iter=n_iter, seed=seed, store=store, tol=tol, progress=progress, which=which,
+                     check_symmetric=True)
+    return r.eigenvalues, r.eigenvectors, r.residuals, r.converged, r.n_matvec, r.n_iter
