@@ -8,7 +8,7 @@ trace, solvers on any linear operator), ``model`` (Task: per-example gradients, 
 __version__ = "0.1.0"
 
 # ``gradsketch.spectrum`` is the subpackage, made callable: ``gradsketch.spectrum(task, data, k=...)``.
-from . import eval, linalg, spectrum
+from . import eval, linalg, optim, spectrum
 from .attribution import Attributor, TopK, classification_margin
 from .intrinsic import IntrinsicDimResult, SubspaceModel, intrinsic_dimension
 from .intrinsic import train as train_subspace
@@ -27,6 +27,6 @@ __all__ = [
     "Task", "FactoredSketch", "HessianOperator", "GGNOperator", "FisherOperator", "sketched", "losses",
     "GradientStore", "CorruptChunkError", "fingerprint_model", "fill_store",
     "SubspaceModel", "intrinsic_dimension", "IntrinsicDimResult", "train_subspace",
-    "spectrum", "SpectrumResult", "density", "DensityResult", "trace", "spectrum_over_checkpoints",
+    "spectrum", "SpectrumResult", "density", "DensityResult", "trace", "spectrum_over_checkpoints", "optim",
     "SpectrumSeries",
 ]

@@ -1,64 +1,175 @@
-"""Frequent Directions: a deterministic, mergeable streaming sketch of ``AᵀA``.
+"""Frequent Directions: a deterministic, mergeable streaming sketch of ``AᵀA``, with decay for EMA statistics.
 
 Sources: E. Liberty, "Simple and deterministic matrix sketching", KDD 2013; M. Ghashami, E. Liberty,
 J. M. Phillips, D. P. Woodruff, "Frequent Directions: simple and deterministic matrix sketching",
-SIAM J. Comput. 2016 (the fast 2ℓ-buffer variant and the bound below); L. Luo, C. Chen, Z. Zhang, W.-J. Li,
-T. Zhang, "Robust Frequent Directions with application in online learning", JMLR 2019 (escaped mass).
+SIAM J. Comput. 2016 (the shrink step and the bound below); L. Luo, C. Chen, Z. Zhang, W.-J. Li,
+T. Zhang, "Robust Frequent Directions with application in online learning", JMLR 2019 (escaped mass);
+V. Feinberg, X. Chen, Y. J. Sun, R. Anil, E. Hazan, "Sketchy: memory-efficient adaptive regularization
+with Frequent Directions", NeurIPS 2023 (decayed sketches and the low-rank-plus-tail inverse root).
+
+This module depends on torch only, so that the optimisers in :mod:`gradsketch.optim` can use it
+without pulling in the rest of the library.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._validate import check_bool, check_int
+__all__ = ["FrequentDirections", "fd_shrink", "low_rank_inverse_root"]
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+    return value
+
+
+def _float(value: Any, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name}: expected a finite number in [{low}, {high}], got {value}")
+    return value
+
+
+def fd_shrink(rows: Tensor, ell: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One Frequent Directions shrink of a block ``M [r, d]`` down to rank ``ℓ``, with one thin SVD.
+
+    ``M = U Σ Vᵀ``; ``δ = σ_{ℓ+1}²`` (0 when ``r ≤ ℓ`` or ``d ≤ ℓ``); the sketch keeps
+    ``λ_i = σ_i² − δ`` for ``i ≤ ℓ`` with eigenvectors ``V[:, :ℓ]`` (Ghashami et al. 2016, Alg. 1 with a
+    block instead of a row). Then ``0 ≼ MᵀM − V diag(λ) Vᵀ ≼ δ I``.
+
+    Args:
+        rows: ``[r, d]`` real floating tensor.
+        ell: sketch rank ``ℓ ≥ 1``.
+
+    Returns:
+        ``(vals [ℓ], vecs [d, ℓ], delta [])``: eigenvalues (descending, zero-padded), orthonormal
+        eigenvectors (zero columns where padded), the subtracted ``δ``; dtype and device of ``rows``.
+
+    Example:
+        >>> M = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+        >>> vals, vecs, delta = fd_shrink(M, 2)
+        >>> vals.tolist(), float(delta)
+        ([8.0, 3.0], 1.0)
+    """
+    d = rows.shape[1]
+    _, S, Vh = torch.linalg.svd(rows, full_matrices=False)
+    keep = min(ell, S.numel())
+    if S.numel() > ell:
+        cut = S[ell]
+        delta = cut * cut
+    else:
+        cut = S.new_zeros(())
+        delta = S.new_zeros(())
+    top = S[:keep]
+    lam = ((top - cut) * (top + cut)).clamp_min(0)  # σ² − δ without cancellation
+    vals = rows.new_zeros(ell)
+    vecs = rows.new_zeros(d, ell)
+    vals[:keep] = lam
+    vecs[:, :keep] = Vh[:keep].T
+    return vals, vecs, delta
+
+
+def low_rank_inverse_root(vecs: Tensor, vals: Tensor, tail: Tensor | float, x: Tensor, p: float) -> Tensor:
+    """``U diag((λ + τ)^(−1/p)) Uᵀ x + τ^(−1/p) (I − U Uᵀ) x``, never forming a ``d × d`` matrix.
+
+    This is the inverse ``p``-th root of the sketch ``U diag(λ) Uᵀ + τ I`` (Feinberg et al. 2023, §3),
+    with the tail ``τ > 0`` (escaped mass plus any ridge). Columns of ``U`` that are zero (an unfilled
+    sketch) contribute nothing, so they are treated as part of the complement.
+
+    Args:
+        vecs: ``U [d, k]`` with orthonormal (or zero) columns.
+        vals: ``λ [k]``, non-negative.
+        tail: ``τ > 0``, a float or a 0-d tensor.
+        x: ``[d]`` or ``[d, m]``.
+        p: the root, ``p > 0``.
+
+    Returns:
+        a tensor shaped like ``x``.
+
+    Example:
+        >>> U = torch.eye(3, dtype=torch.float64)[:, :1]
+        >>> low_rank_inverse_root(U, torch.tensor([15.0], dtype=torch.float64), 1.0,
+        ...                       torch.ones(3, dtype=torch.float64), 2).tolist()
+        [0.25, 1.0, 1.0]
+    """
+    tail_t = torch.as_tensor(tail, dtype=x.dtype, device=x.device)
+    if not bool(tail_t > 0):
+        raise ValueError(f"tail: expected a positive number, got {float(tail_t)}")
+    w_tail = tail_t ** (-1.0 / p)
+    w = (vals.to(x.dtype) + tail_t) ** (-1.0 / p) - w_tail
+    coef = vecs.T @ x
+    coef = coef * (w[:, None] if x.ndim == 2 else w)
+    return vecs @ coef + w_tail * x
 
 
 class FrequentDirections:
-    """Streaming sketch ``B [ℓ, d]`` of the rows ``a_i ∈ ℝ^d`` of ``A`` with
-    ``0 ≼ AᵀA − BᵀB ≼ ρ I`` and ``ρ ≤ ‖A − A_k‖_F² / (ℓ + 1 − k)`` for every ``k ≤ ℓ``.
+    """Streaming sketch of ``C = Σ_t β^{T−t} A_tᵀ A_t`` (rows ``a_i ∈ ℝ^d`` arrive in blocks ``A_t``) by a
+    rank-``ℓ`` ``BᵀB = U diag(λ) Uᵀ`` with ``0 ≼ C − BᵀB ≼ ρ I`` and, for ``β = 1``,
+    ``ρ ≤ ‖A − A_k‖_F² / (ℓ + 1 − k)`` for every ``k ≤ ℓ`` (Ghashami et al. 2016, Thm. 1.1 with the
+    ``(ℓ+1)``-th value subtracted; in particular ``ρ ≤ ‖A − A_k‖_F²/(ℓ − k)`` for ``k < ℓ``).
 
-    Fast variant (Ghashami et al. 2016, Alg. 2): rows fill a ``2ℓ × d`` buffer; when it is full,
-    ``B = U Σ Vᵀ``, ``δ = σ_{ℓ+1}²``, ``B ← sqrt(max(Σ² − δ, 0)) Vᵀ`` (ℓ rows survive, ℓ are freed). The
-    escaped mass ``ρ = Σ δ`` (robust FD, Luo et al. 2019) bounds the error; ``BᵀB + (ρ/2) I`` is the robust
-    estimate. Amortised cost ``O(d ℓ)`` per row. Sketches with the same ``(ℓ, d)`` merge (Agarwal et al.,
-    "Mergeable summaries", 2012): the merged sketch obeys the same bound for the stacked rows.
+    Rows are buffered; when more than ``buffer_rows`` are pending, the sketch and the whole buffer are
+    shrunk with **one** thin SVD of a ``(ℓ + pending) × d`` matrix (:func:`fd_shrink`), never one SVD per
+    row. Each shrink subtracts ``δ = σ_{ℓ+1}²`` and adds it to the escaped mass ``ρ`` (robust FD, Luo et al.
+    2019). ``decay = β < 1`` turns the sums into exponential moving statistics
+    ``C_t = β C_{t−1} + A_tᵀ A_t``: every :meth:`update` call multiplies ``λ``, ``ρ`` and the pending rows
+    (by ``√β``) first, so the guarantee holds for the decayed stream. Sketches merge (Agarwal et al.,
+    "Mergeable summaries", 2012) with the same bound for the union of the streams, also across
+    ``torch.distributed`` ranks (:meth:`all_merge`).
+
+    Stable in float32: ``σ_i² − δ`` is evaluated as ``(σ_i − σ_{ℓ+1})(σ_i + σ_{ℓ+1})``. Device-agnostic:
+    state lives on ``device`` and every operation is a torch call.
 
     Args:
-        ell: sketch rows ``ℓ ≥ 1``.
-        d: row dimension ``d ≥ 1``.
+        ell: sketch rank ``ℓ``, ``1 ≤ ℓ ≤ d`` (``ℓ = d`` is exact).
+        d: row dimension.
+        decay: ``β ∈ (0, 1]`` applied per :meth:`update` call (1 = plain sums).
         dtype: ``torch.float32`` or ``torch.float64`` (default).
-        device: where the buffer lives.
+        device: where the state lives.
+        buffer_rows: rows held before a shrink (default ``ℓ``; 0 shrinks on every update call).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(100, 6, generator=g, dtype=torch.float64)
+        >>> fd = FrequentDirections(3, 6).update(A)
+        >>> E = A.T @ A - fd.covariance()
+        >>> bool(torch.linalg.eigvalsh(E).min() > -1e-9), bool(torch.linalg.eigvalsh(E).max() <= fd.escaped_mass + 1e-9)
+        (True, True)
     """
 
-    def __init__(self, ell: int, d: int, dtype: torch.dtype = torch.float64,
-                 device: torch.device | str = "cpu") -> None:
-        self.ell = check_int(ell, "ell", minimum=1)
-        self.d = check_int(d, "d", minimum=1)
+    def __init__(self, ell: int, d: int, decay: float = 1.0, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str = "cpu", buffer_rows: int | None = None) -> None:
+        self.d = _int(d, "d", 1)
+        self.ell = _int(ell, "ell", 1)
+        if self.ell > self.d:
+            raise ValueError(f"ell: expected at most d = {self.d} (a rank above the dimension is "
+                             f"meaningless; ell = d is already exact), got {ell}")
+        self.decay = _float(decay, "decay", 0.0, 1.0)
+        if self.decay == 0.0:
+            raise ValueError("decay: expected a number in (0, 1], got 0.0")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
+        self.buffer_rows = self.ell if buffer_rows is None else _int(buffer_rows, "buffer_rows", 0)
         self.dtype, self.device = dtype, torch.device(device)
-        self._buf = torch.zeros(2 * self.ell, self.d, dtype=dtype, device=self.device)
-        self._filled = 0
-        self._rho = 0.0
+        self.vals = torch.zeros(self.ell, dtype=dtype, device=self.device)
+        self.vecs = torch.zeros(self.d, self.ell, dtype=dtype, device=self.device)
+        self._rho = torch.zeros((), dtype=dtype, device=self.device)
+        self._pending: list[Tensor] = []
+        self._n_pending = 0
         self.n_seen = 0
-        self.squared_frobenius = 0.0  # ‖A‖_F² of everything seen
+        self.squared_frobenius = 0.0  # ‖A‖_F² of everything seen (decayed like the statistics)
 
     # -----------------------------------------------------------------------------------------------
-    def _shrink(self, rows: Tensor) -> tuple[Tensor, float]:
-        """SVD-shrink ``rows [r, d]`` to at most ``ℓ`` non-zero rows; returns ``(rows [ℓ, d], δ)``."""
-        _, S, Vh = torch.linalg.svd(rows, full_matrices=False)
-        delta = float(S[self.ell] ** 2) if S.numel() > self.ell else 0.0
-        keep = min(self.ell, S.numel())
-        s = (S[:keep] ** 2 - delta).clamp_min(0).sqrt()
-        out = torch.zeros(self.ell, self.d, dtype=self.dtype, device=self.device)
-        out[:keep] = s[:, None] * Vh[:keep]
-        return out, delta
-
-    def update(self, rows: Tensor) -> FrequentDirections:
-        """Add rows ``[b, d]`` (or one row ``[d]``); returns ``self``."""
+    def _check_rows(self, rows: Any) -> Tensor:
         if not isinstance(rows, Tensor):
             raise TypeError(f"rows: expected a torch.Tensor, got {type(rows).__name__}")
         if rows.ndim == 1:
@@ -70,60 +181,138 @@ class FrequentDirections:
         rows = rows.detach().to(self.device, self.dtype)
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("rows: expected finite values, got NaN or Inf")
+        return rows
+
+    def update(self, rows: Tensor, compress: bool = False) -> FrequentDirections:
+        """Decay the statistics by ``β`` once, then add the rows ``[b, d]`` (or one row ``[d]``).
+
+        Shrinks (one SVD) when more than ``buffer_rows`` rows are pending, or when ``compress``.
+        Returns ``self``.
+        """
+        rows = self._check_rows(rows)
+        if self.decay != 1.0:
+            self.vals.mul_(self.decay)
+            self._rho.mul_(self.decay)
+            root = math.sqrt(self.decay)
+            self._pending = [r * root for r in self._pending]
+            self.squared_frobenius *= self.decay
         self.n_seen += rows.shape[0]
         self.squared_frobenius += float((rows.double() ** 2).sum())
-        start = 0
-        while start < rows.shape[0]:
-            if self._filled == 2 * self.ell:
-                shrunk, delta = self._shrink(self._buf)
-                self._buf.zero_()
-                self._buf[: self.ell] = shrunk
-                self._filled = self.ell
-                self._rho += delta
-            take = min(2 * self.ell - self._filled, rows.shape[0] - start)
-            self._buf[self._filled: self._filled + take] = rows[start: start + take]
-            self._filled += take
-            start += take
+        if rows.shape[0]:
+            self._pending.append(rows)
+            self._n_pending += rows.shape[0]
+        if compress or self._n_pending > self.buffer_rows:
+            self.compress()
         return self
 
-    def _compact(self) -> tuple[Tensor, float]:
-        if self._filled <= self.ell:
-            return self._buf[: self.ell].clone(), 0.0
-        return self._shrink(self._buf[: self._filled])
+    def compress(self) -> FrequentDirections:
+        """Fold the pending rows into the rank-``ℓ`` sketch with one thin SVD; returns ``self``."""
+        if not self._n_pending:
+            return self
+        live = self.vals > 0  # an unfilled sketch's zero rows would only add rounding noise to δ
+        B = self.vals[live].sqrt()[:, None] * self.vecs.T[live]
+        M = torch.cat([B, *self._pending], dim=0)
+        self.vals, self.vecs, delta = fd_shrink(M, self.ell)
+        self._rho = self._rho + delta
+        self._pending, self._n_pending = [], 0
+        return self
+
+    def eigh(self) -> tuple[Tensor, Tensor]:
+        """``(λ [ℓ], U [d, ℓ])`` with ``BᵀB = U diag(λ) Uᵀ``, ``λ`` descending (flushes the buffer)."""
+        self.compress()
+        return self.vals, self.vecs
 
     @property
     def sketch(self) -> Tensor:
-        """``B [ℓ, d]`` (the buffer compacted to ℓ rows; the stream state is not changed)."""
-        return self._compact()[0]
+        """``B [ℓ, d] = diag(√λ) Uᵀ`` (flushes the buffer)."""
+        vals, vecs = self.eigh()
+        return vals.clamp_min(0).sqrt()[:, None] * vecs.T
 
     @property
     def escaped_mass(self) -> float:
-        """``ρ = Σ δ``: ``‖AᵀA − BᵀB‖₂ ≤ ρ`` for ``B = self.sketch``."""
-        return self._rho + self._compact()[1]
+        """``ρ``: ``0 ≼ C − BᵀB ≼ ρ I`` for ``B = self.sketch`` (flushes the buffer)."""
+        self.compress()
+        return float(self._rho)
 
     def covariance(self, robust: bool = False) -> Tensor:
-        """``BᵀB [d, d]`` (``+ (ρ/2) I`` when ``robust``), an estimate of ``AᵀA`` (small ``d`` only)."""
-        check_bool(robust, "robust")
-        B, delta = self._compact()
-        C = B.T @ B
+        """``BᵀB [d, d]`` (``+ (ρ/2) I`` when ``robust``), an estimate of ``C`` (small ``d`` only)."""
+        if not isinstance(robust, bool):
+            raise TypeError(f"robust: expected a bool, got {type(robust).__name__}")
+        vals, vecs = self.eigh()
+        C = (vecs * vals) @ vecs.T
         if robust:
-            C = C + 0.5 * (self._rho + delta) * torch.eye(self.d, dtype=self.dtype, device=self.device)
+            C = C + 0.5 * self._rho * torch.eye(self.d, dtype=self.dtype, device=self.device)
         return C
 
+    def inverse_root(self, x: Tensor, p: float, ridge: float = 0.0) -> Tensor:
+        """``(BᵀB + (ρ + ridge) I)^(−1/p) x`` for ``x [d]`` or ``[d, m]`` via :func:`low_rank_inverse_root`."""
+        vals, vecs = self.eigh()
+        return low_rank_inverse_root(vecs, vals, self._rho + ridge, x.to(self.dtype), p)
+
     def merge(self, other: Any) -> FrequentDirections:
-        """Fold another sketch with the same ``(ℓ, d)`` into this one; returns ``self``."""
+        """Fold another sketch with the same ``(ℓ, d)`` into this one (one SVD); returns ``self``.
+
+        The result sketches the sum of both streams' statistics; escaped masses add.
+        """
         if not isinstance(other, FrequentDirections):
             raise TypeError(f"other: expected a FrequentDirections, got {type(other).__name__}")
         if (other.ell, other.d) != (self.ell, self.d):
             raise ValueError(f"other: expected a sketch with (ell, d) = {(self.ell, self.d)}, "
                              f"got {(other.ell, other.d)}")
-        B, delta = other._compact()
-        n_seen, fro = self.n_seen + other.n_seen, self.squared_frobenius + other.squared_frobenius
-        self.update(B)
-        self._rho += other._rho + delta
-        self.n_seen, self.squared_frobenius = n_seen, fro
+        B = other.sketch.to(self.device, self.dtype)
+        self._pending.append(B)
+        self._n_pending += B.shape[0]
+        self.compress()
+        self._rho = self._rho + float(other._rho)
+        self.n_seen += other.n_seen
+        self.squared_frobenius += other.squared_frobenius
+        return self
+
+    def all_merge(self, group: Any = None) -> FrequentDirections:
+        """Merge the sketches of every ``torch.distributed`` rank in ``group``; all ranks end identical.
+
+        One ``all_gather`` of the ``ℓ × d`` sketches (stacked in rank order) and one SVD. Returns ``self``.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("all_merge: torch.distributed is not initialised (call init_process_group)")
+        B = self.sketch.contiguous()
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(B) for _ in range(world)]
+        dist.all_gather(parts, B, group=group)
+        extra = torch.tensor([float(self._rho), float(self.n_seen), self.squared_frobenius],
+                             dtype=torch.float64, device=B.device)
+        dist.all_reduce(extra, group=group)
+        self.vals.zero_()
+        self.vecs.zero_()
+        self._pending, self._n_pending = list(parts), world * self.ell
+        self._rho = self._rho.new_zeros(())
+        self.compress()
+        self._rho = self._rho + float(extra[0])
+        self.n_seen, self.squared_frobenius = int(round(float(extra[1]))), float(extra[2])
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and counters that :meth:`load_state_dict` restores exactly (flushes the buffer)."""
+        self.compress()
+        return {"ell": self.ell, "d": self.d, "decay": self.decay, "vals": self.vals.clone(),
+                "vecs": self.vecs.clone(), "rho": self._rho.clone(), "n_seen": self.n_seen,
+                "squared_frobenius": self.squared_frobenius}
+
+    def load_state_dict(self, state: dict[str, Any]) -> FrequentDirections:
+        """Restore from :meth:`state_dict`; returns ``self``."""
+        if (state.get("ell"), state.get("d")) != (self.ell, self.d):
+            raise ValueError(f"state: expected (ell, d) = {(self.ell, self.d)}, "
+                             f"got {(state.get('ell'), state.get('d'))}")
+        self.vals = state["vals"].to(self.device, self.dtype).clone()
+        self.vecs = state["vecs"].to(self.device, self.dtype).clone()
+        self._rho = state["rho"].to(self.device, self.dtype).clone()
+        self.decay = float(state["decay"])
+        self.n_seen, self.squared_frobenius = int(state["n_seen"]), float(state["squared_frobenius"])
+        self._pending, self._n_pending = [], 0
         return self
 
     def __repr__(self) -> str:
-        return (f"FrequentDirections(ell={self.ell}, d={self.d}, n_seen={self.n_seen}, "
+        return (f"FrequentDirections(ell={self.ell}, d={self.d}, decay={self.decay}, n_seen={self.n_seen}, "
                 f"escaped_mass={self.escaped_mass:.4g})")
