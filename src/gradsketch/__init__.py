@@ -8,7 +8,7 @@ trace, solvers on any linear operator), ``model`` (Task: per-example gradients, 
 __version__ = "0.1.0"
 
 # ``gradsketch.spectrum`` is the subpackage, made callable: ``gradsketch.spectrum(task, data, k=...)``.
-from . import eval, linalg, optim, spectrum
+from . import dynamics, eval, linalg, optim, spectrum  # dynamics: CMD of training dynamics
 from .attribution import Attributor, TopK, classification_margin
 from .intrinsic import IntrinsicDimResult, SubspaceModel, intrinsic_dimension
 from .intrinsic import train as train_subspace
@@ -29,4 +29,5 @@ __all__ = [
     "SubspaceModel", "intrinsic_dimension", "IntrinsicDimResult", "train_subspace",
     "spectrum", "SpectrumResult", "density", "DensityResult", "trace", "spectrum_over_checkpoints", "optim",
     "SpectrumSeries",
+    "dynamics",
 ]
