@@ -32,8 +32,8 @@ def peak_mb() -> float:
 def worker(mode: str, kind: str, d: int, batch: int, seq: int, steps: int, threads: int) -> dict:
     import torch
 
+    from gradsketch.datasets import minilm_task
     from gradsketch.intrinsic import SubspaceModel
-    from gradsketch.intrinsic.tasks import minilm_task
 
     torch.set_num_threads(threads)
     model_fn, train_data, _ = minilm_task(n_train=batch * (steps + 1), n_eval=10, max_len=seq, batch_size=batch)

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from gradsketch.cli_bench import VARIANTS, speed_table
+from gradsketch.bench import VARIANTS, speed_table
 
 
 def trak_compare(variants, repeats: int) -> None:

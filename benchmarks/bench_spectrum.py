@@ -38,9 +38,11 @@ def cur_rss_mb() -> float:
 
 
 def digits_setup(dtype=torch.float32, n=512, hidden=(256, 256)):
-    from gradsketch.spectrum._digits import digits_task
+    from gradsketch.datasets import trained_digits_mlp
+    from gradsketch.model import Task
 
-    task, data, _ = digits_task(hidden, n=n, epochs=5, dtype=torch.float32, seed=0)
+    model, data, _, _ = trained_digits_mlp(hidden, n_train=n, n_test=0, epochs=5, dtype=torch.float32, seed=0)
+    task = Task.from_classifier(model)
     if dtype != torch.float32:
         from gradsketch.model import Task
 

@@ -17,8 +17,8 @@ import time
 
 import torch
 
+from gradsketch.datasets import minilm_task
 from gradsketch.intrinsic import accuracy, full_finetune_metric, intrinsic_dimension
-from gradsketch.intrinsic.tasks import minilm_task
 
 
 def main() -> None:

@@ -11,14 +11,16 @@ import sys
 
 import torch
 
+from gradsketch import Task
+from gradsketch.datasets import trained_digits_mlp
 from gradsketch.spectrum import density, spectrum, spectrum_over_checkpoints, write_report
-from gradsketch.spectrum._digits import digits_task
 
 
 def main(out: str = "spectrum_digits_out") -> None:
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    task, data, states = digits_task(hidden=(64, 64), n=512, epochs=5)
+    model, data, states, _ = trained_digits_mlp(hidden=(64, 64), n_train=512, n_test=0, epochs=5)
+    task = Task.from_classifier(model)
     print(task)
     exact = spectrum(task, data, k=10, which="BE", n_iter=120)
     print("exact (both ends):", exact)

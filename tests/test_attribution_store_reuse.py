@@ -14,7 +14,7 @@ from test_demo import ENTRY as DEMO_ENTRY  # the user entry point make() of the 
 from typer.testing import CliRunner
 
 from gradsketch.attribution import Attributor, _features, classification_margin
-from gradsketch.cli_attribution import app
+from gradsketch.cli import app
 from gradsketch.store import GradientStore
 
 CHILD = Path(__file__).with_name("_attribution_child.py")

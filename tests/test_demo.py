@@ -8,7 +8,7 @@ import re
 import numpy as np
 from typer.testing import CliRunner
 
-from gradsketch.cli_attribution import app
+from gradsketch.cli import app
 from gradsketch.demo import run_demo
 
 ENTRY = '''
@@ -33,7 +33,9 @@ def test_demo_reduced_writes_report_with_sections(tmp_path, capsys):
     for section in ("Setup", "Mislabel detection", "Proponents and opponents: Arnoldi influence",
                     "Proponents and opponents: TRAK", "Timing"):
         assert f">{section}</h2>" in html
-    assert len(re.findall(r'src="data:image/png;base64,', html)) == 3  # ROC + two proponent grids
+    # the ROC figure, then per method and shown test image: the test image, 3 proponents and 3 opponents as images
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 1 + 2 * 2 * (1 + 2 * 3)
+    assert len(re.findall(r"score [+-]\d", html)) == 2 * 2 * 2 * 3  # every proponent/opponent card has its score
     assert "http://" not in html and "https://" not in html  # self-contained
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert 0.5 < summary["auc"]["Arnoldi influence"] <= 1.0  # better than chance on 20 planted flips
@@ -51,4 +53,4 @@ def test_cli_attribute_with_config_and_flags(tmp_path, monkeypatch):
     assert z["indices"].shape == (12, 4) and z["self_influence"].shape == (48,)
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["method"] == "arnoldi"
     r = CliRunner().invoke(app, ["attribute", "user_entry:nope", "--out", "o2"])
-    assert r.exit_code != 0 and "no callable" in r.output
+    assert r.exit_code == 2 and "callable 'nope'" in r.output and "Traceback" not in r.output

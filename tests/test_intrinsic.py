@@ -107,7 +107,10 @@ def test_transformers_kwargs_pass_through():
     assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
     out.loss.backward()
     assert sm.omega.grad is not None and sm.omega.grad.abs().sum() > 0
-    assert all(not p.requires_grad for p in sm.model.parameters())
+    # the caller's model is not modified: its flags stay on, no gradient reaches it, only ω/λ are parameters
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert [n for n, _ in sm.named_parameters()] == ["omega"]
     assert sm.n == sum(p.numel() for k, p in model.named_parameters() if "embeddings" not in k)
 
 

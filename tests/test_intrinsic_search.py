@@ -125,7 +125,7 @@ def test_errors():
 def test_cli_intrinsic_dim(tmp_path):
     from typer.testing import CliRunner
 
-    from gradsketch.cli_intrinsic import app
+    from gradsketch.cli import app
 
     runner = CliRunner()
     out = tmp_path / "r.json"

@@ -8,7 +8,7 @@ import textwrap
 import torch
 from typer.testing import CliRunner
 
-from gradsketch.cli_spectrum import app
+from gradsketch.cli import app
 
 runner = CliRunner()
 
@@ -44,7 +44,7 @@ def test_entry_point_and_sketch(tmp_path):
             loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
             return model, loss, [(x[:10], y[:10]), (x[10:], y[10:])]
     """))
-    out = runner.invoke(app, ["spectrum", "--entry", f"{f}:build", "--k", "3", "--sketch", "affd", "--d", "32",
+    out = runner.invoke(app, ["spectrum", "--entry", f"{f}:build", "--k", "3", "--kind", "affd", "--d", "32",
                               "--no-progress", "--threads", "1"])
     assert out.exit_code == 0, out.output
     assert "sketch affd d=32" in out.output

@@ -23,56 +23,6 @@ def _store_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def _grid_figure(test_idx, tk, data, y_train_noisy, flipped, method: str, n_each: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = len(test_idx)
-    cols = 1 + 2 * n_each
-    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols, 1.45 * rows), squeeze=False)
-    for r, t in enumerate(test_idx):
-        ax = axes[r, 0]
-        ax.imshow(data.img_test[t].numpy(), cmap="gray_r")
-        ax.set_title(f"test #{t}\nlabel {int(data.y_test[t])}", fontsize=7, color="navy")
-        for j in range(n_each):
-            for side, off, _vals, idx, col in (("+", 1, tk.values, tk.indices, "darkgreen"),
-                                              ("−", 1 + n_each, tk.opponent_values, tk.opponent_indices,
-                                               "darkred")):
-                i = int(idx[t, j])
-                ax = axes[r, off + j]
-                ax.imshow(data.img_train[i].numpy(), cmap="gray_r")
-                lab = int(y_train_noisy[i])
-                flag = " (flipped)" if bool(flipped[i]) else ""
-                ax.set_title(f"{side} #{i}\nlabel {lab}{flag}", fontsize=6,
-                             color="orange" if flag else col)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"{method}: test image | {n_each} proponents (+) | {n_each} opponents (−)", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def _roc_figure(results: dict[str, Any]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.6, 4.2))
-    for name, r in results.items():
-        ax.plot(r.fpr, r.tpr, label=f"{name} (AUC {r.auc:.3f}, AP {r.ap:.3f})")
-    ax.plot([0, 1], [0, 1], ls=":", c="gray", label="chance (AUC 0.5)")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate (flipped labels found)")
-    ax.set_title("Mislabel detection by self-influence", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
 def run_demo(out_dir: Any = "gradsketch-demo", *, n_train: int = 1000, n_test: int = 200,
              flip_fraction: float = 0.1, hidden: int = 32, steps: int = 300, d: int = 1024, kind: str = "affd",
              n_iters: int = 100, top_k: int = 30, n_show: int = 4, n_each: int = 5, seed: int = 0,
@@ -83,9 +33,12 @@ def run_demo(out_dir: Any = "gradsketch-demo", *, n_train: int = 1000, n_test: i
     it: featurisation resumes or is skipped). Deterministic for a fixed ``seed``.
     """
     from .attribution import Attributor, batches, classification_margin
-    from .eval import flip_labels, load_digits_split, load_model, make_mlp, mislabel_detection, train_models
+    from .datasets import flip_labels, load_digits_split, make_mlp
+    from .eval import load_model, mislabel_detection, train_models
     from .model import Task
     from .report import figure_to_img, table, write_page
+    from .report.attribution import attribution_cards
+    from .report.plots import plot_roc
 
     def say(msg: str) -> None:
         if verbose:
@@ -168,18 +121,27 @@ def run_demo(out_dir: Any = "gradsketch-demo", *, n_train: int = 1000, n_test: i
             ["store", f"{store_dir} ({_store_bytes(store_dir) / 2**20:.2f} MiB)"]]
     sections.append(("Setup", table(rows, ["", ""])))
     det_rows = [[k, r.auc, r.ap] for k, r in det.items()]
-    sections.append(("Mislabel detection", figure_to_img(_roc_figure(det), "ROC curves") + table(
+    sections.append(("Mislabel detection", figure_to_img(plot_roc(det), "ROC curves") + table(
         det_rows, ["statistic", "ROC-AUC", "average precision"]) +
         f"<p class='note'>Self-influence score(z, z) ranks the {int(flipped.sum())} flipped training labels; "
         "chance is AUC 0.5, AP = "
         f"{float(flipped.float().mean()):.2f}.</p>"))
+    test_ex = {t: (data.img_test[t], int(data.y_test[t])) for t in show}
     for name, t in tk.items():
-        fig = _grid_figure(show, t, data, y_noisy, flipped, name, n_each)
+        ids = {int(i) for row in show
+               for i in t.indices[row, :n_each].tolist() + t.opponent_indices[row, :n_each].tolist()}
+        train_ex = {i: (data.img_train[i], int(y_noisy[i])) for i in ids}
+        caption = {}
+        with torch.no_grad():
+            pred = model(data.x_test[show]).argmax(1).tolist()
+        for row, p in zip(show, pred):
+            caption[row] = f"predicted {p}"
         flip_share = float(flipped[t.opponent_indices[:, :n_each]].float().mean())
-        sections.append((f"Proponents and opponents: {name}", figure_to_img(fig, name) + (
-            "<p class='note'>Proponents (+) have the largest scores: training on them lowers the test loss. "
-            "Opponents (−) have the most negative scores. Orange titles mark flipped training labels; "
-            f"{flip_share:.0%} of all test images' top-{n_each} opponents are flipped examples "
+        sections.append((f"Proponents and opponents: {name}", attribution_cards(
+            show, t, test_ex, train_ex, n_each, flagged=flipped, flag_text="flipped label", test_caption=caption) + (
+            "<p class='note'>Labels shown are the training labels the model saw (after the flips). Proponents have "
+            "the largest scores: training on them lowers the test loss. Opponents have the most negative scores. "
+            f"{flip_share:.0%} of all {n_test} test images' top-{n_each} opponents are flipped examples "
             f"(base rate {float(flipped.float().mean()):.0%}).</p>")))
     timings.append(("figures + report", time.perf_counter() - t0))
     total = time.perf_counter() - t_all

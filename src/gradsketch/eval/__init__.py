@@ -5,12 +5,14 @@
 * :func:`lds_ground_truth` + :func:`lds`: linear datamodeling score (Park et al. 2023).
 * :func:`loo_effects` + :func:`loo_correlation`: leave-one-out retraining (Koh & Liang 2017).
 * :func:`flip_labels` + :func:`mislabel_detection`: ROC-AUC / AP of self-influence (Schioppa et al. 2022).
+
+The digits data and the MLP builder live in :mod:`gradsketch.datasets` (re-exported here).
 """
 
-from .data import Digits, flip_labels, load_digits_split
+from ..datasets import Digits, flip_labels, load_digits_split, make_mlp
 from .ground_truth import LDSData, lds_ground_truth, loo_effects, subset_masks
 from .metrics import LDSResult, MislabelResult, lds, loo_correlation, mislabel_detection, spearman_columns
-from .train import init_models, load_model, load_models, make_mlp, model_outputs, train_models
+from .train import init_models, load_model, load_models, model_outputs, train_models
 
 __all__ = [
     "Digits", "load_digits_split", "flip_labels",

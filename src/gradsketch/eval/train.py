@@ -2,8 +2,9 @@
 
 ``train_models`` stacks M independently initialised copies of a model (``torch.func.stack_module_state``)
 and trains them together: one ``vmap(functional_call)`` forward over all models, one backward of the sum of
-their (independent) losses, and an elementwise Adam / SGD update (or L-BFGS on the joint, separable
-objective). Model m minimises Σ_i w_mi ℓ(f_m(x_i), y_i) / Σ_i w_mi + (wd/2)‖θ_m‖² with w = ``masks``
+their (independent) losses, and a ``torch.optim`` Adam / SGD step (elementwise, hence per model), or
+L-BFGS on the joint, separable objective.
+Model m minimises Σ_i w_mi ℓ(f_m(x_i), y_i) / Σ_i w_mi + (wd/2)‖θ_m‖² with w = ``masks``
 (training subsets), which is what leave-one-out and LDS ground truth need.
 """
 
@@ -17,22 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
-
-
-def make_mlp(sizes: Sequence[int] = (64, 64, 10), activation: str = "relu",
-             dtype: torch.dtype = torch.float32) -> nn.Module:
-    """``Linear(s0, s1) → act → … → Linear(s_{-2}, s_{-1})``; ``sizes=(64, 10)`` is logistic regression."""
-    if len(sizes) < 2:
-        raise ValueError(f"sizes: expected at least (in, out), got {tuple(sizes)}")
-    acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
-    if activation not in acts:
-        raise ValueError(f"activation: expected one of {tuple(acts)}, got {activation!r}")
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(acts[activation]())
-    return nn.Sequential(*layers).to(dtype)
 
 
 def init_models(model_fn: Callable[[], nn.Module], seeds: Sequence[int]) -> list[nn.Module]:
@@ -104,28 +89,22 @@ def train_models(model_fn: Callable[[], nn.Module], X: Tensor, y: Tensor, masks:
         opt.step(closure)
     else:
         g = torch.Generator().manual_seed(int(data_seed))
-        m1 = {k: torch.zeros_like(v) for k, v in params.items()}
-        m2 = {k: torch.zeros_like(v) for k, v in params.items()}
+        # torch.optim's Adam/SGD are elementwise, so one optimiser over the stacked [M, ...] tensors updates
+        # every model exactly as if each had its own (the summed loss gives each model its own gradient)
+        plist = list(params.values())
+        opt2: torch.optim.Optimizer = (torch.optim.SGD(plist, lr=lr) if optimizer == "sgd"
+                                       else torch.optim.Adam(plist, lr=lr, betas=(0.9, 0.999), eps=1e-8))
         order: list[Tensor] = []
-        for t in tqdm(range(1, steps + 1), desc="train models", disable=not progress, leave=False):
+        for _ in tqdm(range(1, steps + 1), desc="train models", disable=not progress, leave=False):
             idx = None
             if batch_size is not None and batch_size < n:
                 if not order:
                     perm = torch.randperm(n, generator=g)
                     order = list(perm.split(batch_size))
                 idx = order.pop(0)
-            loss = objective(idx)
-            grads = torch.autograd.grad(loss, list(params.values()))
-            with torch.no_grad():
-                for (k, p), gr in zip(params.items(), grads):
-                    if optimizer == "sgd":
-                        p -= lr * gr
-                        continue
-                    m1[k].mul_(0.9).add_(gr, alpha=0.1)
-                    m2[k].mul_(0.999).addcmul_(gr, gr, value=0.001)
-                    mh = m1[k] / (1 - 0.9 ** t)
-                    vh = m2[k] / (1 - 0.999 ** t)
-                    p -= lr * mh / (vh.sqrt() + 1e-8)
+            opt2.zero_grad(set_to_none=True)
+            objective(idx).backward()
+            opt2.step()
     return {k: v.detach() for k, v in params.items()}
 
 

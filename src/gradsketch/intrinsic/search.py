@@ -25,6 +25,11 @@ from .train import History, train
 
 METHODS = ("one-run", "grid")
 
+#: The one set of defaults of the search, shared by :func:`intrinsic_dimension`, :class:`IntrinsicConfig`
+#: and ``gradsketch intrinsic-dim`` (measured on the digits MLP; see benchmarks/results/intrinsic.md).
+DEFAULTS: dict[str, Any] = {"steps": 1000, "lr": 0.05, "full_lr": 1e-2, "eval_every": 25, "delta": 5e-3,
+                            "d_start": 8}
+
 
 # -- metrics ---------------------------------------------------------------------------------------
 def _logits(out: Any) -> Tensor:
@@ -39,23 +44,34 @@ def _logits(out: Any) -> Tensor:
 
 
 def accuracy(model: nn.Module, eval_data: Any, batch_size: int = 512) -> float:
-    """Fraction of argmax(logits) == label. ``eval_data``: ``(x [m, ...], y [m])`` or an iterable of batches
-    ``(x, y)`` / dicts with a ``labels`` entry (the other entries are passed to the model as kwargs)."""
+    """Fraction of argmax(logits) == label. ``eval_data``: ``(x [m, ...], y [m])`` (evaluated in slices of
+    ``batch_size`` rows) or an iterable of batches ``(x, y)`` / dicts with a ``labels`` entry (the other
+    entries are passed to the model as kwargs). Model outputs may be logits or carry ``.logits`` /
+    ``["logits"]`` (Hugging Face).
+
+    >>> import torch
+    >>> x = torch.eye(3).repeat(400, 1); y = torch.arange(3).repeat(400)
+    >>> accuracy(torch.nn.Identity(), (x, y))
+    1.0
+    """
     correct, total = 0, 0
     if isinstance(eval_data, tuple) and len(eval_data) == 2 and isinstance(eval_data[0], Tensor):
-        x, y = eval_data
-        batches: Any = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size))
+        xs, ys = eval_data
+        if not isinstance(ys, Tensor) or ys.shape[0] != xs.shape[0]:
+            raise ValueError(f"eval_data: expected (x [m, ...], y [m]) with equal first dimensions, got "
+                             f"{tuple(xs.shape)} and {tuple(getattr(ys, 'shape', ()))}")
+        batches: Any = [(xs[i:i + batch_size], ys[i:i + batch_size]) for i in range(0, xs.shape[0], batch_size)]
     else:
         batches = eval_data
     for b in batches:
         if isinstance(b, Mapping):
-            y = b["labels"]
+            yb = b["labels"]
             pred = _logits(model(**{k: v for k, v in b.items() if k != "labels"})).argmax(-1)
         else:
-            xb, y = b
+            xb, yb = b
             pred = _logits(model(xb)).argmax(-1)
-        correct += int((pred == y).sum())
-        total += int(y.numel())
+        correct += int((pred == yb).sum())
+        total += int(yb.numel())
     if total == 0:
         raise ValueError("eval_data: expected at least one example, got none")
     return correct / total
@@ -121,29 +137,14 @@ class IntrinsicDimResult:
                          f"{'yes' if r['reached'] else 'no'} |")
         return "\n".join(lines)
 
-    def plot(self, path: str, title: str | None = None) -> str:
-        """Metric vs d (log2 axis) with the threshold and the full fine-tuning line; writes a PNG."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def plot(self, path: str | None = None, title: str | None = None) -> Any:
+        """Metric vs d (log2 axis): the search curve, the confirming run, the threshold and full fine-tuning
+        lines and D_int on the deciding point (:func:`gradsketch.report.plots.plot_intrinsic`). Writes a PNG
+        when ``path`` is given and returns ``path`` (or the Figure when it is None)."""
+        from ..report.plots import plot_intrinsic
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ds = [r["d"] for r in self.table]
-        ms = [r["metric"] for r in self.table]
-        ax.plot(ds, ms, "o-", label=f"{self.method} ({self.kind})")
-        ax.set_xscale("log", base=2)
-        ax.axhline(self.threshold, color="r", ls="--", label=f"{int(round(100 * self.fraction))}% of full")
-        ax.axhline(self.full_metric, color="k", ls=":", label="full fine-tuning")
-        if self.estimate is not None:
-            ax.axvline(self.estimate, color="g", ls="-.", label=f"D_int = {self.estimate}")
-        ax.set_xlabel("subspace dimension d (log2)")
-        ax.set_ylabel("metric")
-        ax.set_title(title or f"Intrinsic dimension: {self.estimate_str}")
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        fig = plot_intrinsic(self, path, title=title)
+        return path if path is not None else fig
 
 
 # -- search ----------------------------------------------------------------------------------------
@@ -177,9 +178,11 @@ def full_finetune_metric(model_fn: Callable[[], nn.Module], train_data: Any, eva
 def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval_data: Any,
                         metric: str | Callable[[nn.Module, Any], float] = "accuracy", *, d_max: int,
                         kind: str = "affd", method: str = "one-run", fraction: float = 0.9,
-                        full_metric: float | None = None, steps: int = 500, lr: float = 1e-2,
-                        full_steps: int | None = None, full_lr: float = 1e-3, eval_every: int = 50,
-                        delta: float = 1e-3, d_start: int = 16, grid: Sequence[int] | None = None,
+                        full_metric: float | None = None, steps: int = DEFAULTS["steps"],
+                        lr: float = DEFAULTS["lr"], full_steps: int | None = None,
+                        full_lr: float = DEFAULTS["full_lr"], eval_every: int = DEFAULTS["eval_every"],
+                        delta: float = DEFAULTS["delta"], d_start: int = DEFAULTS["d_start"],
+                        grid: Sequence[int] | None = None,
                         batch_size: int | None = None, loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
                         optimizer: Any = "adam", said: bool = False, params: Any = None, confirm: bool = True,
                         confirm_steps: int | None = None, stop_at_threshold: bool = False, seed: int = 0,

@@ -65,13 +65,14 @@ class SubspaceModel(nn.Module):
 
     forward(*args, **kwargs) = model(*args, **kwargs) evaluated at θ = θ0 + c·Φᵀ(m ⊙ ω) through
     ``torch.func.functional_call`` (m is the active-coordinate mask of the one-run search, all ones by
-    default). θ0 are the wrapped model's own (frozen) parameters, kept in ``self.model``; the extra
-    memory per forward is O(n) (Φᵀω and θ0 + Φᵀω).
+    default). θ0 are the wrapped model's own parameters, kept in ``self.model`` and used as constants
+    (detached): the caller's model is never modified (its ``requires_grad`` flags stay as they were and no
+    gradient reaches its ``.grad``), and :meth:`parameters` lists only ω (and λ), so an optimiser built
+    on it trains nothing else. The extra memory per forward is O(n) (Φᵀω and θ0 + Φᵀω).
 
     Parameters
     ----------
-    model : nn.Module whose selected parameters become θ0 (their ``requires_grad`` is switched off; the
-        unselected ones are frozen too).
+    model : nn.Module whose selected parameters become θ0 (the unselected ones stay fixed at their values).
     d : subspace dimension (ω's length).
     kind, seed, **sketch_options : the sketch, ``BlockSketch(shapes, d, kind, seed, **sketch_options)``.
     said : per-tensor scales λ (initialised to 1) trained and counted in ``n_trainable``.
@@ -97,8 +98,6 @@ class SubspaceModel(nn.Module):
         self.model = model
         self.param_names = _select(model, params)
         named = dict(model.named_parameters())
-        for p in model.parameters():
-            p.requires_grad_(False)
         shapes = {k: tuple(named[k].shape) or (1,) for k in self.param_names}
         self.n = sum(named[k].numel() for k in self.param_names)
         if d > self.n and not KINDS[kind].allows_d_greater_than_n:
@@ -116,6 +115,13 @@ class SubspaceModel(nn.Module):
             self.said_lambda = None
         self.register_buffer("omega_mask", torch.ones(d, dtype=dtype, device=ref.device))
         self._active = d
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,  # type: ignore[no-untyped-def,override]
+                         remove_duplicate: bool = True):
+        """Only the subspace's own parameters (ω, and λ for SAID): θ0 belongs to the wrapped model."""
+        for name, p in super().named_parameters(prefix, recurse, remove_duplicate):
+            if not name[len(prefix):].lstrip(".").startswith("model."):
+                yield name, p
 
     # -- bookkeeping ---------------------------------------------------------------------------
     @property
@@ -169,12 +175,14 @@ class SubspaceModel(nn.Module):
         return out
 
     def current_params(self) -> dict[str, Tensor]:
-        """θ0 + Δθ for the selected tensors (differentiable in ω and λ)."""
+        """θ0 + Δθ for the selected tensors (differentiable in ω and λ only; θ0 is a constant)."""
         named = dict(self.model.named_parameters())
-        return {k: named[k] + v for k, v in self.deltas().items()}
+        return {k: named[k].detach() + v for k, v in self.deltas().items()}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self.model, self.current_params(), args, kwargs)
+        params = {k: p.detach() for k, p in self.model.named_parameters()}
+        params.update(self.current_params())
+        return functional_call(self.model, params, args, kwargs)
 
     # -- export --------------------------------------------------------------------------------
     def merged_model(self) -> nn.Module:

@@ -43,8 +43,8 @@ class SpectrumSeries:
         return out
 
     def plot(self, path: str | os.PathLike | None = None, **kwargs: Any) -> Any:
-        """Evolution plot (see :func:`gradsketch.spectrum.plots.plot_evolution`); returns the figure."""
-        from .plots import plot_evolution
+        """Evolution plot (see :func:`gradsketch.report.plots.plot_evolution`); returns the figure."""
+        from ..report.plots import plot_evolution
 
         return plot_evolution(self, path, **kwargs)
 

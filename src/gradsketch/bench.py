@@ -1,7 +1,8 @@
-"""``gradsketch bench``: sketch speed table (time of one sketch of a batch, as a multiple of reading it).
+"""Sketch speed table (time of one sketch of a batch, as a multiple of reading it): the library side of
+``gradsketch bench sketches``.
 
-The core (:func:`speed_table`) is shared with ``benchmarks/bench_sketch_speed.py``, which runs the full
-sizes and the TRAK comparison. Timing method: for every case the baseline (``x.sum()`` on the same
+:func:`speed_table` is shared with ``benchmarks/bench_sketch_speed.py``, which runs the full sizes and the
+TRAK comparison. Timing method: for every case the baseline (``x.sum()`` on the same
 tensor) and the sketch are timed alternately, ``repeats`` times each after one warm-up call, and the
 ratio of the medians is reported. Peak extra memory: the process's resident-set high-water mark
 (``VmHWM`` in /proc/self/status, reset through /proc/self/clear_refs) during one extra call, minus the
@@ -19,9 +20,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import typer
-
-app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
 
 #: (label, kind, options) for every variant in the table
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
@@ -99,7 +97,19 @@ def time_ratio(fn: Callable[[], Any], x: torch.Tensor, repeats: int) -> tuple[fl
 def speed_table(log2_n: Sequence[int], log2_d: Sequence[int], variants: Sequence[str] | None = None,
                 batch: int = 32, repeats: int = 3, memory: bool = True, seed: int = 0,
                 echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Time every variant on a ``[batch, n]`` float32 batch; print a markdown table; return the rows."""
+    """Time every variant on a ``[batch, n]`` float32 batch; print a markdown table; return the rows.
+
+    ``variants``: labels from :data:`VARIANTS` (default: all but the ``-torch`` ones).
+
+    >>> rows = speed_table([8], [4], ["sjlt"], batch=2, repeats=1, memory=False, echo=lambda s: None)
+    >>> rows[0]["variant"], rows[0]["ratio"] > 0
+    ('sjlt', True)
+    """
+    known = [v[0] for v in VARIANTS]
+    if variants is not None:
+        unknown = sorted(set(variants) - set(known))
+        if unknown:
+            raise ValueError(f"variants: expected labels among {known}, got unknown {unknown}")
     from gradsketch.sketch import _native, sketch
 
     chosen = [v for v in VARIANTS if (v[0] in variants if variants is not None else not v[0].endswith("-torch"))]
@@ -142,21 +152,3 @@ def speed_table(log2_n: Sequence[int], log2_d: Sequence[int], variants: Sequence
         del x
         gc.collect()
     return rows
-
-
-@app.command()
-def sketches(quick: bool = typer.Option(False, "--quick", help="small sizes (n = 2^14, 2^16; d = 2^8, 2^10)"),
-             log2_n: list[int] = typer.Option(None, "--log2-n", help="log2 of the input sizes"),
-             log2_d: list[int] = typer.Option(None, "--log2-d", help="log2 of the sketch sizes"),
-             variant: list[str] = typer.Option(None, "--variant", help="restrict to these variants"),
-             repeats: int = typer.Option(3, help="timed repeats per case (median)"),
-             memory: bool = typer.Option(True, help="measure peak extra resident memory")) -> None:
-    """Time every sketch kind as a multiple of reading the batch once (and its peak extra memory)."""
-    ns = list(log2_n or []) or ([14, 16] if quick else [20, 22, 24])
-    ds = list(log2_d or []) or ([8, 10] if quick else [10, 12, 14])
-    if variant:
-        unknown = sorted(set(variant) - {v[0] for v in VARIANTS})
-        if unknown:
-            raise typer.BadParameter(f"unknown variant(s) {unknown}; choose from {[v[0] for v in VARIANTS]}")
-    speed_table(ns, ds, variant or None, repeats=repeats if not quick else max(repeats, 5), memory=memory,
-                echo=typer.echo)

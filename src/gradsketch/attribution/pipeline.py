@@ -1,0 +1,227 @@
+"""The ``gradsketch attribute`` pipeline as a library call: options checked first, then fit, top-k,
+self-influence, ``attribution.npz``, ``summary.json`` and an HTML report.
+
+:class:`AttributeConfig` holds every option with its default and validates types and ranges when it is
+built, so a bad option is refused before any model is loaded. :func:`run_attribute` runs the pipeline on an
+:class:`gradsketch.entry.Entry`. :func:`read_config` reads a JSON/TOML options file strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AttributeConfig", "read_config", "run_attribute"]
+
+
+def _int(name: str, v: Any, lo: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an integer, got {v!r}")
+    if lo is not None and v < lo:
+        raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _choice(name: str, v: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+@dataclass
+class AttributeConfig:
+    """Options of :func:`run_attribute` (and of ``gradsketch attribute``; the flags have the same names).
+
+    Attributes:
+        method: grad-dot, grad-cos, tracin, trak, arnoldi or influence.
+        kind, d: the sketch (``d = 0``: exact gradients, no sketch); ``d`` larger than the number of
+            parameters is lowered to it and the summary says so.
+        seed: sketch and Arnoldi seed.
+        mode: explicit, implicit or factored per-example gradients.
+        k: proponents/opponents kept per test example.
+        n_iters, top_k: Arnoldi iterations and eigenpairs kept (``method="arnoldi"``).
+        damping: Arnoldi / influence damping (``None``: the method's default), finite and ≥ 0.
+        store: feature store directory (``None``: ``OUT/store``).
+        self_influence: also compute self-influence of every training example.
+        rank, world_size: featurise only this process's share of the store, then stop.
+
+    Raises ValueError/TypeError in the form ``name: expected ..., got ...`` on any bad value:
+
+    >>> AttributeConfig(method="ekfac")
+    Traceback (most recent call last):
+    ...
+    ValueError: method: expected one of grad-dot, grad-cos, tracin, trak, arnoldi, influence, got 'ekfac'
+    """
+
+    method: str = "trak"
+    kind: str = "affd"
+    d: int = 1024
+    seed: int = 0
+    mode: str = "explicit"
+    k: int = 10
+    n_iters: int = 200
+    top_k: int = 100
+    damping: float | None = None
+    store: str | None = None
+    self_influence: bool = True
+    rank: int | None = None
+    world_size: int | None = None
+
+    def __post_init__(self) -> None:
+        from ..sketch.kinds import KINDS
+        from .attributor import METHODS, MODES
+
+        _choice("method", self.method, METHODS)
+        _choice("kind", self.kind, tuple(sorted(KINDS)))
+        _choice("mode", self.mode, MODES)
+        _int("d", self.d, 0)
+        _int("seed", self.seed, 0)
+        _int("k", self.k, 1)
+        _int("n_iters", self.n_iters, 1)
+        _int("top_k", self.top_k, 1)
+        if self.damping is not None:
+            if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
+                raise TypeError(f"damping: expected a number, got {self.damping!r}")
+            if not math.isfinite(self.damping) or self.damping < 0:
+                raise ValueError(f"damping: expected a finite number >= 0, got {self.damping!r}")
+            self.damping = float(self.damping)
+        if self.store is not None and not isinstance(self.store, (str, Path)):
+            raise TypeError(f"store: expected a directory path, got {self.store!r}")
+        if not isinstance(self.self_influence, bool):
+            raise TypeError(f"self_influence: expected true or false, got {self.self_influence!r}")
+        if (self.rank is None) != (self.world_size is None):
+            raise ValueError(f"rank, world_size: expected both --rank and --world-size or neither, got "
+                             f"rank={self.rank!r}, world_size={self.world_size!r}")
+        if self.world_size is not None:
+            _int("world_size", self.world_size, 1)
+            _int("rank", self.rank, 0)
+            if not 0 <= self.rank < self.world_size:  # type: ignore[operator]
+                raise ValueError(f"rank: expected 0 <= rank < world_size, got rank={self.rank}, "
+                                 f"world_size={self.world_size}")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """Options from a JSON or TOML file (keys are :class:`AttributeConfig` fields, ``-`` or ``_``; ``entry``
+    allowed too). Raises ValueError naming the file on a missing file, bad syntax or unknown keys; values are
+    checked by :class:`AttributeConfig`.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "c.toml"); _ = open(p, "w").write('method = "arnoldi"\\nk = 3\\n')
+    >>> read_config(p)
+    {'method': 'arnoldi', 'k': 3}
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ValueError(f"config: expected a readable JSON/TOML file, got {str(path)!r} ({e.strerror})") from e
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            cfg = tomllib.loads(text)
+        else:
+            cfg = json.loads(text)
+    except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ValueError(f"config: expected valid {'TOML' if p.suffix == '.toml' else 'JSON'} in {str(path)!r}, "
+                         f"got a syntax error: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config: expected a table of options in {str(path)!r}, got {type(cfg).__name__}")
+    cfg = {str(k).replace("-", "_"): v for k, v in cfg.items()}
+    unknown = sorted(set(cfg) - set(AttributeConfig.keys()) - {"entry", "out", "progress"})
+    if unknown:
+        raise ValueError(f"config: expected keys among {sorted(AttributeConfig.keys())}, got unknown {unknown}")
+    return cfg
+
+
+def run_attribute(entry: Any, config: AttributeConfig | None = None, out: str | Path = "gradsketch-attribution",
+                  progress: bool = True, command: str | None = None) -> dict[str, Any]:
+    """Fit, score and report: the ``gradsketch attribute`` pipeline.
+
+    Args:
+        entry: an :class:`gradsketch.entry.Entry` or anything :func:`gradsketch.entry.load_entry` accepts;
+            ``entry.test`` is needed (the examples to attribute).
+        config: the options (default :class:`AttributeConfig()`).
+        out: output directory: ``attribution.npz`` (top-k ``indices``/``values``/``opponent_*`` ``[n_test, k]``
+            and ``self_influence [n_train]``), ``summary.json`` and ``report.html``.
+        command: the command line, recorded in the report.
+
+    Returns the summary dict (also written to ``summary.json``); with ``rank``/``world_size`` only the
+    featurisation of this process's share is done and the summary says so.
+    """
+    import numpy as np
+
+    from ..entry import load_entry
+    from .attributor import Attributor
+
+    cfg = config if config is not None else AttributeConfig()
+    if not isinstance(cfg, AttributeConfig):
+        raise TypeError(f"config: expected an AttributeConfig, got {type(cfg).__name__}")
+    ent = load_entry(entry)
+    if ent.train is None:
+        raise ValueError("entry: expected training data in Entry.train, got None")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    task = ent.task()
+    notes: list[str] = []
+    sketch = None
+    if cfg.d > 0:
+        d = min(cfg.d, task.n_params)
+        if d < cfg.d:
+            notes.append(f"d = {cfg.d} is larger than the {task.n_params} parameters: used d = {d}")
+        sketch = dict(kind=cfg.kind, d=d, seed=cfg.seed)
+    extra: dict[str, Any] = {}
+    if cfg.method == "arnoldi":
+        extra = dict(n_iters=cfg.n_iters, top_k=cfg.top_k, seed=cfg.seed)
+    if cfg.method in ("arnoldi", "influence") and cfg.damping is not None:
+        extra["damping"] = cfg.damping
+    store = Path(cfg.store) if cfg.store else out / "store"
+    summary: dict[str, Any] = {"entry": ent.name, "command": command, "method": cfg.method, "sketch": sketch,
+                               "mode": cfg.mode, "store": str(store)}
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    att = Attributor(task, cfg.method, sketch=sketch, store=store, mode=cfg.mode, **extra)
+    if cfg.rank is not None:
+        att.featurise(ent.train, rank=cfg.rank, world_size=cfg.world_size, progress=progress)
+        timings["featurise"] = time.perf_counter() - t0
+        return {**summary, "rank": cfg.rank, "world_size": cfg.world_size, "timings_s": timings}
+    if ent.test is None:
+        raise ValueError("entry: expected test data in Entry.test (the examples to attribute), got None")
+    att.fit(ent.train, progress=progress)
+    timings["fit"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_train = int(att.n_train_)
+    k = cfg.k
+    if k > n_train:
+        notes.append(f"k = {k} is larger than the {n_train} training examples: used k = {n_train}")
+        k = n_train
+    tk = att.topk(ent.test, k, progress=progress)
+    timings["topk"] = time.perf_counter() - t0
+    arrays = {name: v.numpy() for name, v in tk._asdict().items()}
+    if cfg.self_influence:
+        t0 = time.perf_counter()
+        arrays["self_influence"] = att.self_influence(progress=progress).numpy()
+        timings["self_influence"] = time.perf_counter() - t0
+    np.savez(out / "attribution.npz", **arrays)
+    summary.update({"n_train": n_train, "n_test": int(tk.indices.shape[0]), "k": int(tk.indices.shape[1]),
+                    "timings_s": timings, "notes": notes, "results": str(out / "attribution.npz")})
+    from ..report.attribution import write_attribution_report
+
+    path = write_attribution_report(out / "report.html", ent, tk, summary,
+                                    self_influence=arrays.get("self_influence"))
+    summary["report"] = str(path)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def config_dict(cfg: AttributeConfig) -> dict[str, Any]:
+    """The options as a plain dict (for logs and reports)."""
+    return asdict(cfg)

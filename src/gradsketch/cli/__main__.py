@@ -1,0 +1,5 @@
+"""``python -m gradsketch.cli``."""
+
+from . import main
+
+main()
