@@ -4,8 +4,13 @@ CountSketch scatter.
 The C file is compiled on first use with the system C compiler (``$CC`` or ``cc``, ``-O3 -march=native``)
 into a per-user cache (``$GRADSKETCH_CACHE`` or ``~/.cache/gradsketch``) keyed by the source, the
 compiler and the CPU, and loaded with :mod:`ctypes` (no Python headers, no torch headers: compiling takes
-well under a second). Calls release the GIL, so rows are split across ``torch.get_num_threads()`` Python
-threads. On load the kernels are checked against the pure-torch transforms on small inputs.
+well under a second). A cached library is loaded only when nobody but the user (or root) could have
+written or swapped it: every directory on its path, the directory itself and the file are checked, the
+file is opened without following links and checked through its descriptor, and that descriptor is what is
+loaded (/proc/self/fd). Otherwise a warning names the path and the reason, and the kernels are built in a
+fresh private directory (see :func:`library`). Calls release the GIL, so rows are split across
+``torch.get_num_threads()`` Python threads. On load the kernels are checked against the pure-torch
+transforms on small inputs.
 
 Everything here is optional: without a compiler, with ``GRADSKETCH_NATIVE=0``, or for tensors that are
 not contiguous float32/float64 CPU tensors, callers fall back to the pure-torch formulation, which
@@ -15,14 +20,17 @@ computes the same linear map.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -67,35 +75,116 @@ def _cache_dir() -> Path:
     return Path(base) / "gradsketch"
 
 
-def _private_dir(place: Path) -> bool:
-    """``place`` exists (made if needed) and only this user can write to it: a library is loaded from
-    there, so a directory someone else could plant a file in is never used."""
+class Untrusted(Exception):
+    """A file or directory that code must not be loaded from; the message names it and says why."""
+
+
+def _uid() -> int:
+    return os.getuid() if hasattr(os, "getuid") else 0
+
+
+def _check_dir_stat(path: str, st: os.stat_result, last: bool) -> None:
+    """A directory on the way to the library: it, and what it holds, can only be changed by this user or
+    root. Ancestors may be writable by others when the sticky bit is set (as /tmp): then only the owner
+    of an entry can rename or remove it, and the next component is checked in turn. The cache directory
+    itself must be this user's and writable by nobody else."""
+    uid = _uid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise Untrusted(f"{path} is not a directory")
+    if st.st_uid not in (uid, 0):
+        raise Untrusted(f"{path} is owned by uid {st.st_uid}, not by this user (uid {uid}) or root")
+    if last:
+        if st.st_uid != uid:
+            raise Untrusted(f"{path} is owned by uid {st.st_uid}, not by this user (uid {uid})")
+        if st.st_mode & 0o022:
+            raise Untrusted(f"{path} is writable by its group or by others (mode {stat.S_IMODE(st.st_mode):04o})")
+    elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise Untrusted(f"{path} is writable by its group or by others (mode {stat.S_IMODE(st.st_mode):04o}) "
+                        "without the sticky bit, so its entries can be swapped")
+
+
+def _open_trusted_dir(place: Path) -> int:
+    """An ``O_DIRECTORY`` descriptor of ``place`` (made 0700 if missing) after checking every component from
+    the root down, each opened relative to its parent's descriptor with ``O_NOFOLLOW`` (symbolic links in
+    the path are resolved first, so the components checked are the ones used). Raises :class:`Untrusted`,
+    or OSError when the directory cannot be made."""
+    place.mkdir(mode=0o700, parents=True, exist_ok=True)
+    real = os.path.realpath(place)
+    parts = [p for p in real.split(os.sep) if p]
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(os.sep, flags)
     try:
-        place.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = place.stat()
+        _check_dir_stat(os.sep, os.fstat(fd), last=not parts)
+        path = ""
+        for i, name in enumerate(parts):
+            path += os.sep + name
+            try:
+                nfd = os.open(name, flags, dir_fd=fd)
+            except OSError as e:  # ELOOP/ENOTDIR: a component turned into a symlink or a file meanwhile
+                raise Untrusted(f"{path} cannot be opened as a directory without following links ({e.strerror})") \
+                    from None
+            os.close(fd)
+            fd = nfd
+            _check_dir_stat(path, os.fstat(fd), last=i == len(parts) - 1)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_trusted_lib(dir_fd: int, name: str, where: str) -> int:
+    """A read-only descriptor of the library ``name`` inside the checked directory, opened without following
+    a symbolic link and checked through that descriptor (a regular file of this user's that nobody else
+    can write); the caller loads this very file through /proc/self/fd. Raises :class:`Untrusted`, or
+    FileNotFoundError when it does not exist."""
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), dir_fd=dir_fd)
     except OSError as e:
-        _status["compile_error"] = f"cannot use {place}: {e!r}"
-        return False
-    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
-        _status["compile_error"] = f"{place} is not private to this user; not loading code from it"
+        if e.errno == errno.ELOOP:
+            raise Untrusted(f"{where} is a symbolic link") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        uid = _uid()
+        if not stat.S_ISREG(st.st_mode):
+            raise Untrusted(f"{where} is not a regular file")
+        if st.st_uid != uid:
+            raise Untrusted(f"{where} is owned by uid {st.st_uid}, not by this user (uid {uid})")
+        if st.st_mode & 0o022:
+            raise Untrusted(f"{where} is writable by its group or by others (mode {stat.S_IMODE(st.st_mode):04o})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _private_dir(place: Path) -> bool:
+    """``place`` exists (made if needed) and it and every directory above it are safe to load code from
+    (see :func:`_open_trusted_dir`); the reason otherwise is in ``status()["cache_refused"]``."""
+    try:
+        os.close(_open_trusted_dir(place))
+    except (OSError, Untrusted) as e:
+        _status["cache_refused"] = str(e)
         return False
     return True
 
 
-def _compile(cc: str, out: Path, flags: list[str]) -> bool:
+def _compile(cc: str, dir_fd: int, place: Path, name: str, flags: list[str]) -> bool:
+    """Compile into ``place/name`` (``place`` open as ``dir_fd``): into a fresh 0600 file, then an atomic
+    rename, so concurrent processes never load a half-written library."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=place)
         os.close(fd)
-    except OSError as e:  # an unwritable cache: the caller tries the next place
-        _status["compile_error"] = f"cannot write to {out.parent}: {e!r}"
+    except OSError as e:  # an unwritable cache: the caller builds privately
+        _status["compile_error"] = f"cannot write to {place}: {e!r}"
         return False
     try:
         r = subprocess.run([cc, *flags, str(_SRC), "-o", tmp], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             _status["compile_error"] = r.stderr[-2000:]
             return False
-        os.replace(tmp, out)  # atomic: concurrent processes never load a half-written library
+        os.chmod(tmp, 0o600)
+        os.replace(os.path.basename(tmp), name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return True
     except (OSError, subprocess.SubprocessError) as e:
         _status["compile_error"] = repr(e)
@@ -103,6 +192,67 @@ def _compile(cc: str, out: Path, flags: list[str]) -> bool:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _load_fd(fd: int, where: str) -> ctypes.CDLL:
+    """dlopen the file open as ``fd`` (the one that was checked, whatever its path now names), or ``where``
+    where /proc/self/fd does not exist (not Linux: the check and the load are then not atomic)."""
+    proc = f"/proc/self/fd/{fd}"
+    lib = ctypes.CDLL(proc if os.path.exists(proc) else where)
+    _declare(lib)
+    return lib
+
+
+def _refuse(reason: str) -> None:
+    msg = (f"gradsketch: not loading the cached native kernels: {reason}; building them in a private "
+           "temporary directory instead (remove the file or fix the permissions to use the cache)")
+    _status["cache_refused"] = reason
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _try_place(cc: str, place: Path, name: str, flags: list[str], build: bool) -> ctypes.CDLL | None:
+    """Load ``place/name``, compiling it first when missing (and ``build``). Raises :class:`Untrusted`."""
+    dfd = _open_trusted_dir(place)
+    try:
+        where = str(Path(os.path.realpath(place)) / name)
+        try:
+            fd = _open_trusted_lib(dfd, name, where)
+        except FileNotFoundError:
+            if not build or not _compile(cc, dfd, place, name, flags):
+                return None
+            fd = _open_trusted_lib(dfd, name, where)
+        try:
+            lib = _load_fd(fd, where)
+        except (OSError, AttributeError) as e:
+            _status["load_error"] = repr(e)
+            return None
+        finally:
+            os.close(fd)
+        _status["path"] = where
+        return lib
+    finally:
+        os.close(dfd)
+
+
+def _build_private(cc: str, name: str, flags: list[str]) -> ctypes.CDLL | None:
+    """Compile into a fresh 0700 directory of this process (mkdtemp), load it through its descriptor and
+    remove the directory (the mapping stays)."""
+    try:
+        place = Path(tempfile.mkdtemp(prefix="gradsketch-native-"))
+    except OSError as e:
+        _status["compile_error"] = f"cannot make a private directory: {e!r}"
+        return None
+    try:
+        lib = _try_place(cc, place, name, flags, build=True)
+        if lib is not None:
+            _status["path"] = f"{_status['path']} (private build, removed after loading)"
+        return lib
+    except (OSError, Untrusted) as e:
+        _status["compile_error"] = f"private build in {place} refused: {e}"
+        return None
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -122,7 +272,15 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or ``None`` when they are switched off or cannot be built (see :func:`status`)."""
+    """The compiled kernels, or ``None`` when they are switched off or cannot be built (see :func:`status`).
+
+    The library is loaded from the cache only when it can be vouched for: every directory from the root
+    down can be changed only by this user or root (or is sticky, as /tmp), the cache directory is this
+    user's and writable by nobody else, and the file, opened without following a symbolic link, is a
+    regular file of this user's that nobody else can write. The checks are made on the open descriptors
+    and that same file is loaded (through /proc/self/fd), so nothing can be swapped in between. Otherwise
+    a warning names the path and the reason, and the kernels are compiled into a fresh private directory.
+    """
     if os.environ.get("GRADSKETCH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         _status["state"] = "disabled by GRADSKETCH_NATIVE"
         return None
@@ -132,25 +290,22 @@ def library() -> ctypes.CDLL | None:
         return None
     src = _SRC.read_bytes()
     lib = None
-    places = [_cache_dir(), Path(tempfile.gettempdir()) / f"gradsketch-{os.getuid() if hasattr(os, 'getuid') else 0}"]
-    for flags, place in [(f, p) for f in (_FLAGS + ["-march=native"], _FLAGS) for p in places]:
+    place = _cache_dir()
+    for flags in (_FLAGS + ["-march=native"], _FLAGS):
         key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_id().encode(),
                                          platform.machine().encode()])).hexdigest()[:16]
-        path = place / f"native-{key}.so"
-        if not _private_dir(place):
-            continue
-        if not path.exists() and not _compile(cc, path, flags):
-            continue
+        name = f"native-{key}.so"
         try:
-            lib = ctypes.CDLL(str(path))
-            _declare(lib)
-        except (OSError, AttributeError) as e:
-            _status["load_error"] = repr(e)
-            lib = None
-            continue
-        _status["path"] = str(path)
-        _status["flags"] = " ".join(flags)
-        break
+            lib = _try_place(cc, place, name, flags, build=True)
+        except Untrusted as e:
+            _refuse(str(e))
+            lib = _build_private(cc, name, flags)
+        except OSError as e:  # the cache cannot be made or opened (a read-only home, say): build privately
+            _status["cache_error"] = f"cannot use {place}: {e!r}"
+            lib = _build_private(cc, name, flags)
+        if lib is not None:
+            _status["flags"] = " ".join(flags)
+            break
     if lib is None:
         _status["state"] = "could not build the native kernels; using the pure-torch transforms"
         log.info("gradsketch native kernels unavailable: %s", _status)
