@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..model._batch import SplitBatch, data_len
+from ..sketch.base import SketchOperator
 
 _END = object()
 
@@ -28,12 +29,14 @@ class DataMismatchError(ValueError):
     """Data that the task cannot evaluate (e.g. test batches not structured like the training batches)."""
 
 
-class IdentitySketch:
-    """The identity map R^N -> R^N in the sketch interface (``n = d = N``): unsketched gradients."""
+class IdentitySketch(SketchOperator):
+    """The identity map R^N -> R^N as a sketch operator (``n = d = N``): unsketched gradients."""
+
+    kind = "identity"
 
     def __init__(self, n: int) -> None:
         self.n = self.d = int(n)
-        self.kind = "identity"
+        self._init_operator(self.n, self.d, "cpu")
 
     @property
     def spec(self) -> dict:
@@ -42,15 +45,15 @@ class IdentitySketch:
     def __call__(self, x: Tensor, out_dtype: Any = None, nan_policy: Any = None) -> Tensor:
         return x if out_dtype is None else x.to(out_dtype)
 
-    def T(self, y: Tensor, out_dtype: Any = None, nan_policy: Any = None) -> Tensor:
+    def _adjoint_rows(self, y: Tensor, out_dtype: Any = None, nan_policy: Any = None) -> Tensor:
         return y if out_dtype is None else y.to(out_dtype)
 
     def to(self, device: Any) -> IdentitySketch:
         return self
 
 
-class ProjectionSketch:
-    """x ↦ x V for a fixed basis ``V [N, k]`` (e.g. Arnoldi eigenvectors): ``p_i(z) = ⟨v_i, g(z)⟩``."""
+class ProjectionSketch(SketchOperator):
+    """x ↦ Vᵀx for a fixed basis ``V [N, k]`` (e.g. Arnoldi eigenvectors): ``p_i(z) = ⟨v_i, g(z)⟩``."""
 
     def __init__(self, V: Tensor, tag: str = "projection") -> None:
         self.V = V
@@ -58,6 +61,7 @@ class ProjectionSketch:
         self.kind = tag
         h = hashlib.sha256(V.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()).hexdigest()
         self._spec = {"kind": tag, "n": self.n, "d": self.d, "sha256": h[:32]}
+        self._init_operator(self.n, self.d, V.device)
 
     @property
     def spec(self) -> dict:
@@ -66,11 +70,12 @@ class ProjectionSketch:
     def __call__(self, x: Tensor, out_dtype: Any = None, nan_policy: Any = None) -> Tensor:
         return x @ self.V.to(x.dtype)
 
-    def T(self, y: Tensor, out_dtype: Any = None, nan_policy: Any = None) -> Tensor:
+    def _adjoint_rows(self, y: Tensor, out_dtype: Any = None, nan_policy: Any = None) -> Tensor:
         return y @ self.V.to(y.dtype).T
 
     def to(self, device: Any) -> ProjectionSketch:
         self.V = self.V.to(device)
+        self.device = torch.device(device)
         return self
 
 

@@ -65,6 +65,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..linalg import EigenOperator, LinearOperator, dense_inverse, gram, inverse, ridge_inverse
 from ._features import (
     IdentitySketch,
     ProjectionSketch,
@@ -73,7 +74,6 @@ from ._features import (
     iter_feature_chunks,
     sketch_spec,
 )
-from ._kernels import EigKernel, SolveKernel, apply_kernel, gram, quad_kernel, trak_kernel
 
 METHODS = ("grad-dot", "grad-cos", "tracin", "trak", "arnoldi", "influence")
 MODES = ("explicit", "implicit", "factored")
@@ -113,6 +113,21 @@ def classification_margin(input_key: Any = 0, target_key: Any = 1):
         return zy - torch.logsumexp(others, dim=1)
 
     return margin_fn
+
+
+def apply_kernel(kernel: LinearOperator | None, phi: Tensor) -> Tensor:
+    """Rows ``M φ`` (float64, CPU) of the kernel operator M (``None``: the identity)."""
+    if kernel is None:
+        return phi.to(torch.float64)
+    return kernel(phi.to(kernel.device)).to("cpu", torch.float64)
+
+
+def quad_kernel(kernel: LinearOperator | None, phi: Tensor) -> Tensor:
+    """``φᵀ M φ`` per row (float64, CPU)."""
+    if kernel is None:
+        p = phi.to(torch.float64)
+        return (p * p).sum(1)
+    return kernel.quadratic(phi.to(kernel.device)).to("cpu", torch.float64)
 
 
 class _Component:
@@ -183,6 +198,9 @@ class Attributor:
     -----------------------------
     n_train_ : int
     d_ : int, the feature dimension (sketch d, or top_k for Arnoldi with ``sketch=None``)
+    kernels_ : list of the kernel operators M (one per model state; ``None`` for the identity): a
+    :class:`gradsketch.linalg.LinearOperator` such as the TRAK inverse ``(ΦᵀΦ + λI)⁻¹`` or Arnoldi's
+    ``Σ_i u_i u_iᵀ/(λ_i + δ)``,
     eigenvalues_ : Tensor [k] (arnoldi), ridge_ : float (trak: the absolute λ of the last model; ``ridges_`` all
     of them), timings_ : dict of seconds per phase.
     """
@@ -480,6 +498,7 @@ class Attributor:
             self._shared_q = torch.stack(qs).mean(0)
             for cp in self._components:
                 cp.q = None
+        self.kernels_ = [cp.kernel for cp in self._components]
         first = self._components[0]
         self.n_train_ = int(first.feats.shape[0] if isinstance(first.feats, Tensor) else first.feats.n_rows)
         self.d_ = int(first.sketch.d)
@@ -506,11 +525,10 @@ class Attributor:
             v0 = None
             if self.sketch is not None and start == "parameter":
                 from ..linalg._validate import make_generator, random_probes, work_dtype
-                from ..model.curvature import _GenericSketch
 
                 N = self.task.n_params
                 z = random_probes(N, 1, "gaussian", make_generator(seed), work_dtype(op), torch.device("cpu"))
-                v0 = _GenericSketch(sketch, N).apply(z[:, 0][None].to(self.task.device))[0].to(work_dtype(op))
+                v0 = (sketch @ z[:, 0].to(self.task.device)).to(work_dtype(op))
             res = arnoldi(op, n_iters, v0=v0, seed=seed, store=self._opt("krylov_store", "device"),
                           progress=progress)
             lam, vecs = distill(res.Q, res.H, min(top_k, res.H.shape[1]), positive_only=positive_only)
@@ -541,12 +559,12 @@ class Attributor:
         self.eigenvalues_ = lam
         c = torch.where((lam + damping).abs() > 0, 1.0 / (lam + damping), torch.zeros_like(lam))
         if self.sketch is not None:
-            comp.kernel = EigKernel(c, vecs.to(torch.float64))
+            comp.kernel = EigenOperator(c, vecs.to(torch.float64))
         else:  # project exact gradients on the eigenvectors (the stored features are p_i(z))
             t2 = time.perf_counter()
             comp.sketch = self._arnoldi_projection(eig)
             comp.feats = self._featurise(comp, data, progress, tag)
-            comp.kernel = EigKernel(c, None)
+            comp.kernel = EigenOperator(c, None)
             self.timings_["featurise"] = self.timings_.get("featurise", 0.0) + time.perf_counter() - t2
 
     def _finalise(self, comp: _Component, data: Iterable, progress: bool) -> None:
@@ -573,14 +591,14 @@ class Attributor:
                 F = parts[0] if len(parts) == 1 else torch.cat(parts)
                 G = gram(F)
                 lam = float(ridge) * float(torch.trace(G)) / n
-                comp.kernel = trak_kernel(F, lam, G)
+                comp.kernel = ridge_inverse(F, lam, G)
                 del F, G, parts
             else:
                 K = torch.zeros(d, d, dtype=torch.float64)
                 for _, _, blk in self._blocks(comp, br, torch.float64):
                     K += blk.cpu().T @ blk.cpu()
                 lam = float(ridge) * float(torch.trace(K)) / d
-                comp.kernel = EigKernel.inverse(K, lam)
+                comp.kernel = dense_inverse(K, lam)
             self.ridge_ = lam
             self.ridges_.append(lam)
             comp.info["ridge"] = lam
@@ -594,11 +612,10 @@ class Attributor:
                 if op.shape[0] > 8192:
                     raise ValueError(f"solver: 'explicit' builds a {op.shape[0]}×{op.shape[0]} matrix; expected "
                                      "at most 8192 rows: use a sketch or solver='cg'")
-                comp.kernel = EigKernel.inverse(op.to_dense(), damping)
+                comp.kernel = dense_inverse(op.to_dense(), damping)
             else:
-                comp.kernel = SolveKernel(op, damping, solver, {k: self.options[k] for k in
-                                                                ("tol", "maxiter", "depth", "scale")
-                                                                if k in self.options})
+                keys = ("tol", "maxiter") if solver == "cg" else ("scale", "depth", "tol")
+                comp.kernel = inverse(op, damping, solver, **{k: self.options[k] for k in keys if k in self.options})
 
     def _trak_q(self, data: Iterable, progress: bool) -> Tensor:
         """q(z) = 1 − σ(f(z)) for the training examples (TRAK's Q)."""

@@ -8,7 +8,6 @@ from .curvature import (
     FisherOperator,
     GGNOperator,
     HessianOperator,
-    SketchedOperator,
     sketched,
 )
 from .factored import FactoredSketch
@@ -28,7 +27,6 @@ __all__ = [
     "HessianOperator",
     "GGNOperator",
     "FisherOperator",
-    "SketchedOperator",
     "sketched",
     "cross_entropy_per_example",
     "mse_per_example",

@@ -340,53 +340,24 @@ class FisherOperator(CurvatureOperator):
         return torch.stack([lin.vjp(lin.jv(V[:, j])) for j in range(V.shape[1])], 1).detach()
 
 
-class _GenericSketch:
-    """apply: [..., N] -> [..., d]; adjoint: [..., d] -> [..., N] for plain, block and factored sketches."""
+def sketched(op: LinearOperator, sketch: Any, task: Task | None = None) -> LinearOperator:
+    """``Φ A Φᵀ`` as a ``[d, d]`` operator: ``sketch @ op @ sketch.T`` (any sketch is a LinearOperator with
+    ``n = op.shape[1]``; Schioppa 2024, §3: Arnoldi/Lanczos on the sketched Hessian). Symmetric when ``op`` is.
+    ``task`` is accepted for symmetry with ``Task.sketched_hessian`` and unused.
 
-    def __init__(self, sketch: Any, n: int) -> None:
-        self.sketch = sketch
-        sizes = getattr(sketch, "sizes", None)
-        if getattr(sketch, "n", None) != n:
-            raise ValueError(f"sketch: expected a sketch with n = {n} (the operator's size), got "
-                             f"n = {getattr(sketch, 'n', None)}")
-        self.d = int(sketch.d)
-        self.sizes: list[int] | None = None
-        self.keys = None
-        if sizes is not None:
-            self.sizes = [int(s) for s in (sizes.values() if isinstance(sizes, dict) else sizes)]
-            self.keys = list(sizes.keys()) if isinstance(sizes, dict) else None
-
-    def apply(self, x: Tensor) -> Tensor:
-        if self.sizes is None:
-            return self.sketch(x, nan_policy="propagate")
-        parts = list(torch.split(x, self.sizes, dim=-1))
-        return self.sketch(dict(zip(self.keys, parts)) if self.keys is not None else parts,
-                           nan_policy="propagate")
-
-    def adjoint(self, y: Tensor) -> Tensor:
-        out = self.sketch.T(y, nan_policy="propagate")
-        if isinstance(out, dict):
-            out = list(out.values())
-        return torch.cat(list(out), dim=-1) if isinstance(out, (list, tuple)) else out
-
-
-class SketchedOperator(LinearOperator):
-    """Φ A Φᵀ: [d, d] operator v ↦ Φ(A(Φᵀ v)) for an [N, N] operator A and a sketch Φ: R^N -> R^d
-    (Schioppa 2024, §3: Arnoldi/Lanczos on the sketched Hessian). Symmetric when A is."""
-
-    def __init__(self, op: LinearOperator, sketch: Any) -> None:
-        if op.shape[0] != op.shape[1]:
-            raise ValueError(f"op: expected a square operator, got shape {op.shape}")
-        self.op, self._s = op, _GenericSketch(sketch, op.shape[1])
-        super().__init__((self._s.d, self._s.d), op.dtype, op.device, symmetric=op.symmetric)
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        X = self._s.adjoint(V.T.to(self.dtype)).to(self.dtype)    # [k, N]
-        Y = self.op.matmat(X.T.contiguous())                       # [N, k]
-        return self._s.apply(Y.T.contiguous()).T.to(self.dtype)    # [d, k]
-
-
-def sketched(op: LinearOperator, sketch: Any, task: Task | None = None) -> SketchedOperator:
-    """v ↦ Φ op Φᵀ v as a [d, d] :class:`LinearOperator` (``sketch``: plain, Block or Factored sketch with
-    n = op.shape[1]; ``task`` is accepted for symmetry with ``Task.sketched_hessian`` and unused)."""
-    return SketchedOperator(op, sketch)
+    >>> import torch, gradsketch
+    >>> H = gradsketch.MatrixOperator(torch.eye(16, dtype=torch.float64))
+    >>> S = gradsketch.sketch("dense", 16, 4, seed=0)
+    >>> SH = sketched(H, S)
+    >>> SH.shape, SH.symmetric, bool(torch.allclose(SH.to_dense(), S.matrix() @ S.matrix().T))
+    ((4, 4), True, True)
+    """
+    if not isinstance(op, LinearOperator) or op.shape[0] != op.shape[1]:
+        raise ValueError(f"op: expected a square operator, got {type(op).__name__} of shape "
+                         f"{getattr(op, 'shape', None)}")
+    if not isinstance(sketch, LinearOperator):
+        raise TypeError(f"sketch: expected a gradsketch sketch (a LinearOperator), got {type(sketch).__name__}")
+    if sketch.shape[1] != op.shape[1]:
+        raise ValueError(f"sketch: expected a sketch with n = {op.shape[1]} (the operator's size), got "
+                         f"n = {sketch.shape[1]}")
+    return sketch @ op @ sketch.T

@@ -27,7 +27,6 @@ several supported modules (GPT-2's ``wte``/``lm_head``) are fine: contributions 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -36,13 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..sketch._random import derive_seed
+from ..sketch.factored import REST_MATRIX_DENSITY, REST_MATRIX_MAX, FactoredSketch, _Identity  # noqa: F401
+
 if TYPE_CHECKING:
     from .task import Task
-
-
-def _derive_seed(seed: int, tag: str) -> int:
-    h = hashlib.sha256(f"gradsketch.factored:{int(seed)}:{tag}".encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
 def _conv1d_type() -> type | None:
@@ -76,10 +73,6 @@ def layer_type(module: nn.Module) -> str | None:
 
 
 FACTORABLE = ("linear", "conv1d", "embedding", "conv2d")
-#: the leftover (non-Kronecker) block is applied as an explicit sparse matrix when it has at most this many
-#: entries n_rest·d and at most this fraction of them non-zero (see FactoredSketch.rest_scatter)
-REST_MATRIX_MAX = 2**26
-REST_MATRIX_DENSITY = 1 / 64
 
 
 @dataclass
@@ -153,284 +146,68 @@ def block_plan(d: int, rows: int, cols: int) -> tuple[int, int] | None:
     return min(cands)[2] if cands else None
 
 
-class _Identity:
-    """The identity on a [rows, cols] block (an embedded small layer of a :class:`FactoredSketch`)."""
-
-    kind = "identity"
-
-    def __init__(self, rows: int, cols: int) -> None:
-        self.rows, self.cols = int(rows), int(cols)
-        self.n = self.d = self.rows * self.cols
-
-    def __call__(self, x: Tensor, nan_policy: str | None = None) -> Tensor:
-        return x.clone()
-
-    def T(self, y: Tensor, nan_policy: str | None = None) -> Tensor:
-        return y.clone()
-
-    def to(self, device: torch.device | str) -> _Identity:
-        return self
-
-    def factor_matrices(self, dtype: torch.dtype = torch.float32) -> list[Tensor]:
-        return [torch.eye(self.rows, dtype=dtype), torch.eye(self.cols, dtype=dtype)]
-
-
-class FactoredSketch:
-    """Whole-model sketch R^N -> R^d: Σ_p Φ_p(g_p) over the task's parameters p (independent blocks).
-
-    Supported weights get a Kronecker ``qk`` sketch F_r ⊗ F_c of their [rows, cols] view (first dimension ×
-    the rest); the others share one BlockSketch of ``kind`` (the "rest"). Build with
-    :meth:`gradsketch.Task.factored_sketch`. ``S(xs)``: list of [..., n_p] -> [..., d]; ``S.T(y)``: [..., d] ->
-    list of [..., n_p]; ``S.spec`` rebuilds it with :meth:`from_spec`.
-
-    Each large weight's block sizes come from :func:`block_plan`: an exact factorisation d = d_r·d_c, or a
-    small side kept whole (a 10-class head keeps its 10 output gradients exact) with the block embedded in a
-    seeded slice of R^d, whichever has the smaller inner-product variance (the spec records the choice, so
-    a spec always rebuilds the same map).
-
-    Spec version 2 (what :meth:`for_task` builds) adds two things that keep small tensors out of the rest:
-
-    * **Biases folded into their weight's block.** A Linear/Conv2d bias is the gradient of an extra input
-      column of ones, so [G | g_b] ([rows, cols + 1]; for transformers' Conv1D, whose rows are the inputs,
-      [G; g_bᵀ], [rows + 1, cols]) gets one Kronecker sketch: the factored path just adds F_c's last column
-      to F_c a_t, at no extra cost (the usual LoGra treatment of biases).
-    * **Small layers embedded.** A weight (with its bias) too small for d = d_r·d_c (rows·cols < d, or no
-      factorisation of d fits) but with rows·cols ≤ d is written as it is (block kind ``"identity"``: an
-      exact isometry, no projection, no FLOPs) into the slice [offset, offset + rows·cols) of the output,
-      offset drawn from the seed. Summed with the other, independent and zero-mean, random blocks this is
-      still a sketch of the whole gradient with E‖Φg‖² = ‖g‖² and unbiased inner products. (A block spec
-      of kind ``"qk"`` with an offset, a full rotation, is also accepted.)
-
-    Version-1 specs (no ``"version"`` key) rebuild the earlier map exactly: no folding, no embedding.
-    """
-
-    def __init__(self, names: list[str], sizes: list[int], d: int, blocks: dict[str, Any],
-                 shapes2d: dict[str, tuple[int, int]], rest: Any, spec: dict[str, Any]) -> None:
-        self.names, self.sizes, self.d = list(names), [int(s) for s in sizes], int(d)
-        self.n = int(sum(self.sizes))
-        self.blocks = blocks                   # weight name -> qk Sketch (Kronecker)
-        self.shapes2d = shapes2d               # weight name -> (rows, cols) of the weight itself
-        #: weight name -> (bias name, "cols" | "rows"): the bias is the block's extra last column / row
-        self.bias_of: dict[str, tuple[str, str]] = {
-            w: (b[0], b[1]) for w, b in spec.get("bias_of", {}).items()}
-        #: weight name -> first output coordinate of an embedded (d_p < d) block
-        self.offsets: dict[str, int] = {w: int(o) for w, o in spec.get("offsets", {}).items()}
-        folded = {b for b, _ in self.bias_of.values()}
-        self.rest = rest                       # BlockSketch over rest_names, or None
-        self.rest_names = [n for n in self.names if n not in blocks and n not in folded]
-        self.spec = spec
-        self._factors: dict[tuple[str, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
-        self._rest_cols: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor] | None] = {}
-
-    @classmethod
-    def for_task(cls, task: Task, d: int, seed: int = 0, kind: str = "affd",
-                 **options: Any) -> FactoredSketch:
-        if int(d) != d or d < 1:
-            raise ValueError(f"d: expected a positive integer, got {d!r}")
-        d = int(d)
-        plans = plan_task(task)
-        shapes = dict(zip(task.param_names, task.param_shapes))
-        # a bias rides along with its weight when both are selected and each is used by that module alone
-        bias_for: dict[str, tuple[str, str]] = {}
-        for n, plan in plans.items():
-            if plan.generic or len(plan.uses) != 1 or plan.uses[0][2] != "weight":
-                continue
-            mod, kind_w, _ = plan.uses[0]
-            if kind_w not in ("linear", "conv2d", "conv1d"):
-                continue
-            bias = [b for b, pb in plans.items() if not pb.generic and pb.uses == [(mod, kind_w, "bias")]]
-            if bias:
-                bias_for[n] = (bias[0], "rows" if kind_w == "conv1d" else "cols")
-        fac: dict[str, dict[str, Any]] = {}
-        bias_of: dict[str, list[str]] = {}
-        offsets: dict[str, int] = {}
-        for n, shape in zip(task.param_names, task.param_shapes):
-            if not (plans[n].weight_like and len(shape) >= 2):
-                continue
-            rows, cols = shape[0], math.prod(shape[1:])
-            b = bias_for.get(n)
-            if b is not None:
-                rows, cols = (rows + 1, cols) if b[1] == "rows" else (rows, cols + 1)
-                if shapes[b[0]] != ((cols if b[1] == "rows" else rows),):
-                    b = None  # a bias of an unexpected shape: leave it to the rest
-                    rows, cols = shape[0], math.prod(shape[1:])
-            pair = block_plan(d, rows, cols) if rows * cols > d else factor_pair(d, rows, cols)
-            if pair is not None:
-                dp = pair[0] * pair[1]
-                fac[n] = dict(kind="qk", n=rows * cols, d=dp, seed=_derive_seed(seed, n),
-                              in_factors=[rows, cols], out_factors=list(pair))
-                if dp < d:  # a side kept whole: the block fills a seeded slice of the output
-                    offsets[n] = _derive_seed(seed, "offset:" + n) % (d - dp + 1)
-            elif rows * cols <= d and all(k != "embedding" for _, k, _ in plans[n].uses):
-                # small: the block itself, unprojected, in rows·cols coordinates of the output
-                fac[n] = dict(kind="identity", n=rows * cols, d=rows * cols, in_factors=[rows, cols])
-                offsets[n] = _derive_seed(seed, "offset:" + n) % (d - rows * cols + 1)
-            else:
-                continue
-            if b is not None:
-                bias_of[n] = [b[0], b[1]]
-        folded = {b[0] for b in bias_of.values()}
-        rest = [(n, s) for n, s in zip(task.param_names, task.param_sizes) if n not in fac and n not in folded]
-        rest_kind = kind
-        if rest and sum(s for _, s in rest) < d:
-            from ..sketch import KINDS
-
-            if not KINDS[kind].allows_d_greater_than_n:
-                rest_kind = "sjlt"  # fewer leftover coordinates than d: a CountSketch block (d > n allowed)
-        spec = {"type": "FactoredSketch", "version": 2, "d": d, "seed": int(seed), "kind": kind,
-                "options": options, "names": list(task.param_names), "sizes": list(task.param_sizes),
-                "blocks": fac, "bias_of": bias_of, "offsets": offsets,
-                "rest": None if not rest else dict(sizes=dict(rest), d=d, kind=rest_kind,
-                                                   seed=_derive_seed(seed, "rest"), **options)}
-        return cls.from_spec(spec)
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> FactoredSketch:
-        from ..sketch import BlockSketch, sketch
-
-        blocks = {n: (_Identity(*s["in_factors"]) if s["kind"] == "identity" else sketch(**s))
-                  for n, s in spec["blocks"].items()}
-        bias_of = spec.get("bias_of", {})
-        shapes2d = {}
-        for n, s in spec["blocks"].items():
-            rows, cols = s["in_factors"]
-            side = bias_of.get(n, [None, None])[1]
-            shapes2d[n] = (rows - 1, cols) if side == "rows" else (rows, cols - 1) if side == "cols" else (rows, cols)
-        rest = None if spec["rest"] is None else BlockSketch(**spec["rest"])
-        return cls(spec["names"], spec["sizes"], spec["d"], blocks, shapes2d, rest, spec)
-
-    def to(self, device: torch.device | str) -> FactoredSketch:
-        for s in self.blocks.values():
-            s.to(device)
-        if self.rest is not None:
-            self.rest.to(device)
-        self._factors.clear()
-        self._rest_cols.clear()
-        return self
-
-    def factors(self, name: str, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(F_r [d_r, rows'], F_c [d_c, cols']) of a Kronecker block, scale folded in (cached); rows'/cols'
-        include the folded bias's extra row/column (the last one)."""
-        key = (name, dtype, device)
-        if key not in self._factors:
-            fr, fc = self.blocks[name].factor_matrices(torch.float64)
-            self._factors[key] = (fr.to(device, dtype), fc.to(device, dtype))
-        return self._factors[key]
-
-    def block_slice(self, name: str) -> slice:
-        """Output coordinates of a Kronecker block: all of them, or an embedded block's slice."""
-        off = self.offsets.get(name)
-        return slice(0, self.d) if off is None else slice(off, off + self.blocks[name].d)
-
-    def block_input(self, name: str, g: Tensor, gb: Tensor | None) -> Tensor:
-        """``[..., n_w]`` weight gradient (and ``[..., n_b]`` folded bias gradient) -> the block's
-        ``[..., rows'·cols']`` input."""
-        if name not in self.bias_of:
-            return g
-        rows, cols = self.shapes2d[name]
-        lead = g.shape[:-1]
-        g2 = g.reshape(*lead, rows, cols)
-        assert gb is not None
-        if self.bias_of[name][1] == "cols":
-            g2 = torch.cat([g2, gb.reshape(*lead, rows, 1).to(g2.dtype)], dim=-1)
+def factored_sketch_for(task: Task, d: int, kind: str = "affd", seed: int = 0, **options: Any) -> FactoredSketch:
+    """The :class:`~gradsketch.sketch.FactoredSketch` of ``task``'s parameters (what
+    ``task.factored_sketch(d, kind, seed)`` returns): a Kronecker ``qk`` block per supported weight (bias
+    folded in, small layers embedded), a ``kind`` BlockSketch over the rest; see the class docstring."""
+    if int(d) != d or d < 1:
+        raise ValueError(f"d: expected a positive integer, got {d!r}")
+    d = int(d)
+    plans = plan_task(task)
+    shapes = dict(zip(task.param_names, task.param_shapes))
+    # a bias rides along with its weight when both are selected and each is used by that module alone
+    bias_for: dict[str, tuple[str, str]] = {}
+    for n, plan in plans.items():
+        if plan.generic or len(plan.uses) != 1 or plan.uses[0][2] != "weight":
+            continue
+        mod, kind_w, _ = plan.uses[0]
+        if kind_w not in ("linear", "conv2d", "conv1d"):
+            continue
+        bias = [b for b, pb in plans.items() if not pb.generic and pb.uses == [(mod, kind_w, "bias")]]
+        if bias:
+            bias_for[n] = (bias[0], "rows" if kind_w == "conv1d" else "cols")
+    fac: dict[str, dict[str, Any]] = {}
+    bias_of: dict[str, list[str]] = {}
+    offsets: dict[str, int] = {}
+    for n, shape in zip(task.param_names, task.param_shapes):
+        if not (plans[n].weight_like and len(shape) >= 2):
+            continue
+        rows, cols = shape[0], math.prod(shape[1:])
+        b = bias_for.get(n)
+        if b is not None:
+            rows, cols = (rows + 1, cols) if b[1] == "rows" else (rows, cols + 1)
+            if shapes[b[0]] != ((cols if b[1] == "rows" else rows),):
+                b = None  # a bias of an unexpected shape: leave it to the rest
+                rows, cols = shape[0], math.prod(shape[1:])
+        pair = block_plan(d, rows, cols) if rows * cols > d else factor_pair(d, rows, cols)
+        if pair is not None:
+            dp = pair[0] * pair[1]
+            fac[n] = dict(kind="qk", n=rows * cols, d=dp, seed=derive_seed(seed, "factored", n),
+                          in_factors=[rows, cols], out_factors=list(pair))
+            if dp < d:  # a side kept whole: the block fills a seeded slice of the output
+                offsets[n] = derive_seed(seed, "factored-offset", n) % (d - dp + 1)
+        elif rows * cols <= d and all(k != "embedding" for _, k, _ in plans[n].uses):
+            # small: the block itself, unprojected, in rows·cols coordinates of the output
+            fac[n] = dict(kind="identity", n=rows * cols, d=rows * cols, in_factors=[rows, cols])
+            offsets[n] = derive_seed(seed, "factored-offset", n) % (d - rows * cols + 1)
         else:
-            g2 = torch.cat([g2, gb.reshape(*lead, 1, cols).to(g2.dtype)], dim=-2)
-        return g2.reshape(*lead, -1)
+            continue
+        if b is not None:
+            bias_of[n] = [b[0], b[1]]
+    folded = {b[0] for b in bias_of.values()}
+    rest = [(n, s) for n, s in zip(task.param_names, task.param_sizes) if n not in fac and n not in folded]
+    rest_kind = kind
+    if rest and sum(s for _, s in rest) < d:
+        from ..sketch import KINDS
 
-    def rest_scatter(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor] | None:
-        """The leftover BlockSketch as explicit sparse columns (cached): ``(rows [q, n_rest], vals [q, n_rest])``
-        with column j of its ``[d, n_rest]`` matrix equal to Σ_k vals[k, j]·e_{rows[k, j]} (q = the most
-        non-zeros in a column; shorter columns padded with value 0), or None.
-
-        Built only when the block is small and sparse: ``n_rest·d ≤ REST_MATRIX_MAX`` and at most
-        max(8, ``REST_MATRIX_DENSITY·d``) non-zeros per column (an SJLT rest block, as the digits MLP's biases and
-        unfactorable last layer get: d > n_rest). Then q ``scatter_add_`` calls along the rows of the
-        ``[m, d]`` result replace the sketch call of every batch (the same linear map; entries come from
-        applying the sketch to unit vectors in float64, so results agree up to rounding). Dense kinds give up
-        after one chunk of columns."""
-        key = (dtype, device)
-        if key in self._rest_cols:
-            return self._rest_cols[key]
-        found: tuple[Tensor, Tensor] | None = None
-        rest, names = self.rest, set(self.rest_names)
-        sizes = [s for n, s in zip(self.names, self.sizes) if n in names]
-        n_rest = sum(sizes)
-        if rest is not None and n_rest * self.d <= REST_MATRIX_MAX:
-            qmax = max(8, int(REST_MATRIX_DENSITY * self.d))
-            rows: list[Tensor] = []
-            vals: list[Tensor] = []
-            with torch.no_grad():
-                for lo in range(0, n_rest, 512):
-                    hi = min(n_rest, lo + 512)
-                    eye = torch.zeros(hi - lo, n_rest, dtype=torch.float64, device=rest.device)
-                    eye[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
-                    cols = rest(list(torch.split(eye, sizes, dim=1)), nan_policy="propagate")  # [k, d]: Mᵀ rows
-                    q = int((cols != 0).sum(1).max())
-                    if q > qmax:
-                        break
-                    # the q largest-magnitude entries of each column hold all of its non-zeros
-                    v, r = cols.abs().topk(max(q, 1), dim=1)
-                    rows.append(r)
-                    vals.append(torch.gather(cols, 1, r) * (v != 0))
-                else:
-                    q = max(t.shape[1] for t in rows)
-                    r_all = torch.cat([torch.nn.functional.pad(t, (0, q - t.shape[1])) for t in rows])
-                    v_all = torch.cat([torch.nn.functional.pad(t, (0, q - t.shape[1])) for t in vals])
-                    found = (r_all.T.contiguous().to(device), v_all.T.contiguous().to(device, dtype))
-        self._rest_cols[key] = found
-        return found
-
-    def _split(self, xs: Any) -> list[Tensor]:
-        xs = list(xs.values()) if isinstance(xs, dict) else list(xs)
-        if len(xs) != len(self.names):
-            raise ValueError(f"xs: expected {len(self.names)} tensors (one per parameter), got {len(xs)}")
-        return xs
-
-    def __call__(self, xs: Any, nan_policy: str | None = None) -> Tensor:
-        xs = self._split(xs)
-        out = None
-        byname = dict(zip(self.names, xs))
-        lead = xs[0].shape[:-1]
-        for n, s in self.blocks.items():
-            bias = self.bias_of.get(n)
-            y = s(self.block_input(n, byname[n], None if bias is None else byname[bias[0]]), nan_policy=nan_policy)
-            if n in self.offsets:
-                full = torch.zeros(*lead, self.d, dtype=y.dtype, device=y.device)
-                full[..., self.block_slice(n)] = y
-                y = full
-            out = y if out is None else out + y
-        if self.rest is not None:
-            y = self.rest([byname[n] for n in self.rest_names], nan_policy=nan_policy)
-            out = y if out is None else out + y
-        return cast(Tensor, out)  # at least one block (a sketch covers n >= 1 parameters)
-
-    def T(self, y: Tensor, nan_policy: str | None = None) -> list[Tensor]:
-        res: dict[str, Tensor] = {}
-        lead = y.shape[:-1]
-        for n, s in self.blocks.items():
-            z = s.T(y[..., self.block_slice(n)], nan_policy=nan_policy)
-            bias = self.bias_of.get(n)
-            if bias is None:
-                res[n] = z
-                continue
-            rows, cols = self.shapes2d[n]
-            if bias[1] == "cols":
-                z2 = z.reshape(*lead, rows, cols + 1)
-                res[n], res[bias[0]] = z2[..., :cols].reshape(*lead, -1), z2[..., cols]
-            else:
-                z2 = z.reshape(*lead, rows + 1, cols)
-                res[n], res[bias[0]] = z2[..., :rows, :].reshape(*lead, -1), z2[..., rows, :]
-        if self.rest is not None:
-            r = self.rest.T(y, nan_policy=nan_policy)
-            r = list(r.values()) if isinstance(r, dict) else list(r)
-            res.update(zip(self.rest_names, r))
-        return [res[n] for n in self.names]
-
-    def __repr__(self) -> str:
-        return (f"FactoredSketch(n={self.n}, d={self.d}, kronecker_blocks={len(self.blocks)}, "
-                f"folded_biases={len(self.bias_of)}, embedded={len(self.offsets)}, "
-                f"other_blocks={len(self.rest_names)})")
-
+        if not KINDS[kind].allows_d_greater_than_n:
+            rest_kind = "sjlt"  # fewer leftover coordinates than d: a CountSketch block (d > n allowed)
+    spec = {"type": "FactoredSketch", "version": 2, "d": d, "seed": int(seed), "kind": kind,
+            "options": options, "names": list(task.param_names), "sizes": list(task.param_sizes),
+            "blocks": fac, "bias_of": bias_of, "offsets": offsets,
+            "rest": None if not rest else dict(sizes=dict(rest), d=d, kind=rest_kind,
+                                               seed=derive_seed(seed, "factored-rest"), **options)}
+    return FactoredSketch.from_spec(spec)
 
 # -- per-layer row/column vectors ----------------------------------------------------------------------
 def _rows_cols(kind: str, mod: Any, x: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,7 @@ examples of a batch, so per-example gradients are not defined: every mode raises
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -35,58 +35,28 @@ if TYPE_CHECKING:
 DEFAULT_GRAD_BYTES = 256 * 2**20
 
 
-class SketchAdapter:
-    """Uniform view of a sketch over the task's parameters: ``apply(list of [m, n_i]) -> [m, d]`` and
-    ``adjoint([..., d]) -> list of [..., n_i]`` (parameter order)."""
+def check_sketch(sketch: Any, task: Task) -> Any:
+    """``sketch`` is a gradsketch sketch operator over ``task``'s parameters (``n = task.n_params``; a
+    BlockSketch with the parameters' block sizes; a FactoredSketch built for these parameters)."""
+    from ..sketch import BlockSketch, FactoredSketch
+    from ..sketch.base import SketchOperator
 
-    def __init__(self, sketch: Any, task: Task) -> None:
-        from .factored import FactoredSketch
-
-        self.sketch = sketch
-        self.sizes = list(task.param_sizes)
-        n = getattr(sketch, "n", None)
-        d = getattr(sketch, "d", None)
-        if n is None or d is None or not callable(sketch) or not hasattr(sketch, "T"):
-            raise TypeError("sketch: expected a gradsketch sketch (BlockSketch, sketch(...) or "
-                            f"FactoredSketch) with n, d, __call__ and T, got {type(sketch).__name__}")
-        if int(n) != task.n_params:
-            raise ValueError(f"sketch: expected a sketch with n = task.n_params = {task.n_params}, got "
-                             f"n = {n} (build it with task.block_sketch(d, ...))")
-        self.d = int(d)
-        self.kind = "plain"
-        if isinstance(sketch, FactoredSketch):
-            if sketch.names != task.param_names or sketch.sizes != self.sizes:
-                raise ValueError("sketch: this FactoredSketch was built for other parameters; build it with "
-                                 "task.factored_sketch(d, ...)")
-            self.kind = "factored"
-        else:
-            sizes = getattr(sketch, "sizes", None)
-            if sizes is not None:
-                vals = list(sizes.values()) if isinstance(sizes, dict) else list(sizes)
-                if [int(v) for v in vals] != self.sizes:
-                    raise ValueError(
-                        f"sketch: expected BlockSketch blocks of sizes {self.sizes} (the task's parameters, "
-                        f"in order), got {vals}; build it with task.block_sketch(d, ...)")
-                self.kind = "block"
-                self.keys = list(sizes.keys()) if isinstance(sizes, dict) else None
-
-    def apply(self, xs: Sequence[Tensor]) -> Tensor:
-        # non-finite rows are the task's business (nan_policy), not the sketch's
-        if self.kind == "factored":
-            return self.sketch(list(xs), nan_policy="propagate")
-        if self.kind == "block":
-            if self.keys is not None:
-                return self.sketch(dict(zip(self.keys, xs)), nan_policy="propagate")
-            return self.sketch(list(xs), nan_policy="propagate")
-        return self.sketch(torch.cat(list(xs), dim=-1), nan_policy="propagate")
-
-    def adjoint(self, y: Tensor) -> list[Tensor]:
-        out = self.sketch.T(y, nan_policy="propagate")
-        if self.kind == "plain":
-            return list(torch.split(out, self.sizes, dim=-1))
-        if isinstance(out, dict):
-            return list(out.values())
-        return list(out)
+    if not isinstance(sketch, SketchOperator):
+        raise TypeError("sketch: expected a gradsketch sketch (BlockSketch, sketch(...) or FactoredSketch), got "
+                        f"{type(sketch).__name__}")
+    if int(sketch.n) != task.n_params:
+        raise ValueError(f"sketch: expected a sketch with n = task.n_params = {task.n_params}, got "
+                         f"n = {sketch.n} (build it with task.block_sketch(d, ...))")
+    sizes = list(task.param_sizes)
+    if isinstance(sketch, FactoredSketch):
+        if sketch.names != task.param_names or sketch.sizes != sizes:
+            raise ValueError("sketch: this FactoredSketch was built for other parameters; build it with "
+                             "task.factored_sketch(d, ...)")
+    elif isinstance(sketch, BlockSketch) and [int(v) for v in sketch.sizes] != sizes:
+        raise ValueError(
+            f"sketch: expected BlockSketch blocks of sizes {sizes} (the task's parameters, in order), got "
+            f"{sketch.sizes}; build it with task.block_sketch(d, ...)")
+    return sketch
 
 
 def default_chunk(task: Task, chunk_size: int | None) -> int:
@@ -98,12 +68,12 @@ def default_chunk(task: Task, chunk_size: int | None) -> int:
     return max(1, DEFAULT_GRAD_BYTES // max(per, 1))
 
 
-def _explicit(task: Task, split: Any, ad: SketchAdapter, chunk: int) -> tuple[Tensor, Tensor]:
+def _explicit(task: Task, split: Any, ad: Any, chunk: int) -> tuple[Tensor, Tensor]:
     rows, losses = [], []
     for _, sub in split.chunks(chunk):
         g, li = task.per_example_grads(sub)
         m = sub.size
-        rows.append(ad.apply([g[n].reshape(m, -1) for n in task.param_names]))
+        rows.append(ad.apply_blocks([g[n].reshape(m, -1) for n in task.param_names]))
         losses.append(li)
     return torch.cat(rows), torch.cat(losses)
 
@@ -132,7 +102,7 @@ def _row_steps(m: int, numel: int, itemsize: int, chunk: int | None) -> int:
     return max(1, DEFAULT_GRAD_BYTES // max(numel * itemsize, 1))
 
 
-def _explicit_hooked(task: Task, split: Any, ad: SketchAdapter, chunk: int | None, eng: Any
+def _explicit_hooked(task: Task, split: Any, ad: Any, chunk: int | None, eng: Any
                      ) -> tuple[Tensor, Tensor]:
     """Explicit mode from one batched forward/backward with hooks: each BlockSketch group's exact
     per-example gradients are formed (``chunk`` examples at a time, default ~256 MiB) and sketched, then
@@ -140,8 +110,10 @@ def _explicit_hooked(task: Task, split: Any, ad: SketchAdapter, chunk: int | Non
     names, m = task.param_names, split.size
     losses, caps, gd = eng.prepare(split)
     item = torch.finfo(task.dtype).bits // 8
-    if ad.kind == "block":
-        S = ad.sketch
+    from ..sketch import BlockSketch
+
+    if isinstance(ad, BlockSketch):
+        S = ad
         out = None
         for g, Sg in zip(S.groups, S.sketches):
             width = sum(S.sizes[i] for i in g)
@@ -168,11 +140,11 @@ def _explicit_hooked(task: Task, split: Any, ad: SketchAdapter, chunk: int | Non
     rows = []
     for lo in range(0, m, step):
         hi = min(m, lo + step)
-        rows.append(ad.apply([eng.grad(caps, gd, n, lo, hi) for n in names]))
+        rows.append(ad.apply_blocks([eng.grad(caps, gd, n, lo, hi) for n in names]))
     return torch.cat(rows), losses
 
 
-def _implicit_hooked(task: Task, split: Any, ad: SketchAdapter, chunk: int | None, eng: Any
+def _implicit_hooked(task: Task, split: Any, ad: Any, chunk: int | None, eng: Any
                      ) -> tuple[Tensor, Tensor]:
     """Implicit mode: ∇_ω ℓ_i(θ0 + Φᵀω) at ω = 0 by the chain rule, batched over examples: the exact
     ∇_θ ℓ_i from the hooks, pulled back through ω ↦ Φᵀω by autograd (``is_grads_batched``), ``chunk``
@@ -182,7 +154,7 @@ def _implicit_hooked(task: Task, split: Any, ad: SketchAdapter, chunk: int | Non
     item = torch.finfo(task.dtype).bits // 8
     omega = torch.zeros(ad.d, dtype=task.dtype, device=task.device, requires_grad=True)
     with torch.enable_grad():
-        deltas = ad.adjoint(omega)
+        deltas = ad.adjoint_blocks(omega, task.param_sizes)
     keep = [i for i, dl in enumerate(deltas) if dl.requires_grad]
     step = _row_steps(m, task.n_params, item, chunk)
     rows = []
@@ -211,13 +183,13 @@ def _implicit_hooked(task: Task, split: Any, ad: SketchAdapter, chunk: int | Non
     return torch.cat(rows), losses
 
 
-def _implicit(task: Task, split: Any, ad: SketchAdapter, chunk: int) -> tuple[Tensor, Tensor]:
+def _implicit(task: Task, split: Any, ad: Any, chunk: int) -> tuple[Tensor, Tensor]:
     theta0 = task.params_dict()
     names, shapes = task.param_names, task.param_shapes
     omega0 = torch.zeros(ad.d, dtype=task.dtype, device=task.device)
 
     def loss_at(omega: Tensor, batch: Any, m: int) -> Tensor:
-        deltas = ad.adjoint(omega)
+        deltas = ad.adjoint_blocks(omega, task.param_sizes)
         p = {n: theta0[n] + dl.reshape(s).to(theta0[n].dtype) for n, dl, s in zip(names, deltas, shapes)}
         return task._losses(p, batch, m)
 
@@ -262,10 +234,12 @@ class _Runner:
         task.check_per_example()  # BatchNorm with batch statistics: refused before any forward pass
         self.task, self.mode, self.chunk_size, self.nan_policy, self.record = (
             task, mode, chunk_size, nan_policy, record)
-        self.ad = SketchAdapter(sketch, task)
+        self.ad = check_sketch(sketch, task)
         self.engine: Any = None
         if mode == "factored":
-            if self.ad.kind != "factored":
+            from ..sketch import FactoredSketch
+
+            if not isinstance(self.ad, FactoredSketch):
                 raise TypeError("sketch: mode='factored' needs a FactoredSketch (task.factored_sketch(d, ...)), "
                                 f"got {type(sketch).__name__}")
             from .factored import FactoredEngine

@@ -446,9 +446,9 @@ class Task:
         folded in as an extra input column (row for Conv1D); small weights that admit no factorisation of d
         are written exactly into a slice of the output; a ``kind`` BlockSketch over the other parameters;
         all blocks summed into R^d."""
-        from .factored import FactoredSketch
+        from .factored import factored_sketch_for
 
-        return FactoredSketch.for_task(self, d, seed=seed, kind=kind, **options)
+        return factored_sketch_for(self, d, kind=kind, seed=seed, **options)
 
     def iter_sketch_grads(self, data: Iterable, sketch: Any, mode: str = "explicit", progress: bool = True,
                           chunk_size: int | None = None, nan_policy: str | None = None) -> Iterator[Tensor]:

@@ -6,6 +6,7 @@ tensors (a model's parameter gradients) as a sum of independent per-block sketch
 
 from .base import Sketch
 from .block import BlockSketch, sketch_from_spec
+from .factored import FactoredSketch
 from .kinds import KINDS, PRECONDITIONERS, sketch
 
-__all__ = ["Sketch", "BlockSketch", "sketch", "sketch_from_spec", "KINDS", "PRECONDITIONERS"]
+__all__ = ["Sketch", "BlockSketch", "FactoredSketch", "sketch", "sketch_from_spec", "KINDS", "PRECONDITIONERS"]

@@ -1,4 +1,10 @@
-"""The ``Sketch`` base class: validation, dtype handling, spec, devices. Kinds implement two methods."""
+"""The ``Sketch`` base class: validation, dtype handling, spec, devices. Kinds implement two methods.
+
+A sketch is a :class:`gradsketch.linalg.LinearOperator` of shape ``(d, n)``. ``S.T`` serves two roles: it
+is the adjoint *operator* Φᵀ (so the sketched Hessian is ``S @ H @ S.T``) and it is *callable* on rows like
+the sketch itself, ``S.T(y)`` for ``y [..., d] -> [..., n]``, with the same ``out_dtype``/``nan_policy``
+keywords as ``S(x)``; this keeps the long-standing ``S.T(y)`` calls working.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from .._validation import check_int
+from ..linalg.operator import AdjointOperator, LinearOperator
 
 #: elements per row chunk of the no-autograd fast path (two scratch buffers of this size, 64 MiB each in
 #: float32): no large fresh allocation per op — their page faults cost more than the arithmetic — and
@@ -21,20 +30,75 @@ NAN_POLICIES = ("raise", "propagate")
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise TypeError(f"{name}: expected an integer, got {value!r} ({type(value).__name__})")
-    if int(value) < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
+    """Kept for the kinds' option checks: :func:`gradsketch._validation.check_int` with (name, value)."""
+    return check_int(value, name, minimum=minimum)
 
 
-class Sketch:
+class SketchAdjoint(AdjointOperator):
+    """Φᵀ of a sketch: an operator ``[n, d]`` (``S.T @ V``, ``S @ H @ S.T``) that is also callable on rows,
+    ``S.T(y, out_dtype=None, nan_policy=None)`` for ``y [..., d] -> [..., n]``."""
+
+    def __call__(self, y: Any, out_dtype: torch.dtype | None = None, nan_policy: str | None = None) -> Any:
+        return self.op._adjoint_rows(y, out_dtype=out_dtype, nan_policy=nan_policy)  # type: ignore[attr-defined]
+
+
+class SketchOperator(LinearOperator):
+    """Shared operator plumbing of :class:`Sketch`, ``BlockSketch`` and ``FactoredSketch``: ``(d, n)``
+    operators whose row call is the sketch itself and whose ``.T`` is a callable :class:`SketchAdjoint`.
+    Their ``dtype`` (float32) only records the default working precision: a sketch keeps float64 input in
+    float64, and a product such as ``S @ H @ S.T`` takes the dtype of its data operators."""
+
+    dtype_neutral = True
+
+    def _init_operator(self, n: int, d: int, device: torch.device | str = "cpu") -> None:
+        LinearOperator.__init__(self, (d, n), torch.float32, device, symmetric=False)
+
+    @property
+    def T(self) -> SketchAdjoint:  # type: ignore[override]
+        """Φᵀ: the adjoint operator, callable on rows as ``S.T(y)``; see the module docstring."""
+        return SketchAdjoint(self)
+
+    def _adjoint_rows(self, y: Any, out_dtype: torch.dtype | None = None, nan_policy: str | None = None) -> Any:
+        raise NotImplementedError
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self(V.T, nan_policy="propagate").T
+
+    def _rmatmat(self, W: Tensor) -> Tensor:
+        return self._adjoint_rows(W.T, nan_policy="propagate").T
+
+    # -- block-partitioned vectors (a model's parameters) ----------------------------------------
+    def apply_blocks(self, xs: list[Tensor]) -> Tensor:
+        """Φx for ``x`` given as consecutive blocks ``xs[i] [..., n_i]`` (Σ n_i = n): ``[..., d]``.
+        Non-finite values propagate (the caller owns the NaN policy). Block-structured sketches take the
+        blocks as they are; a plain sketch concatenates them."""
+        return self(torch.cat(list(xs), dim=-1), nan_policy="propagate")
+
+    def adjoint_blocks(self, y: Tensor, sizes: list[int]) -> list[Tensor]:
+        """Φᵀy split into consecutive blocks of ``sizes``: list of ``[..., n_i]``."""
+        out = self._adjoint_rows(y, nan_policy="propagate")
+        if isinstance(out, dict):
+            out = list(out.values())
+        if isinstance(out, list | tuple):
+            return [t.reshape(*y.shape[:-1], -1) for t in out]
+        return list(torch.split(out, list(sizes), dim=-1))
+
+
+class Sketch(SketchOperator):
     """A random linear map Φ: Rⁿ → Rᵈ with E‖Φx‖² = ‖x‖², fixed by its spec, never stored as a d×n matrix.
 
     ``S(x)``: ``[..., n] -> [..., d]``; ``S.T(y)``: the exact adjoint ``[..., d] -> [..., n]``. Both are
     differentiable (autograd through linear torch ops), batched over leading dimensions, and accept
     float16/bfloat16/float32/float64 (computed in float32, or float64 for float64 input; the output has
-    the input's dtype unless ``out_dtype`` is given).
+    the input's dtype unless ``out_dtype`` is given). As a :class:`gradsketch.linalg.LinearOperator` of
+    shape ``(d, n)`` it composes: ``S @ v`` for columns, ``S @ H @ S.T`` for the sketched Hessian.
+
+    >>> import gradsketch
+    >>> S = gradsketch.sketch("sjlt", 64, 8, seed=0)
+    >>> S(torch.ones(3, 64)).shape, S.T(torch.ones(8)).shape, S.shape
+    (torch.Size([3, 8]), torch.Size([64]), (8, 64))
+    >>> bool(torch.allclose(S.T.to_dense(), S.matrix().T.float()))
+    True
     """
 
     kind: ClassVar[str] = ""
@@ -42,9 +106,9 @@ class Sketch:
     option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, n: int, d: int, seed: int = 0, **options: Any) -> None:
-        self.n = _check_int("n", n)
-        self.d = _check_int("d", d)
-        self.seed = _check_int("seed", seed, minimum=0)
+        self.n = check_int(n, "n", minimum=1)
+        self.d = check_int(d, "d", minimum=1)
+        self.seed = check_int(seed, "seed", minimum=0)
         unknown = sorted(set(options) - set(self.option_names))
         if unknown:
             raise ValueError(
@@ -53,7 +117,7 @@ class Sketch:
             raise ValueError(
                 f"d: kind {self.kind!r} needs d <= n, got d={self.d} > n={self.n} "
                 "(use kind 'dense' or 'sjlt' for d > n)")
-        self.device = torch.device("cpu")
+        self._init_operator(self.n, self.d, "cpu")
         self._bufs: dict[str, Tensor] = {}
         self._cache: dict[tuple[str, torch.dtype], Tensor] = {}
         self.nan_policy = "raise"
@@ -173,8 +237,9 @@ class Sketch:
             y = self._forward(x2)
         return self._finish(y, x2, lead, self.d, out_dtype or x.dtype, nan_policy, "x")
 
-    def T(self, y: Tensor, out_dtype: torch.dtype | None = None, nan_policy: str | None = None) -> Tensor:
-        """Φᵀy, the exact adjoint: ``[..., d] -> [..., n]``."""
+    def _adjoint_rows(self, y: Tensor, out_dtype: torch.dtype | None = None, nan_policy: str | None = None
+                      ) -> Tensor:
+        """Φᵀy, the exact adjoint: ``[..., d] -> [..., n]`` (called as ``S.T(y)``)."""
         y2, lead, _ = self._prepare(y, self.d, "y")
         x = self._adjoint(y2) if y2.shape[0] else y2.new_zeros(0, self.n)
         return self._finish(x, y2, lead, self.n, out_dtype or y.dtype, nan_policy, "y")

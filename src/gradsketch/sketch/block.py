@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validation import check_int
 from ._random import derive_seed
-from .base import Sketch, _check_int
+from .base import Sketch, SketchOperator
 from .kinds import KINDS, sketch
 
 MIN_GROUP = 1 << 15
@@ -23,18 +24,28 @@ MIN_GROUP = 1 << 15
 
 def _as_shape(name: str, s: Any) -> tuple[int, ...]:
     if isinstance(s, int | float) and not isinstance(s, bool):
-        return (_check_int(name, s),)
+        return (check_int(s, name, minimum=1),)
     if isinstance(s, Sequence | torch.Size) and not isinstance(s, str):
-        return tuple(_check_int(name, v, minimum=0) for v in s) or (1,)
+        return tuple(check_int(v, name, minimum=0) for v in s) or (1,)
     raise TypeError(f"{name}: expected an int or a shape tuple, got {s!r}")
 
 
-class BlockSketch:
+class BlockSketch(SketchOperator):
     """Sketch a list (or dict) of tensors ``x_i: [..., *shape_i]`` to ``[..., d]`` as Σ_g Φ_g x_g.
 
     Consecutive small tensors are grouped (each group ≥ max(d, min_group) inputs where possible) and
     concatenated; large tensors get a sketch of their own and are never copied. Each group's sketch is
     ``gradsketch.sketch(kind, n_g, d, seed=derive(seed, g), **options)``.
+
+    As a :class:`gradsketch.linalg.LinearOperator` it is the ``(d, n)`` map of the concatenated vector
+    (``B @ v`` for ``v [n]``; ``B @ H @ B.T``); ``B.T(y)`` returns the blocks (list or dict) and
+    ``B.T @ w`` the concatenated ``[n]`` vector.
+
+    >>> B = BlockSketch({"w": (4, 8), "b": 4}, d=16, kind="sjlt", seed=0)
+    >>> B({"w": torch.ones(2, 4, 8), "b": torch.ones(2, 4)}).shape, B.shape
+    (torch.Size([2, 16]), (16, 36))
+    >>> [t.shape for t in B.T(torch.ones(16)).values()]
+    [torch.Size([4, 8]), torch.Size([4])]
     """
 
     def __init__(self, sizes: Sequence[Any] | Mapping[str, Any], d: int, kind: str = "affd", seed: int = 0,
@@ -55,15 +66,16 @@ class BlockSketch:
         self.sizes = [math.prod(s) for s in self.shapes]
         if any(s < 1 for s in self.sizes):
             raise ValueError(f"sizes: every block needs at least one element, got {self.sizes}")
-        self.d = _check_int("d", d)
-        self.seed = _check_int("seed", seed, minimum=0)
+        self.d = check_int(d, "d", minimum=1)
+        self.seed = check_int(seed, "seed", minimum=0)
         self.kind, self.options = kind, dict(options)
-        self.min_group = _check_int("min_group", min_group)
+        self.min_group = check_int(min_group, "min_group", minimum=1)
         self.n = sum(self.sizes)
         allows = KINDS[kind].allows_d_greater_than_n
         if self.n < self.d and not allows:
             raise ValueError(f"d: kind {kind!r} needs d <= n, got d={self.d} > n={self.n}")
         self.groups = self._group(allows)
+        self._init_operator(self.n, self.d, "cpu")
         self.sketches = [
             sketch(kind, sum(self.sizes[i] for i in g), self.d, seed=derive_seed(self.seed, "block", gi), **options)
             for gi, g in enumerate(self.groups)
@@ -101,13 +113,10 @@ class BlockSketch:
                 "names": self.names, "d": self.d, "seed": self.seed, "min_group": self.min_group,
                 "options": self.options}
 
-    @property
-    def device(self) -> torch.device:
-        return self.sketches[0].device
-
     def to(self, device: torch.device | str) -> BlockSketch:
         for s in self.sketches:
             s.to(device)
+        self.device = torch.device(device)
         return self
 
     def state_bytes(self) -> int:
@@ -158,9 +167,20 @@ class BlockSketch:
         assert out is not None
         return out.to(out_dtype or tensors[0].dtype)
 
-    def T(self, y: Tensor, out_dtype: torch.dtype | None = None, nan_policy: str | None = None
-          ) -> list[Tensor] | dict[str, Tensor]:
-        """Φᵀy split back into blocks: ``[..., d]`` -> list (or dict) of ``[..., *shape_i]``."""
+    def apply_blocks(self, xs: list[Tensor]) -> Tensor:
+        return self(list(xs), nan_policy="propagate")
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self(list(torch.split(V.T, self.sizes, dim=-1)), nan_policy="propagate").T
+
+    def _rmatmat(self, W: Tensor) -> Tensor:
+        parts = self._adjoint_rows(W.T, nan_policy="propagate")
+        seq = list(parts.values()) if isinstance(parts, dict) else parts
+        return torch.cat([p.reshape(W.shape[1], -1) for p in seq], dim=-1).T
+
+    def _adjoint_rows(self, y: Tensor, out_dtype: torch.dtype | None = None, nan_policy: str | None = None
+                      ) -> list[Tensor] | dict[str, Tensor]:
+        """Φᵀy split back into blocks: ``[..., d]`` -> list (or dict) of ``[..., *shape_i]`` (``B.T(y)``)."""
         parts: list[Tensor | None] = [None] * len(self.sizes)
         for g, S in zip(self.groups, self.sketches):
             z = S.T(y, out_dtype=out_dtype, nan_policy=nan_policy)
@@ -185,8 +205,17 @@ class BlockSketch:
                 f"n={self.n}, d={self.d})")
 
 
-def sketch_from_spec(spec: Mapping[str, Any]) -> Sketch | BlockSketch:
-    """Rebuild a ``Sketch`` or ``BlockSketch`` from its ``.spec``."""
+def sketch_from_spec(spec: Mapping[str, Any]) -> Sketch | BlockSketch | Any:
+    """Rebuild a ``Sketch``, ``BlockSketch`` or ``FactoredSketch`` from its ``.spec``.
+
+    >>> S = BlockSketch([10, 20], d=8, kind="sjlt", seed=3)
+    >>> bool(torch.equal(sketch_from_spec(S.spec).matrix(), S.matrix()))
+    True
+    """
+    if isinstance(spec, Mapping) and spec.get("type") == "FactoredSketch":
+        from .factored import FactoredSketch
+
+        return FactoredSketch.from_spec(dict(spec))
     if not isinstance(spec, Mapping) or "kind" not in spec:
         raise ValueError(f"spec: expected a dict with a 'kind' key, got {spec!r}")
     spec = dict(spec)

@@ -249,14 +249,14 @@ class SpectrumResult:
         return float(frac[0]) if one else frac
 
     def _sketch_rows(self, G: Tensor) -> Tensor:
-        from ..model.curvature import _GenericSketch
         from ..sketch import sketch_from_spec
 
         # only reached for a sketched result that has eigenvectors (checked by the caller)
         assert self.eigenvectors is not None
         S = getattr(self, "_sketch", None) or sketch_from_spec(cast(dict, self.sketch_spec))
-        gs = _GenericSketch(S, G.shape[1])
-        return gs.apply(G.to(self.eigenvectors.dtype))
+        if S.shape[1] != G.shape[1]:
+            raise ValueError(f"grads: expected rows of length n = {S.shape[1]} (the sketch's input), got {G.shape[1]}")
+        return (S @ G.to(self.eigenvectors.dtype).T).T
 
     # -- combining -----------------------------------------------------------------------------------
     def merge(self, other: SpectrumResult) -> SpectrumResult:
