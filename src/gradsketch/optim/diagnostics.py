@@ -8,13 +8,14 @@ most of their trace in a few eigenvalues during training, which is what makes a 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from .shampoo import Shampoo
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["FactorSpectrumTracker", "top_k_share"]
 
@@ -67,6 +68,7 @@ class FactorSpectrumTracker:
         self.optimizer, self.ks = optimizer, tuple(ks)
         self._names = {id(p): n for n, p in (names or {}).items()}
         self.history: dict[str, list[tuple[int, dict[int, float]]]] = {}
+        self.dims: dict[str, int] = {}
 
     def record(self, step: int) -> dict[str, dict[int, float]]:
         """Compute the shares now; returns ``{factor: {k: share}}`` and appends it to :attr:`history`."""
@@ -84,23 +86,29 @@ class FactorSpectrumTracker:
                         lam = torch.linalg.eigvalsh(f["stat"].double())
                         key = f"{name}[block {b}].{side}"
                         out[key] = {k: top_k_share(lam, k) for k in self.ks}
+                        self.dims[key] = lam.numel()
                         self.history.setdefault(key, []).append((step, out[key]))
         return out
 
     def figure(self, max_factors: int = 8) -> Figure:
-        """A matplotlib ``Figure`` (Agg canvas): one panel per ``k``, share against step for the largest factors."""
-        by_size = sorted(self.history, key=lambda n: -len(self.history[n]))[:max_factors]
+        """A matplotlib ``Figure`` (Agg canvas): one panel per ``k``, share against step for the
+        ``max_factors`` largest factors (by side length)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        by_size = sorted(self.history, key=lambda n: -self.dims[n])[:max_factors]
         fig = Figure(figsize=(4.2 * len(self.ks), 3.4))
         FigureCanvasAgg(fig)
         for j, k in enumerate(self.ks):
             ax = fig.add_subplot(1, len(self.ks), j + 1)
             for name in by_size:
                 steps = [s for s, _ in self.history[name]]
-                ax.plot(steps, [v[k] for _, v in self.history[name]], label=name)
+                ax.plot(steps, [v[k] for _, v in self.history[name]], label=f"{name} ({self.dims[name]})")
             ax.set_xlabel("step")
             ax.set_ylabel(f"share of trace in top {k} eigenvalues")
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
-        fig.axes[0].legend(fontsize=6, loc="lower right")
+        if self.history:
+            fig.axes[0].legend(fontsize=6, loc="lower right")
         fig.tight_layout()
         return fig
