@@ -195,7 +195,13 @@ def main() -> None:
     ap.add_argument("--update-freq", type=int, default=10)
     ap.add_argument("--eval-every", type=int, default=16)
     ap.add_argument("--out", default="benchmarks/results/optim")
+    ap.add_argument("--no-extras", action="store_true", help="skip the spectrum run and the step timing")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="no training: combine the cnn.json of several runs (e.g. more lrs) into --out")
     args = ap.parse_args()
+    if args.merge:
+        merge(args)
+        return
     if args.quick:
         args.train, args.val, args.epochs, args.seeds, args.lrs, args.timing_rounds = 1024, 500, 1, [0], [1e-3], 1
     torch.set_num_threads(1)
@@ -213,6 +219,9 @@ def main() -> None:
                       f"val loss {r['final_loss']:.4f} acc {r['final_acc']:.4f} step {1e3 * r['median_step_s']:.1f} ms "
                       f"(opt {1e3 * r['median_opt_step_s']:.2f} ms) state {r['state_bytes']['total']} B "
                       f"[{time.time() - t_start:.0f} s]"), flush=True)
+    if args.no_extras:
+        summarise(results, args, out, {}, {})
+        return
     # spectrum diagnostic: Shampoo at the middle lr, seed 0
     diag = run("shampoo", args.lrs[len(args.lrs) // 2], args.seeds[0], data, args, tracker_ks=(4, 16, 64))
     fig = diag["tracker"].figure(max_factors=8)
@@ -220,6 +229,29 @@ def main() -> None:
     spectrum_final = {k: v[-1][1] for k, v in diag["tracker"].history.items()}
     times = timing(args, data, args.optims, rounds=args.timing_rounds)
     summarise(results, args, out, spectrum_final, times)
+
+
+def merge(args):
+    """Rebuild the per-run results of several cnn.json files (final values are the curves' last points)."""
+    results: dict[str, dict[str, list]] = {}
+    spectrum, times, settings = {}, {}, None
+    for d in args.merge:
+        blob = json.loads((Path(d) / "cnn.json").read_text())
+        settings = settings or blob["meta"]["settings"]
+        spectrum = spectrum or blob.get("spectrum_final_step", {})
+        times = times or blob.get("timing", {})
+        n_steps = blob["meta"]["settings"]["epochs"] * (blob["meta"]["settings"]["train"]
+                                                        // blob["meta"]["settings"]["batch"])
+        for name, by_lr in blob["curves"].items():
+            for lr, cs in by_lr.items():
+                for c in cs:
+                    ok = c[-1][0] == n_steps and np.isfinite(c[-1][2])
+                    results.setdefault(name, {}).setdefault(lr, []).append(
+                        {"diverged": not ok, "curve": c, "final_loss": c[-1][2], "final_acc": c[-1][3],
+                         "state_bytes": blob["summary"].get(name, {}).get("state_bytes")})
+    ns = argparse.Namespace(**{**settings, "lrs": sorted({float(lr) for b in results.values() for lr in b})})
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    summarise(results, ns, Path(args.out), spectrum, times)
 
 
 def sd(xs):
@@ -244,10 +276,8 @@ def summarise(results, args, out, spectrum_final, times):
             "val_loss_std": sd([r["final_loss"] for r in runs]),
             "val_acc_mean": statistics.fmean(r["final_acc"] for r in runs),
             "val_acc_std": sd([r["final_acc"] for r in runs]),
-            "step_ms": 1e3 * statistics.fmean(r["mean_step_s"] for r in runs),
-            "opt_step_ms": 1e3 * statistics.fmean(r["mean_opt_step_s"] for r in runs),
-            "median_step_ms": 1e3 * statistics.fmean(r["median_step_s"] for r in runs),
-            "state_bytes": runs[0]["state_bytes"],
+            "state_bytes": next((r["state_bytes"] for rs in by_lr.values() for r in rs if r.get("state_bytes")),
+                                None),
             "all_lrs": {lr2: [r.get("final_loss") for r in rs] for lr2, rs in by_lr.items()},
         }
     meta = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch "
@@ -299,8 +329,8 @@ def summarise(results, args, out, spectrum_final, times):
           f"{args.update_freq}):\n")
     print("| optimiser | train step ms | × Adam | opt.step ms | × Adam's opt.step |")
     print("|---|---|---|---|---|")
-    ta = times.get("adam")
-    for name, t in times.items():
+    ta = times.get("adam") if times else None
+    for name, t in (times or {}).items():
         r1 = f"{t['step_ms'] / ta['step_ms']:.2f}" if ta else "-"
         r2 = f"{t['opt_step_ms'] / ta['opt_step_ms']:.1f}" if ta else "-"
         print(f"| {name} | {t['step_ms']:.1f} | {r1} | {t['opt_step_ms']:.2f} | {r2} |")
@@ -309,7 +339,7 @@ def summarise(results, args, out, spectrum_final, times):
         print(f"  {name}: " + "; ".join(f"lr {lr}: " + ", ".join(f"{v:.4f}" if v is not None else "div" for v in vs)
                                        for lr, vs in s["all_lrs"].items()))
     print("\nfactor spectrum at the last record (share of trace in top k):")
-    for k, v in spectrum_final.items():
+    for k, v in (spectrum_final or {}).items():
         print(f"  {k}: " + ", ".join(f"top{kk} {vv:.3f}" for kk, vv in v.items()))
 
 
