@@ -8,8 +8,9 @@ trace, solvers on any linear operator), ``model`` (Task: per-example gradients, 
 __version__ = "0.1.0"
 
 # ``gradsketch.spectrum`` is the subpackage, made callable: ``gradsketch.spectrum(task, data, k=...)``.
-from . import dynamics, eval, linalg, optim, spectrum  # dynamics: CMD of training dynamics
+from . import datasets, dynamics, eval, linalg, optim, spectrum  # dynamics: CMD of training dynamics
 from .attribution import Attributor, TopK, classification_margin
+from .entry import Entry, load_entry  # the one entry-point form of the CLI commands
 from .intrinsic import IntrinsicDimResult, SubspaceModel, intrinsic_dimension
 from .intrinsic import train as train_subspace
 from .linalg import LinearOperator, MatrixOperator
@@ -30,4 +31,5 @@ __all__ = [
     "spectrum", "SpectrumResult", "density", "DensityResult", "trace", "spectrum_over_checkpoints", "optim",
     "SpectrumSeries",
     "dynamics",
+    "Entry", "load_entry", "datasets",
 ]

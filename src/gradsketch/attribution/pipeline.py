@@ -9,7 +9,6 @@ built, so a bad option is refused before any model is loaded. :func:`run_attribu
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,18 +17,7 @@ from typing import Any
 __all__ = ["AttributeConfig", "read_config", "run_attribute"]
 
 
-def _int(name: str, v: Any, lo: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an integer, got {v!r}")
-    if lo is not None and v < lo:
-        raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
-    return v
-
-
-def _choice(name: str, v: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(v, str) or v not in choices:
-        raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {v!r}")
-    return v
+from .._validation import check_bool, check_choice, check_int, check_real
 
 
 @dataclass
@@ -54,7 +42,7 @@ class AttributeConfig:
     >>> AttributeConfig(method="ekfac")
     Traceback (most recent call last):
     ...
-    ValueError: method: expected one of grad-dot, grad-cos, tracin, trak, arnoldi, influence, got 'ekfac'
+    ValueError: method: expected one of ('grad-dot', 'grad-cos', 'tracin', 'trak', 'arnoldi', 'influence'), got 'ekfac'
     """
 
     method: str = "trak"
@@ -75,30 +63,24 @@ class AttributeConfig:
         from ..sketch.kinds import KINDS
         from .attributor import METHODS, MODES
 
-        _choice("method", self.method, METHODS)
-        _choice("kind", self.kind, tuple(sorted(KINDS)))
-        _choice("mode", self.mode, MODES)
-        _int("d", self.d, 0)
-        _int("seed", self.seed, 0)
-        _int("k", self.k, 1)
-        _int("n_iters", self.n_iters, 1)
-        _int("top_k", self.top_k, 1)
-        if self.damping is not None:
-            if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
-                raise TypeError(f"damping: expected a number, got {self.damping!r}")
-            if not math.isfinite(self.damping) or self.damping < 0:
-                raise ValueError(f"damping: expected a finite number >= 0, got {self.damping!r}")
-            self.damping = float(self.damping)
+        check_choice(self.method, "method", METHODS)
+        check_choice(self.kind, "kind", tuple(sorted(KINDS)))
+        check_choice(self.mode, "mode", MODES)
+        check_int(self.d, "d", minimum=0)
+        check_int(self.seed, "seed", minimum=0)
+        check_int(self.k, "k", minimum=1)
+        check_int(self.n_iters, "n_iters", minimum=1)
+        check_int(self.top_k, "top_k", minimum=1)
+        self.damping = check_real(self.damping, "damping", minimum=0.0, allow_none=True)
         if self.store is not None and not isinstance(self.store, (str, Path)):
             raise TypeError(f"store: expected a directory path, got {self.store!r}")
-        if not isinstance(self.self_influence, bool):
-            raise TypeError(f"self_influence: expected true or false, got {self.self_influence!r}")
+        check_bool(self.self_influence, "self_influence")
         if (self.rank is None) != (self.world_size is None):
             raise ValueError(f"rank, world_size: expected both --rank and --world-size or neither, got "
                              f"rank={self.rank!r}, world_size={self.world_size!r}")
         if self.world_size is not None:
-            _int("world_size", self.world_size, 1)
-            _int("rank", self.rank, 0)
+            check_int(self.world_size, "world_size", minimum=1)
+            check_int(self.rank, "rank", minimum=0)
             if not 0 <= self.rank < self.world_size:  # type: ignore[operator]
                 raise ValueError(f"rank: expected 0 <= rank < world_size, got rank={self.rank}, "
                                  f"world_size={self.world_size}")

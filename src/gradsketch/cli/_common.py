@@ -74,7 +74,8 @@ def command_line() -> str:
         opt = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             parts.append(opt if value else f"--no-{name.replace('_', '-')}")
-        elif name == "entry" and not any(p.name == name and type(p).__name__.endswith("Option") for p in ctx.command.params):
+        elif name == "entry" and not any(p.name == name and type(p).__name__.endswith("Option")
+                                         for p in ctx.command.params):
             parts.append(str(value))
         else:
             parts += [opt, str(value)]

@@ -9,31 +9,16 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .._validation import check_bool, check_choice, check_int, check_real
 from .search import DEFAULTS, METHODS
 
 __all__ = ["IntrinsicConfig", "run_intrinsic_dim", "TASKS"]
 
 #: built-in tasks of ``--task``
 TASKS = ("digits", "rotten-tomatoes")
-
-
-def _int(name: str, v: Any, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an integer, got {v!r}")
-    if v < lo:
-        raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
-
-
-def _pos(name: str, v: Any, upper: float | None = None) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {v!r}")
-    if not math.isfinite(v) or v <= 0 or (upper is not None and v > upper):
-        rng = f"in (0, {upper:g}]" if upper is not None else "> 0"
-        raise ValueError(f"{name}: expected a finite number {rng}, got {v!r}")
 
 
 @dataclass
@@ -44,7 +29,7 @@ class IntrinsicConfig:
     >>> IntrinsicConfig(method="bisect")
     Traceback (most recent call last):
     ...
-    ValueError: method: expected one of one-run, grid, got 'bisect'
+    ValueError: method: expected one of ('one-run', 'grid'), got 'bisect'
     """
 
     kind: str = "affd"
@@ -65,25 +50,19 @@ class IntrinsicConfig:
     def __post_init__(self) -> None:
         from ..sketch.kinds import KINDS
 
-        if not isinstance(self.kind, str) or self.kind not in KINDS:
-            raise ValueError(f"kind: expected one of {', '.join(sorted(KINDS))}, got {self.kind!r}")
-        if not isinstance(self.method, str) or self.method not in METHODS:
-            raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
+        check_choice(self.kind, "kind", tuple(sorted(KINDS)))
+        check_choice(self.method, "method", METHODS)
         for name in ("d_max", "d_start", "steps", "eval_every"):
-            _int(name, getattr(self, name), 1)
+            check_int(getattr(self, name), name, minimum=1)
         if self.d_start > self.d_max:
             raise ValueError(f"d_start: expected d_start <= d_max={self.d_max}, got {self.d_start}")
-        if self.full_steps is not None:
-            _int("full_steps", self.full_steps, 1)
-        _pos("lr", self.lr)
-        _pos("full_lr", self.full_lr)
-        _pos("delta", self.delta)
-        _pos("fraction", self.fraction, 1.0)
-        if self.full_metric is not None:
-            if isinstance(self.full_metric, bool) or not isinstance(self.full_metric, (int, float)) \
-                    or not math.isfinite(self.full_metric):
-                raise ValueError(f"full_metric: expected a finite number, got {self.full_metric!r}")
-        _int("seed", self.seed, 0)
+        check_int(self.full_steps, "full_steps", minimum=1, allow_none=True)
+        for name in ("lr", "full_lr", "delta"):
+            check_real(getattr(self, name), name, minimum=0.0, min_inclusive=False)
+        check_real(self.fraction, "fraction", minimum=0.0, maximum=1.0, min_inclusive=False)
+        check_real(self.full_metric, "full_metric", allow_none=True)
+        check_bool(self.said, "said")
+        check_int(self.seed, "seed", minimum=0)
 
 
 def _task(task: str, seed: int, n_train: int, seq: int) -> tuple[Any, Any, Any, Any, Any, str]:

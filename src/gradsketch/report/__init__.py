@@ -22,22 +22,22 @@ from typing import Any
 __all__ = ["figure_to_img", "image_to_img", "new_figure", "table", "page", "write_page", "escape"]
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1180px;margin:2em auto;
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1320px;margin:2em auto;
 padding:0 1em;color:#222;font-size:15px}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 h3{font-size:1.05em;margin:1.2em 0 .4em}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}img{max-width:100%}
-.note{color:#555;font-size:.92em}
-.row{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start;margin:.3em 0 1em}
+.note{color:#555;font-size:.92em}table.kv td{text-align:left}table.kv td:first-child{color:#444;white-space:nowrap}
+.row{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start;margin:.3em 0 1em}
 .group{border:1px solid #ddd;border-radius:6px;padding:6px 8px;background:#fafafa}
 .group>.gtitle{font-weight:600;font-size:.9em;margin-bottom:4px}
-.cards{display:flex;gap:8px;flex-wrap:wrap}
-.card{width:112px;font-size:13px;line-height:1.3;text-align:center;border:2px solid transparent;border-radius:4px;
+.cards{display:flex;gap:6px;flex-wrap:wrap}
+.card{width:96px;font-size:13px;line-height:1.3;text-align:center;border:2px solid transparent;border-radius:4px;
 padding:3px;background:#fff}
 .card.text{width:220px;text-align:left}
 .card .txt{font-size:12.5px;max-height:7.5em;overflow:hidden;border-left:3px solid #ccc;padding-left:4px}
-.card img{width:96px;height:96px;image-rendering:pixelated;display:block;margin:0 auto 2px}
+.card img{width:84px;height:84px;image-rendering:pixelated;display:block;margin:0 auto 2px}
 .card.test{border-color:#1f4e9c}.card.pro{border-color:#2e7d32}.card.opp{border-color:#c62828}
 .card.flag{background:#fff3e0}.flagtxt{color:#e65100;font-weight:700}
 .score{font-family:ui-monospace,monospace}
@@ -124,8 +124,9 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) ->
     def cell(v: Any) -> str:
         return escape(f"{v:.4g}" if isinstance(v, float) else v)
 
-    out = ["<table>"]
-    if header:
+    keyvalue = not header or not any(str(h) for h in header)
+    out = ["<table class='kv'>" if keyvalue else "<table>"]
+    if header and not keyvalue:
         out.append("<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
     for r in rows:
         out.append("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>")

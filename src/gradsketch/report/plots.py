@@ -71,6 +71,10 @@ def plot_eigenvalues(results: Any, path: str | os.PathLike | None = None, labels
                 if sel.any():
                     name = "top eigenvalues (largest)" if end == "top" else "bottom eigenvalues (smallest)"
                     ax.bar(pos[sel], lam[sel], width=0.6, color=color, label=name)
+            for x, v in zip(pos, lam):  # bars too short to read get their value written next to them
+                if abs(v) < 0.05 * np.abs(lam).max():
+                    ax.annotate(f"{v:.3g}", (x, v), xytext=(0, -10 if v < 0 else 3), textcoords="offset points",
+                                ha="center", fontsize=7, color="C3" if v < 0 else "C0")
         else:
             ax.plot(pos + 0.12 * (j - (len(rs) - 1) / 2), lam, "o", ms=5, label=lab)
     if threshold is not None and rs and float(np.max(np.asarray(rs[0].eigenvalues))) > 0:
@@ -174,7 +178,7 @@ def plot_intrinsic(res: Any, path: str | os.PathLike | None = None, title: str |
         ax.axvline(res.lower_bound, color="gray", ls="-.", lw=1, label=f"not reached: D_int > {res.lower_bound}")
     ax.set_xlabel("subspace dimension d (log2 axis)")
     ax.set_ylabel("metric")
-    ax.set_title(title or f"Intrinsic dimension: {res.estimate_str}")
+    ax.set_title(title or f"D_int{int(round(100 * res.fraction))} = {res.estimate_str} ({res.method}, {res.kind})")
     ax.legend(loc="lower right", fontsize=8)
     return _finish(fig, path)
 

@@ -9,30 +9,13 @@ that fails under autograd) is reported as such instead of losing the spectrum.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = ["SpectrumConfig", "run_spectrum", "mean_loss_gradient"]
 
 
-def _int(name: str, v: Any, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an integer, got {v!r}")
-    if v < lo:
-        raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
-
-
-def _choice(name: str, v: Any, choices: tuple[str, ...]) -> None:
-    if not isinstance(v, str) or v not in choices:
-        raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {v!r}")
-
-
-def _num(name: str, v: Any, lo: float = 0.0, strict: bool = False) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {v!r}")
-    if not math.isfinite(v) or v < lo or (strict and v == lo):
-        raise ValueError(f"{name}: expected a finite number {'>' if strict else '>='} {lo:g}, got {v!r}")
+from .._validation import check_choice, check_int, check_real
 
 
 @dataclass
@@ -50,7 +33,7 @@ class SpectrumConfig:
     >>> SpectrumConfig(kind="gaussian")
     Traceback (most recent call last):
     ...
-    ValueError: kind: expected one of affd, afjl, dense, ffd, fjl, qk, sjlt, got 'gaussian'
+    ValueError: kind: expected one of ('affd', 'afjl', 'dense', 'ffd', 'fjl', 'qk', 'sjlt'), got 'gaussian'
     """
 
     k: int = 10
@@ -71,23 +54,19 @@ class SpectrumConfig:
         from ..sketch.kinds import KINDS
         from .core import METHODS, MODES, OPERATORS, WHICH
 
-        _int("k", self.k, 1)
-        _choice("operator", self.operator, OPERATORS)
-        _choice("method", self.method, METHODS)
-        _choice("which", self.which, WHICH)
-        if self.n_iters is not None:
-            _int("n_iters", self.n_iters, 1)
-            if self.n_iters < self.k:
-                raise ValueError(f"n_iters: expected at least k = {self.k}, got {self.n_iters}")
-        _choice("mode", self.mode, MODES)
-        _choice("kind", self.kind, tuple(sorted(KINDS)))
-        _int("d", self.d, 0)
-        _int("seed", self.seed, 0)
-        if self.tol is not None:
-            _num("tol", self.tol, 0.0, strict=True)
-        _num("threshold", self.threshold)
-        _int("density_probes", self.density_probes, 0)
-        _int("density_steps", self.density_steps, 1)
+        check_int(self.k, "k", minimum=1)
+        check_choice(self.operator, "operator", OPERATORS)
+        check_choice(self.method, "method", METHODS)
+        check_choice(self.which, "which", WHICH)
+        check_int(self.n_iters, "n_iters", minimum=self.k, allow_none=True)
+        check_choice(self.mode, "mode", MODES)
+        check_choice(self.kind, "kind", tuple(sorted(KINDS)))
+        check_int(self.d, "d", minimum=0)
+        check_int(self.seed, "seed", minimum=0)
+        check_real(self.tol, "tol", minimum=0.0, min_inclusive=False, allow_none=True)
+        check_real(self.threshold, "threshold", minimum=0.0)
+        check_int(self.density_probes, "density_probes", minimum=0)
+        check_int(self.density_steps, "density_steps", minimum=1)
 
 
 def mean_loss_gradient(task: Any, loss_fn: Any, batch: Any) -> Any:
