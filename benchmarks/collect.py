@@ -1,4 +1,5 @@
-"""Regenerate BENCHMARKS.md from benchmarks/summary.md and the per-area results in benchmarks/results/."""
+"""Rebuild BENCHMARKS.md: the one-page summary (benchmarks/summary.md) and a list of the per-area results files
+(benchmarks/results/*.md, each with its first line as title), which keep every table and setting."""
 
 from pathlib import Path
 
@@ -7,15 +8,14 @@ ORDER = ["sketch_speed", "sketch_quality", "grads", "attribution", "spectrum", "
 
 
 def main() -> None:
-    parts = [(ROOT / "summary.md").read_text().rstrip(), "", "# Details"]
-    for name in ORDER:
+    parts = [(ROOT / "summary.md").read_text().rstrip(), "", "## Details", ""]
+    names = ORDER + sorted(p.stem for p in (ROOT / "results").glob("*.md") if p.stem not in ORDER)
+    for name in names:
         f = ROOT / "results" / f"{name}.md"
         if not f.exists():
             continue
-        text = f.read_text().rstrip()
-        # demote headings one level so each results file is a section of this document
-        lines = [("#" + ln) if ln.startswith("#") else ln for ln in text.splitlines()]
-        parts += ["", f"<!-- from benchmarks/results/{name}.md -->", *lines]
+        title = f.read_text().splitlines()[0].lstrip("# ").strip()
+        parts.append(f"- [{title}](benchmarks/results/{name}.md)")
     (ROOT.parent / "BENCHMARKS.md").write_text("\n".join(parts) + "\n")
 
 
