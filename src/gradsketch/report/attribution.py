@@ -139,7 +139,7 @@ def attribution_cards(test_idx: Sequence[int], topk: Any, test_ex: Mapping[int, 
               "<span><i class='sw' style='border-color:#2e7d32'></i>proponent: training on it lowers the test "
               "loss</span><span><i class='sw' style='border-color:#c62828'></i>opponent: training on it raises "
               f"the test loss</span><span><i class='sw' style='border-color:#e65100;background:#fff3e0'></i>"
-              f"{escape(flag_text)} training label</span></p>")
+              f"training example marked '{escape(flag_text)}'</span></p>")
     return legend + "".join(rows)
 
 
