@@ -82,8 +82,8 @@ def spectrum(
     typer.echo(f"model: {s['n_params']} parameters; operator {operator}, {how}")
     ends = _ends(res)
     typer.echo(f"{'#':>3}  {'end':>6}  {'eigenvalue':>14}  {'residual':>10}")
-    for i, (lam, r, e) in enumerate(zip(res.eigenvalues.tolist(), res.residuals.tolist(), ends), 1):
-        typer.echo(f"{i:>3}  {e:>6}  {lam:>14.6g}  {r:>10.2e}")
+    for i, (lam, r, end) in enumerate(zip(res.eigenvalues.tolist(), res.residuals.tolist(), ends), 1):
+        typer.echo(f"{i:>3}  {end:>6}  {lam:>14.6g}  {r:>10.2e}")
     typer.echo(f"operator products: {res.n_hvp}")
     if s["outliers"] is not None:
         typer.echo(f"outliers (λ/λ1 > {threshold:g}): {s['outliers']}"
