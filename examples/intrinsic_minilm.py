@@ -1,4 +1,5 @@
-"""Intrinsic dimension of fine-tuning pretrained MiniLM-L6 (+ linear head) on Rotten Tomatoes, offline.
+"""Intrinsic dimension of fine-tuning pretrained MiniLM-L6 (+ linear head) on Rotten Tomatoes, offline once the
+snippets are fetched (`gradsketch data fetch rotten-tomatoes` or `python examples/fetch_data.py`).
 
     python examples/intrinsic_minilm.py [--kind qk] [--n-train 1024] [--seq 24] [--batch 16]
         [--full-steps 60 | --full-metric ACC] [--steps 120] [--lr 0.05] [--eval-every 15] [--delta 0.005]

@@ -203,7 +203,7 @@ def test_attribution_report_shows_examples_labels_scores_and_flags(entry_dir):
     assert sum(c.startswith("pro") for c in cards) == sum(c.startswith("opp") for c in cards) == n_show * 5
     assert html.count("data:image/png;base64,") >= n_show * 11  # 16 inputs shown as 4×4 images
     first = z["indices"][0, 0]
-    assert f"train #{first}</b><br>label " in html and f"score {z['values'][0, 0]:+.3g}" in html
+    assert f"train #{first}</b><br>label " in html and f"score {z['values'][0, 0]:+.3g}</span>" in html
     flagged_shown = {3, 7} & set(z["indices"][:n_show, :5].ravel().tolist() + z["opponent_indices"][:n_show, :5]
                                  .ravel().tolist() + np.argsort(-z["self_influence"])[:12].tolist())
     assert flagged_shown and html.count("<span class='flagtxt'>mislabelled</span>") >= len(flagged_shown)

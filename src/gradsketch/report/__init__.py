@@ -40,7 +40,7 @@ padding:3px;background:#fff}
 .card img{width:84px;height:84px;image-rendering:pixelated;display:block;margin:0 auto 2px}
 .card.test{border-color:#1f4e9c}.card.pro{border-color:#2e7d32}.card.opp{border-color:#c62828}
 .card.flag{background:#fff3e0}.flagtxt{color:#e65100;font-weight:700}
-.score{font-family:ui-monospace,monospace}
+.score{font-size:11.5px;white-space:nowrap;letter-spacing:-.2px}
 .legend span{display:inline-block;margin-right:1.2em}
 .sw{display:inline-block;width:12px;height:12px;border:2px solid;vertical-align:middle;margin-right:4px}
 """

@@ -92,7 +92,9 @@ def example_cards(items: Sequence[dict[str, Any]]) -> str:
             body = ""
         if it.get("flagged"):
             cls.append("flag")
-        lines = [f"<b>{escape(it.get('title', ''))}</b>"] + [escape(s) for s in it.get("lines", [])]
+        lines = [f"<b>{escape(it.get('title', ''))}</b>"] + [
+            f"<span class='score'>{escape(s)}</span>" if s.startswith(("score", "self-influence")) else escape(s)
+            for s in it.get("lines", [])]
         if it.get("flagged"):
             lines.append(f"<span class='flagtxt'>{escape(it.get('flag_text', 'mislabelled'))}</span>")
         parts.append(f"<div class='{' '.join(c for c in cls if c)}'>{body}<div>{'<br>'.join(lines)}</div></div>")
