@@ -260,3 +260,19 @@ def test_demo_command_checks_its_options(tmp_path):
     r = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--kind", "gaussian"])
     assert_usage_error(r, "kind: expected one of")
     assert not (tmp_path / "d").exists()
+
+
+def test_text_examples_are_shown_as_text():
+    """Entry.examples given as strings (e.g. reviews) become text cards, escaped, with label and score."""
+    from types import SimpleNamespace
+
+    from gradsketch.report.attribution import attribution_cards
+
+    topk = SimpleNamespace(values=torch.tensor([[0.5]]), indices=torch.tensor([[1]]),
+                           opponent_values=torch.tensor([[-0.25]]), opponent_indices=torch.tensor([[0]]))
+    html = attribution_cards([0], topk, {0: ("a <great> film", 1)},
+                             {0: ("dull & slow", 0), 1: ("loved it", 1)}, 1, flagged=[True, False])
+    assert "<div class='card test text'><div class='txt'>a &lt;great&gt; film</div>" in html
+    assert "<div class='card opp text flag'><div class='txt'>dull &amp; slow</div>" in html
+    assert "score +0.5</span>" in html and "score -0.25</span>" in html and "flagtxt" in html
+    assert "data:image" not in html
