@@ -21,7 +21,7 @@ def sketches(quick: bool = typer.Option(False, "--quick", help="small sizes (n =
 
     ns = list(log2_n or []) or ([14, 16] if quick else [20, 22, 24])
     ds = list(log2_d or []) or ([8, 10] if quick else [10, 12, 14])
-    with usage_errors(("variants", "log2_n", "log2_d")):
+    with usage_errors(("log2_n", "log2_d")):
         if min(ns) < 1 or max(ns) > 30 or min(ds) < 1 or max(ds) > 30:
             raise ValueError(f"log2_n, log2_d: expected integers in [1, 30], got {ns} and {ds}")
         speed_table(ns, ds, variant or None, repeats=repeats if not quick else max(repeats, 5), memory=memory,
