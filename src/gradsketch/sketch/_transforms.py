@@ -11,7 +11,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from . import _native
+from . import _native, _triton
 
 
 def kron_apply(x: Tensor, mats: Sequence[Tensor], tail: int = 1) -> Tensor:
@@ -143,6 +143,26 @@ class _NativeWHT(torch.autograd.Function):
         return wht(t)
 
 
+class _TritonWHT(torch.autograd.Function):
+    """The normalised WHT by the Triton kernel (CUDA), differentiable to any order like :class:`_NativeWHT`."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+        return _triton.fwht(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        pass
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        return wht(g)
+
+    @staticmethod
+    def jvp(ctx, t: Tensor) -> Tensor:  # type: ignore[override]
+        return wht(t)
+
+
 def _wht_native(x: Tensor) -> Tensor:
     return _native.fwht_(x.contiguous().clone(), 1.0 / math.sqrt(x.shape[-1]))
 
@@ -157,14 +177,17 @@ def wht(x: Tensor, factor: int = 64) -> Tensor:
     """Normalised Walsh–Hadamard transform of every row, ``[M, 2^p] -> [M, 2^p]``.
 
     ``H_{2^p} = H_{b_1} ⊗ … ⊗ H_{b_K}`` for any split of p, so ``factor`` only changes speed. On the CPU
-    the cache-blocked native kernel (:mod:`._native`) computes it when available; otherwise, and inside
-    torch.func transforms, the Kronecker factors as batched GEMMs.
+    the cache-blocked native kernel (:mod:`._native`) computes it when available, on CUDA (float32/16/bf16)
+    the Triton kernel (:mod:`._triton`); otherwise, and inside torch.func transforms, the Kronecker factors
+    as batched GEMMs.
     """
     n = x.shape[-1]
     if native_wht_ok(x):
         if (torch.is_grad_enabled() and x.requires_grad) or torch.autograd.forward_ad._current_level >= 0:
             return _NativeWHT.apply(x)
         return _wht_native(x)
+    if x.dim() == 2 and _triton.usable(x):
+        return _TritonWHT.apply(x)
     mats = [hadamard(b, x.dtype, x.device) for b in pow2_split(n, factor)]
     return kron_apply(x, mats)
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _native
+from . import _native, _triton
 from ._random import derive_seed, generator
 from ._transforms import (
     balanced_factors,
@@ -119,6 +119,8 @@ class _Hashed:
         # Accumulate in the transposed [d, M] layout: index_add along dim 0 moves contiguous rows of M
         # values, while along dim 1 torch's CPU kernel loops over n strided column slices (measured 1.2-5.6x
         # slower for M = 8..128, n = 3k..1M).
+        if _triton.usable(x):
+            return _TritonSJLTFn.apply(x, rows, vals, d)
         y = x.new_zeros(d, x.shape[0])
         for j in range(rows.shape[0]):
             y = y.index_add(0, rows[j], (x * vals[j]).T)
@@ -130,6 +132,8 @@ class _Hashed:
         native scatter kernel when it applies (each output row stays in cache while its input streams by)."""
         if _native.usable(u):
             return _native.sjlt(u, rows, vals, d)
+        if _triton.usable(u):
+            return _triton.sjlt(u, rows, vals, d)
         y = u.new_zeros(u.shape[0], d)
         t = tmp[: u.numel()].view(u.shape)
         for j in range(rows.shape[0]):
@@ -144,6 +148,27 @@ class _Hashed:
         for j in range(1, rows.shape[0]):
             out = out + y[:, rows[j]] * vals[j]
         return out
+
+
+class _TritonSJLTFn(torch.autograd.Function):
+    """The CountSketch scatter by the Triton kernel under autograd and forward-mode AD: the backward is
+    the adjoint gather (torch), the tangent map the scatter itself."""
+
+    @staticmethod
+    def forward(x, rows, vals, d):  # type: ignore[override]
+        return _triton.sjlt(x, rows, vals, d)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        _, ctx.rows, ctx.vals, ctx.d = inputs
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return _Hashed.adjoint(g, ctx.rows, ctx.vals), None, None, None
+
+    @staticmethod
+    def jvp(ctx, t, *_):  # type: ignore[override]
+        return _Hashed.forward(t, ctx.rows, ctx.vals, ctx.d)
 
 
 class SJLTSketch(Sketch):
@@ -226,6 +251,16 @@ def _pre_mats(kind: str, n_pad: int, mats: list[Tensor], x: Tensor) -> list[Tens
     return wht_mats(n_pad, WHT_FACTOR_FAST, x.dtype, x.device) if kind == "hadamard" else mats
 
 
+def _pre_load_apply(kind: str, xc: Tensor, n_pad: int, signs: Tensor | None, pm: list[Tensor],
+                    bufs: tuple[Tensor, Tensor]) -> Tensor:
+    """The full pre-conditioner on ``pad(xc)·signs``: on CUDA one Triton pass over ``xc`` with the padding
+    and the signs fused into the transform's first pass; elsewhere :func:`_load` into ``bufs[0]`` and
+    :func:`_pre_apply`."""
+    if kind == "hadamard" and _triton.usable(xc):
+        return _triton.fwht(xc, n_pad, mult=signs)
+    return _pre_apply(kind, _load(xc, n_pad, bufs[0], signs), pm, bufs)
+
+
 def _pre_apply(kind: str, u: Tensor, pm: list[Tensor], bufs: tuple[Tensor, Tensor]) -> Tensor:
     """The full pre-conditioner on a loaded block ``u`` that lives in ``bufs[0]``: the native FWHT in
     place when it applies, else :func:`kron_rot` into the buffers."""
@@ -303,6 +338,11 @@ class _NativeRestricted:
                 return _native.whtsel_t(u.view(m, -1, self.r), self.b, sel, 1.0 / math.sqrt(self.b), src=src,
                                         mult=mult)
             return _native.whtsel(u, self.b, sel, 1.0 / math.sqrt(self.b), src=src, mult=mult)
+        if _triton.usable(u):
+            if adjoint:
+                return _triton.whtsel_t(u.reshape(m, -1, self.r), self.b, sel, 1.0 / math.sqrt(self.b), src=src,
+                                        mult=mult)
+            return _triton.whtsel(u, self.b, sel, 1.0 / math.sqrt(self.b), src=src, mult=mult)
         a = sk._rmats(u.dtype)[-1]  # type: ignore[attr-defined]
         if adjoint:
             out = (u.reshape(m, -1, self.r) @ a).reshape(m, -1)
@@ -321,7 +361,7 @@ class _NativeRestricted:
 
     def _last_any(self, sk: Sketch, u: Tensor, mult: Tensor | None, adjoint: bool) -> Tensor:
         u = u.contiguous()
-        if _native.usable(u):
+        if _native.usable(u) or _triton.usable(u):
             return _LastFactorFn.apply(u, self, sk, mult, adjoint)
         return self.last(sk, u, mult, adjoint)
 
@@ -464,7 +504,7 @@ class FJLSketch(_StructuredBase):
         rows, vals = self._bufs["rows"], self._buf("vals", x.dtype)
 
         def fn(xc: Tensor, bufs: tuple[Tensor, Tensor]) -> Tensor:
-            u = _pre_apply(self.preconditioner, _load(xc, self.n_pad, bufs[0], signs), pm, bufs)
+            u = _pre_load_apply(self.preconditioner, xc, self.n_pad, signs, pm, bufs)
             tmp = bufs[1] if u.data_ptr() == bufs[0].data_ptr() else bufs[0]
             return _Hashed.forward_into(u, rows, vals, self.d, tmp)
 
@@ -542,8 +582,8 @@ class AFFDSketch(_StructuredBase):
         nr = self._native_r
 
         def fn(xc: Tensor, bufs: tuple[Tensor, Tensor]) -> Tensor:
-            u = _pre_apply(self.preconditioner, _load(xc, self.n_pad, bufs[0], signs), pm, bufs)  # in a buffer
-            if nr is not None and _native.usable(u):
+            u = _pre_load_apply(self.preconditioner, xc, self.n_pad, signs, pm, bufs)
+            if nr is not None and (_native.usable(u) or _triton.usable(u)):
                 return nr(self, u, rm, gs)[:, : self.d]  # the G·scale product is fused into the kernel
             u.mul_(gs)
             return kron_rot(u, rm, bufs)[:, : self.d]
@@ -629,7 +669,7 @@ class AFJLSketch(_StructuredBase):
         nr = self._native_r
 
         def fn(xc: Tensor, bufs: tuple[Tensor, Tensor]) -> Tensor:
-            if nr is not None and _native.usable(xc):
+            if nr is not None and (_native.usable(xc) or _triton.usable(xc)):
                 if xc.shape[1] == self.n_pad:  # the signs are fused into the kernel: one pass over x
                     return nr(self, xc, rm, signs)[:, : self.d] * gs
                 return nr(self, _load(xc, self.n_pad, bufs[0], signs), rm, None)[:, : self.d] * gs
