@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .posthoc import CMDResult
 
@@ -38,6 +39,7 @@ def reference_trajectories(result: CMDResult, normalize: bool = True, max_modes:
     for m, r in enumerate(ref):
         y = (r - r.mean()) / (r.std() or 1.0) if normalize else r
         ax.plot(x, y, label=f"mode {m} ({sizes[m]:,} weights)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("snapshot")
     ax.set_ylabel("reference weight" + (" (z-score)" if normalize else ""))
     ax.set_title("CMD reference trajectories")
@@ -61,7 +63,7 @@ def mode_membership(result: CMDResult, max_layers: int = 30) -> Figure:
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("fraction of the layer's weights")
     ax.set_title("CMD mode membership per layer")
-    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
