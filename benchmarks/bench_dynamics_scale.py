@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 from gradsketch.dynamics import Trajectory, cmd
 path, m, block, what = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -50,7 +50,9 @@ else:
     out = {"modes": res.n_modes, "rel_error": res.rel_error, "agree": agree / len(truth),
            "refs_distinct_planted": len(set(ref_truth.tolist()))}
 out["seconds"] = time.perf_counter() - t0
-out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: peak resident set of THIS process image (ru_maxrss would include the parent's peak at fork)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+out["maxrss_mb"] = int(hwm.split()[1]) / 1024
 print(json.dumps(out))
 """
 
@@ -102,16 +104,20 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=10)
     p.add_argument("--modes", type=int, default=10)
     p.add_argument("--noise", type=float, default=0.01)
-    p.add_argument("--block", type=int, default=1 << 17)
+    p.add_argument("--block", type=int, default=1 << 16)
     p.add_argument("--dir", type=Path, default=Path("/tmp/cmd_scale"))
-    p.add_argument("--keep", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep the trajectory on disk afterwards")
+    p.add_argument("--reuse", action="store_true", help="reuse a trajectory kept by an earlier --keep run")
     args = p.parse_args()
     torch.set_num_threads(1)
     args.dir.mkdir(parents=True, exist_ok=True)
     path = args.dir / "traj"
-    if path.exists():
-        shutil.rmtree(path)
-    wt = write(path, args.n, args.snapshots, args.layers, args.modes, args.noise, 0)
+    if args.reuse and (path / "manifest.json").exists() and Path(str(path) + ".modes.npy").exists():
+        wt = float("nan")  # written by an earlier run with the same settings
+    else:
+        if path.exists():
+            shutil.rmtree(path)
+        wt = write(path, args.n, args.snapshots, args.layers, args.modes, args.noise, 0)
     size_mb = args.n * args.snapshots * 4 / 2**20
     read = child(path, args.modes, args.block, "read")
     res = child(path, args.modes, args.block, "cmd")
@@ -130,7 +136,8 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(path)
         os.unlink(str(path) + ".modes.npy")
-    print(f"peak RSS of the writer process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"peak RSS of the writer process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
+          "(measured children report their own VmHWM)")
 
 
 if __name__ == "__main__":

@@ -295,3 +295,11 @@ def test_plots_render(tmp_path):
     heights = [p.get_height() for p in figs[1].axes[0].patches]
     assert np.allclose(np.sum(np.reshape(heights, (3, 2)), axis=0), 1.0)  # fractions per layer sum to 1
     assert matplotlib.get_backend() == backend
+
+
+def test_input_not_modified():
+    x, *_ = planted()
+    before = x.copy()
+    t = torch.from_numpy(x)
+    cmd(t, n_modes=3, n_samples=40, block=7)
+    np.testing.assert_array_equal(x, before)

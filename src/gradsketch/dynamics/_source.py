@@ -57,9 +57,18 @@ class Source:
     def out_dtype(self):
         return np.float64 if self.exact64 else np.float32
 
-    def columns(self, index: np.ndarray) -> np.ndarray:
+    def columns(self, index: np.ndarray, block: int = 2**16) -> np.ndarray:
+        """Trajectories ``[len(index), E]`` (float64) of the weights at ``index`` (sorted, unique)."""
         if self.traj is not None:
-            return self.traj.columns(index)
+            # one streaming pass: random columns through a memory map would fault in (and keep resident)
+            # the pages around every sampled column, i.e. most of the file
+            index = np.asarray(index, dtype=np.int64)
+            out = np.empty((len(index), self.e), dtype=np.float64)
+            for s, e, x in self.traj.blocks(block):
+                lo, hi = np.searchsorted(index, [s, e])
+                if hi > lo:
+                    out[lo:hi] = x[index[lo:hi] - s]
+            return out
         assert self.mem is not None
         return np.asarray(self.mem[np.asarray(index)], dtype=np.float64)
 
@@ -70,7 +79,7 @@ class Source:
         assert self.mem is not None
         for s in range(0, self.n, block):
             e = min(s + block, self.n)
-            yield s, e, np.asarray(self.mem[s:e], dtype=np.float64)
+            yield s, e, np.array(self.mem[s:e], dtype=np.float64)  # a copy: callers may modify it
 
     def snapshot(self, t: int) -> np.ndarray:
         if self.traj is not None:

@@ -240,7 +240,7 @@ def cmd(trajectory, n_modes: int = 10, *, n_samples: int = 1000, sampling: str =
     rng = np.random.default_rng(seed)
     sample = _sample(src, k, sampling, cand, std, rng)
     del std
-    s_traj = src.columns(sample)[:, start:]
+    s_traj = src.columns(sample, block)[:, start:]
     corr = np.abs(np.corrcoef(s_traj))
     np.fill_diagonal(corr, 1.0)
     sample_modes = _cluster(corr, m)
@@ -269,9 +269,13 @@ def cmd(trajectory, n_modes: int = 10, *, n_samples: int = 1000, sampling: str =
     kept_idx = np.flatnonzero(kept)
     kept_vals = []
     for s, t, x in blocks("cmd: assign and fit"):
+        kb = kept[s:t]
+        if kb.any():
+            kept_vals.append(x[kb])
         mu = x.mean(axis=1)
-        xc = x - mu[:, None]
-        xn = np.linalg.norm(xc, axis=1)
+        ss_rows = np.einsum("ij,ij->i", x, x)
+        xc = np.subtract(x, mu[:, None], out=x)  # centred in place (blocks are fresh copies)
+        xn = np.sqrt(np.einsum("ij,ij->i", xc, xc))
         proj = xc @ ref_hat.T                    # [b, M] = ‖xc‖ · corr
         with np.errstate(invalid="ignore", divide="ignore"):
             c_abs = np.abs(proj) / np.where(xn > 0, xn, 1.0)[:, None]
@@ -282,17 +286,20 @@ def cmd(trajectory, n_modes: int = 10, *, n_samples: int = 1000, sampling: str =
         bi = mu - ai * ref_mean[mo]
         mo = mo.astype(np.int32)
         mo[const] = CONSTANT
-        kb = kept[s:t]
         if kb.any():
-            kept_vals.append(x[kb])
             mo[kb] = KEPT
             ai[kb] = 0.0
             bi[kb] = 0.0
-        resid = x - (ai[:, None] * ref[np.maximum(mo, 0)] + bi[:, None])
-        resid[kb] = 0.0
+        # residual x - a w_r - b = xc - a (w_r - mean w_r), computed explicitly (no cancellation)
+        tmp = ref_c[np.maximum(mo, 0)]
+        tmp *= ai[:, None]
+        xc -= tmp
+        del tmp
+        sse_rows = np.einsum("ij,ij->i", xc, xc)
+        sse_rows[kb] = 0.0
         lid = np.searchsorted(starts, np.arange(s, t), side="right") - 1
-        sse += np.bincount(lid, weights=(resid ** 2).sum(axis=1), minlength=n_layers)
-        ss += np.bincount(lid, weights=(x ** 2).sum(axis=1), minlength=n_layers)
+        sse += np.bincount(lid, weights=sse_rows, minlength=n_layers)
+        ss += np.bincount(lid, weights=ss_rows, minlength=n_layers)
         good = mo >= 0
         np.add.at(counts, (lid[good], mo[good]), 1)
         modes[s:t], a[s:t], b[s:t] = mo, ai, bi
