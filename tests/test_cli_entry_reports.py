@@ -203,6 +203,7 @@ def test_attribution_report_shows_examples_labels_scores_and_flags(entry_dir):
     assert sum(c.startswith("pro") for c in cards) == sum(c.startswith("opp") for c in cards) == n_show * 5
     assert html.count("data:image/png;base64,") >= n_show * 11  # 16 inputs shown as 4×4 images
     first = z["indices"][0, 0]
+    assert html.count("<br>predicted ") == n_show  # the model (eval mode) predicts each shown test example
     assert f"train #{first}</b><br>label " in html and f"score {z['values'][0, 0]:+.3g}</span>" in html
     flagged_shown = {3, 7} & set(z["indices"][:n_show, :5].ravel().tolist() + z["opponent_indices"][:n_show, :5]
                                  .ravel().tolist() + np.argsort(-z["self_influence"])[:12].tolist())
@@ -276,3 +277,19 @@ def test_text_examples_are_shown_as_text():
     assert "<div class='card opp text flag'><div class='txt'>dull &amp; slow</div>" in html
     assert "score +0.5</span>" in html and "score -0.25</span>" in html and "flagtxt" in html
     assert "data:image" not in html
+
+
+def test_report_predictions_never_change_the_model():
+    """Predicted classes in the report come from a forward pass only where that pass cannot change the model:
+    a BatchNorm layer in train mode (it would update its running statistics) means no predictions."""
+    from gradsketch.report.attribution import predicted_classes
+
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    bn = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).train()
+    before = bn[1].running_mean.clone()
+    assert predicted_classes(bn, [(x, None)], [0, 1]) == {}
+    assert torch.equal(bn[1].running_mean, before)
+    bn.eval()
+    with torch.no_grad():
+        expect = bn(x).argmax(1)
+    assert predicted_classes(bn, [(x[:4], None), (x[4:], None)], [1, 5]) == {1: int(expect[1]), 5: int(expect[5])}

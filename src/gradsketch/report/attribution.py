@@ -16,7 +16,8 @@ import numpy as np
 
 from . import escape, image_to_img, table, write_page
 
-__all__ = ["example_cards", "collect_examples", "attribution_cards", "write_attribution_report"]
+__all__ = ["example_cards", "collect_examples", "attribution_cards", "predicted_classes",
+           "write_attribution_report"]
 
 
 def _as_display(x: Any) -> Any:
@@ -164,11 +165,14 @@ def write_attribution_report(path: str | os.PathLike, entry: Any, topk: Any, sum
     test_ex = _views(entry, "test", show)
     train_ex = _views(entry, "train", sorted(set(train_ids) | set(si_top)))
     flagged = getattr(entry, "flagged", None)
+    preds = predicted_classes(getattr(entry, "model", None), getattr(entry, "test", None), show)
+    caption = {t: f"predicted {p}" for t, p in preds.items()}
     setup = [[key, str(summary.get(key))] for key in ("entry", "command", "method", "sketch", "mode", "store",
                                                       "n_train", "n_test", "k") if key in summary]
     sections = [("Setup", table(setup, ["", ""]))]
     sections.append((f"Proponents and opponents of the first {len(show)} test examples",
-                     attribution_cards(show, topk, test_ex, train_ex, n_each, flagged=flagged)
+                     attribution_cards(show, topk, test_ex, train_ex, n_each, flagged=flagged,
+                                       test_caption=caption)
                      + "<p class='note'>The full top-k of every test example is in attribution.npz "
                        "(indices, values, opponent_indices, opponent_values).</p>"))
     if si_top:
@@ -190,6 +194,48 @@ def write_attribution_report(path: str | os.PathLike, entry: Any, topk: Any, sum
         sections.append(("Timing", table([[k_, f"{v:.2f} s"] for k_, v in timings.items()], ["step", "wall time"])))
     write_page(path, f"gradsketch attribute: {summary.get('entry', '')}", sections)
     return os.fspath(path)
+
+
+def predicted_classes(model: Any, data: Any, ids: Sequence[int]) -> dict[int, int]:
+    """``{index: argmax class}`` for the ``ids`` of ``data`` (batches ``(x, ...)``), from a model whose output
+    is logits ``[B, C]`` (or carries ``.logits``); empty when a layer in train mode would make the forward pass
+    change the model or its output (BatchNorm statistics, dropout) or when the output is not a classifier's.
+
+    >>> import torch
+    >>> m = torch.nn.Linear(2, 3)
+    >>> sorted(predicted_classes(m, [(torch.zeros(4, 2), None)], [1, 3]))
+    [1, 3]
+    """
+    import torch
+
+    want = {int(i) for i in ids}
+    if not want or data is None or not isinstance(model, torch.nn.Module):
+        return {}
+    for mod in model.modules():
+        if mod.training and (getattr(mod, "running_mean", None) is not None
+                             or (isinstance(mod, torch.nn.modules.dropout._DropoutNd) and mod.p > 0)):
+            return {}
+    out: dict[int, int] = {}
+    start = 0
+    with torch.no_grad():
+        for batch in data:
+            if not isinstance(batch, (tuple, list)) or not batch or not isinstance(batch[0], torch.Tensor):
+                return {}
+            n = int(batch[0].shape[0])
+            if want & set(range(start, start + n)):
+                try:
+                    z = model(batch[0])
+                except (RuntimeError, TypeError, ValueError):
+                    return {}
+                z = getattr(z, "logits", z)
+                if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[0] != n:
+                    return {}
+                pred = z.argmax(1).tolist()
+                out.update({i: int(pred[i - start]) for i in range(start, start + n) if i in want})
+            start += n
+            if start > max(want):
+                break
+    return out
 
 
 def _views(entry: Any, split: str, ids: Sequence[int]) -> dict[int, tuple[Any, Any]]:
