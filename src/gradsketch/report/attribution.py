@@ -141,8 +141,9 @@ def attribution_cards(test_idx: Sequence[int], topk: Any, test_ex: Mapping[int, 
     legend = ("<p class='legend note'><span><i class='sw' style='border-color:#1f4e9c'></i>test example</span>"
               "<span><i class='sw' style='border-color:#2e7d32'></i>proponent: training on it lowers the test "
               "loss</span><span><i class='sw' style='border-color:#c62828'></i>opponent: training on it raises "
-              f"the test loss</span><span><i class='sw' style='border-color:#e65100;background:#fff3e0'></i>"
-              f"training example marked '{escape(flag_text)}'</span></p>")
+              "the test loss</span>"
+              + ("" if flags is None else "<span><i class='sw' style='border-color:#e65100;background:#fff3e0'></i>"
+                 f"training example marked '{escape(flag_text)}'</span>") + "</p>")
     return legend + "".join(rows)
 
 
