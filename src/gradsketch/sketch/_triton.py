@@ -99,6 +99,13 @@ def usable(x: Tensor) -> bool:
     return kernels() is not None
 
 
+def _warps(elems: int) -> int:
+    """Warps per program for a register tile of ``elems`` float32 values: about 16 values per thread (a
+    sm_90 compile of the strided FWHT pass with an 8192 tile takes 250 registers per thread at 4 warps,
+    64 at 16)."""
+    return max(4, min(16, elems // 512))
+
+
 def _log2(n: int, what: str) -> int:
     if n < 1 or n & (n - 1):
         raise ValueError(f"{what}: expected a power of two, got {n}")
@@ -145,14 +152,14 @@ def fwht(x: Tensor, n_pad: int | None = None, mult: Tensor | None = None, scale:
     bg = max(1, min(groups, TILE >> r0))
     k.fwht_fast_kernel[(m, -(-groups // bg))](
         x, mid, mult if mult is not None else x, n, n, n_pad, groups, scale if len(passes) == 1 else 1.0,
-        LOG_R=r0, BG=bg, HAS_MULT=mult is not None)
+        LOG_R=r0, BG=bg, HAS_MULT=mult is not None, num_warps=_warps(bg << r0))
     c = 1 << r0
     for i, lr in enumerate(passes[1:]):
         last = i == len(passes) - 2
         bc = max(1, min(c, STRIDED_TILE >> lr))
         blocks = m * (n_pad // (c << lr))
         k.fwht_strided_kernel[(blocks, c // bc)](mid, out if last else mid, c, scale if last else 1.0,
-                                                  LOG_R=lr, BC=bc)
+                                                  LOG_R=lr, BC=bc, num_warps=_warps(bc << lr))
         c <<= lr
     return out
 
@@ -190,7 +197,8 @@ def whtsel(x: Tensor, b: int, sel: Tensor, scale: float, src: Tensor | None = No
     bg = max(1, min(1 << max(0, (groups - 1).bit_length()), TILE >> lb))
     k.whtsel_kernel[(m, -(-groups // bg))](
         x, out, src if src is not None else sel, mult if mult is not None else x, sel, n, groups, r, float(scale),
-        LOG_B=lb, LOG_RS=lrs, BG=bg, HAS_SRC=src is not None, HAS_MULT=mult is not None)
+        LOG_B=lb, LOG_RS=lrs, BG=bg, HAS_SRC=src is not None, HAS_MULT=mult is not None,
+        num_warps=_warps(bg << lb))
     return out
 
 
@@ -212,7 +220,8 @@ def whtsel_t(y: Tensor, b: int, sel: Tensor, scale: float, src: Tensor | None = 
     bg = max(1, min(1 << max(0, (groups - 1).bit_length()), TILE >> lb))
     k.whtsel_t_kernel[(m, -(-groups // bg))](
         y, out, src if src is not None else inv, mult if mult is not None else y, inv, n, groups, r, float(scale),
-        LOG_B=lb, LOG_RS=lrs, BG=bg, HAS_SRC=src is not None, HAS_MULT=mult is not None)
+        LOG_B=lb, LOG_RS=lrs, BG=bg, HAS_SRC=src is not None, HAS_MULT=mult is not None,
+        num_warps=_warps(bg << lb))
     return out
 
 
@@ -232,6 +241,7 @@ def sjlt(x: Tensor, rows: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype |
     if m and n:
         bm = min(16, 1 << max(0, (m - 1).bit_length()))
         bn = max(16, TILE // bm)
-        k.sjlt_kernel[(-(-n // bn), -(-m // bm))](x, rows, vals, y, m, n, d, s, BM=bm, BN=bn)
+        k.sjlt_kernel[(-(-n // bn), -(-m // bm))](x, rows, vals, y, m, n, d, s, BM=bm, BN=bn,
+                                                  num_warps=_warps(bm * bn))
     od = out_dtype or x.dtype
     return y if od == torch.float32 else y.to(od)
