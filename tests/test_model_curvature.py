@@ -7,7 +7,8 @@ import torch
 from test_model_common import batches, digits, gpt2, token_batch
 
 from gradsketch.linalg import LinearOperator
-from gradsketch.model import Task, causal_lm_loss, classifier_loss, sketched
+from gradsketch.curvature import sketched
+from gradsketch.model import Task, causal_lm_loss, classifier_loss
 from gradsketch.sketch import sketch
 
 TOL = 1e-10
@@ -28,7 +29,7 @@ def explicit_hessian(task: Task, X, y) -> torch.Tensor:
     p0 = task.params_dict()
 
     def mean_loss(flat):
-        return task._losses(task.unflatten(flat), (X, y), len(X)).mean()
+        return task.losses_at(task.unflatten(flat), (X, y), len(X)).mean()
 
     return torch.func.hessian(mean_loss)(task.flatten(p0))
 
@@ -49,7 +50,7 @@ def test_hvp_equals_torch_func_hessian_and_finite_difference(method):
     flat = task.flatten(task.params_dict())
 
     def gmean(f):
-        return torch.func.grad(lambda q: task._losses(task.unflatten(q), (X, y), len(X)).mean())(f)
+        return torch.func.grad(lambda q: task.losses_at(task.unflatten(q), (X, y), len(X)).mean())(f)
 
     fd = (gmean(flat + eps * v) - gmean(flat - eps * v)) / (2 * eps)
     torch.testing.assert_close(H @ v, fd, atol=1e-7, rtol=0)

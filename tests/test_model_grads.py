@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from test_model_common import cnn, digits, gpt2, loop_grads, mlp, token_batch
 
+import gradsketch
 from gradsketch.model import (
     Task,
     causal_lm_loss,
@@ -44,7 +45,7 @@ def test_gpt2_per_example_grads_match_loop_and_padding_changes_nothing():
     batch = token_batch(3, 10, pad_rows={1: 6})
     task = Task(model, causal_lm_loss(reduction="mean"))
     G = task.grads(batch)
-    assert not task._use_loop  # eager attention: vmap traces GPT-2
+    assert not gradsketch.gradients.uses_loop(task)  # eager attention: vmap traces GPT-2
 
     def one(i):
         ids, m = batch["input_ids"][i:i + 1], batch["attention_mask"][i:i + 1]

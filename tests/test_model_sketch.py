@@ -37,11 +37,11 @@ def test_unhooked_explicit_and_implicit_paths(per_example):
     """per_example="vmap"/"loop" bypass the hook engine: explicit mode sketches vmapped (or looped) per-example
     gradients, implicit mode differentiates L(θ0 + Φᵀω) at ω = 0 literally. Both equal Φ(exact gradients),
     on a CNN (Conv2d, in-place ReLU) and on GPT-2 with padding."""
-    from gradsketch.model import sketching
+    from gradsketch.gradients import sketching
 
     X, y = digits(9, image=True)
     task = Task(cnn(), classifier_loss(), per_example=per_example)
-    assert sketching._hook_engine(task) is None
+    assert sketching.hook_engine(task) is None
     S = task.block_sketch(64, kind="qk", seed=4)
     G = task.grads((X, y))
     for mode in ("explicit", "implicit"):
@@ -132,7 +132,7 @@ def test_factored_gpt2_tied_embeddings_layernorm_and_padding():
     torch.testing.assert_close(out, _kron_expected(task, S, G), atol=TOL, rtol=0)
     # every parameter (position embeddings of position_ids [1, T] included) goes through the hooks
     from gradsketch.model._batch import SplitBatch
-    from gradsketch.model.factored import FactoredEngine
+    from gradsketch.gradients.factored import FactoredEngine
 
     engine = FactoredEngine(task, S)
     engine.batch(SplitBatch(data[0]))
@@ -240,7 +240,7 @@ def test_factored_version1_spec_rebuilds_unfolded_map():
     task = Task(mlp(), classifier_loss())
     S = task.factored_sketch(64, seed=1)
     old = {k: v for k, v in S.spec.items() if k not in ("version", "bias_of", "offsets")}
-    from gradsketch.model.factored import factor_pair
+    from gradsketch.gradients.factored import factor_pair
 
     # version 1 planned every weight (without its bias) as a full-d Kronecker block by factor_pair
     old["blocks"] = {}
@@ -318,7 +318,7 @@ def test_sketch_grads_batches_of_changing_size_and_iterators():
 
 
 def test_block_plan_keeps_a_small_side_whole():
-    from gradsketch.model.factored import block_plan, factor_pair
+    from gradsketch.gradients.factored import block_plan, factor_pair
 
     # a 10-class head with its bias: ten output gradients are kept exact, the 1025 inputs go to 409
     assert factor_pair(4096, 10, 1025) == (8, 512)
@@ -361,7 +361,7 @@ def test_weight_also_used_outside_its_module_is_caught_by_the_self_check():
         expected = _kron_expected(task, S, G) if mode == "factored" else S(_blocks(task, G))
         if mode == "factored":  # the moved weight's block is computed from its exact per-example gradient
             from gradsketch.model._batch import SplitBatch
-            from gradsketch.model.factored import FactoredEngine
+            from gradsketch.gradients.factored import FactoredEngine
 
             eng = FactoredEngine(task, S)
             eng.batch(SplitBatch((X, y)))

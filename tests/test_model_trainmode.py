@@ -114,7 +114,7 @@ def test_batch_statistics_refused_before_any_forward(case, kind, per_example):
     assert re.search(what, msg) and re.search(advice, msg)
     assert "depends on the other examples" in msg and "GroupNorm or LayerNorm" in msg
     assert_same_state(model, before)
-    assert not task._validated
+    assert not task.validated
 
 
 def test_refusal_vmap_mode_sync_and_lazy_batchnorm_and_several_layers():

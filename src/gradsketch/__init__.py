@@ -8,13 +8,14 @@ trace, solvers on any linear operator), ``model`` (Task: per-example gradients, 
 __version__ = "0.1.0"
 
 # ``gradsketch.spectrum`` is the subpackage, made callable: ``gradsketch.spectrum(task, data, k=...)``.
-from . import datasets, dynamics, eval, linalg, optim, spectrum  # dynamics: CMD of training dynamics
+from . import curvature, datasets, dynamics, eval, gradients, linalg, optim, spectrum  # dynamics: CMD
 from .attribution import Attributor, TopK, classification_margin
+from .curvature import FisherOperator, GGNOperator, HessianOperator, sketched
 from .entry import Entry, load_entry  # the one entry-point form of the CLI commands
 from .intrinsic import IntrinsicDimResult, SubspaceModel, intrinsic_dimension
 from .intrinsic import train as train_subspace
 from .linalg import LinearOperator, MatrixOperator
-from .model import FactoredSketch, FisherOperator, GGNOperator, HessianOperator, Task, losses, sketched
+from .model import FactoredSketch, Task, losses
 from .sketch import BlockSketch, Sketch, sketch, sketch_from_spec
 from .spectrum import DensityResult, SpectrumResult, SpectrumSeries, density, spectrum_over_checkpoints, trace
 from .store import CorruptChunkError, GradientStore, fingerprint_model
@@ -25,7 +26,8 @@ __all__ = [
     "Attributor", "TopK", "classification_margin", "eval",
     "sketch", "Sketch", "BlockSketch", "sketch_from_spec",
     "linalg", "LinearOperator", "MatrixOperator",
-    "Task", "FactoredSketch", "HessianOperator", "GGNOperator", "FisherOperator", "sketched", "losses",
+    "Task", "gradients", "curvature", "FactoredSketch",
+    "HessianOperator", "GGNOperator", "FisherOperator", "sketched", "losses",
     "GradientStore", "CorruptChunkError", "fingerprint_model", "fill_store",
     "SubspaceModel", "intrinsic_dimension", "IntrinsicDimResult", "train_subspace",
     "spectrum", "SpectrumResult", "density", "DensityResult", "trace", "spectrum_over_checkpoints", "optim",

@@ -384,7 +384,7 @@ class Attributor:
                 r0 += blk.shape[0]
 
     def _curvature_op(self, data: Iterable, sketch: Any) -> Any:
-        from ..model import sketched
+        from ..curvature import sketched
 
         curv = _check_choice(self._opt("curvature", "hessian"), "curvature", ("hessian", "ggn"))
         hdata = self._opt("hessian_data", None) or data

@@ -3,30 +3,28 @@
 Eigenpairs: :func:`lanczos`, :func:`eigsh` (ARPACK bridge), :func:`arnoldi` + :func:`distill`,
 :func:`arnoldi_eigs`. Trace: :func:`hutchinson`, :func:`hutchpp`. Spectral density: :func:`slq`.
 Inverse products: :func:`cg`, :func:`lissa`. Streaming: :class:`FrequentDirections`.
-Operator algebra (``A.T``, ``A @ B``, ``A + B``, ``c * A``, ``A.damped(λ)``, ``A.inverse(λ, method)``) and
+Operator algebra (``A.T``, ``A @ B``, ``A + B``, ``c * A``, ``A.damped(λ)``, ``inverse(A, λ, method)``) and
 inverse operators: :mod:`gradsketch.linalg.operator`.
 """
 
 from .arnoldi import ArnoldiResult, Distilled, arnoldi, arnoldi_eigs, distill
 from .frequent_directions import FrequentDirections
+from .inverse import CGInverse, LiSSAInverse, inverse
 from .lanczos import EigResult, eigsh, lanczos, symmetry_defect
 from .operator import (
     AdjointOperator,
-    CGInverse,
     CholeskyInverse,
     DampedOperator,
     EigenOperator,
     FunctionOperator,
     IdentityOperator,
     LinearOperator,
-    LiSSAInverse,
     MatrixOperator,
     ProductOperator,
     SumOperator,
     WoodburyInverse,
     dense_inverse,
     gram,
-    inverse,
     ridge_inverse,
 )
 from .slq import SLQResult, slq

@@ -1,16 +1,11 @@
-"""Models as tasks: per-example gradients (exact, sketched, factored) and curvature operators.
+"""Models as tasks: a :class:`Task` declares a model, its per-example loss, the output function for the GGN
+and the parameters to differentiate; the losses module holds per-example loss helpers.
 
-``Task(model, loss_fn, params)`` is the entry point; see :mod:`gradsketch.model.task`.
+Per-example gradients live in :mod:`gradsketch.gradients`, curvature operators in
+:mod:`gradsketch.curvature`; both import Task and are never imported by this package.
 """
 
-from .curvature import (
-    CurvatureOperator,
-    FisherOperator,
-    GGNOperator,
-    HessianOperator,
-    sketched,
-)
-from .factored import FactoredSketch
+from ..sketch import FactoredSketch
 from .losses import (
     causal_lm_loss,
     causal_lm_per_example,
@@ -23,11 +18,6 @@ from .task import Task
 __all__ = [
     "Task",
     "FactoredSketch",
-    "CurvatureOperator",
-    "HessianOperator",
-    "GGNOperator",
-    "FisherOperator",
-    "sketched",
     "cross_entropy_per_example",
     "mse_per_example",
     "causal_lm_per_example",

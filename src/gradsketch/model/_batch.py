@@ -106,3 +106,12 @@ def data_len(data: Iterable) -> int | None:
         return len(data)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def progress_iter(iterable: Iterable, progress: bool, desc: str, total: int | None = None) -> Iterable:
+    """``iterable`` wrapped in a tqdm bar when ``progress`` (else unchanged)."""
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.parameter import UninitializedBuffer
 
 from ._batch import SplitBatch
+
+if TYPE_CHECKING:
+    from ..curvature import FisherOperator, GGNOperator, HessianOperator
+    from ..linalg import LinearOperator
+    from ..sketch import BlockSketch, FactoredSketch
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -58,14 +62,6 @@ def _batch_statistics(mod: nn.Module) -> bool:
     if not isinstance(mod, _BatchNorm):
         return False
     return bool(mod.training) or (mod.running_mean is None and mod.running_var is None)
-
-
-def _tqdm(iterable: Iterable, progress: bool, desc: str, total: int | None = None) -> Iterable:
-    if not progress:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
 class Task:
@@ -146,7 +142,6 @@ class Task:
         self.n_params = int(sum(self.param_sizes))
         self._call = _Call(model)
         self._validated = False
-        self._use_loop = per_example == "loop"
         self.skipped_indices_: list[int] = []
 
     # -- construction helpers --------------------------------------------------------------------
@@ -228,7 +223,8 @@ class Task:
         parts = torch.split(vec, self.param_sizes, dim=-1)
         return {n: t.reshape(*lead, *s) for n, t, s in zip(self.param_names, parts, self.param_shapes)}
 
-    def _split(self, batch: Any) -> SplitBatch:
+    def split(self, batch: Any) -> SplitBatch:
+        """``batch`` as a :class:`~gradsketch.model._batch.SplitBatch` (tensor leaves on the task's device)."""
         return batch if isinstance(batch, SplitBatch) else SplitBatch(batch, self.device)
 
     # -- BatchNorm ----------------------------------------------------------------------------------
@@ -289,18 +285,20 @@ class Task:
                 mod.track_running_stats = True
 
     # -- functional evaluation ---------------------------------------------------------------------
-    def _fcall(self, fn: Callable[[nn.Module, Any], Any], p: dict[str, Tensor], batch: Any) -> Any:
+    def call(self, fn: Callable[[nn.Module, Any], Any], p: dict[str, Tensor], batch: Any) -> Any:
+        """``fn(model, batch)`` with the selected parameters replaced by ``p`` (``torch.func.functional_call``;
+        running statistics frozen): the functional view every gradient and curvature routine evaluates."""
         with self.frozen_running_stats():
             return functional_call(self._call, {"model." + n: t for n, t in p.items()}, (fn, batch))
 
-    def _losses(self, p: dict[str, Tensor] | None, batch: Any, expected: int) -> Tensor:
+    def losses_at(self, p: dict[str, Tensor] | None, batch: Any, expected: int) -> Tensor:
         """Per-example losses with the selected parameters replaced by ``p`` (``None``: the model's own
         parameters, called directly, without ``functional_call``); checks the shape ``[B]``."""
         if p is None:
             with self.frozen_running_stats():
                 out = self.loss_fn(self.model, batch)
         else:
-            out = self._fcall(self.loss_fn, p, batch)
+            out = self.call(self.loss_fn, p, batch)
         if not isinstance(out, Tensor):
             raise TypeError(f"loss_fn: expected a tensor of per-example losses [B], got {type(out).__name__}")
         if out.ndim == 0:
@@ -311,13 +309,14 @@ class Task:
                              f"of the batch), got shape {tuple(out.shape)}")
         return out
 
-    def _check_once(self, split: SplitBatch) -> None:
-        """First batch: loss shape and that every selected parameter is reached by the loss."""
+    def validate_batch(self, split: SplitBatch) -> None:
+        """Once, on the first batch seen (``validate=True``): the loss has shape ``[B]`` and every selected
+        parameter is reached by it (``ValueError`` naming those that are not)."""
         if self._validated or not self.validate:
             return
         p = {n: t.detach().requires_grad_(True) for n, t in self.params_dict().items()}
         with torch.enable_grad():
-            out = self._losses(p, split.rebuild(), split.size)
+            out = self.losses_at(p, split.rebuild(), split.size)
             gs = torch.autograd.grad(out.sum(), list(p.values()), allow_unused=True)
         dead = [n for n, g in zip(p, gs) if g is None]
         if dead:
@@ -325,114 +324,39 @@ class Task:
                              f"{', '.join(dead)}; deselect them (params=[...]) or check the model")
         self._validated = True
 
+    @property
+    def validated(self) -> bool:
+        """Whether the first-batch check (:meth:`validate_batch`) has run and passed."""
+        return self._validated
+
     def loss(self, batch: Any) -> Tensor:
         """Per-example losses ``[B]`` at the current parameters (no gradient). A BatchNorm in train mode
         normalises with the statistics of this batch (its running estimates are not updated)."""
-        split = self._split(batch)
+        split = self.split(batch)
         with torch.no_grad():
-            return self._losses(self.params_dict(), split.rebuild(), split.size)
+            return self.losses_at(self.params_dict(), split.rebuild(), split.size)
 
-    # -- exact per-example gradients ----------------------------------------------------------------
-    def _pe_vmap(self, split: SplitBatch, names: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
-        base = self.params_dict()
-        sel = {n: base[n] for n in names}
-        fixed = {n: t for n, t in base.items() if n not in sel}
-
-        def one(p: dict[str, Tensor], *leaves: Tensor) -> Tensor:
-            b1 = split.rebuild([t.unsqueeze(0) for t in leaves])
-            return self._losses({**fixed, **p}, b1, 1)[0]
-
-        in_dims = (None,) + (0,) * len(split.leaves)
-        with torch.no_grad():
-            fn = vmap(grad_and_value(one), in_dims=in_dims, randomness=self.randomness)
-            g, losses = fn(sel, *split.leaves)
-        return g, losses
-
-    def _pe_loop(self, split: SplitBatch, names: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
-        base = self.params_dict()
-        outs: dict[str, list[Tensor]] = {n: [] for n in names}
-        losses = []
-        for i in range(split.size):
-            p = {n: (t.requires_grad_(True) if n in outs else t) for n, t in
-                 ((n, t.detach()) for n, t in base.items())}
-            with torch.enable_grad():
-                li = self._losses(p, split.slice(i, i + 1).rebuild(), 1)[0]
-                gs = torch.autograd.grad(li, [p[n] for n in names], allow_unused=True)
-            for n, g in zip(names, gs):
-                outs[n].append(torch.zeros_like(p[n]) if g is None else g)
-            losses.append(li.detach())
-        return {n: torch.stack(v) for n, v in outs.items()}, torch.stack(losses)
-
-    def _run_per_example(self, vmap_fn: Callable[[], Any], loop_fn: Callable[[], Any]) -> Any:
-        if self._use_loop:
-            return loop_fn()
-        if self.per_example == "vmap":
-            return vmap_fn()
-        try:
-            return vmap_fn()
-        except (ValueError, TypeError, FloatingPointError):
-            raise
-        except (RuntimeError, NotImplementedError) as e:
-            warnings.warn(f"Task: torch.func.vmap cannot trace this model ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}); falling back to one backward pass per example "
-                          "(slower). Pass per_example='loop' to silence this; for transformers models, "
-                          "model.set_attn_implementation('eager') usually makes vmap work.",
-                          RuntimeWarning, stacklevel=3)
-            self._use_loop = True
-            return loop_fn()
-
+    # -- exact per-example gradients (gradsketch.gradients) ------------------------------------------
     def per_example_grads(self, batch: Any, names: Sequence[str] | None = None
                           ) -> tuple[dict[str, Tensor], Tensor]:
-        """Exact per-example gradients ``name -> [B, *shape]`` and the losses ``[B]`` (no NaN check).
-        ``ValueError`` before any forward pass when a BatchNorm mixes the examples (:meth:`check_per_example`)."""
-        self.check_per_example()
-        split = self._split(batch)
-        self._check_once(split)
-        names = list(self.param_names if names is None else names)
-        return self._run_per_example(lambda: self._pe_vmap(split, names), lambda: self._pe_loop(split, names))
+        """Exact per-example gradients ``name -> [B, *shape]`` and the losses ``[B]``: a thin convenience
+        for :func:`gradsketch.gradients.per_example_grads` (see there)."""
+        from ..gradients.exact import per_example_grads
+
+        return per_example_grads(self, batch, names)
 
     def grads(self, batch: Any, nan_policy: str | None = None) -> Tensor:
-        """Exact per-example gradients ``[B, N]``: row i is ∇_θ ℓ_i(θ), flattened in parameter order.
+        """Exact per-example gradients ``[B, N]`` (row i = ∇_θ ℓ_i(θ)): a thin convenience for
+        :func:`gradsketch.gradients.grads` (see there)."""
+        from ..gradients.exact import grads
 
-        Holds B·N numbers: for large models use :meth:`sketch_grads`. ``ValueError`` before any forward pass
-        when a BatchNorm normalises with batch statistics (train mode, or ``track_running_stats=False``):
-        per-example gradients are then not defined (:meth:`check_per_example`)."""
-        self.check_per_example()
-        split = self._split(batch)
-        g, losses = self.per_example_grads(split)
-        G = self.flatten(g, batch_dims=1)
-        self.skipped_indices_ = []
-        return self._nonfinite(G, losses, 0, nan_policy, self.skipped_indices_)
+        return grads(self, batch, nan_policy=nan_policy)
 
-    def _nonfinite(self, rows: Tensor, losses: Tensor, offset: int, nan_policy: str | None,
-                   record: list[int]) -> Tensor:
-        policy = self.nan_policy if nan_policy is None else nan_policy
-        if policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy: expected one of {NAN_POLICIES}, got {policy!r}")
-        # one reduction: a sum containing NaN or ±Inf is not finite, so a finite sum proves every entry
-        # finite (a sum that merely overflows falls through to the exact per-row test below)
-        if bool(torch.isfinite(losses.sum() + rows.sum())):
-            return rows
-        # row max and min propagate NaN and show ±Inf: the same test as isfinite(rows).all(1) without a
-        # [B, d] temporary
-        bad = ~(torch.isfinite(losses.reshape(-1)) & torch.isfinite(rows.amax(dim=1))
-                & torch.isfinite(rows.amin(dim=1)))
-        if not bool(bad.any()):
-            return rows
-        idx = bad.nonzero().flatten().tolist()
-        if policy == "raise":
-            i = idx[0]
-            raise FloatingPointError(
-                f"non-finite loss or gradient for example index {offset + i} (loss = {float(losses[i])}); "
-                f"{len(idx)} such example(s) in this batch. Pass nan_policy='skip' to zero their rows and "
-                "record them in task.skipped_indices_")
-        record.extend(offset + i for i in idx)
-        rows = rows.clone()
-        rows[bad] = 0
-        return rows
-
-    # -- sketches -------------------------------------------------------------------------------------
-    def block_sketch(self, d: int, kind: str = "affd", seed: int = 0, **options: Any) -> Any:
+    # -- sketches, sketched gradients, curvature: thin conveniences --------------------------------------
+    # The work is done by gradsketch.gradients and gradsketch.curvature, which import Task; these methods
+    # import them lazily (at call time), so nothing at import time points upwards. The import-linter
+    # contract lists exactly these lines as its allowed exceptions (pyproject.toml; docs/ARCHITECTURE.md).
+    def block_sketch(self, d: int, kind: str = "affd", seed: int = 0, **options: Any) -> BlockSketch:
         """A :class:`gradsketch.BlockSketch` over the selected parameters (``name -> numel`` blocks, one
         independent sketch each, summed): a whole-model sketch R^N -> R^d."""
         from ..sketch import BlockSketch
@@ -440,76 +364,67 @@ class Task:
         return BlockSketch({n: s for n, s in zip(self.param_names, self.param_sizes)}, d, kind=kind,
                            seed=seed, **options)
 
-    def factored_sketch(self, d: int, seed: int = 0, kind: str = "affd", **options: Any) -> Any:
-        """A :class:`FactoredSketch` for ``sketch_grads(mode="factored")``: a Kronecker ``qk`` sketch
-        F_out ⊗ F_in per supported weight (Linear, transformers Conv1D, Embedding, Conv2d) with its bias
-        folded in as an extra input column (row for Conv1D); small weights that admit no factorisation of d
-        are written exactly into a slice of the output; a ``kind`` BlockSketch over the other parameters;
-        all blocks summed into R^d."""
-        from .factored import factored_sketch_for
+    def factored_sketch(self, d: int, kind: str = "affd", seed: int = 0, **options: Any) -> FactoredSketch:
+        """A :class:`~gradsketch.sketch.FactoredSketch` for ``sketch_grads(mode="factored")`` (same argument
+        order as :meth:`block_sketch`): a Kronecker ``qk`` sketch F_out ⊗ F_in per supported weight (Linear,
+        transformers Conv1D, Embedding, Conv2d) with its bias folded in as an extra input column (row for
+        Conv1D); small weights that admit no factorisation of d are written exactly into a slice of the
+        output; a ``kind`` BlockSketch over the other parameters; all blocks summed into R^d. Built by
+        :func:`gradsketch.gradients.factored_sketch_for`."""
+        from ..gradients.factored import factored_sketch_for
 
         return factored_sketch_for(self, d, kind=kind, seed=seed, **options)
 
     def iter_sketch_grads(self, data: Iterable, sketch: Any, mode: str = "explicit", progress: bool = True,
                           chunk_size: int | None = None, nan_policy: str | None = None) -> Iterator[Tensor]:
-        """Like :meth:`sketch_grads`, yielding one ``[B, d]`` tensor per batch (for streaming to a store)."""
-        from .sketching import iter_sketch_grads
+        """:func:`gradsketch.gradients.iter_sketch_grads`: one ``[B, d]`` tensor per batch."""
+        from ..gradients.sketching import iter_sketch_grads
 
         return iter_sketch_grads(self, data, sketch, mode=mode, progress=progress, chunk_size=chunk_size,
                                  nan_policy=nan_policy)
 
     def sketch_grads(self, data: Iterable, sketch: Any, mode: str = "explicit", progress: bool = True,
                      chunk_size: int | None = None, nan_policy: str | None = None) -> Tensor:
-        """Sketched per-example gradients ``[n_examples, d]``, row i = Φ ∇_θ ℓ_i(θ), streaming over ``data``.
+        """Sketched per-example gradients ``[n_examples, d]``, row i = Φ ∇_θ ℓ_i(θ), streaming over ``data``:
+        :func:`gradsketch.gradients.sketch_grads` (see there for ``mode``, ``chunk_size``, ``nan_policy``).
 
         ``sketch``: a BlockSketch over the task's parameters (:meth:`block_sketch`), a plain sketch with
-        ``n == task.n_params``, or a :class:`FactoredSketch` (:meth:`factored_sketch`).
-        ``mode``: ``"explicit"`` sketches exact per-example gradients computed ``chunk_size`` examples at a
-        time (default: as many as fit in ~256 MiB of gradients); ``"implicit"`` computes ∇_ω ℓ_i(θ0 + Φᵀω) at
-        ω = 0 (the same vector, obtained by differentiating through Φᵀ; Schioppa 2024). With
-        ``per_example="auto"`` both take the exact per-example gradients of supported layers (Linear,
-        Conv1D, Conv2d, Embedding, LayerNorm and their biases) from one batched forward and backward pass
-        with hooks (as the factored mode does, but forming Σ_t δ_t a_tᵀ exactly, one BlockSketch group and
-        ``chunk_size`` examples at a time), the other parameters from vmap; ``"factored"``
-        (LoGra, arXiv 2405.13954) never forms per-example weight gradients: for a supported layer with
-        per-example gradient Σ_t δ_t a_tᵀ it computes Σ_t (F_out δ_t)(F_in a_t)ᵀ from forward/backward hooks
-        (needs a :class:`FactoredSketch`). Non-finite rows follow ``nan_policy`` (indices of skipped rows in
-        ``task.skipped_indices_``). Every mode raises ``ValueError`` before any forward pass when a BatchNorm
-        normalises with batch statistics (:meth:`check_per_example`).
+        ``n == task.n_params``, or a FactoredSketch (:meth:`factored_sketch`). ``mode``: ``"explicit"``,
+        ``"implicit"`` (∇_ω ℓ_i(θ0 + Φᵀω) at ω = 0; Schioppa 2024) or ``"factored"`` (LoGra). Non-finite rows
+        follow ``nan_policy`` (indices of skipped rows in ``task.skipped_indices_``). Every mode raises
+        ``ValueError`` before any forward pass when a BatchNorm normalises with batch statistics.
         """
-        from .sketching import sketch_grads
+        from ..gradients.sketching import sketch_grads
 
         self.skipped_indices_ = []
         return sketch_grads(self, data, sketch, mode=mode, progress=progress, chunk_size=chunk_size,
                             nan_policy=nan_policy)
 
-    # -- curvature -------------------------------------------------------------------------------------
     def hessian(self, data: Iterable, mode: str = "full", damping: float = 0.0, method: str = "auto",
-                progress: bool = False) -> Any:
-        """The Hessian of the mean loss, ∇²_θ (1/n) Σ_i ℓ_i, as a symmetric :class:`LinearOperator` [N, N]
-        (+ ``damping`` · I). See :class:`gradsketch.model.HessianOperator` for ``mode`` and ``method``."""
-        from .curvature import HessianOperator
+                progress: bool = False) -> HessianOperator:
+        """The Hessian of the mean loss, ∇²_θ (1/n) Σ_i ℓ_i, as a symmetric LinearOperator [N, N]
+        (+ ``damping`` · I): :class:`gradsketch.curvature.HessianOperator` (see there for ``mode``, ``method``)."""
+        from ..curvature import HessianOperator
 
         return HessianOperator(self, data, mode=mode, damping=damping, method=method, progress=progress)
 
-    def ggn(self, data: Iterable, mode: str = "full", damping: float = 0.0, progress: bool = False) -> Any:
+    def ggn(self, data: Iterable, mode: str = "full", damping: float = 0.0, progress: bool = False) -> GGNOperator:
         """Generalised Gauss-Newton (1/n) Σ_i J_iᵀ H_{L,i} J_i of the mean loss (needs ``output_fn`` and
-        ``loss_on_output``), as a symmetric :class:`LinearOperator` [N, N]."""
-        from .curvature import GGNOperator
+        ``loss_on_output``, e.g. from :meth:`from_classifier`): :class:`gradsketch.curvature.GGNOperator`."""
+        from ..curvature import GGNOperator
 
         return GGNOperator(self, data, mode=mode, damping=damping, progress=progress)
 
-    def fisher(self, data: Iterable, mode: str = "full", damping: float = 0.0, progress: bool = False) -> Any:
-        """Empirical Fisher (1/n) Σ_i g_i g_iᵀ (g_i per-example gradients), as a symmetric operator [N, N]."""
-        from .curvature import FisherOperator
+    def fisher(self, data: Iterable, mode: str = "full", damping: float = 0.0, progress: bool = False
+               ) -> FisherOperator:
+        """Empirical Fisher (1/n) Σ_i g_i g_iᵀ: :class:`gradsketch.curvature.FisherOperator`."""
+        from ..curvature import FisherOperator
 
         return FisherOperator(self, data, mode=mode, damping=damping, progress=progress)
 
-    def sketched_hessian(self, data: Iterable, sketch: Any, **kwargs: Any) -> Any:
-        """The [d, d] operator v ↦ Φ H Φᵀ v (``kwargs`` go to :meth:`hessian`)."""
-        from .curvature import sketched
-
-        return sketched(self.hessian(data, **kwargs), sketch, task=self)
+    def sketched_hessian(self, data: Iterable, sketch: Any, **kwargs: Any) -> LinearOperator:
+        """The [d, d] operator ``sketch @ H @ sketch.T`` (``kwargs`` go to :meth:`hessian`)."""
+        return sketch @ self.hessian(data, **kwargs) @ sketch.T
 
     def __repr__(self) -> str:
         return (f"Task(model={type(self.model).__name__}, n_params={self.n_params}, "

@@ -5,8 +5,9 @@ tensors (a model's parameter gradients) as a sum of independent per-block sketch
 """
 
 from .base import Sketch
-from .block import BlockSketch, sketch_from_spec
+from .block import BlockSketch
 from .factored import FactoredSketch
 from .kinds import KINDS, PRECONDITIONERS, sketch
+from .spec import sketch_from_spec
 
 __all__ = ["Sketch", "BlockSketch", "FactoredSketch", "sketch", "sketch_from_spec", "KINDS", "PRECONDITIONERS"]

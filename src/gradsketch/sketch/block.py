@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._validation import check_int
 from ._random import derive_seed
-from .base import Sketch, SketchOperator
+from .base import SketchOperator
 from .kinds import KINDS, sketch
 
 MIN_GROUP = 1 << 15
@@ -203,26 +203,3 @@ class BlockSketch(SketchOperator):
     def __repr__(self) -> str:
         return (f"BlockSketch(kind={self.kind!r}, blocks={len(self.sizes)}, groups={len(self.groups)}, "
                 f"n={self.n}, d={self.d})")
-
-
-def sketch_from_spec(spec: Mapping[str, Any]) -> Sketch | BlockSketch | Any:
-    """Rebuild a ``Sketch``, ``BlockSketch`` or ``FactoredSketch`` from its ``.spec``.
-
-    >>> S = BlockSketch([10, 20], d=8, kind="sjlt", seed=3)
-    >>> bool(torch.equal(sketch_from_spec(S.spec).matrix(), S.matrix()))
-    True
-    """
-    if isinstance(spec, Mapping) and spec.get("type") == "FactoredSketch":
-        from .factored import FactoredSketch
-
-        return FactoredSketch.from_spec(dict(spec))
-    if not isinstance(spec, Mapping) or "kind" not in spec:
-        raise ValueError(f"spec: expected a dict with a 'kind' key, got {spec!r}")
-    spec = dict(spec)
-    if spec["kind"] == "block":
-        sizes = spec["sizes"]
-        names = spec.get("names")
-        sz: Any = dict(zip(names, sizes)) if names else sizes
-        return BlockSketch(sz, spec["d"], kind=spec["inner_kind"], seed=spec["seed"],
-                           min_group=spec.get("min_group", MIN_GROUP), **spec.get("options", {}))
-    return sketch(**spec)

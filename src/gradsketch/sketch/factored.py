@@ -2,7 +2,7 @@
 
 The class is a sketch like the others (a :class:`gradsketch.linalg.LinearOperator` of shape ``(d, n)``,
 rebuilt from its spec by :func:`gradsketch.sketch_from_spec`); which parameters get which block is decided
-from a model by ``task.factored_sketch(d, ...)`` (``gradsketch.model.factored``), and the hook engine that
+from a model by ``task.factored_sketch(d, ...)`` (``gradsketch.gradients.factored``), and the hook engine that
 applies the Kronecker blocks without forming weight gradients lives there too.
 """
 

@@ -82,7 +82,7 @@ def curvature_operator(task: Any, data: Any = None, operator: str = "hessian", m
         mode: ``"full"`` (exact mean over all of ``data``), ``"batch"`` (first batch), ``"stochastic"``.
         sketch: ``None`` or a sketch / BlockSketch with ``n = N``.
     """
-    from ..model.curvature import sketched
+    from ..curvature import sketched
 
     if isinstance(task, LinearOperator):
         op = task

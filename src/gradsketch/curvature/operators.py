@@ -23,10 +23,10 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from ..linalg.operator import LinearOperator
-from ._batch import SplitBatch, data_len, is_reiterable
+from ..model._batch import SplitBatch, data_len, is_reiterable, progress_iter
 
 if TYPE_CHECKING:
-    from .task import Task
+    from ..model.task import Task
 
 MODES = ("full", "batch", "stochastic")
 HVP_METHODS = ("auto", "fwd_rev", "fwd_ad", "double_backward")
@@ -56,14 +56,14 @@ class CurvatureOperator(LinearOperator):
                 first = next(iter(data))
             except StopIteration:
                 raise ValueError("data: expected at least one batch, got an empty iterable") from None
-            self._fixed = task._split(first)
+            self._fixed = task.split(first)
 
     def _next_batch(self) -> SplitBatch:
         for _ in range(2):
             if self._iter is None:
                 self._iter = iter(self.data)
             try:
-                return self.task._split(next(self._iter))
+                return self.task.split(next(self._iter))
             except StopIteration:
                 self._iter = None
         raise ValueError("data: expected at least one batch, got an empty iterable")
@@ -82,15 +82,13 @@ class CurvatureOperator(LinearOperator):
             return self._matmat_impl(V)
 
     def _matmat_impl(self, V: Tensor) -> Tensor:
-        from .task import _tqdm
-
         V = V.to(device=self.device, dtype=self.dtype)
         self.n_products += V.shape[1]
         if self.mode == "full":
             acc, total = None, 0
-            for batch in _tqdm(self.data, self.progress, type(self).__name__, data_len(self.data)):
-                split = self.task._split(batch)
-                self.task._check_once(split)
+            for batch in progress_iter(self.data, self.progress, type(self).__name__, data_len(self.data)):
+                split = self.task.split(batch)
+                self.task.validate_batch(split)
                 part = self._batch_sum(split, V)
                 acc = part if acc is None else acc + part
                 total += split.size
@@ -103,7 +101,7 @@ class CurvatureOperator(LinearOperator):
                 split = self._fixed
             else:
                 split = self._next_batch()
-            self.task._check_once(split)
+            self.task.validate_batch(split)
             if self._scales_loss:  # 1/B folded into the loss: no pass over the [N, k] result
                 out = cast(Any, self)._batch_sum(split, V, 1.0 / split.size)
             else:
@@ -161,7 +159,7 @@ class HessianOperator(CurvatureOperator):
             with fwAD.dual_level(), torch.enable_grad():
                 prim = {n: t.detach().requires_grad_(True) for n, t in task.params_dict().items()}
                 duals = {n: fwAD.make_dual(t, vs[n].to(t.dtype)) for n, t in prim.items()}
-                loss = task._losses(duals, batch, split.size).sum()
+                loss = task.losses_at(duals, batch, split.size).sum()
                 if scale != 1.0:
                     loss = loss * scale
                 gs = torch.autograd.grad(loss, list(prim.values()), allow_unused=True)
@@ -181,7 +179,7 @@ class HessianOperator(CurvatureOperator):
     def _fwd_rev(self, split: SplitBatch, V: Tensor, scale: float = 1.0) -> Tensor:
         task, batch, B = self.task, split.rebuild(), split.size
         p0 = task.params_dict()
-        g = grad(lambda p: task._losses(p, batch, B).sum() * scale)
+        g = grad(lambda p: task.losses_at(p, batch, B).sum() * scale)
 
         def col(v: Tensor) -> Tensor:
             return task.flatten(jvp(g, (p0,), (task.unflatten(v),))[1])
@@ -199,7 +197,7 @@ class HessianOperator(CurvatureOperator):
         leaves = [t for _, t in task.named_params] if p is None else list(p.values())
         out = V.new_empty(V.shape)
         with torch.enable_grad():
-            loss = task._losses(p, split.rebuild(), split.size).sum()
+            loss = task.losses_at(p, split.rebuild(), split.size).sum()
             if scale != 1.0:
                 loss = loss * scale
             gs = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
@@ -269,7 +267,7 @@ class GGNOperator(CurvatureOperator):
         assert output_fn is not None and loss_on_output is not None  # checked in __init__
 
         def out_fn(p: dict[str, Tensor]) -> Tensor:
-            z = task._fcall(output_fn, p, batch)
+            z = task.call(output_fn, p, batch)
             if not isinstance(z, Tensor) or z.ndim == 0 or z.shape[0] != B:
                 got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
                 raise ValueError(f"output_fn: expected a tensor [B={B}, ...] of model outputs, got {got}")
@@ -320,7 +318,7 @@ class FisherOperator(CurvatureOperator):
         p0 = task.params_dict()
 
         def lf(p: dict[str, Tensor]) -> Tensor:
-            return task._losses(p, batch, B)
+            return task.losses_at(p, batch, B)
 
         if not self._no_forward_ad:
             try:

@@ -39,7 +39,7 @@ from ..sketch._random import derive_seed
 from ..sketch.factored import REST_MATRIX_DENSITY, REST_MATRIX_MAX, FactoredSketch, _Identity  # noqa: F401
 
 if TYPE_CHECKING:
-    from .task import Task
+    from ..model.task import Task
 
 
 def _conv1d_type() -> type | None:
@@ -304,12 +304,12 @@ class HookEngine:
                     # outputs (and the hooked parameters for the check), never writes .grad
                     p: dict[str, Tensor] = dict(task.named_params)
                     with torch.enable_grad():
-                        losses = task._losses(None, split.rebuild(), split.size)
+                        losses = task.losses_at(None, split.rebuild(), split.size)
                 else:
                     p = {n: t.requires_grad_(n in self.hooked) for n, t in
                          ((n, t.detach()) for n, t in task.params_dict().items())}
                     with torch.enable_grad():
-                        losses = task._losses(p, split.rebuild(), split.size)
+                        losses = task.losses_at(p, split.rebuild(), split.size)
             finally:
                 for h in handles:
                     h.remove()
@@ -481,7 +481,7 @@ class FactoredEngine(HookEngine):
     def batch(self, split: Any, chunk: int | None = None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``([m, d] sketched rows, [m] losses)`` of one batch, ``chunk`` examples per capture (default: all),
         written into ``out`` when given."""
-        self.task._check_once(split)
+        self.task.validate_batch(split)
         if chunk is None or chunk >= split.size:
             return self._one(split, out)
         rows, losses = [], []

@@ -27,10 +27,12 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from ._batch import data_len
+from ..model._batch import data_len, progress_iter
+from ._state import state
+from .exact import handle_nonfinite, per_example_grads, run_per_example
 
 if TYPE_CHECKING:
-    from .task import Task
+    from ..model.task import Task
 
 DEFAULT_GRAD_BYTES = 256 * 2**20
 
@@ -71,29 +73,28 @@ def default_chunk(task: Task, chunk_size: int | None) -> int:
 def _explicit(task: Task, split: Any, ad: Any, chunk: int) -> tuple[Tensor, Tensor]:
     rows, losses = [], []
     for _, sub in split.chunks(chunk):
-        g, li = task.per_example_grads(sub)
+        g, li = per_example_grads(task, sub)
         m = sub.size
         rows.append(ad.apply_blocks([g[n].reshape(m, -1) for n in task.param_names]))
         losses.append(li)
     return torch.cat(rows), torch.cat(losses)
 
 
-def _hook_engine(task: Task) -> Any:
+def hook_engine(task: Task) -> Any:
     """The task's cached :class:`HookEngine`, or None when per-example gradients must come from vmap/loop:
     ``per_example`` other than ``"auto"`` (an explicit choice of vmap or loop) or ``randomness="same"``.
     (A BatchNorm with batch statistics, under which slices of the batch backward would not be per-example
     gradients, is refused before: :meth:`Task.check_per_example`.)"""
     if task.per_example != "auto" or task.randomness != "different":
         return None
-    eng = getattr(task, "_hook_engine", None)
-    if eng is False:  # hooks switched off (benchmarks compare with the vmap/loop path)
+    st = state(task)
+    if not st.hooks:  # hooks switched off (gradients.use_hooks; benchmarks compare with the vmap/loop path)
         return None
-    if eng is None:
+    if st.hook_engine is None:
         from .factored import HookEngine
 
-        eng = HookEngine(task)
-        cast(Any, task)._hook_engine = eng  # cached on the task (a dynamic private attribute)
-    return eng if eng.hooked else None
+        st.hook_engine = HookEngine(task)  # cached beside the task (gradients._state), not on it
+    return st.hook_engine if st.hook_engine.hooked else None
 
 
 def _row_steps(m: int, numel: int, itemsize: int, chunk: int | None) -> int:
@@ -167,7 +168,7 @@ def _implicit_hooked(task: Task, split: Any, ad: Any, chunk: int | None, eng: An
                for i in keep]
         outs = [deltas[i] for i in keep]
         r = None
-        if not getattr(task, "_implicit_unbatched", False):
+        if not state(task).implicit_unbatched:
             try:
                 (r,) = torch.autograd.grad(outs, omega, cot, retain_graph=True, is_grads_batched=True)
             except RuntimeError as e:
@@ -175,7 +176,7 @@ def _implicit_hooked(task: Task, split: Any, ad: Any, chunk: int | None, eng: An
                 # tensor): one backward per example instead (same numbers, slower), remembered on the task
                 warnings.warn(f"implicit mode: batched backward through the sketch failed ({str(e)[:120]}); "
                               "using one backward per example", RuntimeWarning, stacklevel=2)
-                cast(Any, task)._implicit_unbatched = True
+                state(task).implicit_unbatched = True
         if r is None:
             r = torch.stack([torch.autograd.grad(outs, omega, [c[k] for c in cot], retain_graph=True)[0]
                              for k in range(hi - lo)])
@@ -191,7 +192,7 @@ def _implicit(task: Task, split: Any, ad: Any, chunk: int) -> tuple[Tensor, Tens
     def loss_at(omega: Tensor, batch: Any, m: int) -> Tensor:
         deltas = ad.adjoint_blocks(omega, task.param_sizes)
         p = {n: theta0[n] + dl.reshape(s).to(theta0[n].dtype) for n, dl, s in zip(names, deltas, shapes)}
-        return task._losses(p, batch, m)
+        return task.losses_at(p, batch, m)
 
     def vmapped(sub: Any) -> tuple[Tensor, Tensor]:
         def one(omega: Tensor, *leaves: Tensor) -> Tensor:
@@ -212,10 +213,10 @@ def _implicit(task: Task, split: Any, ad: Any, chunk: int) -> tuple[Tensor, Tens
             ls.append(li.detach())
         return torch.stack(rows), torch.stack(ls)
 
-    task._check_once(split)
+    task.validate_batch(split)
     rows, losses = [], []
     for _, sub in split.chunks(chunk):
-        r, li = task._run_per_example(lambda sub=sub: vmapped(sub), lambda sub=sub: looped(sub))  # type: ignore[misc]
+        r, li = run_per_example(task, lambda sub=sub: vmapped(sub), lambda sub=sub: looped(sub))  # type: ignore[misc]
         rows.append(r)
         losses.append(li)
     return torch.cat(rows), torch.cat(losses)
@@ -227,7 +228,7 @@ class _Runner:
 
     def __init__(self, task: Task, sketch: Any, mode: str, chunk_size: int | None, nan_policy: str | None,
                  record: list[int]) -> None:
-        from .task import SKETCH_MODES
+        from ..model.task import SKETCH_MODES
 
         if mode not in SKETCH_MODES:
             raise ValueError(f"mode: expected one of {SKETCH_MODES}, got {mode!r}")
@@ -244,20 +245,20 @@ class _Runner:
                                 f"got {type(sketch).__name__}")
             from .factored import FactoredEngine
 
-            engine = getattr(task, "_factored_engine", None)
+            st = state(task)
+            engine = st.factored_engine
             if engine is None or engine.sketch is not sketch:  # cached: the hook check runs once per sketch
-                engine = FactoredEngine(task, sketch)
-                cast(Any, task)._factored_engine = engine  # cached on the task (a dynamic private attribute)
+                engine = st.factored_engine = FactoredEngine(task, sketch)
             self.engine = engine
         self.chunk = default_chunk(task, chunk_size)
-        self.eng = _hook_engine(task) if mode != "factored" else None
+        self.eng = hook_engine(task) if mode != "factored" else None
         self.offset = 0
 
     def rows(self, split: Any, out: Tensor | None = None) -> Tensor:
         task, mode, ad = self.task, self.mode, self.ad
         task.check_per_example()  # again per batch: the model may have been put in train mode meanwhile
         if mode != "factored" and self.eng is not None and self.eng.hooked:
-            task._check_once(split)
+            task.validate_batch(split)
             fn = _explicit_hooked if mode == "explicit" else _implicit_hooked
             rows, losses = fn(task, split, ad, self.chunk_size, self.eng)
         elif mode == "explicit":
@@ -267,7 +268,7 @@ class _Runner:
         else:
             # the hooks hold activations, not [chunk, N] gradients: the whole batch by default
             rows, losses = self.engine.batch(split, self.chunk_size, out=out)
-        rows = task._nonfinite(rows, losses, self.offset, self.nan_policy, self.record)
+        rows = handle_nonfinite(task, rows, losses, self.offset, self.nan_policy, self.record)
         self.offset += split.size
         if out is not None and rows is not out:
             out.copy_(rows)
@@ -278,11 +279,9 @@ class _Runner:
 def iter_sketch_grads(task: Task, data: Iterable, sketch: Any, mode: str = "explicit", progress: bool = True,
                       chunk_size: int | None = None, nan_policy: str | None = None) -> Iterator[Tensor]:
     """Yields ``[B, d]`` sketched per-example gradients batch by batch (see ``Task.sketch_grads``)."""
-    from .task import _tqdm
-
     run = _Runner(task, sketch, mode, chunk_size, nan_policy, task.skipped_indices_)
-    for batch in _tqdm(data, progress, f"sketch_grads[{mode}]", data_len(data)):
-        yield run.rows(task._split(batch))
+    for batch in progress_iter(data, progress, f"sketch_grads[{mode}]", data_len(data)):
+        yield run.rows(task.split(batch))
 
 
 def sketch_grads(task: Task, data: Iterable, sketch: Any, mode: str = "explicit", progress: bool = True,
@@ -290,15 +289,13 @@ def sketch_grads(task: Task, data: Iterable, sketch: Any, mode: str = "explicit"
     """All rows as one ``[n, d]`` tensor. When ``len(data)`` is known the result is allocated once (sized
     from the first batch) and each batch's rows are written into it (the factored mode computes them in
     place), instead of concatenating per-batch results at the end."""
-    from .task import _tqdm
-
     run = _Runner(task, sketch, mode, chunk_size, nan_policy, task.skipped_indices_)
     n_batches = data_len(data)
     buf: Tensor | None = None
     pos = 0
     extra: list[Tensor] = []  # rows that did not fit (batches larger than the first)
-    for batch in _tqdm(data, progress, f"sketch_grads[{mode}]", n_batches):
-        split = task._split(batch)
+    for batch in progress_iter(data, progress, f"sketch_grads[{mode}]", n_batches):
+        split = task.split(batch)
         if buf is None and n_batches is not None and not extra:
             buf = torch.empty(n_batches * split.size, run.ad.d, dtype=task.dtype, device=task.device)
         if buf is not None and not extra and pos + split.size <= buf.shape[0]:

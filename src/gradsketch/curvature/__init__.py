@@ -1,0 +1,8 @@
+"""Curvature of a :class:`~gradsketch.model.Task`'s mean loss as linear operators over the flat parameter
+vector: Hessian, generalised Gauss-Newton and empirical Fisher; ``sketched(op, S) = S @ op @ S.T``.
+Imports Task; never imported by it (Task's conveniences call in lazily).
+"""
+
+from .operators import CurvatureOperator, FisherOperator, GGNOperator, HessianOperator, sketched
+
+__all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "FisherOperator", "sketched"]
