@@ -100,7 +100,7 @@ def test_nonfinite_checks_on_fast_path(tmp_path):
     X = torch.from_numpy(rows())
     bad = X[:5].clone()
     bad[3, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"received NaN/Inf in row 3 \(1 non-finite row\(s\): 3\)"):
+    with pytest.raises(ValueError, match=r"got NaN/Inf in row 3 \(1 non-finite row\(s\): 3\)"):
         s.write_chunk(0, bad)
     huge = X[5:10].double()
     huge[1] = 1e308  # every entry finite, the float64 row sum is inf: must not be reported as NaN/Inf input
@@ -285,19 +285,19 @@ def test_several_mismatches_all_named(tmp_path):
 @pytest.mark.parametrize(
     "kw, exc, match",
     [
-        ({"n_rows": 0}, ValueError, r"n_rows: expected an integer >= 1, received 0"),
-        ({"n_rows": -3}, ValueError, r"n_rows: expected an integer >= 1, received -3"),
-        ({"n_rows": True}, TypeError, r"n_rows: expected an integer >= 1, received True"),
+        ({"n_rows": 0}, ValueError, r"n_rows: expected an integer >= 1, got 0"),
+        ({"n_rows": -3}, ValueError, r"n_rows: expected an integer >= 1, got -3"),
+        ({"n_rows": True}, TypeError, r"n_rows: expected an integer >= 1, got True"),
         ({"n_rows": 2.5}, TypeError, r"n_rows"),
-        ({"d": 0}, ValueError, r"d: expected an integer >= 1, received 0"),
-        ({"chunk_rows": 0}, ValueError, r"chunk_rows: expected an integer >= 1, received 0"),
-        ({"dtype": "int8"}, ValueError, r"dtype: expected one of \['float16', 'float32'\], received 'int8'"),
+        ({"d": 0}, ValueError, r"d: expected an integer >= 1, got 0"),
+        ({"chunk_rows": 0}, ValueError, r"chunk_rows: expected an integer >= 1, got 0"),
+        ({"dtype": "int8"}, ValueError, r"dtype: expected one of \['float16', 'float32'\], got 'int8'"),
         ({"dtype": "bfloat16"}, ValueError, r"dtype: expected one of"),
-        ({"spec": [1, 2]}, TypeError, r"spec: expected a JSON-serialisable dict, received list"),
+        ({"spec": [1, 2]}, TypeError, r"spec: expected a JSON-serialisable dict, got list"),
         ({"spec": {"x": object()}}, TypeError, r"spec: expected a JSON-serialisable value"),
         ({"spec": {"x": float("nan")}}, TypeError, r"spec: expected a JSON-serialisable value"),
-        ({"fingerprint": 3}, TypeError, r"fingerprint: expected a str, received int"),
-        ({"metadata": [1]}, TypeError, r"metadata: expected a dict or None, received list"),
+        ({"fingerprint": 3}, TypeError, r"fingerprint: expected a str, got int"),
+        ({"metadata": [1]}, TypeError, r"metadata: expected a dict or None, got list"),
     ],
 )
 def test_create_errors(tmp_path, kw, exc, match):
@@ -311,25 +311,25 @@ def test_write_errors(tmp_path):
     X = rows()
     s = make(tmp_path)
     with pytest.raises(ValueError, match=r"rows: expected shape \(5, 8\) for chunk 1 \(rows 5:10\), "
-                                         r"received \(4, 8\)"):
+                                         r"got \(4, 8\)"):
         s.write_chunk(1, X[5:9])
     with pytest.raises(ValueError, match=r"rows: expected shape \(3, 8\) for chunk 4 \(rows 20:23\), "
-                                         r"received \(3, 7\)"):
+                                         r"got \(3, 7\)"):
         s.write_chunk(4, X[20:23, :7])
-    with pytest.raises(ValueError, match=r"rows: expected shape \(5, 8\).*received \(40,\)"):
+    with pytest.raises(ValueError, match=r"rows: expected shape \(5, 8\).*got \(40,\)"):
         s.write_chunk(0, X[:5].ravel())
     with pytest.raises(TypeError, match=r"rows: expected a real floating or integer array"):
         s.write_chunk(0, X[:5].astype(np.complex64))
-    with pytest.raises(ValueError, match=r"i: expected a chunk index in \[0, 5\), received 5"):
+    with pytest.raises(ValueError, match=r"i: expected a chunk index in \[0, 5\), got 5"):
         s.write_chunk(5, X[:5])
-    with pytest.raises(ValueError, match=r"i: expected a chunk index in \[0, 5\), received -1"):
+    with pytest.raises(ValueError, match=r"i: expected a chunk index in \[0, 5\), got -1"):
         s.write_chunk(-1, X[:5])
     with pytest.raises(TypeError, match=r"i: expected a chunk index"):
         s.write_chunk(1.0, X[:5])
     bad = X[5:10].copy()
     bad[2, 4] = np.nan
     bad[4, 0] = np.inf
-    with pytest.raises(ValueError, match=r"rows: expected finite values, received NaN/Inf in row 7 "
+    with pytest.raises(ValueError, match=r"rows: expected finite values, got NaN/Inf in row 7 "
                                          r"\(2 non-finite row\(s\): 7, 9\); pass allow_nonfinite=True"):
         s.write_chunk(1, bad)
     big = X[10:15].copy()
@@ -354,15 +354,15 @@ def test_read_errors(tmp_path):
         list(s.iter_blocks(4))
     np.testing.assert_array_equal(s.array((0, 5)), X[:5].astype(np.float16))
     assert not s.array(allow_incomplete=True)[5:].any()  # unwritten rows read as zeros
-    with pytest.raises(ValueError, match=r"row_range: expected 0 <= start <= stop <= 23, received \(0, 24\)"):
+    with pytest.raises(ValueError, match=r"row_range: expected 0 <= start <= stop <= 23, got \(0, 24\)"):
         s.array((0, 24))
-    with pytest.raises(ValueError, match=r"row_range: expected 0 <= start <= stop <= 23, received \(5, 2\)"):
+    with pytest.raises(ValueError, match=r"row_range: expected 0 <= start <= stop <= 23, got \(5, 2\)"):
         s.array((5, 2))
     with pytest.raises(TypeError, match=r"row_range: expected None, a range or a \(start, stop\) pair"):
         s.array((0, 1, 2))
     with pytest.raises(ValueError, match=r"row_range: expected step 1"):
         s.array(range(0, 10, 2))
-    with pytest.raises(ValueError, match=r"block_rows: expected an integer >= 1, received 0"):
+    with pytest.raises(ValueError, match=r"block_rows: expected an integer >= 1, got 0"):
         s.iter_blocks(0)
     assert s.array((3, 3)).shape == (0, 8) and s.missing_chunks((3, 3)) == []
     r = GradientStore.open(tmp_path / "s")
@@ -398,15 +398,15 @@ def test_fill_errors(tmp_path):
     s = make(tmp_path)
     X = rows()
     with pytest.raises(ValueError, match=r"row_range: expected chunk-aligned bounds \(multiples of "
-                                         r"chunk_rows=5, or stop=23\), received \(3, 10\)"):
+                                         r"chunk_rows=5, or stop=23\), got \(3, 10\)"):
         fill(s, lambda a, b: X[a:b], row_range=(3, 10), progress=False)
     with pytest.raises(ValueError, match=r"rank, world_size: expected both or neither"):
         fill(s, lambda a, b: X[a:b], rank=0, progress=False)
     with pytest.raises(ValueError, match=r"row_range: expected None when rank/world_size are given"):
         fill(s, lambda a, b: X[a:b], rank=0, world_size=2, row_range=(0, 5), progress=False)
-    with pytest.raises(ValueError, match=r"rank: expected an integer in \[0, 2\), received 2"):
+    with pytest.raises(ValueError, match=r"rank: expected an integer in \[0, 2\), got 2"):
         fill(s, lambda a, b: X[a:b], rank=2, world_size=2, progress=False)
-    with pytest.raises(ValueError, match=r"world_size: expected an integer >= 1, received 0"):
+    with pytest.raises(ValueError, match=r"world_size: expected an integer >= 1, got 0"):
         s.row_range_for_rank(0, 0)
     with pytest.raises(TypeError, match=r"compute_fn: expected a callable"):
         fill(s, None, progress=False)
@@ -453,7 +453,7 @@ def test_fingerprint_model():
     assert fingerprint_model({"w": big["w"].to(torch.bfloat16)}) != f_big
     with pytest.raises(TypeError, match=r"model_or_named_params: expected an nn.Module"):
         fingerprint_model(3)
-    with pytest.raises(TypeError, match=r"model_or_named_params: expected tensors, received ndarray"):
+    with pytest.raises(TypeError, match=r"model_or_named_params: expected tensors, got ndarray"):
         fingerprint_model({"w": np.zeros(3)})
 
 

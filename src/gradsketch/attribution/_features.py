@@ -7,7 +7,6 @@ sketch with ``n = task.n_params``, a FactoredSketch, the identity or a projectio
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -188,100 +187,54 @@ def _describe_kind(kind: Any) -> str:
 
 def _store_mismatches(path: Any, n_rows: int, d: int, spec: dict, fingerprint: str, dtype: str,
                       chunk_rows: int | None, metadata: dict | None) -> list[str]:
-    """What differs between the store on disk at ``path`` and the rows this fit needs (empty: it matches)."""
-    import json
-
+    """The store's own identity check (:meth:`GradientStore.differences`), phrased for attribution: what the
+    rows on disk at ``path`` are, against what this fit needs (empty: it matches)."""
     from ..store import GradientStore
-    from ..store.gradient_store import normalize_dtype
 
     st = GradientStore.open(path)
     try:
-        found_spec, found_meta = st.spec, st.metadata
-        want = json.loads(json.dumps(spec, sort_keys=True))
-        out = []
-        if want.get("features") != found_spec.get("features"):
-            out.append(f"rows: the store holds {_describe_kind(found_spec.get('features', '<unrecorded>'))}, "
+        diff = st.differences(n_rows=n_rows, d=d, spec=spec, fingerprint=fingerprint, dtype=dtype,
+                              chunk_rows=chunk_rows, metadata=metadata)
+    finally:
+        st.close()
+    out = []
+    if "spec" in diff:
+        want, found = diff["spec"]
+        if want.get("features") != found.get("features"):
+            out.append(f"rows: the store holds {_describe_kind(found.get('features', '<unrecorded>'))}, "
                        f"this fit needs {_describe_kind(want.get('features'))}")
-        if want.get("sketch") != found_spec.get("sketch"):
-            a, b = want.get("sketch"), found_spec.get("sketch")
+        if want.get("sketch") != found.get("sketch"):
+            a, b = want.get("sketch"), found.get("sketch")
             if isinstance(a, dict) and isinstance(b, dict):
                 parts = [f"{k}: expected {a.get(k, '<absent>')!r}, found {b.get(k, '<absent>')!r}"
                          for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
                 out.append(f"sketch spec differs ({'; '.join(parts)})")
             else:
                 out.append(f"sketch spec differs (expected {a!r}, found {b!r})")
-        if want.get("mode") != found_spec.get("mode"):
-            out.append(f"mode: the rows were computed with mode={found_spec.get('mode', '<unrecorded>')!r}, this "
+        if want.get("mode") != found.get("mode"):
+            out.append(f"mode: the rows were computed with mode={found.get('mode', '<unrecorded>')!r}, this "
                        f"fit uses mode={want.get('mode')!r}")
-        for k in sorted((set(want) | set(found_spec)) - {"features", "sketch", "mode"}):
-            if want.get(k) != found_spec.get(k):
-                out.append(f"spec {k}: expected {want.get(k, '<absent>')!r}, found {found_spec.get(k, '<absent>')!r}")
-        if fingerprint != st.fingerprint:
-            out.append(f"model fingerprint: the rows were computed with other model parameters (expected "
-                       f"{fingerprint[:19]}..., found {st.fingerprint[:19]}...): the model or checkpoint changed")
-        if n_rows != st.n_rows:
-            out.append(f"dataset size: the store has {st.n_rows} rows, train_data has {n_rows} examples")
-        if d != st.d:
-            out.append(f"feature dimension d: expected {d}, found {st.d}")
-        if normalize_dtype(dtype) != st.dtype:
-            out.append(f"store_dtype: expected {normalize_dtype(dtype)!r}, found {st.dtype!r}")
-        if chunk_rows is not None and int(chunk_rows) != st.chunk_rows:
-            out.append(f"chunk_rows: expected {chunk_rows}, found {st.chunk_rows}")
-        if metadata is not None:
-            want_meta = json.loads(json.dumps(metadata, sort_keys=True))
-            if want_meta != found_meta:
-                old = " (a store written by an older gradsketch that recorded the method)" \
-                    if "method" in found_meta else ""
-                out.append(f"metadata: expected {want_meta!r}, found {found_meta!r}{old}")
-        return out
-    finally:
-        st.close()
-
-
-class _WriteLock:
-    """An exclusive advisory lock (``flock``) taken around each chunk write of :func:`featurise_store`, so
-    that concurrent featurising processes never write the same chunk: the one that gets the lock second
-    finds the marker and skips it. A no-op where ``fcntl`` is unavailable."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd: int | None = None
-
-    def __enter__(self) -> _WriteLock:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # releases the lock
-            self.fd = None
-
-
-def _write_if_missing(store: Any, c: int, rows: Tensor, lock: _WriteLock) -> bool:
-    """Write chunk ``c`` unless another writer completed it meanwhile; True if this call wrote it."""
-    with lock:
-        if store._marker(c).exists():  # completed by another process since we last looked: never overwrite
-            return False
-        try:
-            store.write_chunk(c, rows)
-        except ValueError:
-            if not store._marker(c).exists():
-                raise
-            # completed by a writer that does not take our lock (e.g. store.fill) between the check above and
-            # our marker: it is done; make sure the bytes on disk are the ones its marker records
-            store.verify(store.chunk_range(c))
-            return False
-    return True
+        for k in sorted((set(want) | set(found)) - {"features", "sketch", "mode"}):
+            if want.get(k) != found.get(k):
+                out.append(f"spec {k}: expected {want.get(k, '<absent>')!r}, found {found.get(k, '<absent>')!r}")
+    if "fingerprint" in diff:
+        want_fp, found_fp = diff["fingerprint"]
+        out.append(f"model fingerprint: the rows were computed with other model parameters (expected "
+                   f"{want_fp[:19]}..., found {found_fp[:19]}...): the model or checkpoint changed")
+    if "n_rows" in diff:
+        out.append(f"dataset size: the store has {diff['n_rows'][1]} rows, train_data has {n_rows} examples")
+    if "d" in diff:
+        out.append(f"feature dimension d: expected {d}, found {diff['d'][1]}")
+    if "dtype" in diff:
+        out.append(f"store_dtype: expected {diff['dtype'][0]!r}, found {diff['dtype'][1]!r}")
+    if "chunk_rows" in diff:
+        out.append(f"chunk_rows: expected {chunk_rows}, found {diff['chunk_rows'][1]}")
+    if "metadata" in diff:
+        want_meta, found_meta = diff["metadata"]
+        old = " (a store written by an older gradsketch that recorded the method)" \
+            if "method" in found_meta else ""
+        out.append(f"metadata: expected {want_meta!r}, found {found_meta!r}{old}")
+    return out
 
 
 def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_policy: str, progress: bool,
@@ -296,15 +249,15 @@ def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_polic
     ``store.row_range_for_rank(rank, world_size)`` are computed (batches before that share are skipped
     without any computation, iteration stops after it), and the store may be returned incomplete.
 
-    Several processes may featurise one store at once (disjoint ranks or not): completion is re-checked
-    before each batch and, under an exclusive file lock, before each write; a chunk that another writer
-    completed meanwhile is treated as done and never overwritten. A store on disk that holds other rows
+    Several processes may featurise one store at once (disjoint ranks or not): the store's fill loop
+    (:func:`gradsketch.store.fill.fill_stream`) re-checks completion before each batch and, under its file
+    lock, before each write; a chunk that another writer completed meanwhile is treated as done and never
+    overwritten. A store on disk that holds other rows
     (another feature kind, sketch spec, mode, model fingerprint, row count, dtype) is refused with
     :class:`StoreMismatchError` naming what differs.
     """
-    from tqdm.auto import tqdm
-
     from ..store import GradientStore
+    from ..store.fill import fill_stream
 
     n_rows = count_examples(data, name)
     d = int(sketch.d)
@@ -325,57 +278,15 @@ def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_polic
     if store.completed_chunks():  # reopened: never build on corrupt rows (CorruptChunkError names them)
         store.verify()
     if rank is None:
-        lo_row, hi_row = 0, n_rows
+        row_range = (0, n_rows)
     else:
         if world_size is None:
             raise ValueError(f"world_size: expected an integer >= 1 with rank={rank!r}, got None")
-        lo_row, hi_row = store.row_range_for_rank(rank, world_size)
-    missing = set(store.missing_chunks((lo_row, hi_row)))
-    if not missing:
-        return store
-    lock = _WriteLock(path.parent / f".{path.name}.write.lock")
-    cr = store.chunk_rows
-    bufs: dict[int, dict[int, Tensor]] = {}  # chunk -> row_start -> rows
-    offset = 0
-    bar = tqdm(total=len(missing), desc=desc, unit="chunk", disable=not progress, leave=False)
-    try:
-        for batch in data:
-            split = SplitBatch(batch)
-            b = split.size
-            if offset + b <= lo_row:  # before this rank's share: nothing to compute
-                offset += b
-                continue
-            lo_c, hi_c = offset // cr, (offset + b - 1) // cr
-            need = [c for c in range(lo_c, hi_c + 1) if c in missing]
-            for c in need:  # completed by another writer since we looked: done, drop what we buffered
-                if store._marker(c).exists():
-                    missing.discard(c)
-                    bufs.pop(c, None)
-                    bar.update()
-            need = [c for c in need if c in missing]
-            if need:
-                lo = max(offset, need[0] * cr)
-                hi = min(offset + b, min((need[-1] + 1) * cr, n_rows))
-                sub = split.slice(lo - offset, hi - offset).rebuild()
-                rows = _rows(task, sub, sketch, mode, nan_policy, lo, name)
-                for c in need:
-                    c0, c1 = store.chunk_range(c)
-                    a, z = max(c0, lo), min(c1, hi)
-                    if a < z:
-                        bufs.setdefault(c, {})[a] = rows[a - lo:z - lo]
-                    got = sum(t.shape[0] for t in bufs.get(c, {}).values())
-                    if got == c1 - c0:
-                        parts = [bufs[c][k] for k in sorted(bufs[c])]
-                        _write_if_missing(store, c, torch.cat(parts, 0).float(), lock)
-                        del bufs[c]
-                        missing.discard(c)
-                        bar.update()
-            offset += b
-            if not missing:
-                break
-    finally:
-        bar.close()
-    if missing:
-        raise ValueError(f"{name}: the data yielded {offset} examples now but {n_rows} before; expected the "
-                         "same examples in the same order on every pass")
+        row_range = store.row_range_for_rank(rank, world_size)
+
+    def rows_fn(split: SplitBatch, lo: int, hi: int, row0: int) -> Tensor:
+        return _rows(task, split.slice(lo, hi).rebuild(), sketch, mode, nan_policy, row0, name)
+
+    fill_stream(store, (SplitBatch(batch) for batch in data), lambda sp: sp.size, rows_fn, row_range=row_range,
+                progress=progress, desc=desc, name=name)
     return store

@@ -19,7 +19,7 @@ def _named_tensors(model_or_named_params):
             items = [(str(n), t) for n, t in model_or_named_params]
         except (TypeError, ValueError):
             raise TypeError("model_or_named_params: expected an nn.Module, a dict name -> tensor or an "
-                            f"iterable of (name, tensor), received {type(model_or_named_params).__name__}"
+                            f"iterable of (name, tensor), got {type(model_or_named_params).__name__}"
                             ) from None
     return items
 
@@ -39,7 +39,7 @@ def fingerprint_model(model_or_named_params, *, full_numel: int = DEFAULT_FULL_N
     h.update(f"{len(items)}\0".encode())
     for name, t in items:
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"model_or_named_params: expected tensors, received {type(t).__name__} "
+            raise TypeError(f"model_or_named_params: expected tensors, got {type(t).__name__} "
                             f"for {name!r}")
         t = t.detach()
         h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())

@@ -66,13 +66,13 @@ class CorruptChunkError(ValueError):
 # ----------------------------------------------------------------------------- argument checking
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool):
-        raise TypeError(f"{name}: expected an integer >= 1, received {value!r}")
+        raise TypeError(f"{name}: expected an integer >= 1, got {value!r}")
     try:
         value = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name}: expected an integer >= 1, received {value!r}") from None
+        raise TypeError(f"{name}: expected an integer >= 1, got {value!r}") from None
     if value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, received {value}")
+        raise ValueError(f"{name}: expected an integer >= 1, got {value}")
     return value
 
 
@@ -86,7 +86,7 @@ def normalize_dtype(dtype) -> str:
     aliases = {"float16": "float16", "half": "float16", "f2": "float16", "<f2": "float16",
                "float32": "float32", "float": "float32", "f4": "float32", "<f4": "float32"}
     if not isinstance(name, str) or name not in aliases:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, received {dtype!r}")
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     return aliases[name]
 
 
@@ -95,7 +95,7 @@ def _normalize_json(value, name: str):
     try:
         return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{name}: expected a JSON-serialisable value, received {value!r} ({e})") from None
+        raise TypeError(f"{name}: expected a JSON-serialisable value, got {value!r} ({e})") from None
 
 
 def _jsonable_metadata(metadata):
@@ -111,7 +111,7 @@ def _jsonable_metadata(metadata):
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
-        raise TypeError(f"metadata: expected a dict or None, received {type(metadata).__name__}")
+        raise TypeError(f"metadata: expected a dict or None, got {type(metadata).__name__}")
     return _normalize_json(conv(metadata), "metadata")
 
 
@@ -189,10 +189,10 @@ class GradientStore:
         d = _positive_int(d, "d")
         dtype = normalize_dtype(dtype)
         if not isinstance(spec, Mapping):
-            raise TypeError(f"spec: expected a JSON-serialisable dict, received {type(spec).__name__}")
+            raise TypeError(f"spec: expected a JSON-serialisable dict, got {type(spec).__name__}")
         spec = _normalize_json(dict(spec), "spec")
         if not isinstance(fingerprint, str):
-            raise TypeError(f"fingerprint: expected a str, received {type(fingerprint).__name__}")
+            raise TypeError(f"fingerprint: expected a str, got {type(fingerprint).__name__}")
         if chunk_rows is not None:
             chunk_rows = _positive_int(chunk_rows, "chunk_rows")
         meta = None if metadata is None else _jsonable_metadata(metadata)
@@ -303,17 +303,38 @@ class GradientStore:
                              f"{offset + self.n_rows * self.d * self.itemsize} bytes, found {size}")
         return offset
 
-    def _check_matches(self, **given) -> None:
-        diffs = []
+    def differences(self, n_rows: int | None = None, d: int | None = None, spec: Mapping | None = None,
+                    fingerprint: str | None = None, dtype: Any = None, chunk_rows: int | None = None,
+                    metadata: Mapping | None = None) -> dict[str, tuple[Any, Any]]:
+        """The store's identity check: ``{key: (expected, found)}`` for every given field (``None``: not
+        compared) that differs from what is on disk. ``spec`` and ``metadata`` are compared after a JSON
+        round trip, ``dtype`` after normalisation. Empty when the store holds what the caller expects.
+
+        >>> import tempfile, numpy as np
+        >>> st = GradientStore.create_or_open(tempfile.mkdtemp() + "/s", 4, 2, {"kind": "x"}, "fp")
+        >>> st.differences(n_rows=4, spec={"kind": "y"}, fingerprint="fp")
+        {'spec': ({'kind': 'y'}, {'kind': 'x'})}
+        """
+        given = {"n_rows": n_rows, "d": d, "fingerprint": fingerprint, "chunk_rows": chunk_rows,
+                 "dtype": None if dtype is None else normalize_dtype(dtype),
+                 "spec": None if spec is None else json.loads(json.dumps(dict(spec), sort_keys=True)),
+                 "metadata": None if metadata is None else _jsonable_metadata(metadata)}
+        out: dict[str, tuple[Any, Any]] = {}
         for key, value in given.items():
-            if value is None:  # chunk_rows / metadata not given: accept what is on disk
+            if value is None:  # not given: accept what is on disk
                 continue
             found = self._header.get(key)
             if value != found:
-                if key == "spec":
-                    diffs.append(f"sketch spec differs ({_describe_spec_diff(value, found)})")
-                else:
-                    diffs.append(f"{key}: expected {value!r}, found {found!r}")
+                out[key] = (value, found)
+        return out
+
+    def _check_matches(self, **given) -> None:
+        diffs = []
+        for key, (value, found) in self.differences(**given).items():
+            if key == "spec":
+                diffs.append(f"sketch spec differs ({_describe_spec_diff(value, found)})")
+            else:
+                diffs.append(f"{key}: expected {value!r}, found {found!r}")
         if diffs:
             raise ValueError(f"store at {str(self.path)!r} does not match the arguments (expected = given, "
                              f"found = on disk): " + "; ".join(diffs))
@@ -376,13 +397,13 @@ class GradientStore:
 
     def _chunk_index(self, i) -> int:
         if isinstance(i, bool):
-            raise TypeError(f"i: expected a chunk index in [0, {self.n_chunks}), received {i!r}")
+            raise TypeError(f"i: expected a chunk index in [0, {self.n_chunks}), got {i!r}")
         try:
             i = operator.index(i)
         except TypeError:
-            raise TypeError(f"i: expected a chunk index in [0, {self.n_chunks}), received {i!r}") from None
+            raise TypeError(f"i: expected a chunk index in [0, {self.n_chunks}), got {i!r}") from None
         if not 0 <= i < self.n_chunks:
-            raise ValueError(f"i: expected a chunk index in [0, {self.n_chunks}), received {i}")
+            raise ValueError(f"i: expected a chunk index in [0, {self.n_chunks}), got {i}")
         return i
 
     def _row_range(self, row_range) -> tuple[int, int]:
@@ -390,7 +411,7 @@ class GradientStore:
             return 0, self.n_rows
         if isinstance(row_range, range):
             if row_range.step != 1:
-                raise ValueError(f"row_range: expected step 1, received {row_range!r}")
+                raise ValueError(f"row_range: expected step 1, got {row_range!r}")
             start, stop = row_range.start, row_range.stop
         else:
             try:
@@ -398,10 +419,10 @@ class GradientStore:
                 start, stop = operator.index(start), operator.index(stop)
             except (TypeError, ValueError):
                 raise TypeError(f"row_range: expected None, a range or a (start, stop) pair of ints, "
-                                f"received {row_range!r}") from None
+                                f"got {row_range!r}") from None
         if not 0 <= start <= stop <= self.n_rows:
             raise ValueError(f"row_range: expected 0 <= start <= stop <= {self.n_rows}, "
-                             f"received ({start}, {stop})")
+                             f"got ({start}, {stop})")
         return start, stop
 
     def chunks_in(self, row_range=None) -> range:
@@ -413,6 +434,10 @@ class GradientStore:
 
     def _marker(self, i: int) -> Path:
         return self.path / CHUNKS / f"{i:06d}.json"
+
+    def is_chunk_complete(self, i: int) -> bool:
+        """Whether chunk ``i``'s completion marker exists (written by any process)."""
+        return self._marker(self._chunk_index(i)).exists()
 
     def completed_chunks(self) -> list[int]:
         """Sorted indices of the chunks whose completion marker exists (re-read from disk each call)."""
@@ -460,7 +485,7 @@ class GradientStore:
         except TypeError:
             ok = False
         if not ok:
-            raise ValueError(f"rank: expected an integer in [0, {world_size}), received {rank!r}")
+            raise ValueError(f"rank: expected an integer in [0, {world_size}), got {rank!r}")
         rank = operator.index(rank)
         c0 = rank * self.n_chunks // world_size
         c1 = (rank + 1) * self.n_chunks // world_size
@@ -472,9 +497,9 @@ class GradientStore:
         expected = (stop - start, self.d)
         if arr.shape != expected:
             raise ValueError(f"rows: expected shape {expected} for chunk {i} (rows {start}:{stop}), "
-                             f"received {tuple(arr.shape)}")
+                             f"got {tuple(arr.shape)}")
         if arr.dtype.kind not in "fiu":
-            raise TypeError(f"rows: expected a real floating or integer array, received dtype {arr.dtype}")
+            raise TypeError(f"rows: expected a real floating or integer array, got dtype {arr.dtype}")
         fast = _torch_view(arr) if arr.dtype == np.float32 or self.dtype == "float32" else None
         if fast is not None:  # (float64 -> float16 stays in numpy: torch would round twice, via float32)
             # float32/float64 rows: convert and check with torch (vectorised float16 conversion, threads);
@@ -513,7 +538,7 @@ class GradientStore:
             bad = np.flatnonzero(~finite)
             rows = ", ".join(str(row0 + int(b)) for b in bad[:5]) + (", ..." if len(bad) > 5 else "")
             first = row0 + int(bad[0])
-            raise ValueError(f"rows: expected finite values, received NaN/Inf in row {first}{why} "
+            raise ValueError(f"rows: expected finite values, got NaN/Inf in row {first}{why} "
                              f"({len(bad)} non-finite row(s): {rows}); pass allow_nonfinite=True to allow")
 
     def write_chunk(self, i: int, rows, *, overwrite: bool = False, allow_nonfinite: bool = False) -> str:
