@@ -132,3 +132,20 @@ def test_empty_data_and_bad_arguments():
     assert batches(torch.zeros(5, 2), batch_size=2)[-1][0].shape == (1, 2)
     with pytest.raises(ValueError, match="tensors\\[1\\]: expected 5 rows"):
         batches(torch.zeros(5, 2), torch.zeros(4))
+
+
+@pytest.mark.parametrize("method,opts,exc,msg", [
+    ("influence", dict(damping=float("nan")), ValueError, "damping: expected a finite number, got nan"),
+    ("influence", dict(damping=-1.0), ValueError, "damping: expected a number >= 0.0, got -1.0"),
+    ("arnoldi", dict(damping=float("inf")), ValueError, "damping: expected a finite number"),
+    ("arnoldi", dict(top_k=2.7), TypeError, "top_k: expected an integer, got float"),
+    ("trak", dict(ridge="1"), TypeError, "ridge: expected a real number, got str"),
+    ("trak", dict(margin_fn=3), TypeError, "margin_fn: expected a callable"),
+    ("influence", dict(solver="svd"), ValueError, "solver: expected one of"),
+    ("grad-dot", dict(block_rows=0), ValueError, "block_rows: expected an integer >= 1, got 0"),
+])
+def test_options_validated_at_construction(method, opts, exc, msg):
+    """Every numeric option is checked for type, finiteness and range when the Attributor is built."""
+    task, _ = child.setup()
+    with pytest.raises(exc, match=msg):
+        Attributor(task, method, **opts)

@@ -8,6 +8,8 @@ test examples against it. Methods: grad-dot, grad-cos, TracIn, TRAK, Arnoldi inf
 from ._data import batches
 from ._features import DataMismatchError, StoreMismatchError
 from .attributor import METHODS, Attributor, TopK, classification_margin
+from .options import ArnoldiOptions, GradDotOptions, InfluenceOptions, TracInOptions, TRAKOptions, options_for
 
 __all__ = ["Attributor", "TopK", "METHODS", "classification_margin", "batches", "DataMismatchError",
-           "StoreMismatchError"]
+           "StoreMismatchError", "options_for", "GradDotOptions", "TracInOptions", "TRAKOptions", "ArnoldiOptions",
+           "InfluenceOptions"]

@@ -74,21 +74,10 @@ from ._features import (
     iter_feature_chunks,
     sketch_spec,
 )
+from .options import options_for
 
 METHODS = ("grad-dot", "grad-cos", "tracin", "trak", "arnoldi", "influence")
 MODES = ("explicit", "implicit", "factored")
-_OPTIONS = {
-    "grad-dot": {"checkpoints", "models"},
-    "grad-cos": {"checkpoints", "models"},
-    "tracin": {"checkpoints"},
-    "trak": {"checkpoints", "models", "margin_fn", "ridge"},
-    "arnoldi": {"n_iters", "top_k", "curvature", "hessian_data", "positive_only", "damping", "seed",
-                "krylov_store", "start"},
-    "influence": {"solver", "damping", "curvature", "hessian_data", "tol", "maxiter", "depth", "scale"},
-}
-_COMMON = {"nan_policy", "store_dtype", "chunk_rows", "block_rows", "test_block_rows"}
-
-
 class TopK(NamedTuple):
     """Result of :meth:`Attributor.topk`: the k proponents (largest scores, descending) and the k
     opponents (smallest scores, ascending) of each test example; all ``[n_test, k]``."""
@@ -213,6 +202,11 @@ class Attributor:
         influence: ``solver`` ("explicit" | "cg" | "lissa"), ``damping`` δ (0.01), ``curvature``,
         ``hessian_data``, ``tol``, ``maxiter`` (cg), ``depth``, ``scale`` (lissa).
 
+    Attributes
+    ----------
+    config_ : the validated options (:mod:`gradsketch.attribution.options`, one dataclass per method; set at
+    construction, so a NaN or negative ``damping``, a non-integer ``top_k`` ... fail before any work).
+
     Attributes (after ``fit``)
     -----------------------------
     n_train_ : int
@@ -245,13 +239,10 @@ class Attributor:
                              "sketch=None")
         self.sketch = sketch
         self.store = None if store is None else Path(store)
-        allowed = _OPTIONS[self.method] | _COMMON
-        unknown = sorted(set(method_options) - allowed)
-        if unknown:
-            raise TypeError(f"method_options: {unknown} not accepted by method={self.method!r}; expected "
-                            f"some of {sorted(allowed)}")
+        #: the method's validated options (type, finiteness, range checked here, before any work)
+        self.config_ = options_for(self.method, dict(method_options))
         self.options = dict(method_options)
-        self.nan_policy = _check_choice(self.options.get("nan_policy", "raise"), "nan_policy", ("raise", "skip"))
+        self.nan_policy = self.config_.nan_policy
         self._components: list[_Component] = []
         self._shared_q: Tensor | None = None  # TRAK: q̄ averaged over the ensemble, applied to the summed score
         self.ridges_: list[float] = []
@@ -259,8 +250,9 @@ class Attributor:
         self._fitted = False
 
     # ------------------------------------------------------------------ helpers
-    def _opt(self, key: str, default: Any) -> Any:
-        return self.options.get(key, default)
+    def _opt(self, key: str, default: Any = None) -> Any:
+        """An option's validated value (its default from :mod:`gradsketch.attribution.options`)."""
+        return getattr(self.config_, key, default)
 
     def _build_sketch(self) -> Any:
         s = self.sketch

@@ -1,0 +1,189 @@
+"""Validated option dataclasses, one per attribution method (checked in ``__post_init__``: type, finiteness,
+range), so a bad value fails when the :class:`~gradsketch.attribution.Attributor` is built, naming the
+option, never after a fit (``damping=float("nan")`` used to give all-zero scores; ``damping=-1`` negative
+self-influences). The defaults are those documented on :class:`~gradsketch.attribution.Attributor`.
+
+>>> ArnoldiOptions(damping=0.1).damping
+0.1
+>>> InfluenceOptions(damping=float("nan"))
+Traceback (most recent call last):
+    ...
+ValueError: damping: expected a finite number, got nan
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._validation import check_bool, check_callable, check_choice, check_int, check_real, describe
+
+
+@dataclass
+class CommonOptions:
+    """Options every method accepts: the NaN policy of featurisation, the store's dtype and chunking, and
+    the row blocks of scoring."""
+
+    nan_policy: str = "raise"
+    store_dtype: str = "float16"
+    chunk_rows: int | None = None
+    block_rows: int = 4096
+    test_block_rows: int = 1024
+
+    def __post_init__(self) -> None:
+        self.nan_policy = check_choice(self.nan_policy, "nan_policy", ("raise", "skip"))
+        self.store_dtype = check_choice(str(self.store_dtype).replace("torch.", ""), "store_dtype",
+                                        ("float16", "float32"))
+        self.chunk_rows = check_int(self.chunk_rows, "chunk_rows", minimum=1, allow_none=True)
+        self.block_rows = check_int(self.block_rows, "block_rows", minimum=1)
+        self.test_block_rows = check_int(self.test_block_rows, "test_block_rows", minimum=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-friendly values (callables and data are described, not serialised)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v if v is None or isinstance(v, bool | int | float | str) else describe(v)
+        return out
+
+
+def _check_models(value: Any, name: str) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError(f"{name}: expected a non-empty list, got {describe(value)}")
+    return value
+
+
+@dataclass
+class GradDotOptions(CommonOptions):
+    """grad-dot / grad-cos: an ensemble of model states given as ``checkpoints`` or ``models``."""
+
+    checkpoints: Any = None
+    models: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.checkpoints = _check_models(self.checkpoints, "checkpoints")
+        self.models = _check_models(self.models, "models")
+        if self.checkpoints is not None and self.models is not None:
+            raise ValueError("models: pass either models= or checkpoints=, not both")
+
+
+@dataclass
+class TracInOptions(CommonOptions):
+    """TracIn: ``checkpoints`` as ``(state_dict, lr)`` pairs (Σ_c η_c⟨g_c(x), g_c(z)⟩)."""
+
+    checkpoints: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.checkpoints = _check_models(self.checkpoints, "checkpoints")
+
+
+@dataclass
+class TRAKOptions(GradDotOptions):
+    """TRAK: the output function ``margin_fn`` and the ``ridge`` λ = ridge · tr(ΦᵀΦ)/min(n, d) (≥ 0)."""
+
+    margin_fn: Any = None
+    ridge: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.margin_fn is not None:
+            check_callable(self.margin_fn, "margin_fn", "a callable (model, batch) -> [B]")
+        self.ridge = check_real(self.ridge, "ridge", minimum=0.0)
+
+
+@dataclass
+class _CurvatureOptions(CommonOptions):
+    curvature: str = "hessian"
+    hessian_data: Any = None
+    damping: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.curvature = check_choice(self.curvature, "curvature", ("hessian", "ggn"))
+        self.damping = check_real(self.damping, "damping", minimum=0.0)
+
+
+@dataclass
+class ArnoldiOptions(_CurvatureOptions):
+    """Arnoldi influence (Schioppa et al. 2022): ``n_iters`` Krylov steps, ``top_k`` eigenpairs,
+    ``damping`` δ ≥ 0 in 1/(λ_i + δ), start vector ``seed`` and ``start`` rule, Krylov basis ``krylov_store``."""
+
+    n_iters: int = 200
+    top_k: int = 100
+    positive_only: bool = False
+    seed: Any = 0
+    krylov_store: str = "device"
+    start: str = "parameter"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.n_iters = check_int(self.n_iters, "n_iters", minimum=1)
+        self.top_k = check_int(self.top_k, "top_k", minimum=1)
+        if self.top_k > self.n_iters:
+            raise ValueError(f"top_k: expected 1 <= top_k <= n_iters = {self.n_iters}, got {self.top_k}")
+        self.positive_only = check_bool(self.positive_only, "positive_only")
+        if not isinstance(self.seed, torch.Generator):
+            self.seed = check_int(self.seed, "seed", minimum=0)
+        self.krylov_store = check_choice(self.krylov_store, "krylov_store", ("device", "host"))
+        self.start = check_choice(self.start, "start", ("parameter", "sketch"))
+
+
+@dataclass
+class InfluenceOptions(_CurvatureOptions):
+    """Influence functions (Koh & Liang 2017): (ΦHΦᵀ + δI)⁻¹ by ``solver`` (explicit, cg, lissa) with the
+    damping δ ≥ 0 actually added (LiSSA included); ``tol``/``maxiter`` (cg), ``depth``/``scale`` (lissa)."""
+
+    damping: float = 0.01
+    solver: str = "explicit"
+    tol: float | None = None
+    maxiter: int | None = None
+    depth: int = 1000
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.solver = check_choice(self.solver, "solver", ("explicit", "cg", "lissa"))
+        self.tol = check_real(self.tol, "tol", minimum=0.0, allow_none=True)
+        self.maxiter = check_int(self.maxiter, "maxiter", minimum=1, allow_none=True)
+        self.depth = check_int(self.depth, "depth", minimum=1)
+        self.scale = check_real(self.scale, "scale", minimum=0.0, min_inclusive=False, allow_none=True)
+
+
+OPTIONS: dict[str, type[CommonOptions]] = {
+    "grad-dot": GradDotOptions,
+    "grad-cos": GradDotOptions,
+    "tracin": TracInOptions,
+    "trak": TRAKOptions,
+    "arnoldi": ArnoldiOptions,
+    "influence": InfluenceOptions,
+}
+
+
+def options_for(method: str, options: dict[str, Any]) -> CommonOptions:
+    """The validated options of ``method``; unknown names raise ``TypeError`` listing the accepted ones.
+
+    >>> options_for("trak", {"ridge": 0.5}).ridge
+    0.5
+    >>> options_for("trak", {"damping": 0.5})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    TypeError: method_options: ['damping'] not accepted by method='trak'; expected some of [...]
+    """
+    cls = OPTIONS[method]
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"method_options: {unknown} not accepted by method={method!r}; expected some of "
+                        f"{sorted(allowed)}")
+    return cls(**options)
+
+
+__all__ = ["CommonOptions", "GradDotOptions", "TracInOptions", "TRAKOptions", "ArnoldiOptions",
+           "InfluenceOptions", "OPTIONS", "options_for"]
