@@ -221,3 +221,22 @@ def test_duplicate_of_test_example_supports_it():
         assert S[7] > 0, method
         if method == "grad-cos":  # cosine 1 is the maximum (Cauchy-Schwarz)
             assert int(S.argmax()) == 7, method
+
+
+def test_checkpoints_never_write_the_callers_model(setup):
+    """Checkpoint ensembles evaluate copies of the model: the caller's parameters are not written at all
+    (their version counters, bumped by any in-place write such as load_state_dict, stay put)."""
+    task, _, _, tr, te = setup
+    sd0 = {k: v.clone() for k, v in task.model.state_dict().items()}
+    sd1 = {k: v + 0.01 for k, v in sd0.items()}
+    before = {n: (p._version, p.detach().clone()) for n, p in task.model.named_parameters()}
+    for method, opts in [("tracin", dict(checkpoints=[(sd0, 0.5), (sd1, 0.25)])),
+                         ("influence", dict(checkpoints=None, damping=0.1)),
+                         ("trak", dict(checkpoints=[sd0, sd1]))]:
+        opts = {k: v for k, v in opts.items() if v is not None}
+        a = Attributor(task, method, **opts).fit(tr, progress=False)
+        a.score(te, progress=False)
+        a.self_influence(progress=False)
+    for n, p in task.model.named_parameters():
+        assert p._version == before[n][0], n
+        assert torch.equal(p.detach(), before[n][1]), n

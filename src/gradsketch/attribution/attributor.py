@@ -310,20 +310,29 @@ class Attributor:
 
     @contextlib.contextmanager
     def _state(self, state: dict | None):
+        """Within the block ``self.task`` is a Task over a *copy* of the model holding ``state`` (same loss,
+        outputs, parameter selection and options): the caller's model and parameters are never written."""
         if state is None:
             yield
             return
-        model = self.task.model
-        saved = copy.deepcopy(model.state_dict())
+        from ..model import Task
+
+        base = self.task
+        model = copy.deepcopy(base.model)
         try:
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as e:
-                raise ValueError("checkpoints/models: a model state does not fit task.model (expected the same "
-                                 f"architecture and parameter names): {e}") from e
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError("checkpoints/models: a model state does not fit task.model (expected the same "
+                             f"architecture and parameter names): {e}") from e
+        named = dict(model.named_parameters())
+        self.task = Task(model, base.loss_fn, params=[named[n] for n in base.param_names],
+                         output_fn=base.output_fn, loss_on_output=base.loss_on_output,
+                         per_example=base.per_example, randomness=base.randomness, nan_policy=base.nan_policy,
+                         validate=base.validate)
+        try:
             yield
         finally:
-            model.load_state_dict(saved)
+            self.task = base
 
     def _feature_task(self) -> Any:
         if self.method == "trak" and self.options.get("margin_fn") is not None:
@@ -445,14 +454,13 @@ class Attributor:
             raise TypeError("train_data: expected a re-iterable of batches (list, DataLoader), got a one-shot "
                             f"{type(train_data).__name__}")
         base_sketch = self._build_sketch()
-        feat_task = self._feature_task()
         cks = self._checkpoints()
         share = "" if rank is None else f" rank {rank}/{world_size}"
         for c, (state, weight) in enumerate(cks):
             comp = _Component(state, weight, c)
-            comp.task = feat_task
             tag = (f"{self.method} {c + 1}/{len(cks)}" if state is not None else self.method) + share
             with self._state(state):
+                comp.task = self._feature_task()
                 comp.fingerprint = fingerprint_model(self.task.model)
                 if self.method == "arnoldi" and self.sketch is None:
                     comp.sketch = self._arnoldi_projection(self._arnoldi_eig(comp, train_data, base_sketch,
@@ -484,12 +492,11 @@ class Attributor:
         self.timings_ = {}
         self._fit_fingerprint = fingerprint_model(self.task.model)
         base_sketch = self._build_sketch()
-        feat_task = self._feature_task()
         for c, (state, weight) in enumerate(self._checkpoints()):
             comp = _Component(state, weight, c)
-            comp.task = feat_task
             tag = f"{self.method} {c + 1}/{len(self._checkpoints())}" if state is not None else self.method
             with self._state(state):
+                comp.task = self._feature_task()
                 comp.fingerprint = fingerprint_model(self.task.model)
                 t0 = time.perf_counter()
                 if self.method == "arnoldi":
@@ -501,6 +508,8 @@ class Attributor:
                     t1 = time.perf_counter()
                     self._finalise(comp, train_data, progress)
                     self.timings_["finalise"] = self.timings_.get("finalise", 0.0) + time.perf_counter() - t1
+            if state is not None:
+                comp.task = None  # drop the model copy; scoring makes a fresh one per pass
             self._components.append(comp)
         if self.method == "trak" and self.options.get("margin_fn") is not None:
             # TRAK (Algorithm 1 of Park et al.; traker's finalize_scores): the out-to-loss weights are
@@ -662,8 +671,8 @@ class Attributor:
         # several model states: features per state, then regroup (test sets are scored a chunk at a time)
         per = []
         for comp in comps:
-            with self._state(comp.state):
-                per.append(list(iter_feature_chunks(comp.task, test_data, comp.sketch, self._test_mode(comp),
+            with self._state(comp.state):  # a fresh copy of the model in this state
+                per.append(list(iter_feature_chunks(self._feature_task(), test_data, comp.sketch, self._test_mode(comp),
                                                     self.nan_policy, progress, "test_data",
                                                     f"featurise test [{comp.index + 1}/{len(comps)}]", rows)))
         for j in range(len(per[0])):

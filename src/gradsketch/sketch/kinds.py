@@ -9,12 +9,11 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from . import _native, _triton
-from ._random import derive_seed, generator
+from ._random import chi, generator
 from ._transforms import (
     balanced_factors,
     dht,
@@ -729,8 +728,8 @@ class FFDSketch(_StructuredBase):
         self._bufs["G"] = G
         self._bufs["perm"] = torch.stack([torch.randperm(L, generator=g) for _ in range(nb)]).to(torch.int32) \
             if nb * L <= 2**28 else torch.empty(0)
-        chi = np.sqrt(np.random.default_rng(derive_seed(self.seed, "ffd-chi")).chisquare(L, size=(nb, L)))
-        self._bufs["S"] = torch.from_numpy(chi).to(torch.float32) / G.norm(dim=1, keepdim=True)
+        chi_draws = chi(L, (nb, L), generator(self.seed, "ffd-chi"))  # all randomness from torch generators
+        self._bufs["S"] = chi_draws.to(torch.float32) / G.norm(dim=1, keepdim=True)
         self.scale = math.sqrt(L / self.d)
 
     def _h(self, x: Tensor) -> Tensor:
