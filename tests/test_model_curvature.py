@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_model_common import batches, digits, gpt2, token_batch
 
-from gradsketch.linalg import LinearOperator
 from gradsketch.curvature import sketched
+from gradsketch.linalg import LinearOperator
 from gradsketch.model import Task, causal_lm_loss, classifier_loss
 from gradsketch.sketch import sketch
 

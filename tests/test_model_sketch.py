@@ -131,8 +131,8 @@ def test_factored_gpt2_tied_embeddings_layernorm_and_padding():
     G = torch.cat([task.grads(b) for b in data])
     torch.testing.assert_close(out, _kron_expected(task, S, G), atol=TOL, rtol=0)
     # every parameter (position embeddings of position_ids [1, T] included) goes through the hooks
-    from gradsketch.model._batch import SplitBatch
     from gradsketch.gradients.factored import FactoredEngine
+    from gradsketch.model._batch import SplitBatch
 
     engine = FactoredEngine(task, S)
     engine.batch(SplitBatch(data[0]))
@@ -360,8 +360,8 @@ def test_weight_also_used_outside_its_module_is_caught_by_the_self_check():
         out = task.sketch_grads(batches(X, y, 5), S, mode=mode, progress=False)
         expected = _kron_expected(task, S, G) if mode == "factored" else S(_blocks(task, G))
         if mode == "factored":  # the moved weight's block is computed from its exact per-example gradient
-            from gradsketch.model._batch import SplitBatch
             from gradsketch.gradients.factored import FactoredEngine
+            from gradsketch.model._batch import SplitBatch
 
             eng = FactoredEngine(task, S)
             eng.batch(SplitBatch((X, y)))
