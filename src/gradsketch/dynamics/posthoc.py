@@ -137,7 +137,7 @@ def _sample(src: Source, k: int, sampling: str, cand: np.ndarray, std: np.ndarra
         return np.sort(rng.choice(pool, size=k, replace=False))
     if sampling == "variance":
         pool = np.flatnonzero(cand)
-        p = std[pool].astype(np.float64)
+        p = np.maximum(std[pool].astype(np.float64), np.finfo(np.float64).tiny)  # moving => positive weight
         p /= p.sum()
         return np.sort(rng.choice(pool, size=k, replace=False, p=p))
     caps = np.array([int(cand[s:e].sum()) for _, s, e in src.layers], dtype=np.int64)
