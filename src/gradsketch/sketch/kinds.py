@@ -703,11 +703,22 @@ class FFDSketch(_StructuredBase):
     """
 
     kind = "ffd"
+    option_names = ("preconditioner", "max_factor", "rng")
+
+    #: Version of the scheme that draws the random state. 1: χ draws from numpy (before 2026-12-04);
+    #: 2: every draw from torch generators. The version is part of the spec, so a store or checkpoint made
+    #: with another version is refused as a different sketch instead of silently rebuilt differently.
+    RNG_VERSION = 2
 
     def __init__(self, n: int, d: int, seed: int = 0, preconditioner: str = "hadamard",
-                 max_factor: int = 1024) -> None:
-        super().__init__(n, d, seed, preconditioner=preconditioner, max_factor=max_factor)
+                 max_factor: int = 1024, rng: int = RNG_VERSION) -> None:
+        if rng != self.RNG_VERSION:
+            raise ValueError(f"rng: expected {self.RNG_VERSION} (the only ffd random-draw scheme this version "
+                             f"can rebuild), got {rng!r}; re-create the sketch (and re-featurise any store made "
+                             "with it)")
+        super().__init__(n, d, seed, preconditioner=preconditioner, max_factor=max_factor, rng=rng)
         self._common(preconditioner, max_factor)
+        self._options["rng"] = rng
         g = generator(self.seed, "ffd")
         L = next_pow2(self.d) if preconditioner != "fft" else self.d
         if preconditioner == "orthogonal":
