@@ -104,6 +104,11 @@ def low_rank_inverse_root(vecs: Tensor, vals: Tensor, tail: Tensor | float, x: T
     tail_t = torch.as_tensor(tail, dtype=x.dtype, device=x.device)
     if not bool(tail_t > 0):
         raise ValueError(f"tail: expected a positive number, got {float(tail_t)}")
+    return _inverse_root_unchecked(vecs, vals, tail_t, x, p)
+
+
+def _inverse_root_unchecked(vecs: Tensor, vals: Tensor, tail_t: Tensor, x: Tensor, p: float) -> Tensor:
+    """:func:`low_rank_inverse_root` without the host-synchronising check of ``tail`` (callers guarantee it)."""
     w_tail = tail_t ** (-1.0 / p)
     w = (vals.to(x.dtype) + tail_t) ** (-1.0 / p) - w_tail
     coef = vecs.T @ x

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..linalg.frequent_directions import fd_shrink, low_rank_inverse_root
+from ..linalg.frequent_directions import _inverse_root_unchecked, fd_shrink
 
 __all__ = ["Shampoo", "Sketchy"]
 
@@ -147,16 +147,19 @@ class _KroneckerOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
             lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
+            live = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
+            for i, p in live:
+                if p.grad.is_sparse:
                     raise TypeError(f"gradient of parameter {self._name(group, gi, i, p)}: sparse gradients are "
                                     "not supported (use nn.Embedding(sparse=False))")
-                if not bool(torch.isfinite(g).all()):
+            if live:  # one host synchronisation per group, then name the first offender
+                finite = torch.stack([torch.isfinite(p.grad).all().to(live[0][1].device) for _, p in live])
+                if not bool(finite.all()):
+                    i, p = live[int((~finite).nonzero()[0, 0])]
                     raise ValueError(f"gradient of parameter {self._name(group, gi, i, p)}: expected finite "
                                      f"values, got NaN or Inf")
+            for _, p in live:
+                g = p.grad
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p, group))
@@ -351,5 +354,5 @@ class Sketchy(_KroneckerOptimizer):
 
     def _apply_factor(self, f: dict[str, Tensor], x: Tensor, p: int, eps: float) -> Tensor:
         top = f["vals"][0] + f["rho"]
-        tail = f["rho"] + (eps * top if float(top) > 0 else 1.0)
-        return low_rank_inverse_root(f["vecs"], f["vals"], tail, x, p)
+        tail = f["rho"] + torch.where(top > 0, eps * top, torch.ones_like(top))  # > 0, no host sync
+        return _inverse_root_unchecked(f["vecs"], f["vals"], tail.to(x.dtype), x, p)
