@@ -58,6 +58,7 @@ import json
 import math
 import os
 import secrets
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -632,7 +633,16 @@ class Attributor:
                 if op.shape[0] > 8192:
                     raise ValueError(f"solver: 'explicit' builds a {op.shape[0]}×{op.shape[0]} matrix; expected "
                                      "at most 8192 rows: use a sketch or solver='cg'")
-                comp.kernel = dense_inverse(op.to_dense(), damping)
+                K = op.to_dense()
+                comp.kernel = dense_inverse(K, damping)
+                if isinstance(comp.kernel, EigenOperator):  # Cholesky failed: K + δI is not positive definite
+                    lam_min = float(torch.linalg.eigvalsh((K + K.T).to(torch.float64) / 2)[0])
+                    warnings.warn(
+                        f"damping: the curvature plus damping {damping:g}·I is indefinite (smallest eigenvalue of "
+                        f"the curvature {lam_min:.3g}), so the explicit inverse amplifies directions whose eigenvalue "
+                        f"is near -{damping:g} and the scores can be meaningless; expected a damping above "
+                        f"{-lam_min:.3g} (or curvature='ggn', which is positive semi-definite). solver='cg' refuses "
+                        "this system", RuntimeWarning, stacklevel=3)
             else:
                 keys = ("tol", "maxiter") if solver == "cg" else ("scale", "depth", "tol")
                 comp.kernel = inverse(op, damping, solver, **{k: self.options[k] for k in keys if k in self.options})
