@@ -84,6 +84,24 @@ class SketchOperator(LinearOperator):
         return list(torch.split(out, list(sizes), dim=-1))
 
 
+class BlockSketchOperator(SketchOperator):
+    """Shared plumbing of the sketches that take a vector as consecutive blocks of ``self.sizes`` (a model's
+    parameters, never concatenated): ``BlockSketch`` and ``FactoredSketch``."""
+
+    sizes: list[int]
+
+    def apply_blocks(self, xs: list[Tensor]) -> Tensor:
+        return self(list(xs), nan_policy="propagate")  # type: ignore[call-arg, arg-type]
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self(list(torch.split(V.T, self.sizes, dim=-1)), nan_policy="propagate").T  # type: ignore[call-arg, arg-type]
+
+    def _rmatmat(self, W: Tensor) -> Tensor:
+        parts = self._adjoint_rows(W.T, nan_policy="propagate")
+        seq = list(parts.values()) if isinstance(parts, dict) else parts
+        return torch.cat([p.reshape(W.shape[1], -1) for p in seq], dim=-1).T
+
+
 class Sketch(SketchOperator):
     """A random linear map Φ: Rⁿ → Rᵈ with E‖Φx‖² = ‖x‖², fixed by its spec, never stored as a d×n matrix.
 

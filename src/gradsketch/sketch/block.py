@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._validation import check_int
 from ._random import derive_seed
-from .base import SketchOperator
+from .base import BlockSketchOperator
 from .kinds import KINDS, sketch
 
 MIN_GROUP = 1 << 15
@@ -30,7 +30,7 @@ def _as_shape(name: str, s: Any) -> tuple[int, ...]:
     raise TypeError(f"{name}: expected an int or a shape tuple, got {s!r}")
 
 
-class BlockSketch(SketchOperator):
+class BlockSketch(BlockSketchOperator):
     """Sketch a list (or dict) of tensors ``x_i: [..., *shape_i]`` to ``[..., d]`` as Σ_g Φ_g x_g.
 
     Consecutive small tensors are grouped (each group ≥ max(d, min_group) inputs where possible) and
@@ -166,17 +166,6 @@ class BlockSketch(SketchOperator):
             out = y if out is None else out + y
         assert out is not None
         return out.to(out_dtype or tensors[0].dtype)
-
-    def apply_blocks(self, xs: list[Tensor]) -> Tensor:
-        return self(list(xs), nan_policy="propagate")
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return self(list(torch.split(V.T, self.sizes, dim=-1)), nan_policy="propagate").T
-
-    def _rmatmat(self, W: Tensor) -> Tensor:
-        parts = self._adjoint_rows(W.T, nan_policy="propagate")
-        seq = list(parts.values()) if isinstance(parts, dict) else parts
-        return torch.cat([p.reshape(W.shape[1], -1) for p in seq], dim=-1).T
 
     def _adjoint_rows(self, y: Tensor, out_dtype: torch.dtype | None = None, nan_policy: str | None = None
                       ) -> list[Tensor] | dict[str, Tensor]:

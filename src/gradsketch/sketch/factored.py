@@ -13,7 +13,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from .base import SketchOperator
+from .base import BlockSketchOperator
 
 #: the leftover (non-Kronecker) block is applied as an explicit sparse matrix when it has at most this many
 #: entries n_rest·d and at most this fraction of them non-zero (see FactoredSketch.rest_scatter)
@@ -43,7 +43,7 @@ class _Identity:
         return [torch.eye(self.rows, dtype=dtype), torch.eye(self.cols, dtype=dtype)]
 
 
-class FactoredSketch(SketchOperator):
+class FactoredSketch(BlockSketchOperator):
     """Whole-model sketch R^N -> R^d: Σ_p Φ_p(g_p) over the task's parameters p (independent blocks).
 
     Supported weights get a Kronecker ``qk`` sketch F_r ⊗ F_c of their [rows, cols] view (first dimension ×
@@ -221,16 +221,6 @@ class FactoredSketch(SketchOperator):
             out = y if out is None else out + y
         out = cast(Tensor, out)  # at least one block (a sketch covers n >= 1 parameters)
         return out if out_dtype is None else out.to(out_dtype)
-
-    def apply_blocks(self, xs: list[Tensor]) -> Tensor:
-        return self(list(xs), nan_policy="propagate")
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return self(list(torch.split(V.T, self.sizes, dim=-1)), nan_policy="propagate").T
-
-    def _rmatmat(self, W: Tensor) -> Tensor:
-        parts = self._adjoint_rows(W.T, nan_policy="propagate")
-        return torch.cat([p.reshape(W.shape[1], -1) for p in parts], dim=-1).T
 
     def _adjoint_rows(self, y: Tensor, out_dtype: torch.dtype | None = None, nan_policy: str | None = None
                       ) -> list[Tensor]:
