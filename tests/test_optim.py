@@ -131,6 +131,30 @@ def test_sketchy_full_rank_equals_shampoo_step_for_step():
     assert max(float((pa - pc).detach().abs().max()) for pa, pc in zip(a.parameters(), c.parameters())) > 1e-4
 
 
+@pytest.mark.parametrize("freq", [3, 5])
+def test_sketchy_full_rank_accumulates_like_shampoo_between_refreshes(freq):
+    # every step's statistics are kept (in the sketch's basis), so at full rank Sketchy equals Shampoo
+    # with the same update_freq; the reference semantics (accumulate=False) see only refresh-step gradients
+    torch.manual_seed(0)
+    base = Net()
+    a, b, c = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    kw = {**KW, "update_freq": freq}
+    oa, ob = Shampoo(a.parameters(), **kw), Sketchy(b.parameters(), rank=8, **kw)
+    oc = Sketchy(c.parameters(), rank=8, accumulate=False, **kw)
+    for batch in batches(17):
+        for m, o in ((a, oa), (b, ob), (c, oc)):
+            train(m, o, [batch])
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.allclose(pa, pb, atol=1e-10, rtol=0)
+    assert max(float((pa - pc).detach().abs().max()) for pa, pc in zip(a.parameters(), c.parameters())) > 1e-4
+    # the accumulated statistics are the decayed sum in the sketch's basis: compare with Shampoo's
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        for ba, bb in zip(oa.state[pa]["blocks"], ob.state[pb]["blocks"]):
+            for side in ba:
+                U = bb[side]["vecs"]
+                assert torch.allclose(U.T @ ba[side]["stat"] @ U, bb[side]["acc"], atol=1e-9, rtol=0)
+
+
 def test_blocks_and_shapes():
     torch.manual_seed(0)
     m = Net()
@@ -168,7 +192,10 @@ def test_memory_formulas():
     lin(torch.randn(3, 32, dtype=D64)).sum().backward()
     sk.step()
     sh.step()
-    assert sk.preconditioner_bytes() == 8 * (k * (24 + 32) + 2 * k + 2)
+    assert sk.preconditioner_bytes() == 8 * (k * (24 + 32) + 2 * k * k + 2 * k + 4)
+    ref = Sketchy(lin.parameters(), rank=k, lr=0.1, accumulate=False)
+    ref.step()
+    assert ref.preconditioner_bytes() == 8 * (k * (24 + 32) + 2 * k + 2)
     assert sh.preconditioner_bytes() == 8 * (2 * (24 ** 2 + 32 ** 2) + 24 + 32)
 
 

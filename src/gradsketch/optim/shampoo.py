@@ -11,7 +11,8 @@ For a weight viewed as a matrix ``G [a, b]`` (conv kernels as ``[out, in·kh·kw
 number of factored sides (4 for a matrix, 2 for a vector; a side of length 1 has no factor). Shampoo
 keeps ``L, R`` exactly (``O(a² + b²)`` memory) and recomputes the roots by ``eigh`` every ``update_freq``
 steps; Sketchy keeps rank-``k`` Frequent Directions sketches ``U diag(λ) Uᵀ`` plus escaped mass ``ρ``
-(``O(k(a + b))`` memory), refreshed every ``update_freq`` steps from the current gradient, and applies
+(``O(k(a + b) + k²)`` memory: every step's statistics accumulate in the sketch's basis, and one FD step
+with the current gradient refreshes the sketch every ``update_freq`` steps), and applies
 ``U diag((λ + τ)^(−1/p)) Uᵀ x + τ^(−1/p)(I − U Uᵀ) x`` with ``τ = ρ + ridge``, never a dense matrix.
 Both add a relative ridge ``eps · λ_max`` before the root.
 """
@@ -298,19 +299,28 @@ class Shampoo(_KroneckerOptimizer):
 class Sketchy(_KroneckerOptimizer):
     """Shampoo whose Kronecker factors are rank-``k`` Frequent Directions sketches (Feinberg et al. 2023).
 
-    Every ``update_freq`` steps each factor of each block takes one FD step with the current gradient:
-    ``M = [√β₂ diag(√λ) Uᵀ ; rows]``, one thin SVD, ``δ = σ_{k+1}²``, ``λ ← σ² − δ`` (top ``k``),
-    ``ρ ← β₂ ρ + δ`` (:func:`~gradsketch.linalg.frequent_directions.fd_shrink`), where ``rows`` are the
-    columns of ``G`` for ``L`` and its rows for ``R``. The step direction applies, per side,
-    ``U diag((λ + τ)^(−1/p)) Uᵀ x + τ^(−1/p)(I − U Uᵀ) x`` with ``τ = ρ + eps·(λ₁ + ρ)``, never a dense
-    matrix; grafting, momentum and weight decay are those of :class:`Shampoo`. With ``rank ≥`` every
-    block side it equals :class:`Shampoo` with ``update_freq=1`` step for step.
+    Each factor keeps a sketch ``U diag(λ) Uᵀ`` (``U [d, k]`` orthonormal) and its escaped mass ``ρ``.
+    Every step, the statistics the sketch can represent are accumulated exactly in its basis,
+    ``C ← β₂ C + (Uᵀ X)(Uᵀ X)ᵀ`` (a ``k × k`` matrix; ``X`` is ``G`` for ``L`` and ``Gᵀ`` for ``R``). Every
+    ``update_freq`` steps the sketch is refreshed by one FD step: ``β₂ C = W diag(μ) Wᵀ``,
+    ``M = [diag(√μ) (U W)ᵀ ; rows]``, one thin SVD, ``δ = σ_{k+1}²``, ``λ ← σ² − δ`` (top ``k``),
+    ``ρ ← β₂^s ρ + δ`` (:func:`~gradsketch.linalg.frequent_directions.fd_shrink`), where ``rows`` are the
+    columns of the current ``G`` for ``L`` and its rows for ``R``. So no gradient's in-sketch part is lost
+    between refreshes, while new directions enter at refreshes (``accumulate=False`` gives the reference
+    implementation's semantics instead: the sketch sees only the gradients of refresh steps). The step
+    direction applies, per side, ``U diag((λ + τ)^(−1/p)) Uᵀ x + τ^(−1/p)(I − U Uᵀ) x`` with
+    ``τ = ρ + eps·(λ₁ + ρ)``, never a dense matrix; grafting, momentum and weight decay are those of
+    :class:`Shampoo`. With ``rank ≥`` every block side it equals :class:`Shampoo` with the same
+    ``update_freq`` step for step (with ``accumulate=False``: only at ``update_freq=1``).
 
     Args:
         rank: sketch rank ``k ≥ 1``; a side of length ``d ≤ k`` keeps its factor exactly (rank ``d``).
-        others: as :class:`Shampoo` (``update_freq`` here also spaces the statistics updates).
+        accumulate: accumulate every step's statistics in the sketch's basis (default) or only refresh
+            from the gradients of every ``update_freq``-th step (Feinberg et al.'s JAX code).
+        others: as :class:`Shampoo` (``update_freq``: steps between FD refreshes of the sketch).
 
-    Memory per ``[a, b]`` block: ``k(a + b) + 2k + 2`` numbers instead of Shampoo's ``2(a² + b²) + a + b``.
+    Memory per ``[a, b]`` block: ``k(a + b) + 2k² + 2k + 4`` numbers instead of Shampoo's
+    ``2(a² + b²) + a + b`` (without ``accumulate``: ``k(a + b) + 2k + 2``).
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -328,26 +338,50 @@ class Sketchy(_KroneckerOptimizer):
     def __init__(self, params: Any, lr: float = 1e-3, rank: int = 64, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, update_freq: int = 10, start_step: int = 1,
                  graft: str = "adam", graft_eps: float = 1e-8, block_size: int = 1024,
-                 precondition_1d: bool = True) -> None:
+                 precondition_1d: bool = True, accumulate: bool = True) -> None:
         self.rank = _integer(rank, "rank", 1)
+        if not isinstance(accumulate, bool):
+            raise TypeError(f"accumulate: expected a bool, got {type(accumulate).__name__}")
+        self.accumulate = accumulate
         super().__init__(params, lr, betas, eps, weight_decay, update_freq, start_step, graft, graft_eps,
                          block_size, precondition_1d)
 
     def _new_factor(self, d: int, like: Tensor) -> dict[str, Tensor]:
         k = min(self.rank, d)
-        return {"vals": torch.zeros(k, dtype=like.dtype, device=like.device),
-                "vecs": torch.zeros(d, k, dtype=like.dtype, device=like.device),
-                "rho": torch.zeros((), dtype=like.dtype, device=like.device)}
+        kw = dict(dtype=like.dtype, device=like.device)
+        f = {"vals": torch.zeros(k, **kw), "vecs": torch.eye(d, k, **kw), "rho": torch.zeros((), **kw)}
+        if self.accumulate:
+            # C: the statistics in the basis U since the last refresh; decay: β₂^(steps since it)
+            f["acc"] = torch.zeros(k, k, **kw)
+            f["decay"] = torch.ones((), **kw)
+        return f
 
     def _update_factor(self, f: dict[str, Tensor], rows: Tensor, beta2: float, refresh: bool) -> None:
-        if not refresh:
-            return
         k = f["vals"].numel()
-        B = (beta2 * f["vals"]).clamp_min(0).sqrt()[:, None] * f["vecs"].T
+        if "acc" not in f:  # refresh-only semantics
+            if not refresh:
+                return
+            B = (beta2 * f["vals"]).clamp_min(0).sqrt()[:, None] * f["vecs"].T
+            vals, vecs, delta = fd_shrink(torch.cat([B, rows.to(B.dtype)], dim=0), k)
+            f["vals"].copy_(vals)
+            f["vecs"].copy_(vecs)
+            f["rho"].mul_(beta2).add_(delta)
+            return
+        if not refresh:
+            coef = rows.to(f["vecs"].dtype) @ f["vecs"]  # [n, k]
+            f["acc"].mul_(beta2).addmm_(coef.T, coef)
+            f["decay"].mul_(beta2)
+            return
+        C = (beta2 * f["acc"]).double()
+        mu, W = torch.linalg.eigh(0.5 * (C + C.T))
+        basis = (f["vecs"].double() @ W).to(f["vecs"].dtype)
+        B = mu.clamp_min(0).sqrt().to(basis.dtype)[:, None] * basis.T
         vals, vecs, delta = fd_shrink(torch.cat([B, rows.to(B.dtype)], dim=0), k)
         f["vals"].copy_(vals)
         f["vecs"].copy_(vecs)
-        f["rho"].mul_(beta2).add_(delta)
+        f["rho"].mul_(beta2 * f["decay"]).add_(delta)
+        f["acc"].copy_(torch.diag(vals))
+        f["decay"].fill_(1.0)
 
     def _refresh_factor(self, f: dict[str, Tensor], p: int, eps: float) -> None:
         pass  # the sketch is its own root: nothing to cache
