@@ -9,7 +9,18 @@ __version__ = "0.1.0"
 
 # ``gradsketch.spectrum`` is the subpackage, made callable: ``gradsketch.spectrum(task, data, k=...)``.
 from . import curvature, datasets, dynamics, eval, gradients, linalg, optim, spectrum  # dynamics: CMD
-from .attribution import Attributor, TopK, classification_margin
+from .attribution import (
+    TRAK,
+    ArnoldiInfluence,
+    Attributor,
+    GradCos,
+    GradDot,
+    Influence,
+    TopK,
+    TracIn,
+    classification_margin,
+    register_method,
+)
 from .curvature import FisherOperator, GGNOperator, HessianOperator, sketched
 from .entry import Entry, load_entry  # the one entry-point form of the CLI commands
 from .intrinsic import IntrinsicDimResult, SubspaceModel, intrinsic_dimension
@@ -24,6 +35,7 @@ from .store import fill as fill_store
 __all__ = [
     "__version__",
     "Attributor", "TopK", "classification_margin", "eval",
+    "GradDot", "GradCos", "TracIn", "TRAK", "ArnoldiInfluence", "Influence", "register_method",
     "sketch", "Sketch", "BlockSketch", "sketch_from_spec",
     "linalg", "LinearOperator", "MatrixOperator",
     "Task", "gradients", "curvature", "FactoredSketch",

@@ -2,14 +2,28 @@
 
 ``Attributor(task, method, sketch, store).fit(train_data)`` featurises the training set once (in memory or
 into a resumable :class:`gradsketch.GradientStore`); ``score``, ``topk`` and ``self_influence`` then score
-test examples against it. Methods: grad-dot, grad-cos, TracIn, TRAK, Arnoldi influence, exact influence.
+test examples against it. One class per method (:class:`GradDot`, :class:`GradCos`, :class:`TracIn`,
+:class:`TRAK`, :class:`ArnoldiInfluence`, :class:`Influence`) on the base class :class:`Attributor`, which is
+also the factory (``Attributor(task, method="trak")`` returns a :class:`TRAK`); :func:`register_method` adds
+a method without touching the base.
 """
 
 from ._data import batches
 from ._features import DataMismatchError, StoreMismatchError
-from .attributor import METHODS, Attributor, TopK, classification_margin
-from .options import ArnoldiOptions, GradDotOptions, InfluenceOptions, TracInOptions, TRAKOptions, options_for
+from .attributor import METHODS, classification_margin
+from .base import Attributor, TopK, method_class, register_method, registered_methods, unregister_method
+from .methods import TRAK, ArnoldiInfluence, GradCos, GradDot, Influence, TracIn
+from .options import (
+    ArnoldiOptions,
+    CommonOptions,
+    GradDotOptions,
+    InfluenceOptions,
+    TracInOptions,
+    TRAKOptions,
+    options_for,
+)
 
 __all__ = ["Attributor", "TopK", "METHODS", "classification_margin", "batches", "DataMismatchError",
-           "StoreMismatchError", "options_for", "GradDotOptions", "TracInOptions", "TRAKOptions", "ArnoldiOptions",
-           "InfluenceOptions"]
+           "StoreMismatchError", "options_for", "CommonOptions", "GradDotOptions", "TracInOptions", "TRAKOptions",
+           "ArnoldiOptions", "InfluenceOptions", "GradDot", "GradCos", "TracIn", "TRAK", "ArnoldiInfluence",
+           "Influence", "register_method", "unregister_method", "registered_methods", "method_class"]

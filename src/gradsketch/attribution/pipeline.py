@@ -61,9 +61,9 @@ class AttributeConfig:
 
     def __post_init__(self) -> None:
         from ..sketch.kinds import KINDS
-        from .attributor import METHODS, MODES
+        from .base import MODES, registered_methods
 
-        check_choice(self.method, "method", METHODS)
+        check_choice(self.method, "method", registered_methods())
         check_choice(self.kind, "kind", tuple(sorted(KINDS)))
         check_choice(self.mode, "mode", MODES)
         check_int(self.d, "d", minimum=0)
@@ -142,7 +142,8 @@ def run_attribute(entry: Any, config: AttributeConfig | None = None, out: str | 
     import numpy as np
 
     from ..entry import load_entry
-    from .attributor import Attributor
+    from .base import Attributor
+    from .options import OPTIONS
 
     cfg = config if config is not None else AttributeConfig()
     if not isinstance(cfg, AttributeConfig):
@@ -160,11 +161,12 @@ def run_attribute(entry: Any, config: AttributeConfig | None = None, out: str | 
         if d < cfg.d:
             notes.append(f"d = {cfg.d} is larger than the {task.n_params} parameters: used d = {d}")
         sketch = dict(kind=cfg.kind, d=d, seed=cfg.seed)
-    extra: dict[str, Any] = {}
-    if cfg.method == "arnoldi":
-        extra = dict(n_iters=cfg.n_iters, top_k=cfg.top_k, seed=cfg.seed)
-    if cfg.method in ("arnoldi", "influence") and cfg.damping is not None:
-        extra["damping"] = cfg.damping
+    # the config's method options go to the methods whose options dataclass has them (n_iters, top_k, seed:
+    # arnoldi; damping: every curvature method, None meaning the method's default)
+    accepted = {f.name for f in fields(OPTIONS[cfg.method])}
+    extra: dict[str, Any] = {k: v for k, v in (("n_iters", cfg.n_iters), ("top_k", cfg.top_k), ("seed", cfg.seed),
+                                               ("damping", cfg.damping))
+                             if k in accepted and v is not None}
     store = Path(cfg.store) if cfg.store else out / "store"
     summary: dict[str, Any] = {"entry": ent.name, "command": command, "method": cfg.method, "sketch": sketch,
                                "mode": cfg.mode, "store": str(store)}

@@ -1,0 +1,677 @@
+"""The attribution base class and the method registry.
+
+:class:`Attributor` holds everything the methods share: argument checks, the sketch, the checkpoint/model
+ensemble (each state on a copy of the model), featurisation into memory or a :class:`GradientStore`, and
+scoring (``score``, ``topk``, ``self_influence``) of the bilinear form
+
+    score(x, z) = Σ_c w_c · ψ_c(x)ᵀ ρ_c(z) · q_c(z),    ψ_c(x) = M_c t_c(φ_c(x)),
+
+with φ the feature rows, M the kernel operator, t/ρ the test/training row maps (the identity but for
+grad-cos) and q a per-training-example weight. A method is a subclass (:mod:`gradsketch.attribution.methods`)
+that supplies its options dataclass and a few hooks (``finalise`` builds M and q; ``feature_sketch``,
+``feature_task``, ``feature_kind``, ``test_rows``/``train_rows``, ``after_fit``, ``ensemble_weights``) and
+is made known to the factory with :func:`register_method`; nothing in this module names a method.
+
+``Attributor(task, method="trak", ...)`` is also the factory: it returns an instance of the class registered
+under ``method`` (so ``isinstance(a, Attributor)`` holds and ``a.method == "trak"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import check_choice
+from ..linalg import LinearOperator
+from ._features import (
+    IdentitySketch,
+    ProjectionSketch,
+    featurise_memory,
+    featurise_store,
+    iter_feature_chunks,
+    sketch_spec,
+)
+from .options import OPTIONS, CommonOptions, options_for
+
+MODES = ("explicit", "implicit", "factored")
+
+#: name -> class; filled by :func:`register_method` (the built-in methods register in ``methods.py``)
+_REGISTRY: dict[str, type[Attributor]] = {}
+
+
+def register_method(name: str, cls: type[Attributor], options_cls: type[CommonOptions] | None = None, *,
+                    replace: bool = False) -> type[Attributor]:
+    """Make ``Attributor(task, method=name, ...)`` build ``cls`` configured by ``options_cls``.
+
+    ``cls`` is a subclass of :class:`Attributor`; ``options_cls`` a dataclass subclass of
+    :class:`~gradsketch.attribution.options.CommonOptions` (default ``cls.options_cls``) that validates the
+    method's keyword options in ``__post_init__``. A name already taken raises ``ValueError`` unless
+    ``replace=True``. Returns ``cls`` (so it can be used as a decorator through ``functools.partial``).
+
+    >>> from gradsketch.attribution import GradDot, registered_methods
+    >>> class MyDot(GradDot):
+    ...     '''grad-dot under another name.'''
+    >>> _ = register_method("my-dot", MyDot)
+    >>> "my-dot" in registered_methods()
+    True
+    >>> unregister_method("my-dot")
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name: expected a non-empty string, got {type(name).__name__} ({name!r})")
+    if not (isinstance(cls, type) and issubclass(cls, Attributor)) or cls is Attributor:
+        raise TypeError(f"cls: expected a subclass of gradsketch.attribution.Attributor, got {cls!r}")
+    opts = cls.options_cls if options_cls is None else options_cls
+    if not (isinstance(opts, type) and issubclass(opts, CommonOptions)):
+        raise TypeError(f"options_cls: expected a subclass of gradsketch.attribution.options.CommonOptions, got "
+                        f"{opts!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"name: expected a method name not yet registered, got {name!r} (registered by "
+                         f"{_REGISTRY[name].__name__}; pass replace=True to override)")
+    _REGISTRY[name] = cls
+    OPTIONS[name] = opts
+    return cls
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method registered with :func:`register_method` (tests, plugins)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"name: expected a registered method {registered_methods()}, got {name!r}")
+    del _REGISTRY[name]
+    OPTIONS.pop(name, None)
+
+
+def registered_methods() -> tuple[str, ...]:
+    """The names ``Attributor(task, method=...)`` accepts, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def method_class(name: str) -> type[Attributor]:
+    """The class registered under ``name`` (``ValueError`` listing the registered names otherwise)."""
+    return _REGISTRY[check_choice(name, "method", registered_methods())]
+
+
+class TopK(NamedTuple):
+    """Result of :meth:`Attributor.topk`: the k proponents (largest scores, descending) and the k
+    opponents (smallest scores, ascending) of each test example; all ``[n_test, k]``."""
+
+    values: Tensor
+    indices: Tensor
+    opponent_values: Tensor
+    opponent_indices: Tensor
+
+
+def apply_kernel(kernel: LinearOperator | None, phi: Tensor) -> Tensor:
+    """Rows ``M φ`` (float64, CPU) of the kernel operator M (``None``: the identity)."""
+    if kernel is None:
+        return phi.to(torch.float64)
+    return kernel(phi.to(kernel.device)).to("cpu", torch.float64)
+
+
+def quad_kernel(kernel: LinearOperator | None, phi: Tensor) -> Tensor:
+    """``φᵀ M φ`` per row (float64, CPU)."""
+    if kernel is None:
+        p = phi.to(torch.float64)
+        return (p * p).sum(1)
+    return kernel.quadratic(phi.to(kernel.device)).to("cpu", torch.float64)
+
+
+class Component:
+    """One model state of a fit: its features (memory or store), training weights q, kernel M, weight w.
+
+    Methods fill ``kernel`` (a :class:`~gradsketch.linalg.LinearOperator` or ``None`` for the identity),
+    ``q`` (``[n_train]`` or ``None``) and ``info`` in :meth:`Attributor.finalise`."""
+
+    def __init__(self, state: dict | None, weight: float, index: int) -> None:
+        self.state, self.weight, self.index = state, float(weight), index
+        self.feats: Any = None          # Tensor [n, d] or GradientStore
+        self.q: Tensor | None = None    # [n] per-training-example multiplier
+        self.kernel: Any = None
+        self.sketch: Any = None
+        self.task: Any = None
+        self.fingerprint = ""
+        self.info: dict = {}
+
+    @property
+    def n_rows(self) -> int:
+        f = self.feats
+        return int(f.shape[0] if isinstance(f, Tensor) else f.n_rows)
+
+
+class Attributor:
+    """Training data attribution with sketched gradients (scikit-learn style: configure, ``fit``, ``score``).
+
+    ``Attributor(task, method, ...)`` returns an instance of the method's class (:class:`GradDot`,
+    :class:`GradCos`, :class:`TracIn`, :class:`TRAK`, :class:`ArnoldiInfluence`, :class:`Influence`, or one
+    added with :func:`register_method`); the classes can also be built directly (``TRAK(task, sketch=...)``).
+    See :mod:`gradsketch.attribution.attributor` for every method's formula.
+
+    Parameters
+    ----------
+    task : gradsketch.Task
+        The model and its per-example loss. Its parameters are the θ of every gradient.
+    method : str
+        A registered method name (:func:`registered_methods`): ``"trak"`` (default), ``"grad-dot"``,
+        ``"grad-cos"``, ``"tracin"``, ``"arnoldi"``, ``"influence"``.
+    sketch : None, a sketch, a BlockSketch, a FactoredSketch, or ``dict(kind=, d=, seed=, **options)``
+        Φ: R^N -> R^d applied to every gradient. ``None``: exact gradients (d = N; small models). A dict
+        builds ``task.block_sketch(d, kind, seed)`` (``task.factored_sketch`` for ``mode="factored"``).
+    store : None or path
+        ``None`` keeps training features in memory (task dtype). A directory path writes them to
+        :class:`gradsketch.GradientStore` s under it (``features_<c>``, one per checkpoint): a rerun of
+        ``fit`` after a crash resumes, several processes may fill it at once (:meth:`featurise` with
+        ``rank``/``world_size``). A store is identified by what its rows are, not by the method: the
+        differentiated output ("loss-gradient": grad-dot, grad-cos, tracin, influence, arnoldi with a sketch,
+        trak without ``margin_fn``; "output-gradient": trak with ``margin_fn``; "arnoldi-projection": arnoldi
+        with ``sketch=None``), the sketch spec, ``mode``, the model state of checkpoint ``c`` (fingerprint),
+        the row count and ``store_dtype``. Methods whose rows agree share a store (the second one only
+        finalises); otherwise ``StoreMismatchError`` (a ValueError) says what differs.
+    mode : ``"explicit"`` | ``"implicit"`` | ``"factored"``
+        How sketched gradients are computed (:meth:`gradsketch.Task.sketch_grads`).
+    **method_options
+        Validated by the method's options dataclass (:mod:`gradsketch.attribution.options`).
+        Common: ``nan_policy`` ("raise" | "skip"), ``store_dtype`` ("float16" | "float32"), ``chunk_rows``,
+        ``block_rows`` (training rows per scoring block, default 4096), ``test_block_rows`` (test rows per
+        top-k pass, default 1024).
+        grad-dot / grad-cos / tracin / trak: ``checkpoints``: list of ``state_dict`` (trak, grad-dot,
+        grad-cos: ensemble average) or of ``(state_dict, lr)`` (tracin: Σ_c η_c⟨g_c(x), g_c(z)⟩); default: the
+        current model. grad-dot / grad-cos / trak: ``models``: list of ``nn.Module`` (same architecture as
+        ``task.model``, e.g. independently trained with :func:`gradsketch.eval.train_models`) or state_dicts,
+        the ensemble to average over (an alternative spelling of ``checkpoints``; not both).
+        trak: ``margin_fn`` (model, batch) -> [B] output function (see :func:`classification_margin`),
+        ``ridge`` (λ = ridge · tr(ΦᵀΦ) / min(n_train, d); default 1.0).
+        arnoldi: ``n_iters`` (200), ``top_k`` (100), ``curvature`` ("hessian" | "ggn"), ``hessian_data``
+        (batches for the HVPs, default the training data), ``positive_only`` (False), ``damping`` δ,
+        ``seed`` (0), ``krylov_store`` ("device" | "host"), ``start`` ("parameter" | "sketch").
+        influence: ``solver`` ("explicit" | "cg" | "lissa"), ``damping`` δ, ``curvature``,
+        ``hessian_data``, ``tol``, ``maxiter`` (cg), ``depth``, ``scale`` (lissa).
+
+    Attributes
+    ----------
+    method : str, the registered name; config_ : the validated options dataclass (set at construction, so a
+    NaN or negative ``damping``, a non-integer ``top_k`` ... fail before any work).
+
+    Attributes (after ``fit``)
+    -----------------------------
+    n_train_ : int
+    d_ : int, the feature dimension (sketch d, or top_k for Arnoldi with ``sketch=None``)
+    kernels_ : list of the kernel operators M (one per model state; ``None`` for the identity): a
+    :class:`gradsketch.linalg.LinearOperator` such as the TRAK inverse ``(ΦᵀΦ + λI)⁻¹`` or Arnoldi's
+    ``Σ_i u_i u_iᵀ/(λ_i + δ)``, timings_ : dict of seconds per phase; method-specific ones (``ridge_``,
+    ``eigenvalues_``) are listed on each class.
+
+    >>> import gradsketch
+    >>> model = torch.nn.Linear(3, 1, bias=False)
+    >>> task = gradsketch.Task(model, lambda m, b: ((m(b[0])[:, 0] - b[1]) ** 2))
+    >>> data = [(torch.eye(3), torch.zeros(3))]
+    >>> a = Attributor(task, "grad-dot").fit(data, progress=False)
+    >>> type(a).__name__, a.method, isinstance(a, Attributor)
+    ('GradDot', 'grad-dot', True)
+    """
+
+    #: the options dataclass of the method (subclasses set it; :func:`register_method` may override)
+    options_cls: ClassVar[type[CommonOptions]] = CommonOptions
+    #: the name the class registers under (subclasses set it)
+    method_name: ClassVar[str] = ""
+    #: checkpoint weights: True averages (w_c = 1/C), False keeps the given per-checkpoint weights (TracIn's η_c)
+    average_checkpoints: ClassVar[bool] = True
+
+    def __new__(cls, task: Any = None, method: str | None = None, *args: Any, **kwargs: Any) -> Attributor:
+        if cls is Attributor:  # the factory: the registered class of ``method``
+            return super().__new__(method_class("trak" if method is None else method))
+        return super().__new__(cls)
+
+    def __init__(self, task: Any, method: str | None = None, sketch: Any = None, store: Any = None,
+                 mode: str = "explicit", **method_options: Any) -> None:
+        from ..model import Task
+
+        if not isinstance(task, Task):
+            raise TypeError(f"task: expected a gradsketch.Task, got {type(task).__name__}")
+        own = [n for n, c in _REGISTRY.items() if c is type(self)]
+        if method is None:
+            method = type(self).method_name or (own[0] if own else type(self).__name__)
+        elif method not in own and method != type(self).method_name:
+            raise ValueError(f"method: expected {own or [type(self).method_name]} for {type(self).__name__} "
+                             f"(or None), got {method!r}")
+        self.task = task
+        self.method = method
+        self.mode = check_choice(mode, "mode", MODES)
+        if sketch is not None and not isinstance(sketch, dict) and not (
+                hasattr(sketch, "d") and hasattr(sketch, "n") and callable(sketch)):
+            raise TypeError("sketch: expected None, a gradsketch sketch/BlockSketch/FactoredSketch or a dict "
+                            f"(kind=, d=, seed=), got {type(sketch).__name__}")
+        if isinstance(sketch, dict) and "d" not in sketch:
+            raise ValueError(f"sketch: a dict needs at least the key 'd' (and optionally kind, seed), got "
+                             f"{sorted(sketch)}")
+        if mode == "factored" and sketch is None:
+            raise ValueError("mode: 'factored' needs a sketch (dict(d=...) or task.factored_sketch(d)), got "
+                             "sketch=None")
+        self.sketch = sketch
+        self.store = None if store is None else Path(store)
+        #: the method's validated options (type, finiteness, range checked here, before any work)
+        self.config_ = options_for(self.method, dict(method_options)) if self.method in OPTIONS \
+            else self._options(dict(method_options))
+        self.options = dict(method_options)
+        self.nan_policy = self.config_.nan_policy
+        self._components: list[Component] = []
+        self._shared_q: Tensor | None = None  # a q applied to the summed ensemble score (TRAK's q̄)
+        self.timings_: dict[str, float] = {}
+        self._fitted = False
+
+    def _options(self, options: dict[str, Any]) -> CommonOptions:
+        import dataclasses
+
+        cls = type(self).options_cls
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(f"method_options: {unknown} not accepted by {type(self).__name__}; expected some of "
+                            f"{sorted(allowed)}")
+        return cls(**options)
+
+    # ------------------------------------------------------------------ hooks (methods override these)
+    def feature_kind(self) -> str:
+        """What the training rows are (part of the store's identity): ``"loss-gradient"`` by default."""
+        return "loss-gradient"
+
+    def feature_task(self) -> Any:
+        """The Task whose per-example gradients are the features (default: ``self.task``)."""
+        return self.task
+
+    def feature_sketch(self, comp: Component, data: Iterable, sketch: Any, progress: bool) -> Any:
+        """The map applied to every gradient of ``comp`` (default: the fit's sketch)."""
+        return sketch
+
+    def finalise(self, comp: Component, data: Iterable, progress: bool) -> None:
+        """Set ``comp.kernel`` (and ``comp.q``) once the training features ``comp.feats`` exist (default:
+        the identity kernel, no weights)."""
+        comp.kernel = None
+
+    def after_fit(self) -> None:
+        """Called once every component is finalised (e.g. TRAK averages q over the ensemble)."""
+
+    def test_rows(self, comp: Component, phi: Tensor) -> Tensor:
+        """The test feature rows as they enter the kernel (default: unchanged)."""
+        return phi
+
+    def train_rows(self, comp: Component, F: Tensor) -> Tensor:
+        """A block of training feature rows as it enters the score (default: unchanged)."""
+        return F
+
+    # ------------------------------------------------------------------ helpers
+    def _opt(self, key: str, default: Any = None) -> Any:
+        """An option's validated value (its default from :mod:`gradsketch.attribution.options`)."""
+        return getattr(self.config_, key, default)
+
+    def _build_sketch(self) -> Any:
+        s = self.sketch
+        if s is None:
+            return IdentitySketch(self.task.n_params)
+        if isinstance(s, dict):
+            opts = {k: v for k, v in s.items() if k not in ("kind", "d", "seed")}
+            d, seed = int(s["d"]), int(s.get("seed", 0))
+            if self.mode == "factored":
+                return self.task.factored_sketch(d, seed=seed, kind=s.get("kind", "affd"), **opts)
+            return self.task.block_sketch(d, kind=s.get("kind", "affd"), seed=seed, **opts)
+        if int(s.n) != self.task.n_params:
+            raise ValueError(f"sketch: expected n = task.n_params = {self.task.n_params}, got n = {s.n}")
+        return s
+
+    def _checkpoints(self) -> list[tuple[dict | None, float]]:
+        """``[(state_dict or None, weight)]``: the model states of the ensemble and their weights w_c."""
+        cks = self._opt("checkpoints")
+        models = self._opt("models")
+        if models is not None:
+            if cks is not None:
+                raise ValueError("models: pass either models= or checkpoints=, not both")
+            cks = []
+            for i, m in enumerate(models):
+                if isinstance(m, nn.Module):
+                    cks.append({k: v.detach() for k, v in m.state_dict().items()})
+                elif isinstance(m, dict):
+                    cks.append(m)
+                else:
+                    raise TypeError(f"models[{i}]: expected an nn.Module or a state_dict, got {type(m).__name__}")
+        if cks is None:
+            return [(None, 1.0)]
+        out = []
+        for i, c in enumerate(cks):
+            if isinstance(c, (tuple, list)) and len(c) == 2 and isinstance(c[0], dict):
+                sd, lr = c
+            elif isinstance(c, dict):
+                sd, lr = c, 1.0
+            else:
+                raise TypeError(f"checkpoints[{i}]: expected a state_dict or (state_dict, lr), got "
+                                f"{type(c).__name__}")
+            if not math.isfinite(float(lr)):
+                raise ValueError(f"checkpoints[{i}]: expected a finite learning rate, got {lr!r}")
+            out.append((sd, float(lr)))
+        if self.average_checkpoints:
+            out = [(sd, 1.0 / len(out)) for sd, _ in out]
+        return out
+
+    @contextlib.contextmanager
+    def _state(self, state: dict | None):
+        """Within the block ``self.task`` is a Task over a *copy* of the model holding ``state`` (same loss,
+        outputs, parameter selection and options): the caller's model and parameters are never written."""
+        if state is None:
+            yield
+            return
+        from ..model import Task
+
+        base = self.task
+        model = copy.deepcopy(base.model)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError("checkpoints/models: a model state does not fit task.model (expected the same "
+                             f"architecture and parameter names): {e}") from e
+        named = dict(model.named_parameters())
+        self.task = Task(model, base.loss_fn, params=[named[n] for n in base.param_names],
+                         output_fn=base.output_fn, loss_on_output=base.loss_on_output,
+                         per_example=base.per_example, randomness=base.randomness, nan_policy=base.nan_policy,
+                         validate=base.validate)
+        try:
+            yield
+        finally:
+            self.task = base
+
+    def _feature_mode(self, comp: Component) -> str:
+        return "explicit" if isinstance(comp.sketch, ProjectionSketch) else self.mode
+
+    def _featurise(self, comp: Component, data: Iterable, progress: bool, tag: str, rank: int | None = None,
+                   world_size: int | None = None) -> Any:
+        from ..store import fingerprint_model
+
+        mode = self._feature_mode(comp)
+        kw: dict[str, Any] = dict(mode=mode, nan_policy=self.nan_policy, progress=progress, name="train_data")
+        if self.store is None:
+            return featurise_memory(comp.task, data, comp.sketch, desc=f"featurise train [{tag}]", **kw)
+        self.store.mkdir(parents=True, exist_ok=True)
+        # the store's identity is what its rows ARE (not the method that consumes them): the differentiated
+        # output (loss, TRAK margin, Arnoldi projection), the sketch, the mode, the model state (fingerprint),
+        # the checkpoint index and (checked by the store) the row count; methods with equal rows share it
+        spec = {"sketch": sketch_spec(comp.sketch), "features": self.feature_kind(), "mode": mode}
+        return featurise_store(comp.task, data, comp.sketch, path=self.store / f"features_{comp.index}",
+                               spec=spec, fingerprint=fingerprint_model(self.task.model),
+                               dtype=self._opt("store_dtype", "float16"), chunk_rows=self._opt("chunk_rows", None),
+                               metadata={"checkpoint": comp.index}, desc=f"featurise train [{tag}]", rank=rank,
+                               world_size=world_size, **kw)
+
+    def _blocks(self, comp: Component, block_rows: int, dtype: torch.dtype):
+        """Yields ``(r0, r1, [r1 - r0, d])`` consecutive training feature blocks of one component."""
+        f = comp.feats
+        if isinstance(f, Tensor):
+            for r0 in range(0, f.shape[0], block_rows):
+                r1 = min(r0 + block_rows, f.shape[0])
+                yield r0, r1, f[r0:r1].to(dtype)
+        else:
+            r0 = 0
+            for blk in f.iter_blocks(block_rows, as_tensor=True):
+                yield r0, r0 + blk.shape[0], blk.to(dtype)
+                r0 += blk.shape[0]
+
+    def _cached(self, comp: Component, name: str, config: dict, compute) -> Any:
+        """Curvature results cached next to the store (so that a resumed fit does not redo them)."""
+        if self.store is None:
+            return compute()
+        path = self.store / f"{name}_{comp.index}.pt"
+        key = json.dumps(config, sort_keys=True, default=str)
+        if path.exists():
+            blob = torch.load(path, weights_only=True)
+            if blob.get("config") == key:
+                return blob["value"]
+        value = compute()
+        self.store.mkdir(parents=True, exist_ok=True)
+        # a private temporary name: concurrent fits (several processes on one store) each save their own
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            torch.save({"config": key, "value": value}, tmp)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return value
+
+    def _time(self, key: str, t0: float) -> None:
+        self.timings_[key] = self.timings_.get(key, 0.0) + time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ fit
+    def featurise(self, train_data: Iterable, rank: int | None = None, world_size: int | None = None,
+                  progress: bool = True) -> Attributor:
+        """Write the training feature rows to the store, without finalising (needs ``store=``).
+
+        With ``rank``/``world_size``, this process computes only its share of every store: the contiguous,
+        chunk-aligned rows ``GradientStore.row_range_for_rank(rank, world_size)`` (batches before the share
+        are skipped without computation; iteration stops after it). Run ``featurise(train_data, rank=r,
+        world_size=w)`` in w processes (at once or one after the other), then ``fit(train_data)`` in any
+        process: it finds the stores complete and only finalises (a chunk still missing, e.g. from a rank that
+        died, is computed there). Without ``rank`` every missing row is computed.
+
+        Processes may share one store freely: each re-checks completion before every batch and (under an
+        exclusive file lock) before every chunk write, treating a chunk that another process completed as
+        done; nothing is overwritten, and the result is the store one process would have written.
+
+        ``train_data`` must be the same batches, in the same order, in every process. For ``arnoldi`` with
+        ``sketch=None`` the rows are projections on the eigenvectors, so each process first computes (or loads
+        from the store directory, where the first one to finish caches them) the Arnoldi eigenpairs.
+        Returns ``self`` (not fitted: call :meth:`fit` to score).
+        """
+        from ..model._batch import is_reiterable
+        from ..store import fingerprint_model
+
+        if self.store is None:
+            raise ValueError("store: featurise() writes the training features to a store; expected "
+                             "Attributor(..., store=path), got store=None (fit() featurises in memory)")
+        if (rank is None) != (world_size is None):
+            raise ValueError(f"rank, world_size: expected both or neither, got rank={rank!r}, "
+                             f"world_size={world_size!r}")
+        if world_size is not None:
+            if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+                raise ValueError(f"world_size: expected an integer >= 1, got {world_size!r}")
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+                raise ValueError(f"rank: expected an integer in [0, {world_size}), got {rank!r}")
+        if not is_reiterable(train_data):
+            raise TypeError("train_data: expected a re-iterable of batches (list, DataLoader), got a one-shot "
+                            f"{type(train_data).__name__}")
+        base_sketch = self._build_sketch()
+        cks = self._checkpoints()
+        share = "" if rank is None else f" rank {rank}/{world_size}"
+        for c, (state, weight) in enumerate(cks):
+            comp = Component(state, weight, c)
+            tag = (f"{self.method} {c + 1}/{len(cks)}" if state is not None else self.method) + share
+            with self._state(state):
+                comp.task = self.feature_task()
+                comp.fingerprint = fingerprint_model(self.task.model)
+                comp.sketch = self.feature_sketch(comp, train_data, base_sketch, progress)
+                self._featurise(comp, train_data, progress, tag, rank=rank, world_size=world_size).close()
+        return self
+
+    def fit(self, train_data: Iterable, progress: bool = True) -> Attributor:
+        """Featurise the training set (``[n_train, d]`` rows in memory or in the store) and finalise the
+        method (TRAK kernel inverse, Arnoldi eigenpairs, Hessian inverse). ``train_data``: a re-iterable
+        of batches (list, DataLoader) with a fixed order. Returns ``self``.
+
+        With a store, only missing chunks are computed: a rerun after a crash resumes, a store filled by
+        :meth:`featurise` (e.g. one share per rank) or by a fit of another method with the same rows (see the
+        class docstring) is only finalised, and concurrent fits on one store all succeed with the same rows."""
+        from ..model._batch import is_reiterable
+        from ..store import fingerprint_model
+
+        if not is_reiterable(train_data):
+            raise TypeError("train_data: expected a re-iterable of batches (list, DataLoader), got a one-shot "
+                            f"{type(train_data).__name__}")
+        self._components = []
+        self._shared_q = None
+        self.timings_ = {}
+        self._reset_fit()
+        self._fit_fingerprint = fingerprint_model(self.task.model)
+        base_sketch = self._build_sketch()
+        cks = self._checkpoints()
+        for c, (state, weight) in enumerate(cks):
+            comp = Component(state, weight, c)
+            tag = f"{self.method} {c + 1}/{len(cks)}" if state is not None else self.method
+            with self._state(state):
+                comp.task = self.feature_task()
+                comp.fingerprint = fingerprint_model(self.task.model)
+                comp.sketch = self.feature_sketch(comp, train_data, base_sketch, progress)
+                t0 = time.perf_counter()
+                comp.feats = self._featurise(comp, train_data, progress, tag)
+                self._time("featurise", t0)
+                t1 = time.perf_counter()
+                self.finalise(comp, train_data, progress)
+                self._time("finalise", t1)
+            if state is not None:
+                comp.task = None  # drop the model copy; scoring makes a fresh one per pass
+            self._components.append(comp)
+        self.after_fit()
+        self.kernels_ = [cp.kernel for cp in self._components]
+        first = self._components[0]
+        self.n_train_ = first.n_rows
+        self.d_ = int(first.sketch.d)
+        self._fitted = True
+        return self
+
+    def _reset_fit(self) -> None:
+        """Clear per-fit attributes of a method before a (re)fit (default: nothing)."""
+
+    # ------------------------------------------------------------------ scoring
+    def _check_fitted(self) -> None:
+        from ..store import fingerprint_model
+
+        if not self._fitted:
+            raise RuntimeError(f"{type(self).__name__}: call fit(train_data) before scoring")
+        if fingerprint_model(self.task.model) != self._fit_fingerprint:
+            raise ValueError("task: the model's parameters changed since fit() (fingerprint differs); the "
+                             "training features no longer match: refit, or restore the fitted weights")
+
+    def _psi(self, comp: Component, phi: Tensor) -> Tensor:
+        return comp.weight * apply_kernel(comp.kernel, self.test_rows(comp, phi.cpu()))
+
+    def _test_chunks(self, test_data: Iterable, progress: bool, rows: int):
+        """Yields ``(row_start, [ψ_c [m, d_c] for each component])`` with ψ = w_c · M_c t_c(φ_c(x))."""
+        comps = self._components
+        if len(comps) == 1 and comps[0].state is None:
+            comp = comps[0]
+            for r0, phi in iter_feature_chunks(comp.task, test_data, comp.sketch, self._feature_mode(comp),
+                                               self.nan_policy, progress, "test_data", "featurise test", rows):
+                yield r0, [self._psi(comp, phi)]
+            return
+        # several model states: features per state, then regroup (test sets are scored a chunk at a time)
+        per = []
+        for comp in comps:
+            with self._state(comp.state):  # a fresh copy of the model in this state
+                per.append(list(iter_feature_chunks(self.feature_task(), test_data, comp.sketch,
+                                                    self._feature_mode(comp), self.nan_policy, progress,
+                                                    "test_data", f"featurise test [{comp.index + 1}/{len(comps)}]",
+                                                    rows)))
+        for j in range(len(per[0])):
+            yield per[0][j][0], [self._psi(comp, per[i][j][1]) for i, comp in enumerate(comps)]
+
+    def _score_dtype(self) -> torch.dtype:
+        f = self._components[0].feats
+        return torch.float64 if isinstance(f, Tensor) and f.dtype == torch.float64 else torch.float32
+
+    def _score_block(self, psis: list[Tensor], blocks: list[tuple[int, int, Tensor]]) -> Tensor:
+        out = None
+        for psi, (r0, r1, F), comp in zip(psis, blocks, self._components):
+            F = self.train_rows(comp, F.cpu())
+            s = psi.to(F.dtype) @ F.T
+            if comp.q is not None:
+                s = s * comp.q[r0:r1].to(s.dtype)
+            out = s if out is None else out + s
+        assert out is not None  # there is at least one component (checkpoints are non-empty)
+        if self._shared_q is not None:
+            r0, r1 = blocks[0][0], blocks[0][1]
+            out = out * self._shared_q[r0:r1].to(out.dtype)
+        return out
+
+    def _iter_train_blocks(self, dtype: torch.dtype):
+        br = int(self._opt("block_rows", 4096))
+        gens = [self._blocks(c, br, dtype) for c in self._components]
+        yield from zip(*gens)
+
+    def score(self, test_data: Iterable, progress: bool = True) -> Tensor:
+        """Scores ``[n_test, n_train]`` (CPU; float64 for in-memory float64 features, else float32);
+        positive = the training example supports the test prediction (see the module docstring)."""
+        self._check_fitted()
+        dt = self._score_dtype()
+        rows = []
+        for _, psis in self._test_chunks(test_data, progress, 1 << 62):
+            parts = [self._score_block(psis, list(blocks)) for blocks in self._iter_train_blocks(dt)]
+            rows.append(torch.cat(parts, 1))
+        return torch.cat(rows, 0)
+
+    def topk(self, test_data: Iterable, k: int = 10, progress: bool = True) -> TopK:
+        """The ``k`` proponents (largest scores) and opponents (smallest) of every test example.
+
+        Scores a block of ``test_block_rows`` test examples against ``block_rows`` training rows at a time and
+        keeps a running top-k, so memory is O(test_block_rows · (block_rows + d + k)), never n_test × n_train.
+        Returns :class:`TopK` ``(values, indices, opponent_values, opponent_indices)``, each ``[n_test, k]``.
+        """
+        self._check_fitted()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+        k = min(k, self.n_train_)
+        dt = self._score_dtype()
+        outs: list[tuple[Tensor, ...]] = []
+        for _, psis in self._test_chunks(test_data, progress, int(self._opt("test_block_rows", 1024))):
+            m = psis[0].shape[0]
+            top_v = torch.full((m, 0), float("-inf"), dtype=dt)
+            top_i = torch.zeros((m, 0), dtype=torch.long)
+            bot_v = torch.full((m, 0), float("inf"), dtype=dt)
+            bot_i = torch.zeros((m, 0), dtype=torch.long)
+            for blocks in self._iter_train_blocks(dt):
+                blocks = list(blocks)
+                r0 = blocks[0][0]
+                s = self._score_block(psis, blocks)
+                idx = torch.arange(r0, r0 + s.shape[1]).expand(m, -1)
+                v = torch.cat([top_v, s], 1)
+                i = torch.cat([top_i, idx], 1)
+                tv, ti = torch.topk(v, min(k, v.shape[1]), dim=1)
+                top_v, top_i = tv, i.gather(1, ti)
+                v = torch.cat([bot_v, s], 1)
+                i = torch.cat([bot_i, idx], 1)
+                bv, bi = torch.topk(v, min(k, v.shape[1]), dim=1, largest=False)
+                bot_v, bot_i = bv, i.gather(1, bi)
+            outs.append((top_v, top_i, bot_v, bot_i))
+        return TopK(*(torch.cat([o[j] for o in outs], 0) for j in range(4)))
+
+    def self_influence(self, progress: bool = True) -> Tensor:
+        """score(z, z) for every training example, ``[n_train]`` (≥ 0 when M is PSD); the mislabel-detection
+        statistic of Schioppa et al. 2022 (Arnoldi: Σ_i p_i(z)²/λ_i)."""
+        self._check_fitted()
+        dt = torch.float64
+        out = []
+        for blocks in self._iter_train_blocks(dt):
+            tot = None
+            for (r0, r1, F), comp in zip(blocks, self._components):
+                F = F.cpu()
+                v = comp.weight * quad_kernel(comp.kernel, self.test_rows(comp, F))
+                if comp.q is not None:
+                    v = v * comp.q[r0:r1].to(v.dtype)
+                tot = v if tot is None else tot + v
+            assert tot is not None  # there is at least one component (checkpoints are non-empty)
+            if self._shared_q is not None:
+                r0, r1 = blocks[0][0], blocks[0][1]
+                tot = tot * self._shared_q[r0:r1].to(tot.dtype)
+            out.append(tot)
+        return torch.cat(out)
+
+    def __repr__(self) -> str:
+        s = (f"{type(self).__name__}(method={self.method!r}, sketch={self.sketch!r}, store={self.store}, "
+             f"mode={self.mode!r}")
+        return s + (f", n_train={self.n_train_}, d={self.d_})" if self._fitted else ")")
+
+
+__all__ = ["Attributor", "Component", "TopK", "MODES", "register_method", "unregister_method",
+           "registered_methods", "method_class", "apply_kernel", "quad_kernel"]

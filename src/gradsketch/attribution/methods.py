@@ -1,0 +1,310 @@
+"""The built-in attribution methods: one :class:`~gradsketch.attribution.Attributor` subclass each, configured
+by its options dataclass (:mod:`gradsketch.attribution.options`) and registered under its name.
+
+=================  ==============  ===========================================================================
+class              name            what it adds to the base (features φ, kernel M, weights q)
+=================  ==============  ===========================================================================
+GradDot            grad-dot        nothing: M = I
+GradCos            grad-cos        unit-norm rows on both sides
+TracIn             tracin          checkpoint weights η_c kept (not averaged)
+TRAK               trak            M = (ΦᵀΦ + λI)⁻¹, output-gradient features and q̄ with ``margin_fn``
+ArnoldiInfluence   arnoldi         M = Σ_i u_i u_iᵀ/(λ_i + δ) from Arnoldi + distill (or projections p_i)
+Influence          influence       M = (ΦHΦᵀ + δI)⁻¹ (explicit, CG, LiSSA)
+=================  ==============  ===========================================================================
+
+The formulas and their sources are in :mod:`gradsketch.attribution.attributor`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..linalg import EigenOperator, LinearOperator, dense_inverse, gram, inverse, ridge_inverse
+from ._features import ProjectionSketch, sketch_spec
+from .base import Attributor, Component, register_method
+from .options import ArnoldiOptions, GradDotOptions, InfluenceOptions, TracInOptions, TRAKOptions
+
+
+def _unit_rows(F: Tensor) -> Tensor:
+    n = F.to(torch.float64).norm(dim=1, keepdim=True)
+    return torch.where(n > 0, F / n.to(F.dtype), torch.zeros_like(F))
+
+
+class GradDot(Attributor):
+    """Gradient similarity ``score(x, z) = ⟨Φ∇ℓ(x), Φ∇ℓ(z)⟩`` (averaged over ``checkpoints``/``models``).
+
+    >>> import gradsketch
+    >>> task = gradsketch.Task(torch.nn.Linear(2, 1, bias=False), lambda m, b: m(b[0])[:, 0] * b[1])
+    >>> data = [(torch.eye(2), torch.tensor([1.0, 2.0]))]
+    >>> GradDot(task).fit(data, progress=False).score(data, progress=False)  # g(z_i) = y_i e_i
+    tensor([[1., 0.],
+            [0., 4.]])
+    """
+
+    options_cls = GradDotOptions
+    method_name = "grad-dot"
+
+
+class GradCos(Attributor):
+    """Cosine gradient similarity ``⟨Φg(x), Φg(z)⟩ / (‖Φg(x)‖ ‖Φg(z)‖)`` (rows of norm 0 score 0).
+
+    >>> import gradsketch
+    >>> task = gradsketch.Task(torch.nn.Linear(2, 1, bias=False), lambda m, b: m(b[0])[:, 0] * b[1])
+    >>> data = [(torch.eye(2), torch.tensor([1.0, 2.0]))]
+    >>> GradCos(task).fit(data, progress=False).self_influence(progress=False)
+    tensor([1., 1.], dtype=torch.float64)
+    """
+
+    options_cls = GradDotOptions
+    method_name = "grad-cos"
+
+    def test_rows(self, comp: Component, phi: Tensor) -> Tensor:
+        return _unit_rows(phi)
+
+    def train_rows(self, comp: Component, F: Tensor) -> Tensor:
+        return _unit_rows(F)
+
+
+class TracIn(Attributor):
+    """TracIn (Pruthi et al. 2020): ``Σ_c η_c ⟨Φ∇ℓ_c(x), Φ∇ℓ_c(z)⟩`` over ``checkpoints=[(state_dict, η_c)]``.
+
+    >>> import gradsketch
+    >>> task = gradsketch.Task(torch.nn.Linear(2, 1, bias=False), lambda m, b: m(b[0])[:, 0] * b[1])
+    >>> data = [(torch.eye(2), torch.tensor([1.0, 2.0]))]
+    >>> sd = task.model.state_dict()
+    >>> TracIn(task, checkpoints=[(sd, 0.5), (sd, 0.5)]).fit(data, progress=False).self_influence(progress=False)
+    tensor([1., 4.], dtype=torch.float64)
+    """
+
+    options_cls = TracInOptions
+    method_name = "tracin"
+    average_checkpoints = False
+
+
+class TRAK(Attributor):
+    """TRAK (Park et al. 2023): ``φ(x)ᵀ(ΦᵀΦ + λI)⁻¹φ(z) · q̄(z)`` averaged over the ensemble.
+
+    With ``margin_fn`` the features are gradients of the output function f and q = 1 − σ(f); without it,
+    loss gradients and q = 1. λ = ``ridge`` · tr(ΦᵀΦ)/min(n_train, d) (see :mod:`.attributor`).
+    After ``fit``: ``ridge_`` (absolute λ of the last model), ``ridges_`` (all of them).
+
+    >>> import gradsketch
+    >>> task = gradsketch.Task(torch.nn.Linear(2, 1, bias=False), lambda m, b: m(b[0])[:, 0] * b[1])
+    >>> data = [(torch.eye(2), torch.tensor([1.0, 1.0]))]
+    >>> a = TRAK(task, ridge=1.0).fit(data, progress=False)   # ΦᵀΦ = I, λ = 1: M = I/2
+    >>> a.ridge_, a.score(data, progress=False)
+    (1.0, tensor([[0.5000, 0.0000],
+            [0.0000, 0.5000]]))
+    """
+
+    options_cls = TRAKOptions
+    method_name = "trak"
+
+    def _reset_fit(self) -> None:
+        self.ridges_: list[float] = []
+
+    def _margin_fn(self) -> Any:
+        return self._opt("margin_fn")
+
+    def feature_kind(self) -> str:
+        return "output-gradient" if self._margin_fn() is not None else "loss-gradient"
+
+    def feature_task(self) -> Any:
+        fn = self._margin_fn()
+        if fn is None:
+            return self.task
+        from ..model import Task
+
+        return Task(self.task.model, fn, params=[p for _, p in self.task.named_params],
+                    per_example=self.task.per_example, nan_policy=self.task.nan_policy)
+
+    def finalise(self, comp: Component, data: Iterable, progress: bool) -> None:
+        d = comp.sketch.d
+        ridge = float(self._opt("ridge", 1.0))
+        br = self._opt("block_rows", 4096)
+        n = comp.n_rows
+        if d > n:  # ΦᵀΦ has rank <= n < d: work with the n × n Gram matrix
+            f64 = isinstance(comp.feats, Tensor) and comp.feats.dtype == torch.float64
+            fdt = torch.float64 if f64 else torch.float32
+            parts = [blk.cpu() for _, _, blk in self._blocks(comp, max(br, n), fdt)]
+            F = parts[0] if len(parts) == 1 else torch.cat(parts)
+            G = gram(F)
+            lam = ridge * float(torch.trace(G)) / n
+            comp.kernel = ridge_inverse(F, lam, G)
+            del F, G, parts
+        else:
+            K = torch.zeros(d, d, dtype=torch.float64)
+            for _, _, blk in self._blocks(comp, br, torch.float64):
+                K += blk.cpu().T @ blk.cpu()
+            lam = ridge * float(torch.trace(K)) / d
+            comp.kernel = dense_inverse(K, lam)
+        self.ridge_ = lam
+        self.ridges_.append(lam)
+        comp.info["ridge"] = lam
+        if self._margin_fn() is not None:
+            comp.q = self._trak_q(data)
+
+    def after_fit(self) -> None:
+        if self._margin_fn() is not None:
+            # TRAK (Algorithm 1 of Park et al.; traker's finalize_scores): the out-to-loss weights are
+            # averaged over the ensemble and applied to the averaged score, not per model
+            qs = [cp.q for cp in self._components if cp.q is not None]
+            self._shared_q = torch.stack(qs).mean(0)
+            for cp in self._components:
+                cp.q = None
+
+    def _trak_q(self, data: Iterable) -> Tensor:
+        """q(z) = 1 − σ(f(z)) for the training examples (TRAK's Q)."""
+        from ..model._batch import SplitBatch
+
+        fn = self._margin_fn()
+        out = []
+        with torch.no_grad():
+            for batch in data:
+                b = SplitBatch(batch, self.task.device).rebuild()
+                out.append(torch.sigmoid(-fn(self.task.model, b).detach().to(torch.float64)).cpu())
+        return torch.cat(out)
+
+
+class _CurvatureMethod(Attributor):
+    """Shared by the curvature-based methods: the Hessian or GGN operator of the mean training loss (on
+    ``hessian_data``), sketched to ``S @ H @ S.T`` when the fit has a sketch."""
+
+    def _curvature_op(self, data: Iterable, sketch: Any) -> Any:
+        from ..curvature import sketched
+
+        curv = self._opt("curvature", "hessian")
+        hdata = self._opt("hessian_data", None) or data
+        op: LinearOperator = self.task.hessian(hdata) if curv == "hessian" else self.task.ggn(hdata)
+        if self.sketch is not None:
+            op = sketched(op, sketch)
+        return op
+
+
+class ArnoldiInfluence(_CurvatureMethod):
+    """Arnoldi influence (Schioppa et al. 2022): ``Σ_{i ≤ k} p_i(x) p_i(z) / (λ_i + δ)`` with the top-k
+    eigenpairs (λ_i, u_i) of H (or ΦHΦᵀ) from Arnoldi + distill and p_i = ⟨u_i, Φ∇ℓ⟩.
+
+    Without a sketch the stored features are the projections p_i(z) (``d_ = top_k``); with one, the sketched
+    gradients, and the kernel carries the eigenvectors. Eigenpairs are cached next to the store.
+    After ``fit``: ``eigenvalues_`` ``[k]``.
+
+    >>> import gradsketch
+    >>> task = gradsketch.Task(torch.nn.Linear(2, 1, bias=False), lambda m, b: (m(b[0])[:, 0] - b[1]) ** 2)
+    >>> data = [(torch.eye(2), torch.zeros(2))]
+    >>> a = ArnoldiInfluence(task, n_iters=2, top_k=2, damping=0.0).fit(data, progress=False)
+    >>> a.eigenvalues_   # H = (2/n) Σ x xᵀ = I
+    tensor([1., 1.], dtype=torch.float64)
+    """
+
+    options_cls = ArnoldiOptions
+    method_name = "arnoldi"
+
+    def feature_kind(self) -> str:
+        return "arnoldi-projection" if self.sketch is None else "loss-gradient"
+
+    def feature_sketch(self, comp: Component, data: Iterable, sketch: Any, progress: bool) -> Any:
+        if self.sketch is not None:
+            return sketch
+        # without a sketch, the features are the projections p_i(z) = ⟨u_i, ∇ℓ(z)⟩: eigenpairs first
+        eig = self._eig_timed(comp, data, sketch, progress)
+        return ProjectionSketch(eig["eigenvectors"].to(device=self.task.device, dtype=self.task.dtype),
+                                tag="arnoldi-projection")
+
+    def _eig_timed(self, comp: Component, data: Iterable, sketch: Any, progress: bool) -> dict:
+        import time
+
+        t0 = time.perf_counter()
+        eig = self._arnoldi_eig(comp, data, sketch, progress)
+        self._time("curvature", t0)
+        comp.info["eig"] = eig
+        return eig
+
+    def finalise(self, comp: Component, data: Iterable, progress: bool) -> None:
+        eig = comp.info.get("eig")
+        if eig is None:  # with a sketch: features first, then the sketched Hessian ΦHΦᵀ (d × d)
+            eig = self._eig_timed(comp, data, comp.sketch, progress)
+        lam = eig["eigenvalues"].to(torch.float64)
+        damping = float(self._opt("damping", 0.0))
+        self.eigenvalues_ = lam
+        c = torch.where((lam + damping).abs() > 0, 1.0 / (lam + damping), torch.zeros_like(lam))
+        vecs = eig["eigenvectors"]
+        comp.kernel = EigenOperator(c, vecs.to(torch.float64) if self.sketch is not None else None)
+
+    def _arnoldi_eig(self, comp: Component, data: Iterable, sketch: Any, progress: bool) -> dict:
+        """Top-k eigenpairs of H (or ΦHΦᵀ) by Arnoldi + distill, cached next to the store."""
+        from ..linalg import arnoldi, distill
+
+        n_iters, top_k = int(self._opt("n_iters")), int(self._opt("top_k"))
+        positive_only = bool(self._opt("positive_only"))
+        seed = self._opt("seed")
+        start = self._opt("start")
+        config = {"n_iters": n_iters, "top_k": top_k, "positive_only": positive_only, "seed": seed,
+                  "curvature": self._opt("curvature", "hessian"), "sketch": sketch_spec(sketch),
+                  "fingerprint": comp.fingerprint, "start": start if self.sketch is not None else None}
+
+        def compute():
+            op = self._curvature_op(data, sketch)
+            v0 = None
+            if self.sketch is not None and start == "parameter":
+                from ..linalg._validate import make_generator, random_probes, work_dtype
+
+                N = self.task.n_params
+                z = random_probes(N, 1, "gaussian", make_generator(seed), work_dtype(op), torch.device("cpu"))
+                v0 = (sketch @ z[:, 0].to(self.task.device)).to(work_dtype(op))
+            res = arnoldi(op, n_iters, v0=v0, seed=seed, store=self._opt("krylov_store", "device"),
+                          progress=progress)
+            lam, vecs = distill(res.Q, res.H, min(top_k, res.H.shape[1]), positive_only=positive_only)
+            vecs = vecs / vecs.norm(dim=0, keepdim=True).clamp_min(torch.finfo(vecs.dtype).tiny)
+            return {"eigenvalues": lam.detach().cpu(), "eigenvectors": vecs.detach().cpu()}
+
+        return self._cached(comp, "arnoldi", config, compute)
+
+
+class Influence(_CurvatureMethod):
+    """Influence functions (Koh & Liang 2017): ``Φ∇ℓ(x)ᵀ (ΦHΦᵀ + δI)⁻¹ Φ∇ℓ(z)`` with the inverse by
+    ``solver`` (``"explicit"``: dense Cholesky/eigh, ``"cg"``, ``"lissa"``).
+
+    >>> import gradsketch
+    >>> m = torch.nn.Linear(2, 1, bias=False); _ = torch.nn.init.zeros_(m.weight)
+    >>> task = gradsketch.Task(m, lambda m, b: (m(b[0])[:, 0] - b[1]) ** 2)
+    >>> data = [(torch.eye(2), torch.ones(2))]   # g(z_i) = -2 e_i, H = I
+    >>> Influence(task, damping=1.0).fit(data, progress=False).self_influence(progress=False).round(decimals=4)
+    tensor([2., 2.], dtype=torch.float64)
+    """
+
+    options_cls = InfluenceOptions
+    method_name = "influence"
+
+    def finalise(self, comp: Component, data: Iterable, progress: bool) -> None:
+        solver = self._opt("solver", "explicit")
+        damping = float(self._opt("damping", 0.01))
+        op = self._curvature_op(data, comp.sketch)
+        if solver == "explicit":
+            if op.shape[0] > 8192:
+                raise ValueError(f"solver: 'explicit' builds a {op.shape[0]}×{op.shape[0]} matrix; expected "
+                                 "at most 8192 rows: use a sketch or solver='cg'")
+            K = op.to_dense()
+            comp.kernel = dense_inverse(K, damping)
+            if isinstance(comp.kernel, EigenOperator):  # Cholesky failed: K + δI is not positive definite
+                lam_min = float(torch.linalg.eigvalsh((K + K.T).to(torch.float64) / 2)[0])
+                warnings.warn(
+                    f"damping: the curvature plus damping {damping:g}·I is indefinite (smallest eigenvalue of "
+                    f"the curvature {lam_min:.3g}), so the explicit inverse amplifies directions whose eigenvalue "
+                    f"is near -{damping:g} and the scores can be meaningless; expected a damping above "
+                    f"{-lam_min:.3g} (or curvature='ggn', which is positive semi-definite). solver='cg' refuses "
+                    "this system", RuntimeWarning, stacklevel=3)
+        else:
+            keys = ("tol", "maxiter") if solver == "cg" else ("scale", "depth", "tol")
+            comp.kernel = inverse(op, damping, solver, **{k: self.options[k] for k in keys if k in self.options})
+
+
+for _cls in (GradDot, GradCos, TracIn, TRAK, ArnoldiInfluence, Influence):
+    register_method(_cls.method_name, _cls)
+
+__all__ = ["GradDot", "GradCos", "TracIn", "TRAK", "ArnoldiInfluence", "Influence"]
