@@ -108,8 +108,9 @@ def test_readme_cli_lines_run(tmp_path, monkeypatch):
     for line in cli_lines():
         if any(n in line for n in NETWORK):
             continue
-        r = CliRunner().invoke(app, shlex.split(line)[1:] + ["--no-progress"])
+        args = shlex.split(line)[1:]
+        r = CliRunner().invoke(app, args + ([] if args[0] == "store" else ["--no-progress"]))
         assert r.exit_code == 0, (line, r.output)
         ran += 1
-    assert ran == 4 and (tmp_path / "runs" / "attr" / "report.html").exists()
+    assert ran == 6 and (tmp_path / "runs" / "attr" / "report.html").exists()
     assert (tmp_path / "runs" / "spectrum.html").exists() and (tmp_path / "runs" / "did.png").exists()

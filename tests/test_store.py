@@ -387,7 +387,7 @@ def test_open_errors(tmp_path):
         GradientStore.open(tmp_path / "s")
     man = tmp_path / "s" / "manifest.json"
     man.write_text(json.dumps({**json.loads(man.read_text()), "version": 99}))
-    with pytest.raises(ValueError, match=r"expected version 1, found 99"):
+    with pytest.raises(ValueError, match=r"expected version 2, found 99"):
         GradientStore.open(tmp_path / "s")
     man.write_text("{not json")
     with pytest.raises(ValueError, match=r"unreadable manifest"):

@@ -1,7 +1,7 @@
 """The ``gradsketch`` command line: commands that parse their options and call the library.
 
-``gradsketch demo``, ``attribute``, ``spectrum``, ``intrinsic-dim``, ``bench sketches``, ``data fetch|list``
-and ``info``. Every command that runs on a user's model takes it through the same entry point,
+``gradsketch demo``, ``attribute``, ``spectrum``, ``intrinsic-dim``, ``bench sketches``, ``data fetch|list``,
+``store verify|repair`` and ``info``. Every command that runs on a user's model takes it through the same entry point,
 ``module:function`` returning a :class:`gradsketch.Entry` (loaded by :func:`gradsketch.entry.load_entry`, the
 one loader). Options are checked before any work starts; bad input is one ``Error:`` line with exit
 status 2. The pipelines live in the library: :mod:`gradsketch.attribution.pipeline`,
@@ -14,7 +14,7 @@ import json
 
 import typer
 
-from . import bench, data
+from . import bench, data, store
 from .attribute import attribute, demo
 from .intrinsic import intrinsic_dim
 from .spectrum import spectrum
@@ -35,6 +35,7 @@ app.command("spectrum")(spectrum)
 app.command("intrinsic-dim")(intrinsic_dim)
 app.add_typer(bench.app, name="bench", help="Benchmarks (sketch speed table).")
 app.add_typer(data.app, name="data", help="Fetch data sets (the only step that downloads).")
+app.add_typer(store.app, name="store", help="Check and repair a gradient store (verify, repair).")
 
 
 @app.command()

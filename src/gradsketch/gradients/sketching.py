@@ -278,7 +278,9 @@ class _Runner:
 
 def iter_sketch_grads(task: Task, data: Iterable, sketch: Any, mode: str = "explicit", progress: bool = True,
                       chunk_size: int | None = None, nan_policy: str | None = None) -> Iterator[Tensor]:
-    """Yields ``[B, d]`` sketched per-example gradients batch by batch (see ``Task.sketch_grads``)."""
+    """Yields ``[B, d]`` sketched per-example gradients batch by batch (see ``Task.sketch_grads``).
+    ``task.skipped_indices_`` lists the skipped examples of this pass (indices counted from its first batch)."""
+    task.skipped_indices_ = []  # this pass's examples only (it used to accumulate across calls)
     run = _Runner(task, sketch, mode, chunk_size, nan_policy, task.skipped_indices_)
     for batch in progress_iter(data, progress, f"sketch_grads[{mode}]", data_len(data)):
         yield run.rows(task.split(batch))

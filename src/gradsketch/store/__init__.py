@@ -6,9 +6,9 @@ on-disk format and its crash-safety argument. The store owns writing, locking (:
 (:meth:`GradientStore.differences`).
 """
 
-from .fill import ChunkLock, fill, fill_stream, write_missing
+from .fill import ChunkLock, DataChangedError, check_sequential, fill, fill_stream, write_missing
 from .fingerprint import fingerprint_model
-from .gradient_store import CorruptChunkError, GradientStore
+from .gradient_store import CorruptChunkError, GradientStore, StoreFileError
 
 __all__ = ["CorruptChunkError", "GradientStore", "fill", "fill_stream", "ChunkLock", "write_missing",
-           "fingerprint_model"]
+           "fingerprint_model", "DataChangedError", "StoreFileError", "check_sequential"]

@@ -36,8 +36,14 @@ def write_tmp(directory: Path, stem: str, data: bytes) -> Path:
             n = os.write(fd, view)
             view = view[n:]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
     return tmp
 
 
@@ -81,3 +87,67 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         while data:
             n = os.write(fd, data)
             data = data[n:]
+
+
+def open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
+    """Open ``path`` and return its descriptor only if it is a regular file reached without following a
+    symlink in its last component: ``O_NOFOLLOW`` (a symlink fails to open), ``O_NONBLOCK`` (a FIFO or
+    device in its place cannot block the open), then ``fstat`` on the open descriptor (so the file checked
+    is the file used). Raises OSError naming the path and what it found."""
+    import stat
+
+    extra = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | extra)
+    except OSError as e:
+        if os.path.islink(path):
+            raise OSError(e.errno, f"{path}: is a symbolic link; store files must be regular files "
+                                   "inside the store directory") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) \
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device or special file"
+            raise OSError(0, f"{path}: is {kind}, expected a regular file")
+        if getattr(os, "O_NONBLOCK", 0):  # back to blocking I/O for a regular file
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: Path, max_bytes: int = 1 << 24) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`open_regular`); OSError when larger than
+    ``max_bytes`` (a store's JSON files are small: a huge one is not ours)."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            raise OSError(0, f"{path}: {size} bytes, expected at most {max_bytes}")
+        parts, left = [], size + 1
+        while left > 0:
+            b = os.read(fd, left)
+            if not b:
+                break
+            parts.append(b)
+            left -= len(b)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this host); True when we cannot tell."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: exists, owned by someone else
+        return True
+    return True

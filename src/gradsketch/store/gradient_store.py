@@ -4,10 +4,18 @@ On-disk layout of a store directory ``path/``::
 
     manifest.json      static header, written once at creation and never rewritten: format, version,
                        n_rows, d, dtype, chunk_rows, n_chunks, checksum algorithm, sketch spec,
-                       fingerprint, metadata
+                       fingerprint, metadata, and ``store_id`` = sha256 of all of these (so an edited
+                       field is detected, and markers can be bound to this store)
     data.npy           one .npy array [n_rows, d] (little-endian float16 or float32), preallocated
-                       (sparse) at creation, read back with ``np.load(mmap_mode="r")``
-    chunks/000123.json completion marker of chunk 123: its row range and the sha256 of its bytes
+                       (sparse) at creation, read back through a memory map
+    chunks/000123.json completion marker of chunk 123, bound to its store and data: store_id, chunk
+                       index, row range, byte count, sha256 of its bytes, and the fingerprint of the
+                       examples its rows were computed from (``data``, when the writer knew them)
+
+Files are untrusted: the manifest's ``data_file`` must be a plain file name inside the store, and every
+store file is opened without following symlinks and used only if it is a regular file (a FIFO in place
+of data.npy is refused, never waited on). Leftovers of dead writers (``.<name>.creating-<pid>-*``
+directories beside the store, ``.<file>.<pid>.*.tmp`` files inside it) are removed on the next open.
 
 Rows are cut into ``n_chunks = ceil(n_rows / chunk_rows)`` chunks; chunk ``i`` holds rows
 ``[i * chunk_rows, min((i + 1) * chunk_rows, n_rows))``. The marker files are the only source of
@@ -25,6 +33,7 @@ fsync, hard link / rename, fsync of the directory). Hence
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -42,7 +51,7 @@ import numpy as np
 from . import _io
 
 FORMAT = "gradsketch.store"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
 DATA = "data.npy"
 CHUNKS = "chunks"
@@ -50,17 +59,32 @@ CHECKSUM = "sha256"
 DTYPES: dict[str, np.dtype[Any]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 _MARKER_RE = re.compile(r"^(\d{6,})\.json$")
+_TMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]+\.tmp$")
+_IDENTITY = ("format", "version", "n_rows", "d", "dtype", "chunk_rows", "n_chunks", "checksum", "data_file",
+             "spec", "fingerprint", "metadata")
+
+
+def store_id(header: Mapping) -> str:
+    """sha256 of a manifest's identity fields (everything but ``store_id`` itself), as hex."""
+    body = {k: header.get(k) for k in _IDENTITY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class StoreFileError(ValueError):
+    """A store-level file (manifest.json, data.npy, chunks/) is missing, damaged or not a plain file inside
+    the store: no chunk can be vouched for. The message names the file and what to run."""
 
 
 class CorruptChunkError(ValueError):
     """Raised by :meth:`GradientStore.verify` when chunk data do not match their recorded checksum.
 
-    ``err.chunks`` lists the indices of the corrupt chunks.
+    ``err.chunks`` lists the indices of the corrupt chunks, ``err.reasons`` maps each to what failed.
     """
 
-    def __init__(self, message: str, chunks: list[int]):
+    def __init__(self, message: str, chunks: list[int], reasons: dict[int, str] | None = None):
         super().__init__(message)
         self.chunks = list(chunks)
+        self.reasons = dict(reasons or {})
 
 
 # ----------------------------------------------------------------------------- argument checking
@@ -163,7 +187,16 @@ class GradientStore:
         self._writable = writable
         self._fd: int | None = None
         self._mm: np.memmap | None = None
+        chunks = self.path / CHUNKS
+        if not os.path.isdir(chunks) or os.path.islink(chunks):
+            what = "is missing" if not os.path.lexists(chunks) else "is not a directory inside the store"
+            raise StoreFileError(
+                f"{chunks}: {what}; it holds the completion records of every chunk, so no row of the store at "
+                f"{str(self.path)!r} can be vouched for. Run `gradsketch store repair {self.path}` (it "
+                "recreates chunks/ empty: the next fit recomputes every chunk) or delete the store and refit")
         self._offset = self._check_data_file()
+        if writable:
+            self._remove_leftovers()
 
     # --------------------------------------------------------------- construction
     @classmethod
@@ -216,6 +249,7 @@ class GradientStore:
                 "fingerprint": fingerprint,
                 "metadata": meta or {},
             }
+            header["store_id"] = store_id(header)
             cls._create(path, header)  # loses gracefully to a concurrent creator
 
         store = cls(path, cls._read_header(path), writable=True)
@@ -236,22 +270,82 @@ class GradientStore:
     @staticmethod
     def _read_header(path: Path) -> dict:
         manifest = path / MANIFEST
-        if not manifest.is_file():
+        if not os.path.lexists(manifest):
             raise FileNotFoundError(f"path: no gradsketch store at {str(path)!r} ({MANIFEST} not found)")
+        damaged = (f"; the store-level files are damaged, so no chunk can be vouched for: delete {str(path)!r} "
+                   "and refit (only chunk-level damage is repairable with `gradsketch store repair`)")
         try:
-            header = json.loads(manifest.read_text())
+            header = json.loads(_io.read_regular(manifest, 1 << 26))
+        except OSError as e:
+            raise StoreFileError(f"{manifest}: unreadable manifest ({e.strerror or e}){damaged}") from None
         except ValueError as e:
-            raise ValueError(f"{manifest}: unreadable manifest ({e})") from None
+            raise StoreFileError(f"{manifest}: unreadable manifest ({e}){damaged}") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise ValueError(f"{manifest}: expected format {FORMAT!r}, found {header.get('format')!r}")
+            found = header.get("format") if isinstance(header, dict) else type(header).__name__
+            raise StoreFileError(f"{manifest}: expected format {FORMAT!r}, found {found!r}")
         if header.get("version") != VERSION:
-            raise ValueError(f"{manifest}: expected version {VERSION}, found {header.get('version')!r}")
+            old = (" (a store written by an older gradsketch, whose chunk records are not bound to their store "
+                   "and data: delete it and refit)") if isinstance(header.get("version"), int) \
+                and header["version"] < VERSION else ""
+            raise StoreFileError(f"{manifest}: expected version {VERSION}, found {header.get('version')!r}{old}")
+        problems = []
+        for key in ("n_rows", "d", "chunk_rows", "n_chunks"):
+            v = header.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                problems.append(f"{key}: expected an integer >= 1, found {v!r}")
+        if header.get("dtype") not in DTYPES:
+            problems.append(f"dtype: expected one of {sorted(DTYPES)}, found {header.get('dtype')!r}")
+        if header.get("checksum") != CHECKSUM:
+            problems.append(f"checksum: expected {CHECKSUM!r}, found {header.get('checksum')!r}")
+        if not problems and header["n_chunks"] != math.ceil(header["n_rows"] / header["chunk_rows"]):
+            problems.append(f"n_chunks: expected ceil(n_rows / chunk_rows) = "
+                            f"{math.ceil(header['n_rows'] / header['chunk_rows'])}, found {header['n_chunks']}")
+        df = header.get("data_file")
+        if not (isinstance(df, str) and df and df not in (".", "..") and "/" not in df and "\\" not in df
+                and os.sep not in df and (os.altsep is None or os.altsep not in df) and "\0" not in df):
+            problems.append(f"data_file: expected a plain file name inside the store (no directory part, "
+                            f"no '..'), found {df!r}")
+        if not problems and header.get("store_id") != store_id(header):
+            problems.append("store_id: does not match the manifest's fields (the manifest was edited)")
+        if problems:
+            raise StoreFileError(f"{manifest}: damaged manifest: {'; '.join(problems)}{damaged}")
         return header
+
+    @staticmethod
+    def _remove_dead_creations(path: Path) -> None:
+        """Remove ``.<name>.creating-<pid>-<hex>`` directories beside ``path`` whose creator has exited."""
+        pat = re.compile(r"^\." + re.escape(path.name) + r"\.creating-(\d+)-[0-9a-f]+$")
+        try:
+            names = os.listdir(path.parent)
+        except OSError:
+            return
+        for name in names:
+            m = pat.match(name)
+            if m and not _io.pid_alive(int(m.group(1))):
+                shutil.rmtree(path.parent / name, ignore_errors=True)
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files of writers that died mid-write (``.<file>.<pid>.<hex>.tmp`` in the store and in
+        chunks/) and creation directories of dead creators; files of live processes are left alone."""
+        self._remove_dead_creations(self.path)
+        for d in (self.path, self.path / CHUNKS):
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for name in names:
+                m = _TMP_RE.match(name)
+                if m and not _io.pid_alive(int(m.group(1))):
+                    try:
+                        os.unlink(d / name)
+                    except OSError:
+                        pass
 
     @staticmethod
     def _create(path: Path, header: dict) -> None:
         parent = path.parent
         parent.mkdir(parents=True, exist_ok=True)
+        GradientStore._remove_dead_creations(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             if (path / MANIFEST).exists():
                 return
@@ -279,10 +373,25 @@ class GradientStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _check_data_file(self) -> int:
-        data = self.path / self._header.get("data_file", DATA)
+    def _data_path(self) -> Path:
+        return self.path / self._header["data_file"]
+
+    def _open_data(self, flags: int = os.O_RDONLY) -> int:
+        """Descriptor of the data file, verified to be a regular file inside the store (never a symlink or a
+        FIFO: see :func:`_io.open_regular`)."""
         try:
-            with open(data, "rb") as f:
+            return _io.open_regular(self._data_path(), flags)
+        except OSError as e:
+            raise StoreFileError(f"{self._data_path()}: unusable data file ({e.strerror or e}); the store-level "
+                                 f"files are damaged: run `gradsketch store repair {self.path}` (it recreates the "
+                                 "data file: the next fit recomputes every chunk) or delete the store and "
+                                 "refit") from None
+
+    def _check_data_file(self) -> int:
+        data = self._data_path()
+        fd = self._open_data()
+        try:
+            with os.fdopen(fd, "rb", closefd=True) as f:
                 version = np.lib.format.read_magic(f)
                 if version == (1, 0):
                     shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -292,14 +401,14 @@ class GradientStore:
                     raise ValueError(f"unsupported .npy format version {version}")
                 offset = f.tell()
         except (OSError, ValueError) as e:
-            raise ValueError(f"{data}: unreadable data file ({e})") from None
+            raise StoreFileError(f"{data}: unreadable data file ({e})") from None
         expected = (self.n_rows, self.d)
         if tuple(shape) != expected or fortran or np.dtype(dtype) != DTYPES[self.dtype]:
-            raise ValueError(f"{data}: expected a C-order {self.dtype} array of shape {expected}, found "
+            raise StoreFileError(f"{data}: expected a C-order {self.dtype} array of shape {expected}, found "
                              f"{np.dtype(dtype).name} {tuple(shape)} (fortran_order={fortran})")
-        size = data.stat().st_size
+        size = os.stat(data, follow_symlinks=False).st_size
         if size < offset + self.n_rows * self.d * self.itemsize:
-            raise ValueError(f"{data}: truncated, expected at least "
+            raise StoreFileError(f"{data}: truncated, expected at least "
                              f"{offset + self.n_rows * self.d * self.itemsize} bytes, found {size}")
         return offset
 
@@ -468,10 +577,43 @@ class GradientStore:
 
     def _read_marker(self, i: int) -> dict | None:
         try:
-            marker = json.loads(self._marker(i).read_text())
+            marker = json.loads(_io.read_regular(self._marker(i), 1 << 20))
         except (OSError, ValueError):
             return None
         return marker if isinstance(marker, dict) else None
+
+    def chunk_record(self, i: int) -> dict | None:
+        """The completion marker of chunk ``i`` as a dict (``None``: missing or unreadable). Keys: ``store_id``,
+        ``chunk``, ``row_start``, ``row_stop``, ``nbytes``, ``sha256`` and ``data`` (the fingerprint of the
+        examples the rows were computed from, or ``None`` when the writer did not know them)."""
+        return self._read_marker(self._chunk_index(i))
+
+    def data_fingerprints(self) -> dict[int, str | None]:
+        """``{chunk index: data fingerprint}`` of the completed chunks, as recorded in their markers."""
+        out: dict[int, str | None] = {}
+        for i in self.completed_chunks():
+            marker = self._read_marker(i)
+            if marker is not None:
+                out[i] = marker.get("data")
+        return out
+
+    def _marker_problem(self, i: int, marker: dict | None) -> str | None:
+        """Why chunk ``i``'s marker cannot vouch for its rows (None: it can; the checksum is checked apart)."""
+        start, stop = self.chunk_range(i)
+        name = f"chunks/{self._marker(i).name}"
+        if marker is None:
+            return f"{name} is unreadable or not a regular file"
+        if marker.get("store_id") != self._header["store_id"]:
+            return (f"{name} belongs to another store (store_id {str(marker.get('store_id'))[:16]}..., this store "
+                    f"is {self._header['store_id'][:16]}...): rows or markers copied from elsewhere")
+        if marker.get("chunk") != i or (marker.get("row_start"), marker.get("row_stop")) != (start, stop):
+            return (f"{name} records chunk {marker.get('chunk')!r} rows {marker.get('row_start')!r}:"
+                    f"{marker.get('row_stop')!r}, expected chunk {i} rows {start}:{stop}")
+        if marker.get("nbytes") != (stop - start) * self.d * self.itemsize:
+            return f"{name} records {marker.get('nbytes')!r} bytes, expected {(stop - start) * self.d * self.itemsize}"
+        if not isinstance(marker.get(CHECKSUM), str):
+            return f"{name} records no {CHECKSUM}"
+        return None
 
     # --------------------------------------------------------------- rows -> bytes
     def row_range_for_rank(self, rank: int, world_size: int) -> tuple[int, int]:
@@ -541,10 +683,13 @@ class GradientStore:
             raise ValueError(f"rows: expected finite values, got NaN/Inf in row {first}{why} "
                              f"({len(bad)} non-finite row(s): {rows}); pass allow_nonfinite=True to allow")
 
-    def write_chunk(self, i: int, rows, *, overwrite: bool = False, allow_nonfinite: bool = False) -> str:
+    def write_chunk(self, i: int, rows, *, overwrite: bool = False, allow_nonfinite: bool = False,
+                    data_fingerprint: str | None = None) -> str:
         """Write chunk ``i`` (rows ``chunk_range(i)``) durably and mark it complete; return its sha256.
 
         ``rows``: ``[chunk rows, d]`` numpy array or torch tensor (any float dtype, any device).
+        ``data_fingerprint``: identifies the examples the rows were computed from (recorded in the marker and
+        compared by :func:`gradsketch.store.fill_stream` when the store is reused).
         Order: data are written and fsync'd, then the completion marker is published atomically.
         Writing a completed chunk raises ValueError unless ``overwrite=True`` (which first removes the
         marker, so a crash mid-overwrite leaves the chunk missing rather than wrongly complete).
@@ -564,27 +709,39 @@ class GradientStore:
             _io.fsync_dir(marker.parent)
         view = memoryview(arr).cast("B")  # type: ignore[arg-type]  # ndarray supports the buffer protocol
         checksum = hashlib.sha256(view).hexdigest()
-        fd = self._data_fd()
-        _io.pwrite_all(fd, view, self._offset + start * self.d * self.itemsize)
-        os.fsync(fd)
-        record = {"chunk": i, "row_start": start, "row_stop": stop, "nbytes": len(view), CHECKSUM: checksum}
+        if data_fingerprint is not None and not isinstance(data_fingerprint, str):
+            raise TypeError(f"data_fingerprint: expected a str or None, got {type(data_fingerprint).__name__}")
+        record = {"store_id": self._header["store_id"], "chunk": i, "row_start": start, "row_stop": stop,
+                  "nbytes": len(view), CHECKSUM: checksum, "data": data_fingerprint}
         try:
+            fd = self._data_fd()
+            _io.pwrite_all(fd, view, self._offset + start * self.d * self.itemsize)
+            os.fsync(fd)
             _io.atomic_write(marker, _io.dumps(record), exclusive=not overwrite)
         except FileExistsError:
             raise ValueError(f"i: chunk {i} (rows {start}:{stop}) was completed concurrently by another "
                              "writer; writers must fill disjoint row ranges") from None
+        except OSError as e:
+            if e.errno is not None and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise OSError(e.errno, f"{os.strerror(e.errno)} while writing chunk {i} (rows {start}:{stop}) of the "
+                                       f"store at {str(self.path)!r}: the {len(self.completed_chunks())} completed "
+                                       "chunk(s) are kept; free space and rerun the same command, it resumes with "
+                                       "the missing chunks") from e
+            raise
         return checksum
 
     def _data_fd(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path / self._header.get("data_file", DATA), os.O_RDWR)
+            self._fd = self._open_data(os.O_RDWR)
         return self._fd
 
     # --------------------------------------------------------------- reading
     def _memmap(self) -> np.memmap:
         if self._mm is None:
-            mm = np.load(self.path / self._header.get("data_file", DATA), mmap_mode="r")
-            self._mm = mm
+            fd = self._open_data()
+            with os.fdopen(fd, "rb", closefd=True) as f:
+                self._mm = np.memmap(f, dtype=DTYPES[self.dtype], mode="r", offset=self._offset,
+                                     shape=(self.n_rows, self.d), order="C")
         return self._mm
 
     def _require_complete(self, start: int, stop: int, allow_incomplete: bool) -> None:
@@ -639,26 +796,30 @@ class GradientStore:
         mm = self._memmap()
         done = set(self.completed_chunks())
         checked, corrupt, reasons = [], [], []
+        why: dict[int, str] = {}
         for i in self.chunks_in(row_range):
             if i not in done:
                 continue
             start, stop = self.chunk_range(i)
             marker = self._read_marker(i)
-            if marker is None or (marker.get("row_start"), marker.get("row_stop")) != (start, stop):
+            problem = self._marker_problem(i, marker)
+            if problem is None:
+                assert marker is not None
+                block = np.ascontiguousarray(mm[start:stop])
+                got = hashlib.sha256(memoryview(block).cast("B")).hexdigest()  # type: ignore[arg-type]
+                if got != marker.get(CHECKSUM):
+                    problem = f"bytes changed (expected sha256 {marker.get(CHECKSUM)}, found {got})"
+            if problem is not None:
                 corrupt.append(i)
-                reasons.append(f"chunk {i}: unreadable or inconsistent marker {self._marker(i).name}")
-                continue
-            block = np.ascontiguousarray(mm[start:stop])
-            got = hashlib.sha256(memoryview(block).cast("B")).hexdigest()  # type: ignore[arg-type]
-            if got != marker.get(CHECKSUM):
-                corrupt.append(i)
-                reasons.append(f"chunk {i} (rows {start}:{stop}): expected sha256 {marker.get(CHECKSUM)}, "
-                               f"found {got}")
+                why[i] = f"rows {start}:{stop}: {problem}"
+                reasons.append(f"chunk {i} (rows {start}:{stop}): {problem}")
             else:
                 checked.append(i)
         if corrupt:
             raise CorruptChunkError(f"store at {str(self.path)!r}: {len(corrupt)} corrupt chunk(s) "
-                                    f"{corrupt}: " + "; ".join(reasons), corrupt)
+                                    f"{corrupt}: " + "; ".join(reasons) + f". Run `gradsketch store repair "
+                                    f"{self.path}` (it marks these chunks missing) and rerun the fit: only they are "
+                                    "recomputed", corrupt, why)
         return checked
 
     # --------------------------------------------------------------- lifetime
