@@ -430,3 +430,52 @@ def test_cli_repair_of_store_level_damage(tmp_path, monkeypatch):
     assert files(store) == before
     r = runner.invoke(app, ["store", "verify", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "no gradsketch store" in r.output
+
+
+def test_store_under_a_regular_file_is_a_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"path: expected a directory for the store at .*afile/s', but .*afile' is "
+                                         "a file"):
+        GradientStore.create_or_open(tmp_path / "afile" / "s", N, D, SPEC, "fp")
+
+
+# ------------------------------------------------------------------------------------------ item 5
+def _scaled_attributor(path, scale, dtype="float16"):
+    from gradsketch.attribution import Attributor
+    from gradsketch.model import Task
+
+    task, batches = child.setup()
+    scaled = Task(task.model, lambda m, b: scale * torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"))
+    return Attributor(scaled, "grad-dot", sketch=dict(kind="sjlt", d=16, seed=0), store=path, store_dtype=dtype,
+                      chunk_rows=20), batches[:4]
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-6])
+def test_float16_underflow_warns_with_the_fraction(tmp_path, scale):
+    att, data = _scaled_attributor(tmp_path / "s", scale)
+    with pytest.warns(RuntimeWarning, match=r"store at .*: (\d+\.\d)% of the entries of chunk 0 \(rows 0:20\) "
+                                            r"underflow float16 .*, (\d+\.\d)% became 0;.*store_dtype='float32'") as w:
+        att.fit(data, progress=False)
+    msgs = [str(x.message) for x in w if "underflow float16" in str(x.message)]
+    assert len(msgs) == 1  # once per store, not per chunk
+    pct, zero = map(float, re.search(r"(\d+\.\d)% of the entries.*?(\d+\.\d)% became 0", msgs[0]).groups())
+    if scale == 1e-30:
+        assert pct == zero == 100.0  # every entry flushed to 0
+    else:
+        assert 1.0 < pct <= 100.0 and zero < pct
+
+
+def test_float16_normal_gradients_do_not_warn_and_overflow_names_store_dtype(tmp_path):
+    import warnings
+
+    att, data = _scaled_attributor(tmp_path / "a", 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        att.fit(data, progress=False)
+    att, data = _scaled_attributor(tmp_path / "b", 1e7)
+    with pytest.raises(ValueError, match=r"overflow: \|value\| > 65504; store the rows in float32: "
+                                         r"store_dtype='float32' for the Attributor") as e:
+        att.fit(data, progress=False)
+    assert "allow_nonfinite" not in str(e.value)
+    att, data = _scaled_attributor(tmp_path / "c", 1e7, dtype="float32")
+    att.fit(data, progress=False)  # the option the message names is accepted and works

@@ -66,13 +66,14 @@ class ChunkLock:
 
 
 def write_missing(store: GradientStore, c: int, rows: Any, lock: ChunkLock, allow_nonfinite: bool = False,
-                  data_fingerprint: str | None = None) -> bool:
+                  data_fingerprint: str | None = None, skipped: list[int] | None = None) -> bool:
     """Write chunk ``c`` unless another writer completed it meanwhile; ``True`` if this call wrote it."""
     with lock:
         if store.is_chunk_complete(c):  # completed by another process since we last looked: never overwrite
             return False
         try:
-            store.write_chunk(c, rows, allow_nonfinite=allow_nonfinite, data_fingerprint=data_fingerprint)
+            store.write_chunk(c, rows, allow_nonfinite=allow_nonfinite, data_fingerprint=data_fingerprint,
+                              skipped=skipped)
         except ValueError:
             if not store.is_chunk_complete(c):
                 raise
@@ -177,7 +178,7 @@ def fill_stream(store: GradientStore, items: Iterable[Any], size_of: Callable[[A
                 progress: bool = True, desc: str = "gradsketch store", name: str = "data",
                 allow_nonfinite: bool = False, first_row: int = 0, leave: bool = False,
                 leaves_of: Callable[[Any], Any] | None = None, on_data_change: str = "raise",
-                source: Any = None) -> list[int]:
+                source: Any = None, skipped: list[int] | None = None) -> list[int]:
     """The one fill loop. ``items`` are consecutive pieces of the rows (batches of examples, chunk ranges),
     ``size_of(item)`` their row counts; ``rows_fn(item, lo, hi, row0) -> [hi - lo, d]`` computes the rows
     ``[lo, hi)`` of an item (item-relative; ``row0`` is the store row of ``lo``). Fills the missing chunks
@@ -195,7 +196,8 @@ def fill_stream(store: GradientStore, items: Iterable[Any], size_of: Callable[[A
     :class:`DataChangedError` naming every such chunk and its example range (``on_data_change="raise"``;
     nothing more is computed once a change is seen), or is recomputed and rewritten
     (``on_data_change="refeaturise"``). ``source``: the user's data object, refused if it shuffles
-    (:func:`check_sequential`).
+    (:func:`check_sequential`). ``skipped``: a list that ``rows_fn`` appends the store rows of skipped examples
+    to (non-finite gradients zeroed); each chunk's share is recorded in its marker.
 
     >>> import tempfile, torch
     >>> st = GradientStore.create_or_open(tempfile.mkdtemp() + "/s", 5, 2, {"kind": "x"}, "fp", chunk_rows=2)
@@ -269,7 +271,7 @@ def fill_stream(store: GradientStore, items: Iterable[Any], size_of: Callable[[A
                     if not changed:
                         parts = [bufs[c][k] for k in sorted(bufs[c])]
                         if write_missing(store, c, _cat(parts), lock, allow_nonfinite=allow_nonfinite,
-                                         data_fingerprint=fp):
+                                         data_fingerprint=fp, skipped=_within(skipped, c0, c1)):
                             written.append(c)
                         missing.discard(c)
                         bar.update()
@@ -282,7 +284,7 @@ def fill_stream(store: GradientStore, items: Iterable[Any], size_of: Callable[[A
                             rows = _cat([compute(*p) for p in pieces])
                             with lock:
                                 store.write_chunk(c, rows, overwrite=True, allow_nonfinite=allow_nonfinite,
-                                                  data_fingerprint=fp)
+                                                  data_fingerprint=fp, skipped=_within(skipped, c0, c1))
                             written.append(c)
                         else:
                             changed.append((c, record.get("data"), fp))
@@ -304,6 +306,10 @@ def fill_stream(store: GradientStore, items: Iterable[Any], size_of: Callable[[A
         raise ValueError(f"{name}: the data yielded {offset - first_row} examples now but {n_rows} before; expected "
                          "the same examples in the same order on every pass")
     return sorted(written)
+
+
+def _within(rows: list[int] | None, start: int, stop: int) -> list[int] | None:
+    return None if rows is None else sorted({r for r in rows if start <= r < stop})
 
 
 def _cat(parts: list[Any]) -> Any:

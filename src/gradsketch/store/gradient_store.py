@@ -58,15 +58,13 @@ CHUNKS = "chunks"
 CHECKSUM = "sha256"
 DTYPES: dict[str, np.dtype[Any]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 DEFAULT_CHUNK_BYTES = 16 * 2**20
+F16_TINY = 2.0**-14  # smallest normal float16
+UNDERFLOW_WARN = 0.01  # warn when more than this share of a chunk's entries underflow float16
 _MARKER_RE = re.compile(r"^(\d{6,})\.json$")
 _TMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]+\.tmp$")
-_IDENTITY = ("format", "version", "n_rows", "d", "dtype", "chunk_rows", "n_chunks", "checksum", "data_file",
-             "spec", "fingerprint", "metadata")
-
-
 def store_id(header: Mapping) -> str:
-    """sha256 of a manifest's identity fields (everything but ``store_id`` itself), as hex."""
-    body = {k: header.get(k) for k in _IDENTITY}
+    """sha256 of every field of a manifest but ``store_id`` itself (canonical JSON), as hex."""
+    body = {k: v for k, v in header.items() if k != "store_id"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -344,6 +342,12 @@ class GradientStore:
     @staticmethod
     def _create(path: Path, header: dict) -> None:
         parent = path.parent
+        for p in (parent, *parent.parents):  # the nearest existing ancestor must be a directory
+            if p.exists() or p.is_symlink():
+                if not p.is_dir():
+                    raise ValueError(f"path: expected a directory for the store at {str(path)!r}, but {str(p)!r} "
+                                     "is a file")
+                break
         parent.mkdir(parents=True, exist_ok=True)
         GradientStore._remove_dead_creations(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -597,6 +601,15 @@ class GradientStore:
                 out[i] = marker.get("data")
         return out
 
+    def skipped_rows(self) -> list[int]:
+        """Sorted store rows recorded as skipped (non-finite gradients, rows zeroed) in the completed chunks."""
+        out: set[int] = set()
+        for i in self.completed_chunks():
+            marker = self._read_marker(i)
+            if marker is not None and isinstance(marker.get("skipped"), list):
+                out.update(int(r) for r in marker["skipped"])
+        return sorted(out)
+
     def _marker_problem(self, i: int, marker: dict | None) -> str | None:
         """Why chunk ``i``'s marker cannot vouch for its rows (None: it can; the checksum is checked apart)."""
         start, stop = self.chunk_range(i)
@@ -652,15 +665,43 @@ class GradientStore:
                 self._check_finite(fast, start, "")
             conv = fast.to(torch.float16 if self.dtype == "float16" else torch.float32).contiguous()
             if not allow_nonfinite:
-                self._check_finite(conv, start, f" after conversion to {self.dtype} (overflow: |value| too large)")
+                self._check_finite(conv, start, self._overflow_hint())
+            if self.dtype == "float16":
+                small = (fast.abs() < F16_TINY) & (fast != 0)
+                self._warn_underflow(i, int(small.sum()), int((small & (conv == 0)).sum()), fast.numel())
             return conv.numpy()
         if not allow_nonfinite and arr.dtype.kind == "f":
             self._check_finite(arr, start, "")
-        with np.errstate(over="ignore"):  # overflow to inf is reported just below, naming the row
+        with np.errstate(over="ignore", under="ignore"):  # overflow to inf is reported just below, naming the row
             out = np.ascontiguousarray(arr, dtype=DTYPES[self.dtype])
         if not allow_nonfinite:
-            self._check_finite(out, start, f" after conversion to {self.dtype} (overflow: |value| too large)")
+            self._check_finite(out, start, self._overflow_hint())
+        if self.dtype == "float16" and arr.dtype.kind == "f":
+            small = (np.abs(arr) < F16_TINY) & (arr != 0)
+            self._warn_underflow(i, int(small.sum()), int((small & (out == 0)).sum()), arr.size)
         return out
+
+    def _overflow_hint(self) -> str:
+        if self.dtype == "float16":
+            return (" after conversion to float16 (overflow: |value| > 65504; store the rows in float32: "
+                    "store_dtype='float32' for the Attributor, dtype='float32' for GradientStore)")
+        return f" after conversion to {self.dtype} (overflow: |value| too large)"
+
+    def _warn_underflow(self, i: int, n_small: int, n_zero: int, n: int) -> None:
+        """Warn (once per store object) when more than ``UNDERFLOW_WARN`` of a chunk's entries underflow
+        float16: |value| < 2^-14 (subnormal: fewer significant bits, or flushed to 0)."""
+        if n == 0 or n_small <= UNDERFLOW_WARN * n or getattr(self, "_warned_underflow", False):
+            return
+        import warnings
+
+        self._warned_underflow = True
+        start, stop = self.chunk_range(i)
+        warnings.warn(
+            f"store at {str(self.path)!r}: {100 * n_small / n:.1f}% of the entries of chunk {i} (rows {start}:{stop}) "
+            f"underflow float16 (0 < |value| < 2^-14 = 6.1e-05: stored with fewer significant bits), "
+            f"{100 * n_zero / n:.1f}% became 0; scores computed from these rows lose accuracy. Store the rows in "
+            "float32 (store_dtype='float32' for the Attributor, dtype='float32' for GradientStore) or scale the "
+            "loss up", RuntimeWarning, stacklevel=4)
 
     @staticmethod
     def _check_finite(arr: Any, row0: int, why: str) -> None:
@@ -680,16 +721,19 @@ class GradientStore:
             bad = np.flatnonzero(~finite)
             rows = ", ".join(str(row0 + int(b)) for b in bad[:5]) + (", ..." if len(bad) > 5 else "")
             first = row0 + int(bad[0])
+            allow = "" if "overflow" in why else "; pass allow_nonfinite=True to allow"
             raise ValueError(f"rows: expected finite values, got NaN/Inf in row {first}{why} "
-                             f"({len(bad)} non-finite row(s): {rows}); pass allow_nonfinite=True to allow")
+                             f"({len(bad)} non-finite row(s): {rows}){allow}")
 
     def write_chunk(self, i: int, rows, *, overwrite: bool = False, allow_nonfinite: bool = False,
-                    data_fingerprint: str | None = None) -> str:
+                    data_fingerprint: str | None = None, skipped: list[int] | None = None) -> str:
         """Write chunk ``i`` (rows ``chunk_range(i)``) durably and mark it complete; return its sha256.
 
         ``rows``: ``[chunk rows, d]`` numpy array or torch tensor (any float dtype, any device).
         ``data_fingerprint``: identifies the examples the rows were computed from (recorded in the marker and
-        compared by :func:`gradsketch.store.fill_stream` when the store is reused).
+        compared by :func:`gradsketch.store.fill_stream` when the store is reused). ``skipped``: store rows of
+        this chunk whose examples were skipped (non-finite gradients under ``nan_policy="skip"``, rows zeroed),
+        recorded in the marker (:meth:`skipped_rows`).
         Order: data are written and fsync'd, then the completion marker is published atomically.
         Writing a completed chunk raises ValueError unless ``overwrite=True`` (which first removes the
         marker, so a crash mid-overwrite leaves the chunk missing rather than wrongly complete).
@@ -713,6 +757,12 @@ class GradientStore:
             raise TypeError(f"data_fingerprint: expected a str or None, got {type(data_fingerprint).__name__}")
         record = {"store_id": self._header["store_id"], "chunk": i, "row_start": start, "row_stop": stop,
                   "nbytes": len(view), CHECKSUM: checksum, "data": data_fingerprint}
+        if skipped:
+            rows_skipped = sorted({operator.index(r) for r in skipped})
+            if rows_skipped[0] < start or rows_skipped[-1] >= stop:
+                raise ValueError(f"skipped: expected store rows in [{start}, {stop}) for chunk {i}, got "
+                                 f"{rows_skipped}")
+            record["skipped"] = rows_skipped
         try:
             fd = self._data_fd()
             _io.pwrite_all(fd, view, self._offset + start * self.d * self.itemsize)
