@@ -54,3 +54,35 @@ def test_margin_on_dict_batches_and_dict_outputs_of_a_plain_module():
     torch.testing.assert_close(m, expected(net.lin(x), y), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"batch: expected the labels under 'labels'"):
         classification_margin()(net, {"x": x, "y": y})
+
+
+def test_trak_takes_the_output_function_declared_on_the_task():
+    """Task(..., margin_fn=) declares TRAK's output function (as kronfluence/trak tasks do); TRAK then scores
+    exactly as with the margin_fn option, and the option overrides the Task's."""
+    from gradsketch import TRAK, Task, losses
+    from gradsketch.attribution import batches
+
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    data = batches(X, y, batch_size=5)
+    margin = classification_margin()
+    declared = Task.from_classifier(model, margin_fn=margin)
+    plain = Task.from_classifier(model)
+    assert declared.margin_fn is margin and losses.classification_margin is classification_margin
+    a = TRAK(declared).fit(data, progress=False)
+    b = TRAK(plain, margin_fn=margin).fit(data, progress=False)
+    torch.testing.assert_close(a.score(data, progress=False), b.score(data, progress=False), rtol=1e-12, atol=0)
+    # the Task's output function is used (not the loss): the scores differ from loss-gradient TRAK
+    c = TRAK(plain).fit(data, progress=False)
+    assert not torch.allclose(a.score(data, progress=False), c.score(data, progress=False))
+
+    def neg_margin(m, batch):  # the option wins over the Task's declaration
+        return -margin(m, batch)
+
+    d = TRAK(declared, margin_fn=neg_margin).fit(data, progress=False)
+    e = TRAK(plain, margin_fn=neg_margin).fit(data, progress=False)
+    torch.testing.assert_close(d.score(data, progress=False), e.score(data, progress=False), rtol=1e-12, atol=0)
+    with pytest.raises(TypeError, match="margin_fn: expected a callable"):
+        Task.from_classifier(model, margin_fn="margin")

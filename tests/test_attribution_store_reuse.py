@@ -180,3 +180,39 @@ def test_cli_ranks_then_plain_run_equals_single_run(entry_dir):
     assert r.exit_code == 2 and "both --rank and --world-size" in flat(r.output), r.output
     r = CliRunner().invoke(app, [*base, "--out", "x", "--rank", "2", "--world-size", "2"])
     assert r.exit_code == 2 and "0 <= rank < world_size" in flat(r.output), r.output
+
+
+def test_options_are_written_into_the_manifest(trak_store):
+    """The fit's options are a record in the manifest (``extra``); the store's identity is unchanged."""
+    task, data, store = trak_store
+    extra = GradientStore.open(store / "features_0").extra["attribution"]
+    assert extra["method"] == "trak" and extra["options"]["ridge"] == 1.0
+    assert extra["options"]["store_dtype"] == "float32" and extra["row_options"] == {"nan_policy": "raise"}
+    # another ridge changes nothing in the rows: the store is reused (finalised only)
+    before = snapshot(store)
+    Attributor(task, "trak", sketch=SK, store=store, store_dtype="float32", chunk_rows=20, ridge=0.5)\
+        .fit(data, progress=False)
+    assert snapshot(store) == before
+
+
+def test_a_row_relevant_option_that_differs_is_refused_naming_it(trak_store, tmp_path):
+    task, data, store = trak_store
+    with pytest.raises(ValueError, match=r"option nan_policy: the rows were computed with nan_policy='raise', this "
+                                         r"fit uses nan_policy='skip' \(to reuse these rows pass the nan_policy"):
+        Attributor(task, "grad-dot", sketch=SK, store=store, store_dtype="float32", chunk_rows=20,
+                   nan_policy="skip").fit(data, progress=False)
+    # two output functions give two kinds of output-gradient rows: the second is refused, naming both
+    m1 = classification_margin()
+
+    def m2(model, batch):
+        return model(batch[0]).logsumexp(1)
+
+    Attributor(task, "trak", sketch=SK, store=tmp_path / "m", margin_fn=m1).fit(data, progress=False)
+    with pytest.raises(ValueError, match=r"option margin_fn: the rows were computed with margin_fn="
+                                         r"'gradsketch\.model\.losses\.classification_margin\.<locals>\."
+                                         r"margin_fn\(input_key=0, target_key=1\)#[0-9a-f]+', this fit uses margin_fn="
+                                         r"'test_attribution_store_reuse\..*m2\(\)#"):
+        Attributor(task, "trak", sketch=SK, store=tmp_path / "m", margin_fn=m2).fit(data, progress=False)
+    # the same output function built again is the same rows
+    Attributor(task, "trak", sketch=SK, store=tmp_path / "m", margin_fn=classification_margin())\
+        .fit(data, progress=False)

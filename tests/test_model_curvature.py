@@ -102,11 +102,12 @@ def test_ggn_equals_explicit_jt_hl_j():
         HL = torch.func.hessian(lambda zi, t=y[i:i + 1]: torch.nn.functional.cross_entropy(zi[None], t))(z[i])
         ref += J[i].T @ HL @ J[i]
     torch.testing.assert_close(G, ref / len(X), atol=TOL, rtol=0)
-    # MSE head: H_L = 2I so the GGN is (2/n) Σ J_iᵀ J_i
+    # MSE head, the mean of the C = 3 squared errors (mse_per_example's default reduction): H_L = (2/C) I, so
+    # the GGN is (2/(C n)) Σ J_iᵀ J_i
     tm = Task.from_classifier(model, loss="mse")
     Y = torch.nn.functional.one_hot(y, 3).double()
     Gm = tm.ggn([(X, Y)]).to_dense()
-    torch.testing.assert_close(Gm, 2 * torch.einsum("bcn,bcm->nm", J, J) / len(X), atol=TOL, rtol=0)
+    torch.testing.assert_close(Gm, 2 / 3 * torch.einsum("bcn,bcm->nm", J, J) / len(X), atol=TOL, rtol=0)
 
 
 def test_fisher_equals_mean_outer_product_of_per_example_grads():

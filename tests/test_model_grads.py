@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from test_model_common import cnn, digits, gpt2, loop_grads, mlp, token_batch
+from _helpers import cnn, digits, gpt2, loop_grads, mlp, token_batch
 
 import gradsketch
 from gradsketch.model import (
@@ -129,8 +129,9 @@ def test_loss_helpers():
     pt = pt.reshape(3, 4)
     torch.testing.assert_close(c, (pt * mask[:, 1:]).sum(1))
     o, t = torch.randn(4, 3), torch.randn(4, 3)
-    torch.testing.assert_close(mse_per_example(o, t), ((o - t) ** 2).sum(1))
-    torch.testing.assert_close(mse_per_example(o, t, reduction="mean"), ((o - t) ** 2).mean(1))
+    # one meaning of reduction: the default combines an example's elements by their mean, as for tokens
+    torch.testing.assert_close(mse_per_example(o, t, reduction="sum"), ((o - t) ** 2).sum(1))
+    torch.testing.assert_close(mse_per_example(o, t), ((o - t) ** 2).mean(1))
 
 
 def test_loss_values_and_flatten_roundtrip():

@@ -185,19 +185,40 @@ def _describe_kind(kind: Any) -> str:
     return f"{kind!r}: {FEATURE_KINDS[kind]}" if kind in FEATURE_KINDS else repr(kind)
 
 
+def row_option_mismatches(recorded: Any, wanted: dict | None) -> list[str]:
+    """The row-relevant options (``Attributor.row_options()``) recorded in a store's manifest (``extra``)
+    against this fit's: one message per option that differs, naming both values and the fix. Options the
+    store did not record (older stores) are not compared.
+
+    >>> row_option_mismatches({"nan_policy": "skip"}, {"nan_policy": "raise"})  # doctest: +ELLIPSIS
+    ["option nan_policy: the rows were computed with nan_policy='skip', this fit uses nan_policy='raise' ..."]
+    """
+    if not isinstance(recorded, dict) or not wanted:
+        return []
+    out = []
+    for k in sorted(set(recorded) & set(wanted)):
+        if recorded[k] != wanted[k]:
+            out.append(f"option {k}: the rows were computed with {k}={recorded[k]!r}, this fit uses {k}="
+                       f"{wanted[k]!r} (to reuse these rows pass the {k} they were computed with; otherwise use "
+                       "another store path)")
+    return out
+
+
 def _store_mismatches(path: Any, n_rows: int, d: int, spec: dict, fingerprint: str, dtype: str,
-                      chunk_rows: int | None, metadata: dict | None) -> list[str]:
+                      chunk_rows: int | None, metadata: dict | None, row_options: dict | None = None) -> list[str]:
     """The store's own identity check (:meth:`GradientStore.differences`), phrased for attribution: what the
-    rows on disk at ``path`` are, against what this fit needs (empty: it matches)."""
+    rows on disk at ``path`` are, against what this fit needs (empty: it matches); then the row-relevant
+    options recorded in the manifest's ``extra`` (:func:`row_option_mismatches`)."""
     from ..store import GradientStore
 
     st = GradientStore.open(path)
     try:
         diff = st.differences(n_rows=n_rows, d=d, spec=spec, fingerprint=fingerprint, dtype=dtype,
                               chunk_rows=chunk_rows, metadata=metadata)
+        recorded = st.extra.get("attribution", {}).get("row_options")
     finally:
         st.close()
-    out = []
+    out = row_option_mismatches(recorded, row_options)
     if "spec" in diff:
         want, found = diff["spec"]
         if want.get("features") != found.get("features"):
@@ -240,7 +261,7 @@ def _store_mismatches(path: Any, n_rows: int, d: int, spec: dict, fingerprint: s
 def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_policy: str, progress: bool,
                     path: Any, spec: dict, fingerprint: str, dtype: str, chunk_rows: int | None,
                     metadata: dict | None, name: str, desc: str, rank: int | None = None,
-                    world_size: int | None = None) -> Any:
+                    world_size: int | None = None, extra: dict | None = None) -> Any:
     """Fill a :class:`GradientStore` at ``path`` with the feature rows of ``data`` (resumable, multi-writer).
 
     The data are iterated once in order; a batch is differentiated only if it overlaps a chunk that is
@@ -254,7 +275,9 @@ def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_polic
     lock, before each write; a chunk that another writer completed meanwhile is treated as done and never
     overwritten. A store on disk that holds other rows
     (another feature kind, sketch spec, mode, model fingerprint, row count, dtype) is refused with
-    :class:`StoreMismatchError` naming what differs.
+    :class:`StoreMismatchError` naming what differs. ``extra`` is written into a new store's manifest
+    (``{"attribution": {"method", "options", "row_options"}}``); a reused store's recorded ``row_options``
+    must equal this fit's.
     """
     from ..store import GradientStore
     from ..store.fill import fill_stream
@@ -262,8 +285,9 @@ def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_polic
     n_rows = count_examples(data, name)
     d = int(sketch.d)
     path = Path(path)
+    rows = (extra or {}).get("attribution", {}).get("row_options")
     if (path / "manifest.json").is_file():
-        diffs = _store_mismatches(path, n_rows, d, spec, fingerprint, dtype, chunk_rows, metadata)
+        diffs = _store_mismatches(path, n_rows, d, spec, fingerprint, dtype, chunk_rows, metadata, rows)
         if diffs:
             raise StoreMismatchError(
                 f"store: the feature store at {str(path)!r} holds other rows than this fit needs and cannot be "
@@ -271,10 +295,15 @@ def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_polic
                 "(same output function, sketch, mode, model and data); use another store path or delete this one")
     try:
         store = GradientStore.create_or_open(path, n_rows, d, spec, fingerprint, dtype=dtype,
-                                             chunk_rows=chunk_rows, metadata=metadata)
+                                             chunk_rows=chunk_rows, metadata=metadata, extra=extra)
     except ValueError as e:
         raise StoreMismatchError(f"store: the feature store at {str(path)!r} holds other rows than this fit "
                                  f"needs and cannot be reused (use another store path or delete it): {e}") from e
+    late = row_option_mismatches(store.extra.get("attribution", {}).get("row_options"), rows)
+    if late:  # another process created the store between our check and create_or_open
+        store.close()
+        raise StoreMismatchError(f"store: the feature store at {str(path)!r} holds other rows than this fit needs "
+                                 f"and cannot be reused: {'; '.join(late)}")
     if store.completed_chunks():  # reopened: never build on corrupt rows (CorruptChunkError names them)
         store.verify()
     if rank is None:

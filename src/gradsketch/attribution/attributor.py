@@ -55,51 +55,12 @@ TRAK features are loss gradients and q = 1 (a generic choice that works for any 
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import Tensor, nn
-
+from ..model.losses import classification_margin
 from .base import MODES, Attributor, Component, TopK, apply_kernel, quad_kernel, register_method, registered_methods
 from .methods import TRAK, ArnoldiInfluence, GradCos, GradDot, Influence, TracIn
 
 #: the built-in method names (``registered_methods()`` also lists methods added with ``register_method``)
 METHODS = ("grad-dot", "grad-cos", "tracin", "trak", "arnoldi", "influence")
-
-
-def classification_margin(input_key: Any = 0, target_key: Any = 1):
-    """TRAK's output function for a classifier: ``f = z_y − logsumexp_{j≠y} z_j = log p_y/(1 − p_y)``
-    with logits ``z = model(batch[input_key])`` and labels ``y = batch[target_key]``; returns
-    ``margin_fn(model, batch) -> [B]``.
-
-    Dict batches (Hugging Face style) work too: with the default keys the labels are ``batch["labels"]`` and
-    every other entry is passed to the model as a keyword argument; a named ``input_key`` is passed
-    positionally. Model outputs may be logits ``[B, C]`` or carry them as ``.logits`` / ``["logits"]``.
-
-    >>> m = torch.nn.Linear(2, 3, bias=False); _ = m.weight.data.copy_(torch.eye(3, 2))
-    >>> classification_margin()(m, (torch.tensor([[2.0, 0.0]]), torch.tensor([0]))).detach().round(decimals=4)
-    tensor([1.3069])
-    """
-    from collections.abc import Mapping
-
-    def margin_fn(model: nn.Module, batch: Any) -> Tensor:
-        if isinstance(batch, Mapping):
-            tkey = "labels" if target_key == 1 else target_key
-            if tkey not in batch:
-                raise ValueError(f"batch: expected the labels under {tkey!r} (target_key), got keys {sorted(batch)}")
-            y = batch[tkey].long()
-            out = (model(**{k: v for k, v in batch.items() if k != tkey}) if input_key == 0
-                   else model(batch[input_key]))
-        else:
-            out = model(batch[input_key])
-            y = batch[target_key].long()
-        z = out.logits if hasattr(out, "logits") else (out["logits"] if isinstance(out, Mapping) else out)
-        zy = z.gather(1, y[:, None])[:, 0]
-        hit = torch.zeros_like(z).scatter(1, y[:, None], 1.0) > 0
-        others = torch.where(hit, torch.full_like(z, float("-inf")), z)
-        return zy - torch.logsumexp(others, dim=1)
-
-    return margin_fn
 
 
 __all__ = ["Attributor", "TopK", "METHODS", "MODES", "classification_margin", "GradDot", "GradCos", "TracIn",

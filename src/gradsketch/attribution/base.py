@@ -101,6 +101,29 @@ def method_class(name: str) -> type[Attributor]:
     return _REGISTRY[check_choice(name, "method", registered_methods())]
 
 
+def describe_callable(fn: Any) -> str | None:
+    """A stable name for a function (for manifests): ``module.qualname``, the simple values it closes over,
+    and a short hash of its bytecode (two lambdas of one module differ); ``None`` for ``None``.
+
+    >>> describe_callable(len)
+    'builtins.len'
+    """
+    if fn is None:
+        return None
+    import hashlib
+
+    name = f"{getattr(fn, '__module__', None) or type(fn).__module__}." \
+           f"{getattr(fn, '__qualname__', None) or type(fn).__qualname__}"
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return name
+    cells = zip(code.co_freevars, getattr(fn, "__closure__", None) or ())
+    simple = [f"{n}={c.cell_contents!r}" for n, c in cells
+              if isinstance(getattr(c, "cell_contents", None), str | int | float | bool | type(None))]
+    digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:12]
+    return f"{name}({', '.join(simple)})#{digest}"
+
+
 class TopK(NamedTuple):
     """Result of :meth:`Attributor.topk`: the k proponents (largest scores, descending) and the k
     opponents (smallest scores, ascending) of each test example; all ``[n_test, k]``."""
@@ -300,6 +323,12 @@ class Attributor:
     def after_fit(self) -> None:
         """Called once every component is finalised (e.g. TRAK averages q over the ensemble)."""
 
+    def row_options(self) -> dict[str, Any]:
+        """The options that change what the stored rows are, beyond the store's identity (feature kind,
+        sketch, mode, model, size, dtype): recorded in a new store's manifest and compared when a store is
+        reused (default: ``nan_policy``, which decides whether non-finite examples became zero rows)."""
+        return {"nan_policy": self.nan_policy}
+
     def test_rows(self, comp: Component, phi: Tensor) -> Tensor:
         """The test feature rows as they enter the kernel (default: unchanged)."""
         return phi
@@ -378,7 +407,7 @@ class Attributor:
                              f"architecture and parameter names): {e}") from e
         named = dict(model.named_parameters())
         self.task = Task(model, base.loss_fn, params=[named[n] for n in base.param_names],
-                         output_fn=base.output_fn, loss_on_output=base.loss_on_output,
+                         output_fn=base.output_fn, loss_on_output=base.loss_on_output, margin_fn=base.margin_fn,
                          per_example=base.per_example, randomness=base.randomness, nan_policy=base.nan_policy,
                          validate=base.validate)
         try:
@@ -402,11 +431,14 @@ class Attributor:
         # output (loss, TRAK margin, Arnoldi projection), the sketch, the mode, the model state (fingerprint),
         # the checkpoint index and (checked by the store) the row count; methods with equal rows share it
         spec = {"sketch": sketch_spec(comp.sketch), "features": self.feature_kind(), "mode": mode}
+        # how the rows were made, in the manifest: all options (a record) and the row-relevant ones (compared)
+        extra = {"attribution": {"method": self.method, "options": self.config_.to_dict(),
+                                 "row_options": self.row_options()}}
         return featurise_store(comp.task, data, comp.sketch, path=self.store / f"features_{comp.index}",
                                spec=spec, fingerprint=fingerprint_model(self.task.model),
                                dtype=self._opt("store_dtype", "float16"), chunk_rows=self._opt("chunk_rows", None),
                                metadata={"checkpoint": comp.index}, desc=f"featurise train [{tag}]", rank=rank,
-                               world_size=world_size, **kw)
+                               world_size=world_size, extra=extra, **kw)
 
     def _blocks(self, comp: Component, block_rows: int, dtype: torch.dtype):
         """Yields ``(r0, r1, [r1 - r0, d])`` consecutive training feature blocks of one component."""
@@ -673,5 +705,5 @@ class Attributor:
         return s + (f", n_train={self.n_train_}, d={self.d_})" if self._fitted else ")")
 
 
-__all__ = ["Attributor", "Component", "TopK", "MODES", "register_method", "unregister_method",
+__all__ = ["Attributor", "Component", "TopK", "MODES", "describe_callable", "register_method", "unregister_method",
            "registered_methods", "method_class", "apply_kernel", "quad_kernel"]

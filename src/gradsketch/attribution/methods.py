@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..linalg import EigenOperator, LinearOperator, dense_inverse, gram, inverse, ridge_inverse
 from ._features import ProjectionSketch, sketch_spec
-from .base import Attributor, Component, register_method
+from .base import Attributor, Component, describe_callable, register_method
 from .options import ArnoldiOptions, GradDotOptions, InfluenceOptions, TracInOptions, TRAKOptions
 
 
@@ -89,8 +89,10 @@ class TracIn(Attributor):
 class TRAK(Attributor):
     """TRAK (Park et al. 2023): ``φ(x)ᵀ(ΦᵀΦ + λI)⁻¹φ(z) · q̄(z)`` averaged over the ensemble.
 
-    With ``margin_fn`` the features are gradients of the output function f and q = 1 − σ(f); without it,
-    loss gradients and q = 1. λ = ``ridge`` · tr(ΦᵀΦ)/min(n_train, d) (see :mod:`.attributor`).
+    With an output function f (declared on the Task, ``Task(..., margin_fn=classification_margin())``, or
+    passed as the ``margin_fn`` option, which overrides the Task's) the features are gradients of f and
+    q = 1 − σ(f); without one, loss gradients and q = 1. λ = ``ridge`` · tr(ΦᵀΦ)/min(n_train, d) (see
+    :mod:`.attributor`).
     After ``fit``: ``ridge_`` (absolute λ of the last model), ``ridges_`` (all of them).
 
     >>> import gradsketch
@@ -109,10 +111,18 @@ class TRAK(Attributor):
         self.ridges_: list[float] = []
 
     def _margin_fn(self) -> Any:
-        return self._opt("margin_fn")
+        """The output function: the ``margin_fn`` option, else the Task's declared ``margin_fn``."""
+        fn = self._opt("margin_fn")
+        return fn if fn is not None else getattr(self.task, "margin_fn", None)
 
     def feature_kind(self) -> str:
         return "output-gradient" if self._margin_fn() is not None else "loss-gradient"
+
+    def row_options(self) -> dict[str, Any]:
+        out = super().row_options()
+        if self._margin_fn() is not None:  # which output function was differentiated
+            out["margin_fn"] = describe_callable(self._margin_fn())
+        return out
 
     def feature_task(self) -> Any:
         fn = self._margin_fn()

@@ -43,10 +43,17 @@ class CommonOptions:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-friendly values (callables and data are described, not serialised)."""
-        out = {}
+        out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v if v is None or isinstance(v, bool | int | float | str) else describe(v)
+            if v is None or isinstance(v, bool | int | float | str):
+                out[f.name] = v
+            elif callable(v) and hasattr(v, "__qualname__"):
+                out[f.name] = f"{getattr(v, '__module__', '?')}.{v.__qualname__}"
+            elif isinstance(v, list | tuple):
+                out[f.name] = f"{type(v).__name__} of {len(v)}"
+            else:
+                out[f.name] = type(v).__name__
         return out
 
 

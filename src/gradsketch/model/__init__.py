@@ -9,6 +9,7 @@ from ..sketch import FactoredSketch
 from .losses import (
     causal_lm_loss,
     causal_lm_per_example,
+    classification_margin,
     classifier_loss,
     cross_entropy_per_example,
     mse_per_example,
@@ -22,5 +23,6 @@ __all__ = [
     "mse_per_example",
     "causal_lm_per_example",
     "classifier_loss",
+    "classification_margin",
     "causal_lm_loss",
 ]

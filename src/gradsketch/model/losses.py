@@ -7,12 +7,16 @@ and the target t+1 are real tokens, so left or right padding an example inside a
 loss nor its gradient (provided the model itself ignores the padding: attention mask, and position ids
 counted over the real tokens for left padding).
 
-``*_loss`` builders return ``loss_fn(model, batch) -> [B]`` callables ready for :class:`gradsketch.Task`.
+``reduction`` ("mean", the default everywhere, or "sum") combines an example's own elements: the tokens of a
+sequence, the entries of a regression output.
+
+``*_loss`` builders return ``loss_fn(model, batch) -> [B]`` callables ready for :class:`gradsketch.Task`;
+:func:`classification_margin` returns TRAK's output function for ``Task(..., margin_fn=...)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -64,8 +68,17 @@ def cross_entropy_per_example(logits: Tensor, targets: Tensor, *, mask: Tensor |
     return _reduce_tokens(tok, valid, reduction)
 
 
-def mse_per_example(outputs: Tensor, targets: Tensor, *, reduction: str = "sum") -> Tensor:
-    """Squared error per example: ``[B, ...]`` -> ``[B]``, ℓ_i = Σ_j (o_ij − t_ij)² (or the mean over j)."""
+def mse_per_example(outputs: Tensor, targets: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Squared error per example: ``[B, ...]`` -> ``[B]``, ℓ_i = mean_j (o_ij − t_ij)² (``reduction="sum"``: Σ_j).
+
+    ``reduction`` means the same in every helper here: how an example's own elements (output entries,
+    tokens) are combined, default ``"mean"`` (before, this helper summed while the cross-entropy averaged).
+
+    >>> mse_per_example(torch.tensor([[1.0, 3.0]]), torch.zeros(1, 2))
+    tensor([5.])
+    >>> mse_per_example(torch.tensor([[1.0, 3.0]]), torch.zeros(1, 2), reduction="sum")
+    tensor([10.])
+    """
     _check_reduction(reduction)
     if outputs.shape != targets.shape:
         raise ValueError(f"targets: expected shape {tuple(outputs.shape)}, got {tuple(targets.shape)}")
@@ -137,3 +150,36 @@ def causal_lm_loss(reduction: str = "mean") -> Callable[[torch.nn.Module, Any], 
         return causal_lm_per_example(logits, ids, mask, reduction=reduction)
 
     return loss_fn
+
+
+def classification_margin(input_key: Any = 0, target_key: Any = 1) -> Callable[[torch.nn.Module, Any], Tensor]:
+    """TRAK's output function for a classifier: ``f = z_y − logsumexp_{j≠y} z_j = log p_y/(1 − p_y)``
+    with logits ``z = model(batch[input_key])`` and labels ``y = batch[target_key]``; returns
+    ``margin_fn(model, batch) -> [B]``.
+
+    Dict batches (Hugging Face style) work too: with the default keys the labels are ``batch["labels"]`` and
+    every other entry is passed to the model as a keyword argument; a named ``input_key`` is passed
+    positionally. Model outputs may be logits ``[B, C]`` or carry them as ``.logits`` / ``["logits"]``.
+
+    >>> m = torch.nn.Linear(2, 3, bias=False); _ = m.weight.data.copy_(torch.eye(3, 2))
+    >>> classification_margin()(m, (torch.tensor([[2.0, 0.0]]), torch.tensor([0]))).detach().round(decimals=4)
+    tensor([1.3069])
+    """
+    def margin_fn(model: torch.nn.Module, batch: Any) -> Tensor:
+        if isinstance(batch, Mapping):
+            tkey = "labels" if target_key == 1 else target_key
+            if tkey not in batch:
+                raise ValueError(f"batch: expected the labels under {tkey!r} (target_key), got keys {sorted(batch)}")
+            y = batch[tkey].long()
+            out = (model(**{k: v for k, v in batch.items() if k != tkey}) if input_key == 0
+                   else model(batch[input_key]))
+        else:
+            out = model(batch[input_key])
+            y = batch[target_key].long()
+        z = out.logits if hasattr(out, "logits") else (out["logits"] if isinstance(out, Mapping) else out)
+        zy = z.gather(1, y[:, None])[:, 0]
+        hit = torch.zeros_like(z).scatter(1, y[:, None], 1.0) > 0
+        others = torch.where(hit, torch.full_like(z, float("-inf")), z)
+        return zy - torch.logsumexp(others, dim=1)
+
+    return margin_fn

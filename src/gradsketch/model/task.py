@@ -83,6 +83,11 @@ class Task:
     output_fn, loss_on_output : callables, optional
         ``output_fn(model, batch) -> [B, ...]`` (e.g. logits) and ``loss_on_output(outputs, batch) -> [B]``;
         needed by :meth:`ggn` (J^T H_L J). See :meth:`from_classifier`.
+    margin_fn : callable ``(model, batch) -> Tensor [B]``, optional
+        TRAK's output function f (one scalar per example, e.g. :func:`gradsketch.losses.classification_margin`:
+        the correct-class margin log p/(1 − p)): TRAK featurises ∇f and weights training examples by
+        1 − σ(f) (Park et al. 2023; as kronfluence/trak tasks declare their measurement). ``None``: TRAK
+        uses loss gradients. ``Attributor(..., margin_fn=...)`` overrides it for one fit.
     per_example : ``"auto"`` | ``"vmap"`` | ``"loop"``
         How exact per-example gradients are computed. ``"vmap"``: ``vmap(grad)``; ``"loop"``: one backward
         pass per example (slow; works for any model); ``"auto"``: vmap, falling back to the loop (with a
@@ -108,6 +113,7 @@ class Task:
                  params: None | Sequence[str | nn.Module | nn.Parameter] = None, *,
                  output_fn: Callable[[nn.Module, Any], Tensor] | None = None,
                  loss_on_output: Callable[[Tensor, Any], Tensor] | None = None,
+                 margin_fn: Callable[[nn.Module, Any], Tensor] | None = None,
                  per_example: str = "auto", randomness: str = "different", nan_policy: str = "raise",
                  validate: bool = True) -> None:
         if not isinstance(model, nn.Module):
@@ -122,6 +128,9 @@ class Task:
         if not callable(loss_fn):
             raise TypeError("loss_fn: expected a callable (model, batch) -> [B], got "
                             f"{type(loss_fn).__name__}")
+        if margin_fn is not None and not callable(margin_fn):
+            raise TypeError(f"margin_fn: expected a callable (model, batch) -> [B] or None, got "
+                            f"{type(margin_fn).__name__}")
         for name, val, allowed in (("per_example", per_example, PER_EXAMPLE),
                                    ("randomness", randomness, ("different", "same")),
                                    ("nan_policy", nan_policy, NAN_POLICIES)):
@@ -131,6 +140,7 @@ class Task:
         self.loss_fn = loss_fn
         self.output_fn = output_fn
         self.loss_on_output = loss_on_output
+        self.margin_fn = margin_fn
         self.per_example = per_example
         self.randomness = randomness
         self.nan_policy = nan_policy
@@ -150,7 +160,8 @@ class Task:
                         target_key: Any = 1, params: Any = None, **kwargs: Any) -> Task:
         """A task for ``outputs = model(batch[input_key])`` and ``targets = batch[target_key]`` with
         cross-entropy (``loss="cross_entropy"``, outputs are logits [B, C]) or squared error (``"mse"``,
-        Σ_j (o_j − t_j)²). Sets ``output_fn``/``loss_on_output`` so that :meth:`ggn` works."""
+        mean_j (o_j − t_j)², :func:`gradsketch.losses.mse_per_example`). Sets ``output_fn``/``loss_on_output``
+        so that :meth:`ggn` works; ``margin_fn=`` (TRAK's output function) passes through ``kwargs``."""
         from .losses import _get, cross_entropy_per_example, mse_per_example
 
         if loss not in ("cross_entropy", "mse"):

@@ -4,8 +4,10 @@ On-disk layout of a store directory ``path/``::
 
     manifest.json      static header, written once at creation and never rewritten: format, version,
                        n_rows, d, dtype, chunk_rows, n_chunks, checksum algorithm, sketch spec,
-                       fingerprint, metadata, and ``store_id`` = sha256 of all of these (so an edited
-                       field is detected, and markers can be bound to this store)
+                       fingerprint, metadata, ``extra`` (what the creator recorded about how the
+                       rows were made, e.g. attribution's options; never part of the identity check),
+                       and ``store_id`` = sha256 of all of these (so an edited field is detected, and
+                       markers can be bound to this store)
     data.npy           one .npy array [n_rows, d] (little-endian float16 or float32), preallocated
                        (sparse) at creation, read back through a memory map
     chunks/000123.json completion marker of chunk 123, bound to its store and data: store_id, chunk
@@ -208,12 +210,15 @@ class GradientStore:
         dtype="float16",
         chunk_rows: int | None = None,
         metadata: Mapping | None = None,
+        extra: Mapping | None = None,
     ) -> GradientStore:
         """Create the store at ``path``, or reopen it for writing if it already exists.
 
         An existing store must agree on ``n_rows``, ``d``, ``spec``, ``fingerprint``, ``dtype``,
         ``chunk_rows`` (when given) and ``metadata`` (when given); otherwise ValueError naming what
         differs (expected = given here, found = on disk). ``chunk_rows=None`` picks ~16 MiB chunks.
+        ``extra`` (a JSON-serialisable dict) is written into the manifest when the store is created and is
+        never compared (read it back as :attr:`extra`; the creator's record wins when several race).
         Safe to call concurrently from several processes on the same fresh ``path``.
         """
         n_rows = _positive_int(n_rows, "n_rows")
@@ -227,6 +232,9 @@ class GradientStore:
         if chunk_rows is not None:
             chunk_rows = _positive_int(chunk_rows, "chunk_rows")
         meta = None if metadata is None else _jsonable_metadata(metadata)
+        if extra is not None and not isinstance(extra, Mapping):
+            raise TypeError(f"extra: expected a JSON-serialisable dict or None, got {type(extra).__name__}")
+        extra = None if extra is None else _normalize_json(dict(extra), "extra")
         path = Path(path)
 
         if not (path / MANIFEST).exists():
@@ -247,6 +255,8 @@ class GradientStore:
                 "fingerprint": fingerprint,
                 "metadata": meta or {},
             }
+            if extra:
+                header["extra"] = extra
             header["store_id"] = store_id(header)
             cls._create(path, header)  # loses gracefully to a concurrent creator
 
@@ -492,6 +502,11 @@ class GradientStore:
     @property
     def metadata(self) -> dict:
         return json.loads(json.dumps(self._header.get("metadata", {})))
+
+    @property
+    def extra(self) -> dict:
+        """The creator's record of how the rows were made (``{}`` if none); not part of the identity."""
+        return json.loads(json.dumps(self._header.get("extra", {})))
 
     @property
     def writable(self) -> bool:
