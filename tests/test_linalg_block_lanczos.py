@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_model_common import digits
+from _helpers import digits
 
 from gradsketch.curvature import subsample_data
 from gradsketch.linalg import MatrixOperator, block_lanczos_eigs

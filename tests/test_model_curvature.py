@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_common import batches, digits, gpt2, token_batch
+from _helpers import batches, digits, gpt2, token_batch
 
 from gradsketch.curvature import sketched
 from gradsketch.linalg import LinearOperator

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model_common import batches, digits, mlp
+from _helpers import batches, digits, mlp
 
 from gradsketch.model import Task, classifier_loss
 from gradsketch.sketch import sketch

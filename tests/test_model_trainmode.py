@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model_common import digits, gpt2, loop_grads
+from _helpers import digits, gpt2, loop_grads
 from torch import nn
 from torch.func import functional_call
 

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_spectrum_common import exact_eigh, exact_matrix, tiny_data, tiny_model, tiny_task
+from _helpers import exact_eigh, exact_matrix, tiny_data, tiny_model, tiny_task
 
 from gradsketch.linalg import MatrixOperator
 from gradsketch.model import Task

@@ -69,7 +69,7 @@ class Layout:
         selected modules (BatchNorm running mean/var), which CMD can model or keep (see ``cmd(bn=...)``).
         """
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, received {type(model).__name__}")
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         named = dict(model.named_parameters())
         if params is None:
             chosen = [n for n, p in named.items() if p.requires_grad]
@@ -78,7 +78,7 @@ class Layout:
         else:
             wanted = list(params)
             if isinstance(params, str):
-                raise TypeError("params: expected an iterable of parameter names or a predicate, received a str")
+                raise TypeError("params: expected an iterable of parameter names or a predicate, got a str")
             unknown = [n for n in wanted if n not in named]
             if unknown:
                 raise ValueError(f"params: unknown parameter name(s) {unknown[:5]}; the model has "
@@ -162,7 +162,7 @@ class Layout:
         that model's dtype and device."""
         v = torch.as_tensor(vector)
         if v.dim() != 1 or v.numel() != self.n:
-            raise ValueError(f"vector: expected shape [{self.n}], received {tuple(v.shape)}")
+            raise ValueError(f"vector: expected shape [{self.n}], got {tuple(v.shape)}")
         ref = self.check_model(like) if like is not None else None
         out = {}
         for e in self.entries:

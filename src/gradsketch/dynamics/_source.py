@@ -29,12 +29,12 @@ class Source:
                 arr = data
             else:
                 raise TypeError("trajectory: expected a Trajectory, a torch.Tensor or a numpy array [N, E], "
-                                f"received {type(data).__name__}")
+                                f"got {type(data).__name__}")
             if arr.ndim != 2:
-                raise ValueError(f"trajectory: expected a 2-D [N weights, E snapshots] array, received shape "
+                raise ValueError(f"trajectory: expected a 2-D [N weights, E snapshots] array, got shape "
                                  f"{tuple(arr.shape)}")
             if not np.issubdtype(arr.dtype, np.floating):
-                raise TypeError(f"trajectory: expected a floating-point array, received dtype {arr.dtype}")
+                raise TypeError(f"trajectory: expected a floating-point array, got dtype {arr.dtype}")
             self.traj = None
             self.mem = arr
             self.n, self.e = arr.shape

@@ -59,12 +59,12 @@ class EmbeddedCMD:
                  n_modes: int = 10, warmup: int = 20, every: int = 5, percent: float = 10.0, *,
                  n_samples: int = 1000, sampling: str = "layer", seed: int = 0):
         if not callable(make_optimizer):
-            raise TypeError(f"make_optimizer: expected a callable params -> Optimizer, received "
+            raise TypeError(f"make_optimizer: expected a callable params -> Optimizer, got "
                             f"{type(make_optimizer).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every: expected a positive int (epochs between embeddings), received {every!r}")
+            raise ValueError(f"every: expected a positive int (epochs between embeddings), got {every!r}")
         if not (isinstance(percent, (int, float)) and 0 < percent <= 100):
-            raise ValueError(f"percent: expected a number in (0, 100], received {percent!r}")
+            raise ValueError(f"percent: expected a number in (0, 100], got {percent!r}")
         self.module = copy.deepcopy(model)
         self.layout = Layout.from_model(self.module, buffers=False)
         self.online = OnlineCMD(self.module, n_modes=n_modes, warmup=warmup, n_samples=n_samples,

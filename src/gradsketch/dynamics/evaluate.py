@@ -42,7 +42,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     0.5
     """
     if len(x) != len(y):
-        raise ValueError(f"y: expected {len(x)} labels to match x, received {len(y)}")
+        raise ValueError(f"y: expected {len(x)} labels to match x, got {len(y)}")
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -76,11 +76,11 @@ def evaluate_snapshots(model: nn.Module, source, metric: Callable[[nn.Module], f
     elif isinstance(source, (torch.Tensor, np.ndarray)):
         arr = torch.as_tensor(source)
         if arr.dim() != 2:
-            raise ValueError(f"source: expected [N, E], received shape {tuple(arr.shape)}")
+            raise ValueError(f"source: expected [N, E], got shape {tuple(arr.shape)}")
         e, lay = arr.shape[1], layout
         get = lambda t: arr[:, t]  # noqa: E731
     else:
-        raise TypeError(f"source: expected a CMDResult, Trajectory or [N, E] tensor, received {type(source).__name__}")
+        raise TypeError(f"source: expected a CMDResult, Trajectory or [N, E] tensor, got {type(source).__name__}")
     if lay is None:
         raise ValueError("layout: needed for an in-memory source; pass layout=Layout.from_model(model)")
     idx = range(e) if snapshots is None else snapshots

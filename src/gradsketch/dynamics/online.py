@@ -49,7 +49,7 @@ class OnlineCMD:
                  sampling: str = "layer", seed: int = 0, bn: str = "model",
                  params: Iterable[str] | Callable[[str], bool] | None = None, buffers: bool = True):
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 3:
-            raise ValueError(f"warmup: expected an int >= 3 (correlations need 3 snapshots), received {warmup!r}")
+            raise ValueError(f"warmup: expected an int >= 3 (correlations need 3 snapshots), got {warmup!r}")
         self.layout = Layout.from_model(model, params=params, buffers=buffers)
         self.warmup = warmup
         self.cmd_kwargs: dict[str, Any] = {"n_modes": n_modes, "n_samples": n_samples, "sampling": sampling,
@@ -72,7 +72,7 @@ class OnlineCMD:
         """Add a snapshot given as a flat vector ``[N]`` (layout order)."""
         w = np.asarray(w, dtype=np.float64)
         if w.shape != (self.layout.n,):
-            raise ValueError(f"w: expected shape [{self.layout.n}], received {tuple(w.shape)}")
+            raise ValueError(f"w: expected shape [{self.layout.n}], got {tuple(w.shape)}")
         if not np.isfinite(w).all():
             raise ValueError("w: non-finite weights; online CMD would propagate them")
         self.count += 1

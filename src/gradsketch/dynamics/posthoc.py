@@ -71,7 +71,7 @@ class CMDResult:
         """CMD weights ``[N]`` for reference values ``r [M]``: ``a ⊙ r[modes] + b`` (kept weights read 0 here)."""
         r = np.asarray(r, dtype=np.float64)
         if r.shape != (self.n_modes,):
-            raise ValueError(f"r: expected shape [{self.n_modes}], received {tuple(r.shape)}")
+            raise ValueError(f"r: expected shape [{self.n_modes}], got {tuple(r.shape)}")
         idx = np.maximum(self.modes, 0)
         w = (self.a * r[idx].astype(self.a.dtype)) + self.b
         return torch.from_numpy(w)
@@ -93,7 +93,7 @@ class CMDResult:
             out = torch.stack([self.reconstruct(k) for k in range(e)], dim=1)
             return out
         if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-            raise TypeError(f"t: expected an int snapshot index or None, received {type(t).__name__}")
+            raise TypeError(f"t: expected an int snapshot index or None, got {type(t).__name__}")
         if not -e <= t < e:
             raise IndexError(f"t: snapshot {t} out of range for {e} snapshots")
         t = int(t) % e
@@ -105,7 +105,7 @@ class CMDResult:
 
 def _check_int(value, name: str, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, received {value!r}")
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
     return int(value)
 
 
@@ -196,20 +196,20 @@ def cmd(trajectory, n_modes: int = 10, *, n_samples: int = 1000, sampling: str =
     ([0, 0, 1, 1, -1], [1.0, 3.0, 1.0, -2.0, 0.0])
     """
     if bn not in ("model", "keep"):
-        raise ValueError(f"bn: expected 'model' or 'keep', received {bn!r}")
+        raise ValueError(f"bn: expected 'model' or 'keep', got {bn!r}")
     if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling: expected one of {SAMPLINGS}, received {sampling!r}")
+        raise ValueError(f"sampling: expected one of {SAMPLINGS}, got {sampling!r}")
     m = _check_int(n_modes, "n_modes")
     k = _check_int(n_samples, "n_samples")
     block = _check_int(block, "block")
     start = _check_int(start, "start", low=0)
     if m > k:
-        raise ValueError(f"n_modes: expected at most n_samples={k} modes, received {m}")
+        raise ValueError(f"n_modes: expected at most n_samples={k} modes, got {m}")
     src = Source(trajectory, layers=layers, layout=layout)
     e = src.e - start
     if e < 3:
         raise ValueError(f"trajectory: expected at least 3 snapshots (after start={start}) for correlations, "
-                         f"received {e}")
+                         f"got {e}")
     n = src.n
     kept = np.zeros(n, dtype=bool)
     if bn == "keep":

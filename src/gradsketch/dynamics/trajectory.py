@@ -112,7 +112,7 @@ class Trajectory:
 
 def _snapshot_index(t, e: int) -> int:
     if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-        raise TypeError(f"t: expected an int snapshot index, received {type(t).__name__}")
+        raise TypeError(f"t: expected an int snapshot index, got {type(t).__name__}")
     t = int(t)
     if not -e <= t < e:
         raise IndexError(f"t: snapshot {t} out of range for {e} snapshots")
@@ -137,10 +137,10 @@ class TrajectoryRecorder:
                  params: Iterable[str] | Callable[[str], bool] | None = None, buffers: bool = True,
                  verify: bool = False):
         if unit not in ("epoch", "step"):
-            raise ValueError(f"unit: expected 'epoch' or 'step', received {unit!r}")
+            raise ValueError(f"unit: expected 'epoch' or 'step', got {unit!r}")
         for name, v in (("n_snapshots", n_snapshots), ("every", every)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, received {v!r}")
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
         self.layout = Layout.from_model(model, params=params, buffers=buffers)
         self.unit, self.every, self.verify = unit, int(every), bool(verify)
         self.path = Path(path)
