@@ -5,8 +5,9 @@ K-FAC/EK-FAC (:class:`KFACOperator`, built from the per-example hooks of ``gradi
 Imports Task; never imported by it (Task's conveniences call in lazily).
 """
 
+from .distributed import BatchShard, sharded
 from .kfac import KFACOperator
 from .operators import CurvatureOperator, FisherOperator, GGNOperator, HessianOperator, sketched, subsample_data
 
-__all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "FisherOperator", "sketched", "subsample_data",
+__all__ = ["sharded", "BatchShard", "CurvatureOperator", "HessianOperator", "GGNOperator", "FisherOperator", "sketched", "subsample_data",
            "KFACOperator"]

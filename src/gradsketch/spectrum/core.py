@@ -81,8 +81,13 @@ def curvature_operator(task: Any, data: Any = None, operator: str = "hessian", m
         operator: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
         mode: ``"full"`` (exact mean over all of ``data``), ``"batch"`` (first batch), ``"stochastic"``.
         sketch: ``None`` or a sketch / BlockSketch with ``n = N``.
+
+    Under ``torch.distributed`` (an initialised process group, e.g. ``torchrun``) every rank passes the same
+    ``data`` and computes on its contiguous shard of the batches; each product is all-reduced
+    (:func:`gradsketch.curvature.sharded`), so every Krylov method sees the dataset-level operator.
     """
-    from ..curvature import sketched
+    from ..curvature import sharded, sketched
+    from ..linalg.distributed import check_same, is_distributed
 
     if isinstance(task, LinearOperator):
         op = task
@@ -93,7 +98,14 @@ def curvature_operator(task: Any, data: Any = None, operator: str = "hessian", m
         mode = _choice(mode, "mode", MODES)
         if data is None:
             raise ValueError("data: expected an iterable of batches for a Task, got None")
-        op = getattr(task, operator)(data, mode=mode, damping=damping, progress=False)
+        if is_distributed():  # under torchrun: this rank's shard of the batches, all-reduced per product
+            if mode != "full":
+                raise ValueError(f"mode: expected 'full' under torch.distributed (every rank must apply the "
+                                 f"same operator), got {mode!r}")
+            check_same(sketch_spec(sketch), "sketch (its spec)")
+            op = sharded(operator, task, data, damping=damping)
+        else:
+            op = getattr(task, operator)(data, mode=mode, damping=damping, progress=False)
     else:
         raise TypeError("task: expected a gradsketch.Task or a gradsketch.linalg.LinearOperator, got "
                         f"{type(task).__name__}")

@@ -1,0 +1,213 @@
+"""``torch.distributed`` building blocks: data shards, an all-reduced operator, a top-k merge, a consistency check.
+
+Every function here does the one-process thing when no process group is initialised (rank 0 of 1), so a
+caller can use them unconditionally; under ``torchrun`` (gloo on the CPU, NCCL on GPUs) they do the
+distributed thing with collectives of ``torch.distributed``, never a scheduler of our own.
+
+* :func:`rank_and_world` reads the process group; :func:`shard_range` cuts ``n`` examples into contiguous
+  shards without the padding duplicates of ``DistributedSampler`` (sizes differ by at most one).
+* :class:`AllReduceOperator` is ``Σ_r w_r A_r``: each rank holds the operator of its own shard (for a mean
+  loss, the Hessian of its shard with weight ``n_r / n``) and every product is one ``all_reduce``, so
+  Lanczos, Arnoldi, SLQ and Hutchinson run unchanged with the same Krylov basis on every rank.
+* :func:`merge_topk` merges per-rank top-k lists (global indices) into the global top-k with one
+  ``all_gather``; no rank ever holds a score matrix wider than its own shard.
+* :func:`check_same` fails on every rank with one message when ranks disagree on a setting (a sketch seed, a
+  data length), instead of a hang or a silent mix.
+
+>>> rank_and_world()
+(0, 1)
+>>> [shard_range(10, r, 3) for r in range(3)]
+[(0, 4), (4, 7), (7, 10)]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._validation import check_int, describe
+from .operator import LinearOperator
+
+__all__ = ["rank_and_world", "shard_range", "shard_weight", "AllReduceOperator", "merge_topk", "check_same",
+           "is_distributed"]
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def is_distributed(group: Any = None) -> bool:
+    """Whether a ``torch.distributed`` process group is initialised (then ``group`` or the default one is used).
+
+    >>> is_distributed()
+    False
+    """
+    dist = _dist()
+    return bool(dist.is_available() and dist.is_initialized())
+
+
+def rank_and_world(group: Any = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process in ``group`` (the default group when ``None``); ``(0, 1)``
+    without an initialised process group."""
+    if not is_distributed():
+        return 0, 1
+    dist = _dist()
+    return int(dist.get_rank(group)), int(dist.get_world_size(group))
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous examples ``[start, stop)`` of shard ``rank`` of ``world`` over ``n`` examples.
+
+    Shards cover ``0..n`` exactly once (no padding duplicates, unlike ``DistributedSampler``); the first
+    ``n mod world`` shards hold one example more. A shard may be empty when ``n < world``.
+
+    >>> shard_range(5, 4, 6), shard_range(5, 5, 6)
+    ((4, 5), (5, 5))
+    """
+    n = check_int(n, "n", minimum=0)
+    world = check_int(world, "world", minimum=1)
+    rank = check_int(rank, "rank", minimum=0)
+    if rank >= world:
+        raise ValueError(f"rank: expected an integer in [0, {world}), got {rank}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def shard_weight(n: int, rank: int, world: int) -> float:
+    """``n_r / n``: the weight of shard ``rank``'s mean in the mean over all ``n`` examples.
+
+    >>> shard_weight(10, 0, 3), shard_weight(10, 2, 3)
+    (0.4, 0.3)
+    """
+    start, stop = shard_range(n, rank, world)
+    return (stop - start) / n if n else 0.0
+
+
+class AllReduceOperator(LinearOperator):
+    """``A = Σ_r w_r A_r`` over the ranks of ``group``, where this rank holds ``A_r`` (``local``) and ``w_r``.
+
+    Each product ``A @ V`` computes ``w_r A_r V`` here and sums it over ranks with one ``all_reduce``, so
+    every rank receives the same ``A V`` (the inputs ``V`` must agree across ranks, as they do in a Krylov
+    method started from the same seed). For a mean loss over ``n`` examples split into shards of ``n_r``,
+    the dataset Hessian is ``Σ_r (n_r/n) H_r`` with ``H_r`` the Hessian of shard ``r``'s mean loss
+    (:func:`shard_weight`). Without a process group it is ``w · local``.
+
+    Args:
+        local: this rank's operator ``[m, n]`` (same shape, dtype and device on every rank).
+        weight: this rank's weight ``w_r`` (a finite float; 0 for an empty shard, whose ``local`` is
+            then never applied).
+        group: the process group (default: the default group).
+
+    >>> from gradsketch.linalg import MatrixOperator
+    >>> A = AllReduceOperator(MatrixOperator(torch.eye(2, dtype=torch.float64)), 0.5)
+    >>> A @ torch.ones(2, dtype=torch.float64)
+    tensor([0.5000, 0.5000], dtype=torch.float64)
+    """
+
+    def __init__(self, local: LinearOperator, weight: float = 1.0, group: Any = None) -> None:
+        if not isinstance(local, LinearOperator):
+            raise TypeError(f"local: expected a LinearOperator, got {describe(local)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight != weight \
+                or weight in (float("inf"), float("-inf")):
+            raise ValueError(f"weight: expected a finite number, got {weight!r}")
+        super().__init__(local.shape, local.dtype, local.device, symmetric=local.symmetric)
+        self.local, self.weight, self.group = local, float(weight), group
+
+    def _reduce(self, Y: Tensor) -> Tensor:
+        if is_distributed():
+            _dist().all_reduce(Y, group=self.group)
+        return Y
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        if self.weight == 0.0:
+            Y = V.new_zeros(self.shape[0], V.shape[1])
+        else:
+            Y = (self.local @ V) * self.weight
+        return self._reduce(Y.contiguous())
+
+    def _rmatmat(self, W: Tensor) -> Tensor:
+        if self.weight == 0.0:
+            Y = W.new_zeros(self.shape[1], W.shape[1])
+        else:
+            Y = (self.local.T @ W) * self.weight
+        return self._reduce(Y.contiguous())
+
+
+def merge_topk(values: Tensor, indices: Tensor, k: int, largest: bool = True, group: Any = None
+               ) -> tuple[Tensor, Tensor]:
+    """The global top-``k`` of every row from each rank's local top lists, identical on every rank.
+
+    Each rank passes its best ``values [m, k_r]`` for ``m`` queries with their *global* column indices
+    ``indices [m, k_r]`` (``k_r ≤ k`` may differ between ranks, e.g. for a shard smaller than ``k``); one
+    ``all_gather`` brings all candidates together and the best ``k`` are kept. Ties are broken towards the
+    smaller index, as in a one-process sort of the full row, so the merge equals ``torch.topk`` of the
+    whole score matrix whenever that one has no ties. Memory: ``m × k × world`` numbers per rank.
+
+    Returns:
+        ``(values [m, k'], indices [m, k'])`` with ``k' = min(k, total candidates)``, best first.
+
+    >>> v, i = merge_topk(torch.tensor([[0.25, 0.75, 0.5]]), torch.tensor([[7, 3, 5]]), k=2)
+    >>> v.tolist(), i.tolist()
+    ([[0.75, 0.5]], [[3, 5]])
+    """
+    k = check_int(k, "k", minimum=1)
+    if values.shape != indices.shape or values.ndim != 2:
+        raise ValueError(f"values, indices: expected two [m, k_r] tensors of one shape, got "
+                         f"{tuple(values.shape)} and {tuple(indices.shape)}")
+    if not values.is_floating_point():
+        raise TypeError(f"values: expected a floating tensor, got {values.dtype}")
+    indices = indices.to(torch.int64)
+    if is_distributed():
+        dist = _dist()
+        world = rank_and_world(group)[1]
+        width = torch.tensor([values.shape[1], values.shape[0]], dtype=torch.int64, device=values.device)
+        widths = [torch.zeros_like(width) for _ in range(world)]
+        dist.all_gather(widths, width, group=group)
+        rows = {int(w[1]) for w in widths}
+        if len(rows) != 1:
+            raise ValueError(f"values: expected the same number of query rows on every rank, got "
+                             f"{[int(w[1]) for w in widths]} by rank")
+        kmax = max(int(w[0]) for w in widths)
+        fill = float("-inf") if largest else float("inf")
+        pad = kmax - values.shape[1]
+        v = torch.cat([values, values.new_full((values.shape[0], pad), fill)], 1)
+        i = torch.cat([indices, indices.new_full((indices.shape[0], pad), -1)], 1)
+        vs, is_ = [torch.empty_like(v) for _ in range(world)], [torch.empty_like(i) for _ in range(world)]
+        dist.all_gather(vs, v.contiguous(), group=group)
+        dist.all_gather(is_, i.contiguous(), group=group)
+        values, indices = torch.cat(vs, 1), torch.cat(is_, 1)
+        keep = indices >= 0
+    else:
+        keep = torch.ones_like(indices, dtype=torch.bool)
+    # order: by index ascending first, then a stable sort by value: ties keep the smaller index first
+    order = torch.argsort(torch.where(keep, indices, torch.iinfo(torch.int64).max), dim=1, stable=True)
+    values, indices, keep = values.gather(1, order), indices.gather(1, order), keep.gather(1, order)
+    order = torch.argsort(values, dim=1, descending=largest, stable=True)
+    values, indices, keep = values.gather(1, order), indices.gather(1, order), keep.gather(1, order)
+    n_keep = min(k, int(keep.sum(1).min()) if keep.numel() else 0)
+    return values[:, :n_keep], indices[:, :n_keep]
+
+
+def check_same(value: Any, name: str, group: Any = None) -> None:
+    """Raise the same ``ValueError`` on every rank when ranks disagree on ``value`` (compared by ``repr``).
+
+    Use it before collective work that would otherwise hang or silently mix results (a sketch seed, the
+    number of training examples, a model's parameter count). One ``all_gather_object``; without a process
+    group it does nothing.
+
+    >>> check_same(42, "seed")  # one process: nothing to compare
+    """
+    if not is_distributed():
+        return
+    dist = _dist()
+    world = rank_and_world(group)[1]
+    seen: list[Any] = [None] * world
+    dist.all_gather_object(seen, repr(value), group=group)
+    if len(set(seen)) > 1:
+        by_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(seen))
+        raise ValueError(f"{name}: expected the same value on every rank, got {by_rank}")

@@ -1,0 +1,160 @@
+"""torch.distributed building blocks (issue 15): sharded curvature, the all-reduced operator, the top-k merge
+and the cross-rank consistency check, run in two gloo processes and compared with one process (float64)."""
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import gradsketch
+from gradsketch import Task
+from gradsketch.curvature import BatchShard, sharded
+from gradsketch.linalg import MatrixOperator, lanczos
+from gradsketch.linalg.distributed import AllReduceOperator, check_same, merge_topk, shard_range, shard_weight
+
+D64 = torch.float64
+WORLD = 2
+
+
+def make_task():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5, dtype=D64), nn.Tanh(), nn.Linear(5, 3, dtype=D64))
+    return Task.from_classifier(model)
+
+
+def make_data(n_batches=5, sizes=(7, 6, 7, 5, 4)):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(s, 4, generator=g, dtype=D64), torch.randint(0, 3, (s,), generator=g))
+            for s in sizes[:n_batches]]
+
+
+def scores():
+    g = torch.Generator().manual_seed(3)
+    S = torch.randn(4, 23, generator=g, dtype=D64)
+    S[2, 5] = S[2, 17] = S[2].max() + 1.0  # a tie across the two shards: the smaller index wins
+    return S
+
+
+def _worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    task, data = make_task(), make_data()
+    out = {}
+    for kind in ("hessian", "ggn"):
+        op = sharded(kind, task, data, damping=0.01)
+        out[kind] = op.to_dense()
+    res = lanczos(sharded("hessian", task, data), k=3, which="LA", seed=0)
+    out["eig"] = res.eigenvalues
+    # the public API does the distributed thing by itself under a process group
+    out["spectrum"] = gradsketch.spectrum(task, data, k=4, which="BE", progress=False).eigenvalues
+    out["trace"] = torch.tensor(gradsketch.trace(task, data, n_matvecs=12, seed=0, progress=False).estimate, dtype=D64)
+    S = scores()
+    lo, hi = shard_range(S.shape[1], rank, WORLD)
+    v, i = torch.topk(S[:, lo:hi], k=min(6, hi - lo), dim=1)
+    out["top_v"], out["top_i"] = merge_topk(v, i + lo, k=6)
+    try:
+        check_same(1234 + rank, "seed")
+        out["check"] = "no error"
+    except ValueError as e:
+        out["check"] = str(e)
+    try:
+        sharded("hessian", task, data[:4] if rank else data)
+        out["len_check"] = "no error"
+    except ValueError as e:
+        out["len_check"] = str(e)
+    torch.save(out, f"{out_dir}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
+    return [torch.load(d / f"{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_sharded_curvature_equals_one_process(two_ranks):
+    task, data = make_task(), make_data()
+    for kind in ("hessian", "ggn"):
+        ref = sharded(kind, task, data, damping=0.01).to_dense()  # no process group here: the plain operator
+        for out in two_ranks:
+            assert torch.allclose(out[kind], ref, atol=1e-12, rtol=0)
+        assert torch.equal(two_ranks[0][kind], two_ranks[1][kind])  # every rank receives the same product
+    ref = torch.linalg.eigvalsh(sharded("hessian", task, data).to_dense()).flip(0)[:3]
+    for out in two_ranks:
+        assert torch.allclose(out["eig"], ref, atol=1e-9, rtol=0)
+    assert torch.equal(two_ranks[0]["eig"], two_ranks[1]["eig"])
+    one = gradsketch.spectrum(task, data, k=4, which="BE", progress=False).eigenvalues
+    tr = gradsketch.trace(task, data, n_matvecs=12, seed=0, progress=False).estimate
+    for out in two_ranks:
+        assert torch.allclose(out["spectrum"], one, atol=1e-9, rtol=0)
+        assert float(out["trace"]) == pytest.approx(tr, rel=1e-10, abs=1e-12)
+
+
+def test_topk_merge_equals_topk_of_the_whole_matrix(two_ranks):
+    S = scores()
+    v, i = torch.topk(S, k=6, dim=1)
+    i[2, :2] = torch.tensor([5, 17])  # the tie, resolved towards the smaller index
+    for out in two_ranks:
+        assert torch.equal(out["top_v"], v) and torch.equal(out["top_i"], i)
+
+
+def test_mismatched_ranks_fail_on_every_rank_with_one_message(two_ranks):
+    msgs = [out["check"] for out in two_ranks]
+    assert msgs[0] == msgs[1] == "seed: expected the same value on every rank, got rank 0: 1234, rank 1: 1235"
+    lens = [out["len_check"] for out in two_ranks]
+    assert lens[0] == lens[1] and lens[0].startswith("data (number of batches): expected the same value")
+
+
+# one-process checks -----------------------------------------------------------------------------------
+def test_shard_range_covers_every_example_once():
+    for n in (0, 1, 5, 17, 64):
+        for world in (1, 2, 3, 7):
+            ranges = [shard_range(n, r, world) for r in range(world)]
+            assert [i for a, b in ranges for i in range(a, b)] == list(range(n))
+            sizes = [b - a for a, b in ranges]
+            assert max(sizes) - min(sizes) <= 1
+            if n:
+                assert sum(shard_weight(n, r, world) for r in range(world)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"rank: expected an integer in \[0, 2\), got 2"):
+        shard_range(5, 2, 2)
+
+
+def test_merge_topk_one_process_and_bad_input():
+    S = scores()
+    v, i = merge_topk(S, torch.arange(23).expand(4, 23), k=5, largest=False)
+    ref_v, _ = torch.topk(S, k=5, dim=1, largest=False)
+    assert torch.equal(v, ref_v) and torch.equal(S.gather(1, i), v)
+    with pytest.raises(ValueError, match="values, indices: expected two"):
+        merge_topk(S, torch.arange(23), k=2)
+    with pytest.raises(ValueError, match="k: expected"):
+        merge_topk(S, torch.arange(23).expand(4, 23), k=0)
+
+
+def test_all_reduce_operator_without_group_and_batch_shard():
+    A = MatrixOperator(torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=D64))
+    op = AllReduceOperator(A, 0.25)
+    x = torch.tensor([1.0, -1.0], dtype=D64)
+    assert torch.equal(op @ x, 0.25 * (A @ x)) and torch.equal(op.T @ x, 0.25 * (A @ x))
+    with pytest.raises(ValueError, match="weight: expected a finite number, got nan"):
+        AllReduceOperator(A, float("nan"))
+    with pytest.raises(TypeError, match="local: expected a LinearOperator"):
+        AllReduceOperator(torch.eye(2), 1.0)
+    assert list(BatchShard(iter_like([1, 2, 3, 4]), 1, 3)) == [2, 3]
+
+
+class iter_like:
+    """A sized re-iterable that is not a list (a DataLoader stand-in)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
