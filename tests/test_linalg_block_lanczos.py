@@ -178,3 +178,18 @@ def test_subsample_bad_input():
         subsample_data(data, 3, batch_size=0)
     with pytest.raises(TypeError, match="data"):
         subsample_data(iter(data), 3)
+
+
+def test_max_batch_columns_splits_batches_without_changing_the_product():
+    from gradsketch.curvature import GGNOperator, HessianOperator
+
+    X, y = digits(30)
+    task = Task.from_classifier(tiny())
+    data = [(X, y % 3)]
+    V = torch.randn(task.n_params, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for cls in (HessianOperator, GGNOperator):
+        ref = cls(task, data) @ V
+        torch.testing.assert_close(cls(task, data, max_batch_columns=20) @ V, ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(cls(task, data, mode="batch", max_batch_columns=9) @ V, ref, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="max_batch_columns"):
+        HessianOperator(task, data, max_batch_columns=0)

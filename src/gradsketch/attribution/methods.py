@@ -185,12 +185,20 @@ class _CurvatureMethod(Attributor):
     """Shared by the curvature-based methods: the Hessian or GGN operator of the mean training loss (on
     ``hessian_data``), sketched to ``S @ H @ S.T`` when the fit has a sketch."""
 
-    def _curvature_op(self, data: Iterable, sketch: Any) -> Any:
-        from ..curvature import sketched
+    def _curvature_op(self, data: Iterable, sketch: Any, block: bool = False) -> Any:
+        from ..curvature import GGNOperator, HessianOperator, sketched, subsample_data
 
         curv = self._opt("curvature", "hessian")
         hdata = self._opt("hessian_data", None) or data
-        op: LinearOperator = self.task.hessian(hdata) if curv == "hessian" else self.task.ggn(hdata)
+        sub = self._opt("hessian_subsample", None)
+        if sub is not None:
+            seed = self._opt("seed", 0)
+            hdata = subsample_data(hdata, sub, seed=seed if isinstance(seed, int) else 0)
+        # block Krylov: vectorised products over the columns, batches cut to 4096 example-columns
+        cols = 4096 if block else None
+        op: LinearOperator = (HessianOperator(self.task, hdata, method="block" if block else "auto",
+                                              max_batch_columns=cols) if curv == "hessian"
+                              else GGNOperator(self.task, hdata, max_batch_columns=cols))
         if self.sketch is not None:
             op = sketched(op, sketch)
         return op
@@ -201,8 +209,12 @@ class ArnoldiInfluence(_CurvatureMethod):
     eigenpairs (λ_i, u_i) of H (or ΦHΦᵀ) from Arnoldi + distill and p_i = ⟨u_i, Φ∇ℓ⟩.
 
     Without a sketch the stored features are the projections p_i(z) (``d_ = top_k``); with one, the sketched
-    gradients, and the kernel carries the eigenvectors. Eigenpairs are cached next to the store.
-    After ``fit``: ``eigenvalues_`` ``[k]``.
+    gradients, and the kernel carries the eigenvectors. Eigenpairs are cached next to the store. With
+    ``block_size`` b > 1 (the default) the eigenpairs come from block Lanczos
+    (:func:`gradsketch.linalg.block_lanczos_eigs`, b vectors per pass over the Hessian data, stopped by the
+    residual test ``tol``); with b = 1 from Arnoldi + distill.
+    After ``fit``: ``eigenvalues_`` ``[k]``; ``krylov_`` (dict: ``dim`` the Krylov dimension built,
+    ``passes`` the passes over the Hessian data, ``stop``).
 
     >>> import gradsketch
     >>> task = gradsketch.Task(torch.nn.Linear(2, 1, bias=False), lambda m, b: (m(b[0])[:, 0] - b[1]) ** 2)
@@ -242,36 +254,50 @@ class ArnoldiInfluence(_CurvatureMethod):
         lam = eig["eigenvalues"].to(torch.float64)
         damping = float(self._opt("damping", 0.0))
         self.eigenvalues_ = lam
+        self.krylov_ = dict(eig.get("krylov", {}))
         c = torch.where((lam + damping).abs() > 0, 1.0 / (lam + damping), torch.zeros_like(lam))
         vecs = eig["eigenvectors"]
         comp.kernel = EigenOperator(c, vecs.to(torch.float64) if self.sketch is not None else None)
 
     def _arnoldi_eig(self, comp: Component, data: Iterable, sketch: Any, progress: bool) -> dict:
         """Top-k eigenpairs of H (or ΦHΦᵀ) by Arnoldi + distill, cached next to the store."""
-        from ..linalg import arnoldi, distill
+        from ..linalg import arnoldi, block_lanczos_eigs, distill
 
         n_iters, top_k = int(self._opt("n_iters")), int(self._opt("top_k"))
         positive_only = bool(self._opt("positive_only"))
         seed = self._opt("seed")
         start = self._opt("start")
+        block_size, tol = int(self._opt("block_size", 1)), self._opt("tol", None)
         config = {"n_iters": n_iters, "top_k": top_k, "positive_only": positive_only, "seed": seed,
                   "curvature": self._opt("curvature", "hessian"), "sketch": sketch_spec(sketch),
-                  "fingerprint": comp.fingerprint, "start": start if self.sketch is not None else None}
+                  "fingerprint": comp.fingerprint, "start": start if self.sketch is not None else None,
+                  "block_size": block_size, "tol": tol if block_size > 1 else None,
+                  "hessian_subsample": self._opt("hessian_subsample", None)}
 
         def compute():
-            op = self._curvature_op(data, sketch)
+            op = self._curvature_op(data, sketch, block=block_size > 1)
             v0 = None
             if self.sketch is not None and start == "parameter":
                 from ..linalg._validate import make_generator, random_probes, work_dtype
 
+                # the start block Φz_j of the Gaussian z_j ∈ R^N that the unsketched run starts from
                 N = self.task.n_params
-                z = random_probes(N, 1, "gaussian", make_generator(seed), work_dtype(op), torch.device("cpu"))
-                v0 = (sketch @ z[:, 0].to(self.task.device)).to(work_dtype(op))
-            res = arnoldi(op, n_iters, v0=v0, seed=seed, store=self._opt("krylov_store", "device"),
-                          progress=progress)
-            lam, vecs = distill(res.Q, res.H, min(top_k, res.H.shape[1]), positive_only=positive_only)
-            vecs = vecs / vecs.norm(dim=0, keepdim=True).clamp_min(torch.finfo(vecs.dtype).tiny)
-            return {"eigenvalues": lam.detach().cpu(), "eigenvectors": vecs.detach().cpu()}
+                cols = 1 if block_size == 1 else min(block_size, op.shape[0])
+                z = random_probes(N, cols, "gaussian", make_generator(seed), work_dtype(op), torch.device("cpu"))
+                v0 = (sketch @ z.to(self.task.device)).to(work_dtype(op))
+                v0 = v0[:, 0] if block_size == 1 else v0
+            if block_size > 1:
+                r = block_lanczos_eigs(op, min(top_k, op.shape[0]), block_size=block_size, max_dim=n_iters,
+                                       tol=tol, seed=seed, v0=v0, positive_only=positive_only, progress=progress)
+                krylov = {"dim": r.n_iter, "passes": r.n_passes, "stop": r.stop}
+                lam, vecs = r.eigenvalues, r.eigenvectors
+            else:
+                res = arnoldi(op, n_iters, v0=v0, seed=seed, store=self._opt("krylov_store", "device"),
+                              progress=progress)
+                lam, vecs = distill(res.Q, res.H, min(top_k, res.H.shape[1]), positive_only=positive_only)
+                vecs = vecs / vecs.norm(dim=0, keepdim=True).clamp_min(torch.finfo(vecs.dtype).tiny)
+                krylov = {"dim": res.H.shape[1], "passes": res.n_matvec, "stop": "max_dim"}
+            return {"eigenvalues": lam.detach().cpu(), "eigenvectors": vecs.detach().cpu(), "krylov": krylov}
 
         return self._cached(comp, "arnoldi", config, compute)
 

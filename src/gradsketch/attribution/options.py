@@ -119,8 +119,15 @@ class _CurvatureOptions(CommonOptions):
 
 @dataclass
 class ArnoldiOptions(_CurvatureOptions):
-    """Arnoldi influence (Schioppa et al. 2022): ``n_iters`` Krylov steps, ``top_k`` eigenpairs,
-    ``damping`` δ ≥ 0 in 1/(λ_i + δ), start vector ``seed`` and ``start`` rule, Krylov basis ``krylov_store``."""
+    """Arnoldi influence (Schioppa et al. 2022): ``n_iters`` Krylov dimension (at most), ``top_k`` eigenpairs,
+    ``damping`` δ ≥ 0 in 1/(λ_i + δ), start vector ``seed`` and ``start`` rule, Krylov basis ``krylov_store``.
+
+    ``block_size`` b: Krylov vectors per pass over the Hessian data (block Lanczos with full
+    re-orthogonalisation, :func:`gradsketch.linalg.block_lanczos_eigs`; 1: single-vector Arnoldi + distill,
+    the pre-issue-20 algorithm, which ``krylov_store="host"`` needs). ``tol``: stop once the top-k Ritz
+    residuals are ≤ tol·|θ_max| (``None``: always build ``n_iters`` vectors; b > 1 only).
+    ``hessian_subsample``: a fixed random subset of the Hessian data (int: examples, float: fraction; ``None``:
+    all of it), drawn with ``seed``."""
 
     n_iters: int = 200
     top_k: int = 100
@@ -128,6 +135,9 @@ class ArnoldiOptions(_CurvatureOptions):
     seed: Any = 0
     krylov_store: str = "device"
     start: str = "parameter"
+    block_size: int = 32
+    tol: float | None = 1e-3
+    hessian_subsample: int | float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +150,20 @@ class ArnoldiOptions(_CurvatureOptions):
             self.seed = check_int(self.seed, "seed", minimum=0)
         self.krylov_store = check_choice(self.krylov_store, "krylov_store", ("device", "host"))
         self.start = check_choice(self.start, "start", ("parameter", "sketch"))
+        self.block_size = check_int(self.block_size, "block_size", minimum=1)
+        if self.krylov_store == "host" and self.block_size > 1:
+            raise ValueError(f"krylov_store: 'host' is supported by single-vector Arnoldi only; expected "
+                             f"block_size=1 with it, got block_size={self.block_size}")
+        self.tol = check_real(self.tol, "tol", minimum=0.0, allow_none=True)
+        sub = self.hessian_subsample
+        if sub is not None:
+            if isinstance(sub, bool) or not isinstance(sub, (int, float)):
+                raise TypeError(f"hessian_subsample: expected None, an int (examples) or a float fraction in "
+                                f"(0, 1], got {type(sub).__name__}")
+            if isinstance(sub, float) and not 0.0 < sub <= 1.0:
+                raise ValueError(f"hessian_subsample: expected a fraction in (0, 1] or an int >= 1, got {sub}")
+            if isinstance(sub, int) and sub < 1:
+                raise ValueError(f"hessian_subsample: expected at least 1 example, got {sub}")
 
 
 @dataclass

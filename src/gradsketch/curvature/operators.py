@@ -10,7 +10,10 @@ For per-example losses ℓ_i over a dataset of n examples and L(θ) = (1/n) Σ_i
 by n, i.e. the batch-size-weighted mean of per-batch means). ``mode="batch"``: the first batch of ``data``,
 fixed. ``mode="stochastic"``: each product uses the next batch, cycling through ``data``. ``damping`` λ adds
 λ·I. Products run in the parameters' dtype on their device. Random layers (dropout) make the operator random;
-use ``model.eval()`` for curvature.
+use ``model.eval()`` for curvature. ``max_batch_columns``: a product with k columns splits each batch into
+pieces of at most ``max_batch_columns // k`` examples (same result; bounds the memory of vectorised products,
+whose activations are held k times, and keeps them cache-sized: 4096 was the fastest per column on a small
+CNN, benchmarks/results/arnoldi_speed.md).
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ class CurvatureOperator(LinearOperator):
     """Base class: subclasses implement ``_batch_sum(split, V [N, k]) -> Σ_{i in batch} C_i V`` [N, k]."""
 
     def __init__(self, task: Task, data: Iterable, mode: str = "full", damping: float = 0.0,
-                 progress: bool = False) -> None:
+                 progress: bool = False, *, max_batch_columns: int | None = None) -> None:
+        if max_batch_columns is not None and (isinstance(max_batch_columns, bool)
+                                              or not isinstance(max_batch_columns, int) or max_batch_columns < 1):
+            raise ValueError(f"max_batch_columns: expected a positive int or None, got {max_batch_columns!r}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         damping = float(damping)
@@ -47,6 +53,7 @@ class CurvatureOperator(LinearOperator):
                             f"(list, DataLoader), got a one-shot {type(data).__name__}")
         super().__init__((task.n_params, task.n_params), task.dtype, task.device, symmetric=True)
         self.task, self.data, self.mode, self.damping, self.progress = task, data, mode, damping, progress
+        self.max_batch_columns = max_batch_columns
         self._no_forward_ad = False
         self._fixed: SplitBatch | None = None
         self._iter: Any = None
@@ -89,8 +96,8 @@ class CurvatureOperator(LinearOperator):
             for batch in progress_iter(self.data, self.progress, type(self).__name__, data_len(self.data)):
                 split = self.task.split(batch)
                 self.task.validate_batch(split)
-                part = self._batch_sum(split, V)
-                acc = part if acc is None else acc + part
+                for part in self._chunk_sums(split, V):
+                    acc = part if acc is None else acc + part
                 total += split.size
             if acc is None:
                 raise ValueError("data: expected at least one batch, got an empty iterable")
@@ -103,10 +110,23 @@ class CurvatureOperator(LinearOperator):
                 split = self._next_batch()
             self.task.validate_batch(split)
             if self._scales_loss:  # 1/B folded into the loss: no pass over the [N, k] result
-                out = cast(Any, self)._batch_sum(split, V, 1.0 / split.size)
+                parts = self._chunk_sums(split, V, 1.0 / split.size)
+                out = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
             else:
-                out = self._batch_sum(split, V) / split.size
+                parts = self._chunk_sums(split, V)
+                out = (parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)) / split.size
         return out + self.damping * V if self.damping else out
+
+    def _chunk_sums(self, split: SplitBatch, V: Tensor, scale: float = 1.0) -> list[Tensor]:
+        """``_batch_sum`` over pieces of the batch with at most ``max_batch_columns // k`` examples each (the
+        vectorised products hold k copies of the activations: this bounds their memory)."""
+        rows = split.size
+        if self.max_batch_columns is not None:
+            rows = max(1, self.max_batch_columns // V.shape[1])
+        pieces = [split] if rows >= split.size else [c for _, c in split.chunks(rows)]
+        if self._scales_loss:
+            return [cast(Any, self)._batch_sum(c, V, scale) for c in pieces]
+        return [self._batch_sum(c, V) * scale if scale != 1.0 else self._batch_sum(c, V) for c in pieces]
 
     def _columns(self, col: Any, V: Tensor) -> Tensor:
         """Apply a vector map ``[N] -> [N]`` to each column, vectorised with vmap when k > 1."""
@@ -133,10 +153,10 @@ class HessianOperator(CurvatureOperator):
     (``H @ V``) where the algorithm allows: the first forward/backward pass is shared by all of them."""
 
     def __init__(self, task: Task, data: Iterable, mode: str = "full", damping: float = 0.0,
-                 method: str = "auto", progress: bool = False) -> None:
+                 method: str = "auto", progress: bool = False, *, max_batch_columns: int | None = None) -> None:
         if method not in HVP_METHODS:
             raise ValueError(f"method: expected one of {HVP_METHODS}, got {method!r}")
-        super().__init__(task, data, mode, damping, progress)
+        super().__init__(task, data, mode, damping, progress, max_batch_columns=max_batch_columns)
         self.method = method
 
     _scales_loss = True
@@ -269,11 +289,11 @@ class GGNOperator(CurvatureOperator):
     the loss in output space, a vjp back. Positive semi-definite when the loss is convex in z."""
 
     def __init__(self, task: Task, data: Iterable, mode: str = "full", damping: float = 0.0,
-                 progress: bool = False) -> None:
+                 progress: bool = False, *, max_batch_columns: int | None = None) -> None:
         if task.output_fn is None or task.loss_on_output is None:
             raise ValueError("task: the GGN needs output_fn and loss_on_output (Task(model, output_fn=..., "
                              "loss_on_output=...) or Task.from_classifier); got a task with only loss_fn")
-        super().__init__(task, data, mode, damping, progress)
+        super().__init__(task, data, mode, damping, progress, max_batch_columns=max_batch_columns)
 
     def _batch_sum(self, split: SplitBatch, V: Tensor) -> Tensor:
         task, batch, B = self.task, split.rebuild(), split.size
