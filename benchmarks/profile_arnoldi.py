@@ -1,9 +1,12 @@
 """Where Arnoldi influence's fit time goes (issue 20): cProfile around ``Attributor(task, "arnoldi").fit``.
 
-    python benchmarks/profile_arnoldi.py mlp    # digits MLP 64-48-10 (N = 3,610), 1,000 training examples
-    python benchmarks/profile_arnoldi.py cnn    # small CNN (N = 4,578), 4,000 Fashion-MNIST images
+    python benchmarks/profile_arnoldi.py mlp [old|new]   # digits MLP 64-48-10 (N = 3,610), 1,000 training examples
+    python benchmarks/profile_arnoldi.py cnn [old|new]   # small CNN (N = 4,578), 4,000 Fashion-MNIST images
 
-Prints the fit time, the Attributor's own timings and the 40 most expensive calls by cumulative time.
+``old``: the pre-issue-20 algorithm (``block_size=1``: single-vector Arnoldi, 200 steps, top 100); ``new`` (the
+default): the current defaults (block Lanczos). Prints the fit's CPU and wall time, the Attributor's own
+timings and the 40 most expensive calls by cumulative time (one warm-up fit on one batch first, so that
+one-time compilation is not charged; BLAS limited to one thread like torch).
 Results: benchmarks/results/arnoldi_profile.md.
 """
 
@@ -57,16 +60,23 @@ def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 def main() -> None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
     torch.set_num_threads(1)
     model, x, y = {"mlp": mlp, "cnn": cnn}[sys.argv[1] if len(sys.argv) > 1 else "mlp"]()
+    opts = dict(block_size=1) if len(sys.argv) > 2 and sys.argv[2] == "old" else {}
     task = Task.from_classifier(model)
-    print(f"parameters {task.n_params}, training examples {len(x)}")
+    print(f"parameters {task.n_params}, training examples {len(x)}, options {opts or 'defaults'}")
+    data = batches(x, y, batch_size=250)
+    Attributor(task, "arnoldi", **dict(opts, n_iters=8, top_k=4)).fit(data[:1], progress=False)  # warm-up
     prof = cProfile.Profile()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     prof.enable()
-    attr = Attributor(task, "arnoldi").fit(batches(x, y, batch_size=250), progress=False)
+    attr = Attributor(task, "arnoldi", **opts).fit(data, progress=False)
     prof.disable()
-    print(f"fit {time.perf_counter() - t0:.1f} s; timings_ {({k: round(v, 2) for k, v in attr.timings_.items()})}")
+    print(f"fit {time.process_time() - c0:.2f} s CPU, {time.perf_counter() - t0:.1f} s wall; Krylov {attr.krylov_}; "
+          f"timings_ {({k: round(v, 2) for k, v in attr.timings_.items()})}")
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(40)
     print(out.getvalue())

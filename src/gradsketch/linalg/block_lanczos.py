@@ -179,7 +179,7 @@ def block_lanczos_eigs(op: LinearOperator, top_k: int, block_size: int = 8, max_
     Q = torch.empty(n, 0, dtype=dtype, device=dev)
     P, _ = _new_block(Q, X, b, 0.0, gen)
     # H[:, cols of block j] = coefficients of A·P_j on the basis (block Hessenberg, float64 on the CPU)
-    H = np.zeros((max_dim + b, max_dim), dtype=np.float64)
+    H = torch.zeros(max_dim + b, max_dim, dtype=torch.float64)  # on the CPU; torch (not numpy) linear algebra
     anorm, passes, stop = 0.0, 0, "max_dim"
     bar = progress_bar(progress, -(-max_dim // b), "block lanczos")
     lam = S = res = idx = None
@@ -195,25 +195,26 @@ def block_lanczos_eigs(op: LinearOperator, top_k: int, block_size: int = 8, max_
             m = Q.shape[1]
             anorm = max(anorm, float(W.norm()))  # Frobenius: within √b of ‖A P‖₂, a scale for the deflation test
             W, C = _orth_block(Q, W)
-            H[:m, m0:m] = C.to("cpu", torch.float64).numpy()
+            H[:m, m0:m] = C.to("cpu", torch.float64)
             done = m >= n
             if not done:
                 P, R = _new_block(Q, W, min(b, n - m), 100 * eps * max(anorm, 1e-300), gen)
-                H[m:m + P.shape[1], m0:m] = R.cpu().numpy()
+                H[m:m + P.shape[1], m0:m] = R.cpu()
             if not done and m < max_dim and (tol <= 0 or m < min_dim):
                 continue  # no stopping test can pass yet: skip the Rayleigh–Ritz step
             Hm = H[:m, :m]
             T = (Hm + Hm.T) / 2
-            lam, S = np.linalg.eigh(T)
+            lam_t, S = torch.linalg.eigh(T)
+            lam = lam_t.numpy()
             if positive_only:
                 pos = np.flatnonzero(lam > 0)
                 idx = pos[np.argsort(-lam[pos], kind="stable")][:top_k]
             else:
                 idx = select_indices(lam, which, min(top_k, m))
-            Sk = S[:, idx]
-            below = H[m:m + b, :m] @ Sk if not done else np.zeros((1, idx.size))
+            Sk = S[:, torch.as_tensor(idx, dtype=torch.long)]
+            below = H[m:m + b, :m] @ Sk if not done else torch.zeros(1, idx.size, dtype=torch.float64)
             asym = (Hm - T) @ Sk
-            res = np.sqrt((below ** 2).sum(0) + (asym ** 2).sum(0))
+            res = ((below ** 2).sum(0) + (asym ** 2).sum(0)).sqrt().numpy()
             scale = float(np.abs(lam).max()) if lam.size else 0.0
             if done:
                 stop = "exhausted"
@@ -228,7 +229,7 @@ def block_lanczos_eigs(op: LinearOperator, top_k: int, block_size: int = 8, max_
         bar.close()
     assert lam is not None and S is not None and res is not None and idx is not None
     m = Q.shape[1]
-    Y = torch.as_tensor(np.ascontiguousarray(S[:, idx]), dtype=dtype, device=dev)
+    Y = S[:, torch.as_tensor(idx, dtype=torch.long)].to(dtype=dtype, device=dev)
     V = Q @ Y
     V = V / V.norm(dim=0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     scale = float(np.abs(lam).max()) if lam.size else 0.0
