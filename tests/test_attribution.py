@@ -128,7 +128,7 @@ def test_arnoldi_full_krylov_equals_exact_influence(setup):
     damping = 0.7
     assert float(torch.linalg.eigvalsh(H + damping * torch.eye(N, dtype=H.dtype)).abs().min()) > 0.05
     ref = Gt @ torch.linalg.solve(H + damping * torch.eye(N, dtype=H.dtype), G.T)
-    a = Attributor(task, "arnoldi", n_iters=N, top_k=N, damping=damping).fit(tr, progress=False)
+    a = Attributor(task, "arnoldi", n_iters=N, top_k=N, damping=damping, curvature="hessian").fit(tr, progress=False)
     torch.testing.assert_close(a.score(te, progress=False), ref, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(torch.sort(a.eigenvalues_).values, torch.linalg.eigvalsh(H), rtol=1e-8, atol=1e-10)
     # self-influence = diag of the train-vs-train scores = Σ p_i(z)² / (λ_i + δ)
@@ -144,7 +144,7 @@ def test_arnoldi_top_k_truncation(setup):
     w, V = torch.linalg.eigh(H)
     idx = torch.argsort(-w.abs())[:4]
     ref = (Gt @ V[:, idx]) / w[idx] @ (G @ V[:, idx]).T
-    a = Attributor(task, "arnoldi", n_iters=H.shape[0], top_k=4).fit(tr, progress=False)
+    a = Attributor(task, "arnoldi", n_iters=H.shape[0], top_k=4, curvature="hessian").fit(tr, progress=False)
     torch.testing.assert_close(a.score(te, progress=False), ref, rtol=1e-7, atol=1e-10)
 
 
@@ -156,7 +156,8 @@ def test_arnoldi_sketched_equals_sketched_influence(setup):
     G, Gt = task.grads((X, y)) @ Phi.T, task.grads((Xt, yt)) @ Phi.T
     H = Phi @ full_hessian(task, X, y) @ Phi.T
     ref = Gt @ torch.linalg.solve(H + 2.0 * torch.eye(d, dtype=H.dtype), G.T)
-    a = Attributor(task, "arnoldi", sketch=sk, n_iters=d, top_k=d, damping=2.0).fit(tr, progress=False)
+    a = Attributor(task, "arnoldi", sketch=sk, n_iters=d, top_k=d, damping=2.0, curvature="hessian").fit(
+        tr, progress=False)
     torch.testing.assert_close(a.score(te, progress=False), ref, rtol=1e-7, atol=1e-10)
     b = Attributor(task, "influence", sketch=sk, damping=2.0).fit(tr, progress=False)
     torch.testing.assert_close(b.score(te, progress=False), ref, rtol=1e-7, atol=1e-10)

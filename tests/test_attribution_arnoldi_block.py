@@ -8,6 +8,7 @@ import torch
 from test_attribution import full_hessian, tiny
 
 from gradsketch.attribution import ArnoldiOptions, Attributor, batches
+from gradsketch.model import Task
 
 
 @pytest.fixture
@@ -33,7 +34,8 @@ def test_residual_stop_reports_the_work_and_keeps_the_top_pairs(setup):
     task, (X, y), _, tr, _ = setup
     lam = torch.linalg.eigvalsh(full_hessian(task, X, y))
     top = lam[torch.argsort(-lam.abs())][:1]
-    a = Attributor(task, "arnoldi", n_iters=task.n_params, top_k=1, block_size=2, tol=1e-3).fit(tr, progress=False)
+    a = Attributor(task, "arnoldi", n_iters=task.n_params, top_k=1, block_size=2, tol=1e-3,
+                   curvature="hessian").fit(tr, progress=False)
     assert a.krylov_["stop"] == "converged" and a.krylov_["dim"] < task.n_params
     assert a.krylov_["passes"] == a.krylov_["dim"] // 2
     # residual ≤ 1e-3·|θ_max| bounds the Ritz value's distance to an eigenvalue (Bauer–Fike); |θ_max| ≤ |λ_max|
@@ -43,7 +45,8 @@ def test_residual_stop_reports_the_work_and_keeps_the_top_pairs(setup):
 def test_hessian_subsample_uses_the_explicit_sub_mean(setup):
     task, (X, y), _, tr, _ = setup
     N = task.n_params
-    a = Attributor(task, "arnoldi", n_iters=N, top_k=N, hessian_subsample=6, seed=2).fit(tr, progress=False)
+    a = Attributor(task, "arnoldi", n_iters=N, top_k=N, hessian_subsample=6, seed=2,
+                   curvature="hessian").fit(tr, progress=False)
     chosen = torch.sort(torch.randperm(len(X), generator=torch.Generator().manual_seed(2))[:6]).values
     exact = torch.linalg.eigvalsh(full_hessian(task, X[chosen], y[chosen]))
     torch.testing.assert_close(torch.sort(a.eigenvalues_).values, exact, rtol=0, atol=1e-10)
@@ -51,7 +54,27 @@ def test_hessian_subsample_uses_the_explicit_sub_mean(setup):
     assert float((exact - full).abs().max()) > 1e-3  # the subsample is a different operator
 
 
+def test_default_curvature_is_the_ggn_for_classifiers_and_all_of_a_small_training_set(setup):
+    """curvature="auto": the GGN when the task declares outputs (Task.from_classifier), else the Hessian; the
+    default hessian_subsample=1000 keeps every example of a smaller training set."""
+    task, (X, y), _, tr, _ = setup
+    N = task.n_params
+    auto = Attributor(task, "arnoldi", n_iters=N, top_k=N).fit(tr, progress=False)
+    ggn = Attributor(task, "arnoldi", n_iters=N, top_k=N, curvature="ggn", hessian_subsample=None).fit(
+        tr, progress=False)
+    torch.testing.assert_close(auto.eigenvalues_, ggn.eigenvalues_, rtol=0, atol=1e-10)
+    assert float(ggn.eigenvalues_.min()) > -1e-10  # the GGN of the cross-entropy is PSD; the Hessian here is not
+    assert float(torch.linalg.eigvalsh(full_hessian(task, X, y)).min()) < -1e-3
+    plain = Task(task.model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"))
+    a = Attributor(plain, "arnoldi", n_iters=N, top_k=N).fit(tr, progress=False)
+    torch.testing.assert_close(torch.sort(a.eigenvalues_).values, torch.linalg.eigvalsh(full_hessian(task, X, y)),
+                               rtol=0, atol=1e-10)
+
+
 def test_options_are_checked():
+    assert ArnoldiOptions().curvature == "auto" and ArnoldiOptions(curvature="ggn").curvature == "ggn"
+    with pytest.raises(ValueError, match="curvature"):
+        ArnoldiOptions(curvature="fisher")
     with pytest.raises(ValueError, match="block_size"):
         ArnoldiOptions(block_size=0)
     with pytest.raises(ValueError, match="krylov_store"):

@@ -189,6 +189,9 @@ class _CurvatureMethod(Attributor):
         from ..curvature import GGNOperator, HessianOperator, sketched, subsample_data
 
         curv = self._opt("curvature", "hessian")
+        if curv == "auto":  # Arnoldi's default: the GGN when the task declares its outputs
+            has_outputs = self.task.output_fn is not None and self.task.loss_on_output is not None
+            curv = "ggn" if has_outputs else "hessian"
         hdata = self._opt("hessian_data", None) or data
         sub = self._opt("hessian_subsample", None)
         if sub is not None:

@@ -9,5 +9,5 @@ from .distributed import BatchShard, sharded
 from .kfac import KFACOperator
 from .operators import CurvatureOperator, FisherOperator, GGNOperator, HessianOperator, sketched, subsample_data
 
-__all__ = ["sharded", "BatchShard", "CurvatureOperator", "HessianOperator", "GGNOperator", "FisherOperator", "sketched", "subsample_data",
-           "KFACOperator"]
+__all__ = ["sharded", "BatchShard", "CurvatureOperator", "HessianOperator", "GGNOperator", "FisherOperator",
+           "sketched", "subsample_data", "KFACOperator"]
