@@ -70,7 +70,7 @@ def setup(which: str, cache: Path, subsets: int, runs: int):
     return Task.from_classifier(model), tr, te, gt
 
 
-OLD_DEFAULT = dict(block_size=1, n_iters=200, top_k=100)  # the algorithm and settings before issue 20
+OLD_DEFAULT = dict(block_size=1, n_iters=200, top_k=100, curvature="hessian", hessian_subsample=None)  # pre-issue 20
 
 
 def fit_once(task, data, te, gt, opts: dict, damping: float) -> dict:
