@@ -7,6 +7,9 @@ but the split:
 * **HVP**: ``gradsketch.curvature.sharded("hessian", task, data)`` on a digits MLP 64-128-128-10 (26k
   parameters); time per product (median of ``--reps`` products of one vector; every rank's compute plus the
   all-reduce). Strong: the same ``--n`` examples over 1 and 2 ranks; weak: ``--n`` examples per rank.
+* **Collectives** (for the scale model in docs/ARCHITECTURE.md): ``all_reduce`` of 1, 26k and 1M floats
+  and a :func:`~gradsketch.linalg.distributed.merge_topk` of 100 queries × top-10 with 2, 4 and 8 ranks
+  (more ranks than cores: latencies include time-slicing).
 * **Featurisation**: ``Attributor(task, "trak", sketch=sjlt d=512, store=...).featurise(data, rank, world)``
   into one store on the local disk; time until the slowest rank is done. Strong and weak as above.
 
@@ -27,6 +30,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,6 +60,32 @@ def _worker(rank: int, world: int, init: str, kind: str, n: int, reps: int, stor
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     task, data = _task(), _data(n)
+    if kind == "collectives":
+        from gradsketch.linalg.distributed import merge_topk
+
+        res = {}
+        for size in (1, 26_000, 1_000_000):
+            x = torch.ones(size)
+            dist.all_reduce(x)
+            ts = []
+            for _ in range(reps):
+                dist.barrier()
+                t0 = time.perf_counter()
+                dist.all_reduce(x)
+                ts.append(time.perf_counter() - t0)
+            res[f"all_reduce_{size}"] = statistics.median(ts)
+        v, i = torch.randn(100, 10), torch.randint(0, 10**9, (100, 10))
+        ts = []
+        for _ in range(reps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            merge_topk(v, i, k=10)
+            ts.append(time.perf_counter() - t0)
+        res["merge_topk_100x10"] = statistics.median(ts)
+        if rank == 0:
+            Path(out).write_text(json.dumps({"seconds": res}))
+        dist.destroy_process_group()
+        return
     if kind == "hvp":
         from gradsketch.curvature import sharded
 
@@ -85,7 +115,7 @@ def _worker(rank: int, world: int, init: str, kind: str, n: int, reps: int, stor
     dist.destroy_process_group()
 
 
-def run(kind: str, world: int, n_total: int, reps: int) -> float:
+def run(kind: str, world: int, n_total: int, reps: int) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
         mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), kind, n_total, reps, os.path.join(tmp, "store"),
@@ -110,6 +140,12 @@ def main() -> None:
     res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_avg": os.getloadavg(),
                  "n": args.n, "median_s": {k: statistics.median(v) for k, v in times.items()}}
+    coll = {}
+    for world in (2, 4, 8):
+        coll[world] = run("collectives", world, 0, args.reps)
+        print(f"collectives, {world} ranks: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in coll[world].items()),
+              flush=True)
+    res["collectives_s"] = coll
     for kind in ("hvp", "featurise"):
         t1 = res["median_s"][f"{kind}/1/{args.n}"]
         t2s = res["median_s"][f"{kind}/2/{args.n}"]

@@ -41,7 +41,7 @@ def scores():
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=300))
     task, data = make_task(), make_data()
     out = {}
     for kind in ("hessian", "ggn"):
@@ -67,6 +67,7 @@ def _worker(rank, init_file, out_dir):
     except ValueError as e:
         out["len_check"] = str(e)
     torch.save(out, f"{out_dir}/{rank}.pt")
+    dist.barrier()  # no rank tears the group down while another is still inside a collective
     dist.destroy_process_group()
 
 
