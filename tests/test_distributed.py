@@ -111,6 +111,65 @@ def test_mismatched_ranks_fail_on_every_rank_with_one_message(two_ranks):
     assert lens[0] == lens[1] and lens[0].startswith("data (number of batches): expected the same value")
 
 
+# Attributor under a process group ---------------------------------------------------------------------
+ATT = dict(sketch={"kind": "sjlt", "d": 16, "seed": 0}, chunk_rows=8, block_rows=8)
+
+
+def make_attributor(store):
+    return gradsketch.Attributor(make_task(), "trak", store=store, **ATT)
+
+
+def train_data():
+    return make_data(6, sizes=(8, 8, 8, 8, 8, 7))
+
+
+def _attr_worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=300))
+    att = make_attributor(f"{out_dir}/store")
+    shares, scored = [], [0]
+    featurise, score_block = att._featurise, att._score_block
+
+    def spy_featurise(*args, **kw):  # which share of the store this rank was asked to compute
+        shares.append((kw.get("rank"), kw.get("world_size")))
+        return featurise(*args, **kw)
+
+    def spy_score(psis, blocks):  # how many training columns this rank scored
+        out = score_block(psis, blocks)
+        scored[0] += out.shape[1]
+        return out
+
+    att._featurise, att._score_block = spy_featurise, spy_score
+    att.fit(train_data(), progress=False)
+    top = att.topk(make_data(2, sizes=(5, 4)), k=4, progress=False)
+    torch.save({"top": tuple(top), "self": att.self_influence(progress=False), "shares": shares,
+                "scored": scored[0]}, f"{out_dir}/att{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_attributor_fit_topk_self_influence_under_two_ranks(tmp_path):
+    mp.spawn(_attr_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    outs = [torch.load(tmp_path / f"att{r}.pt", weights_only=True) for r in range(WORLD)]
+    one = make_attributor(tmp_path / "one").fit(train_data(), progress=False)
+    top = one.topk(make_data(2, sizes=(5, 4)), k=4, progress=False)
+    si = one.self_influence(progress=False)
+    # the work was split: each rank featurised its share and scored only its blocks (47 rows, blocks of 8)
+    assert [out["shares"][0] for out in outs] == [(0, 2), (1, 2)]
+    assert sorted(out["scored"] for out in outs) == [23, 24]
+    for out in outs:
+        for a, b in zip(out["top"], top):
+            assert torch.equal(a, b)
+        assert torch.equal(out["self"], si)
+    # the store the two ranks wrote together holds the bytes one process writes
+    two_rows = sorted((tmp_path / "store").rglob("*.npy"))
+    one_rows = sorted((tmp_path / "one").rglob("*.npy"))
+    assert [p.name for p in two_rows] == [p.name for p in one_rows] and two_rows
+    for a, b in zip(two_rows, one_rows):
+        assert a.read_bytes() == b.read_bytes()
+
+
 # one-process checks -----------------------------------------------------------------------------------
 def test_shard_range_covers_every_example_once():
     for n in (0, 1, 5, 17, 64):

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from .._validation import check_choice
 from ..linalg import LinearOperator
+from ..linalg.distributed import all_gather_objects, barrier, check_same, is_distributed, merge_topk, rank_and_world
 from ._features import (
     IdentitySketch,
     ProjectionSketch,
@@ -498,6 +499,8 @@ class Attributor:
         ``train_data`` must be the same batches, in the same order, in every process. For ``arnoldi`` with
         ``sketch=None`` the rows are projections on the eigenvectors, so each process first computes (or loads
         from the store directory, where the first one to finish caches them) the Arnoldi eigenpairs.
+        Under ``torch.distributed`` (an initialised process group, e.g. ``torchrun``), ``rank``/``world_size``
+        default to the process group's.
         Returns ``self`` (not fitted: call :meth:`fit` to score).
         """
         from ..model._batch import is_reiterable
@@ -509,6 +512,8 @@ class Attributor:
         if (rank is None) != (world_size is None):
             raise ValueError(f"rank, world_size: expected both or neither, got rank={rank!r}, "
                              f"world_size={world_size!r}")
+        if rank is None and is_distributed():  # under torchrun: this rank's share, from the process group
+            rank, world_size = rank_and_world()
         if world_size is not None:
             if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
                 raise ValueError(f"world_size: expected an integer >= 1, got {world_size!r}")
@@ -537,13 +542,23 @@ class Attributor:
 
         With a store, only missing chunks are computed: a rerun after a crash resumes, a store filled by
         :meth:`featurise` (e.g. one share per rank) or by a fit of another method with the same rows (see the
-        class docstring) is only finalised, and concurrent fits on one store all succeed with the same rows."""
+        class docstring) is only finalised, and concurrent fits on one store all succeed with the same rows.
+
+        Under ``torch.distributed`` with a store on storage every rank sees, each rank featurises its share of
+        the rows (:meth:`featurise`), waits for the others, and finalises from the complete store; a rank
+        restarted by ``torchrun`` resumes from the chunks already written. :meth:`topk` and
+        :meth:`self_influence` then split the training rows over ranks and merge."""
         from ..model._batch import is_reiterable
         from ..store import fingerprint_model
 
         if not is_reiterable(train_data):
             raise TypeError("train_data: expected a re-iterable of batches (list, DataLoader), got a one-shot "
                             f"{type(train_data).__name__}")
+        if is_distributed() and self.store is not None and rank_and_world()[1] > 1:
+            # every rank writes its share of the one store, then all finalise from the complete store
+            check_same(str(self.store.resolve()), "store (its path)")
+            self.featurise(train_data, progress=progress)
+            barrier()
         self._components = []
         self._shared_q = None
         self.timings_ = {}
@@ -629,10 +644,15 @@ class Attributor:
             out = out * self._shared_q[r0:r1].to(out.dtype)
         return out
 
-    def _iter_train_blocks(self, dtype: torch.dtype):
+    def _iter_train_blocks(self, dtype: torch.dtype, shard: bool = False):
+        """Consecutive blocks of training rows (one per component); with ``shard`` under a process group,
+        only the blocks of this rank (block ``j`` on rank ``j mod world``)."""
         br = int(self._opt("block_rows", 4096))
         gens = [self._blocks(c, br, dtype) for c in self._components]
-        yield from zip(*gens)
+        rank, world = rank_and_world() if shard else (0, 1)
+        for j, blocks in enumerate(zip(*gens)):
+            if j % world == rank:
+                yield blocks
 
     def score(self, test_data: Iterable, progress: bool = True) -> Tensor:
         """Scores ``[n_test, n_train]`` (CPU; float64 for in-memory float64 features, else float32);
@@ -650,6 +670,8 @@ class Attributor:
 
         Scores a block of ``test_block_rows`` test examples against ``block_rows`` training rows at a time and
         keeps a running top-k, so memory is O(test_block_rows · (block_rows + d + k)), never n_test × n_train.
+        Under ``torch.distributed`` each rank scores its share of the training blocks and the per-rank lists
+        are merged (:func:`gradsketch.linalg.distributed.merge_topk`); every rank returns the same result.
         Returns :class:`TopK` ``(values, indices, opponent_values, opponent_indices)``, each ``[n_test, k]``.
         """
         self._check_fitted()
@@ -664,7 +686,7 @@ class Attributor:
             top_i = torch.zeros((m, 0), dtype=torch.long)
             bot_v = torch.full((m, 0), float("inf"), dtype=dt)
             bot_i = torch.zeros((m, 0), dtype=torch.long)
-            for blocks in self._iter_train_blocks(dt):
+            for blocks in self._iter_train_blocks(dt, shard=True):
                 blocks = list(blocks)
                 r0 = blocks[0][0]
                 s = self._score_block(psis, blocks)
@@ -677,16 +699,21 @@ class Attributor:
                 i = torch.cat([bot_i, idx], 1)
                 bv, bi = torch.topk(v, min(k, v.shape[1]), dim=1, largest=False)
                 bot_v, bot_i = bv, i.gather(1, bi)
+            if is_distributed():  # every rank scored its blocks: merge the local lists (identical everywhere)
+                top_v, top_i = merge_topk(top_v, top_i, k)
+                bot_v, bot_i = merge_topk(bot_v, bot_i, k, largest=False)
             outs.append((top_v, top_i, bot_v, bot_i))
         return TopK(*(torch.cat([o[j] for o in outs], 0) for j in range(4)))
 
     def self_influence(self, progress: bool = True) -> Tensor:
         """score(z, z) for every training example, ``[n_train]`` (≥ 0 when M is PSD); the mislabel-detection
-        statistic of Schioppa et al. 2022 (Arnoldi: Σ_i p_i(z)²/λ_i)."""
+        statistic of Schioppa et al. 2022 (Arnoldi: Σ_i p_i(z)²/λ_i). Under ``torch.distributed`` each rank
+        computes its share of the training blocks and every rank returns the whole vector."""
         self._check_fitted()
         dt = torch.float64
         out = []
-        for blocks in self._iter_train_blocks(dt):
+        pieces: list[tuple[int, Tensor]] = []
+        for blocks in self._iter_train_blocks(dt, shard=True):
             tot = None
             for (r0, r1, F), comp in zip(blocks, self._components):
                 F = F.cpu()
@@ -698,7 +725,10 @@ class Attributor:
             if self._shared_q is not None:
                 r0, r1 = blocks[0][0], blocks[0][1]
                 tot = tot * self._shared_q[r0:r1].to(tot.dtype)
-            out.append(tot)
+            pieces.append((blocks[0][0], tot))
+        if is_distributed() and rank_and_world()[1] > 1:  # each rank computed its blocks: gather them all
+            pieces = [p for part in all_gather_objects(pieces) for p in part]
+        out = [t for _, t in sorted(pieces, key=lambda p: p[0])]
         return torch.cat(out)
 
     def __repr__(self) -> str:

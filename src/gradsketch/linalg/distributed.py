@@ -31,7 +31,7 @@ from .._validation import check_int, describe
 from .operator import LinearOperator
 
 __all__ = ["rank_and_world", "shard_range", "shard_weight", "AllReduceOperator", "merge_topk", "check_same",
-           "is_distributed"]
+           "is_distributed", "barrier", "all_gather_objects"]
 
 
 def _dist():
@@ -57,6 +57,29 @@ def rank_and_world(group: Any = None) -> tuple[int, int]:
         return 0, 1
     dist = _dist()
     return int(dist.get_rank(group)), int(dist.get_world_size(group))
+
+
+def barrier(group: Any = None) -> None:
+    """Wait for every rank of ``group``; nothing without a process group.
+
+    >>> barrier()
+    """
+    if is_distributed():
+        _dist().barrier(group=group)
+
+
+def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (picklable objects, e.g. small CPU tensors);
+    ``[obj]`` without a process group.
+
+    >>> all_gather_objects({"rows": 3})
+    [{'rows': 3}]
+    """
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * rank_and_world(group)[1]
+    _dist().all_gather_object(out, obj, group=group)
+    return out
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
