@@ -95,10 +95,14 @@ def count_examples(data: Iterable, name: str) -> int:
     return n
 
 
-def _rows(task: Any, batch: Any, sketch: Any, mode: str, nan_policy: str, offset: int, name: str) -> Tensor:
-    """Sketched rows of one batch; non-finite examples raise naming their index in the whole dataset."""
+def _rows(task: Any, batch: Any, sketch: Any, mode: str, nan_policy: str, offset: int, name: str,
+          skipped: list[int] | None = None) -> Tensor:
+    """Sketched rows of one batch; non-finite examples raise naming their index in the whole dataset (or, with
+    ``nan_policy="skip"``, their rows are zeroed and their dataset indices appended to ``skipped``)."""
     rows = task.sketch_grads([batch], sketch, mode=mode, progress=False, nan_policy="skip")
     bad = [offset + i for i in task.skipped_indices_]
+    if skipped is not None:
+        skipped.extend(bad)
     if bad and nan_policy == "raise":
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
         raise FloatingPointError(
@@ -109,13 +113,13 @@ def _rows(task: Any, batch: Any, sketch: Any, mode: str, nan_policy: str, offset
 
 
 def featurise_memory(task: Any, data: Iterable, sketch: Any, mode: str, nan_policy: str, progress: bool,
-                     name: str, desc: str) -> Tensor:
-    """``[n, d]`` feature rows in the task's dtype."""
+                     name: str, desc: str, skipped: list[int] | None = None) -> Tensor:
+    """``[n, d]`` feature rows in the task's dtype (indices of skipped examples appended to ``skipped``)."""
     from tqdm.auto import tqdm
 
     parts, offset = [], 0
     for batch in tqdm(data, desc=desc, total=data_len(data), disable=not progress, leave=False):
-        r = _rows(task, batch, sketch, mode, nan_policy, offset, name)
+        r = _rows(task, batch, sketch, mode, nan_policy, offset, name, skipped)
         parts.append(r)
         offset += r.shape[0]
     if not parts:
@@ -261,7 +265,7 @@ def _store_mismatches(path: Any, n_rows: int, d: int, spec: dict, fingerprint: s
 def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_policy: str, progress: bool,
                     path: Any, spec: dict, fingerprint: str, dtype: str, chunk_rows: int | None,
                     metadata: dict | None, name: str, desc: str, rank: int | None = None,
-                    world_size: int | None = None, extra: dict | None = None) -> Any:
+                    world_size: int | None = None, extra: dict | None = None, on_data_change: str = "raise") -> Any:
     """Fill a :class:`GradientStore` at ``path`` with the feature rows of ``data`` (resumable, multi-writer).
 
     The data are iterated once in order; a batch is differentiated only if it overlaps a chunk that is
@@ -277,7 +281,10 @@ def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_polic
     (another feature kind, sketch spec, mode, model fingerprint, row count, dtype) is refused with
     :class:`StoreMismatchError` naming what differs. ``extra`` is written into a new store's manifest
     (``{"attribution": {"method", "options", "row_options"}}``); a reused store's recorded ``row_options``
-    must equal this fit's.
+    must equal this fit's. Completed chunks whose examples changed since they were written (per-chunk data
+    fingerprints) raise :class:`gradsketch.store.DataChangedError` naming them, or are recomputed with
+    ``on_data_change="refeaturise"``; skipped examples are recorded in the chunk markers
+    (:meth:`GradientStore.skipped_rows`).
     """
     from ..store import GradientStore
     from ..store.fill import fill_stream
@@ -314,8 +321,9 @@ def featurise_store(task: Any, data: Iterable, sketch: Any, mode: str, nan_polic
         row_range = store.row_range_for_rank(rank, world_size)
 
     def rows_fn(split: SplitBatch, lo: int, hi: int, row0: int) -> Tensor:
-        return _rows(task, split.slice(lo, hi).rebuild(), sketch, mode, nan_policy, row0, name)
+        return _rows(task, split.slice(lo, hi).rebuild(), sketch, mode, nan_policy, row0, name, skipped)
 
+    skipped: list[int] = []
     fill_stream(store, (SplitBatch(batch) for batch in data), lambda sp: sp.size, rows_fn, row_range=row_range,
-                progress=progress, desc=desc, name=name)
+                progress=progress, desc=desc, name=name, on_data_change=on_data_change, skipped=skipped)
     return store

@@ -22,8 +22,6 @@ import contextlib
 import copy
 import json
 import math
-import os
-import secrets
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,9 +30,10 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_choice
+from .._validation import check_choice, check_int
 from ..linalg import LinearOperator
 from ..linalg.distributed import all_gather_objects, barrier, check_same, is_distributed, merge_topk, rank_and_world
+from ..store.fill import check_sequential
 from ._features import (
     IdentitySketch,
     ProjectionSketch,
@@ -204,7 +203,10 @@ class Attributor:
         How sketched gradients are computed (:meth:`gradsketch.Task.sketch_grads`).
     **method_options
         Validated by the method's options dataclass (:mod:`gradsketch.attribution.options`).
-        Common: ``nan_policy`` ("raise" | "skip"), ``store_dtype`` ("float16" | "float32"), ``chunk_rows``,
+        Common: ``nan_policy`` ("raise" | "skip": skipped examples listed in ``skipped_indices_``),
+        ``on_data_change`` ("raise" | "refeaturise": a store whose chunks were computed from other examples
+        is refused naming them, or only those chunks are recomputed), ``store_dtype`` ("float16" | "float32"),
+        ``chunk_rows``,
         ``block_rows`` (training rows per scoring block, default 4096), ``test_block_rows`` (test rows per
         top-k pass, default 1024).
         grad-dot / grad-cos / tracin / trak: ``checkpoints``: list of ``state_dict`` (trak, grad-dot,
@@ -251,6 +253,9 @@ class Attributor:
     method_name: ClassVar[str] = ""
     #: checkpoint weights: True averages (w_c = 1/C), False keeps the given per-checkpoint weights (TracIn's η_c)
     average_checkpoints: ClassVar[bool] = True
+    #: dataset indices of the training examples skipped by the last fit/featurise (``nan_policy="skip"``:
+    #: non-finite loss or gradient, row zeroed); with a store, read from its chunk markers
+    skipped_indices_: list[int]
 
     def __new__(cls, task: Any = None, method: str | None = None, *args: Any, **kwargs: Any) -> Attributor:
         if cls is Attributor:  # the factory: the registered class of ``method``
@@ -351,7 +356,11 @@ class Attributor:
             return IdentitySketch(self.task.n_params)
         if isinstance(s, dict):
             opts = {k: v for k, v in s.items() if k not in ("kind", "d", "seed")}
-            d, seed = int(s["d"]), int(s.get("seed", 0))
+            if "d" not in s:
+                raise ValueError(f"sketch: expected a dict with the sketch dimension 'd', got {s!r}")
+            # checked, never truncated: d = 2.7 or "abc" is an error naming the key
+            d, seed = check_int(s["d"], "sketch['d']", minimum=1), check_int(s.get("seed", 0), "sketch['seed']",
+                                                                             minimum=0)
             if self.mode == "factored":
                 return self.task.factored_sketch(d, seed=seed, kind=s.get("kind", "affd"), **opts)
             return self.task.block_sketch(d, kind=s.get("kind", "affd"), seed=seed, **opts)
@@ -428,7 +437,11 @@ class Attributor:
         mode = self._feature_mode(comp)
         kw: dict[str, Any] = dict(mode=mode, nan_policy=self.nan_policy, progress=progress, name="train_data")
         if self.store is None:
-            return featurise_memory(comp.task, data, comp.sketch, desc=f"featurise train [{tag}]", **kw)
+            skipped: list[int] = []
+            feats = featurise_memory(comp.task, data, comp.sketch, desc=f"featurise train [{tag}]", skipped=skipped,
+                                     **kw)
+            self.skipped_indices_ = sorted(set(self.skipped_indices_) | set(skipped))
+            return feats
         self.store.mkdir(parents=True, exist_ok=True)
         # the store's identity is what its rows ARE (not the method that consumes them): the differentiated
         # output (loss, TRAK margin, Arnoldi projection), the sketch, the mode, the model state (fingerprint),
@@ -437,11 +450,14 @@ class Attributor:
         # how the rows were made, in the manifest: all options (a record) and the row-relevant ones (compared)
         extra = {"attribution": {"method": self.method, "options": self.config_.to_dict(),
                                  "row_options": self.row_options()}}
-        return featurise_store(comp.task, data, comp.sketch, path=self.store / f"features_{comp.index}",
-                               spec=spec, fingerprint=fingerprint_model(self.task.model),
-                               dtype=self._opt("store_dtype", "float16"), chunk_rows=self._opt("chunk_rows", None),
-                               metadata={"checkpoint": comp.index}, desc=f"featurise train [{tag}]", rank=rank,
-                               world_size=world_size, extra=extra, **kw)
+        store = featurise_store(comp.task, data, comp.sketch, path=self.store / f"features_{comp.index}",
+                                spec=spec, fingerprint=fingerprint_model(self.task.model),
+                                dtype=self._opt("store_dtype", "float16"), chunk_rows=self._opt("chunk_rows", None),
+                                metadata={"checkpoint": comp.index}, desc=f"featurise train [{tag}]", rank=rank,
+                                world_size=world_size, extra=extra, on_data_change=self._opt("on_data_change", "raise"),
+                                **kw)
+        self.skipped_indices_ = sorted(set(self.skipped_indices_) | set(store.skipped_rows()))
+        return store
 
     def _blocks(self, comp: Component, block_rows: int, dtype: torch.dtype):
         """Yields ``(r0, r1, [r1 - r0, d])`` consecutive training feature blocks of one component."""
@@ -460,21 +476,16 @@ class Attributor:
         """Curvature results cached next to the store (so that a resumed fit does not redo them)."""
         if self.store is None:
             return compute()
+        from ..store.cache import load_cached, save_cached
+
         path = self.store / f"{name}_{comp.index}.pt"
         key = json.dumps(config, sort_keys=True, default=str)
-        if path.exists():
-            blob = torch.load(path, weights_only=True)
-            if blob.get("config") == key:
-                return blob["value"]
+        found, value = load_cached(path, key)  # a damaged file is named (RuntimeWarning) and recomputed
+        if found:
+            return value
         value = compute()
-        self.store.mkdir(parents=True, exist_ok=True)
-        # a private temporary name: concurrent fits (several processes on one store) each save their own
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            torch.save({"config": key, "value": value}, tmp)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # atomic and durable (private temporary file, fsync, rename); optional on a read-only filesystem
+        save_cached(path, key, value)
         return value
 
     def _time(self, key: str, t0: float) -> None:
@@ -522,6 +533,8 @@ class Attributor:
         if not is_reiterable(train_data):
             raise TypeError("train_data: expected a re-iterable of batches (list, DataLoader), got a one-shot "
                             f"{type(train_data).__name__}")
+        check_sequential(train_data, "train_data")  # row j must be example j on every pass
+        self.skipped_indices_ = []
         base_sketch = self._build_sketch()
         cks = self._checkpoints()
         share = "" if rank is None else f" rank {rank}/{world_size}"
@@ -554,11 +567,13 @@ class Attributor:
         if not is_reiterable(train_data):
             raise TypeError("train_data: expected a re-iterable of batches (list, DataLoader), got a one-shot "
                             f"{type(train_data).__name__}")
+        check_sequential(train_data, "train_data")  # row j must be example j on every pass
         if is_distributed() and self.store is not None and rank_and_world()[1] > 1:
             # every rank writes its share of the one store, then all finalise from the complete store
             check_same(str(self.store.resolve()), "store (its path)")
             self.featurise(train_data, progress=progress)
             barrier()
+        self.skipped_indices_ = []
         self._components = []
         self._shared_q = None
         self.timings_ = {}

@@ -28,6 +28,7 @@ class CommonOptions:
     the row blocks of scoring."""
 
     nan_policy: str = "raise"
+    on_data_change: str = "raise"
     store_dtype: str = "float16"
     chunk_rows: int | None = None
     block_rows: int = 4096
@@ -35,6 +36,7 @@ class CommonOptions:
 
     def __post_init__(self) -> None:
         self.nan_policy = check_choice(self.nan_policy, "nan_policy", ("raise", "skip"))
+        self.on_data_change = check_choice(self.on_data_change, "on_data_change", ("raise", "refeaturise"))
         self.store_dtype = check_choice(str(self.store_dtype).replace("torch.", ""), "store_dtype",
                                         ("float16", "float32"))
         self.chunk_rows = check_int(self.chunk_rows, "chunk_rows", minimum=1, allow_none=True)

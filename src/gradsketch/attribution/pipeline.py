@@ -36,6 +36,8 @@ class AttributeConfig:
         store: feature store directory (``None``: ``OUT/store``).
         self_influence: also compute self-influence of every training example.
         rank, world_size: featurise only this process's share of the store, then stop.
+        on_data_change: ``"raise"`` (a store whose chunks were computed from other examples is refused, naming
+            them) or ``"refeaturise"`` (only those chunks are recomputed).
 
     Raises ValueError/TypeError in the form ``name: expected ..., got ...`` on any bad value:
 
@@ -58,6 +60,7 @@ class AttributeConfig:
     self_influence: bool = True
     rank: int | None = None
     world_size: int | None = None
+    on_data_change: str = "raise"
 
     def __post_init__(self) -> None:
         from ..sketch.kinds import KINDS
@@ -66,6 +69,7 @@ class AttributeConfig:
         check_choice(self.method, "method", registered_methods())
         check_choice(self.kind, "kind", tuple(sorted(KINDS)))
         check_choice(self.mode, "mode", MODES)
+        check_choice(self.on_data_change, "on_data_change", ("raise", "refeaturise"))
         check_int(self.d, "d", minimum=0)
         check_int(self.seed, "seed", minimum=0)
         check_int(self.k, "k", minimum=1)
@@ -165,7 +169,7 @@ def run_attribute(entry: Any, config: AttributeConfig | None = None, out: str | 
     # arnoldi; damping: every curvature method, None meaning the method's default)
     accepted = {f.name for f in fields(OPTIONS[cfg.method])}
     extra: dict[str, Any] = {k: v for k, v in (("n_iters", cfg.n_iters), ("top_k", cfg.top_k), ("seed", cfg.seed),
-                                               ("damping", cfg.damping))
+                                               ("damping", cfg.damping), ("on_data_change", cfg.on_data_change))
                              if k in accepted and v is not None}
     store = Path(cfg.store) if cfg.store else out / "store"
     summary: dict[str, Any] = {"entry": ent.name, "command": command, "method": cfg.method, "sketch": sketch,

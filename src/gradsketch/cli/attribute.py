@@ -56,7 +56,10 @@ def attribute(entry: str | None = typer.Argument(None, help=ENTRY_HELP),
                                                          "(with --world-size) and stop; a run without --rank "
                                                          "then finalises and scores"),
               world_size: int | None = typer.Option(None, help="number of processes sharing the store (with "
-                                                               "--rank)")) -> None:
+                                                               "--rank)"),
+              on_data_change: str | None = typer.Option(None, help="raise or refeaturise: what to do with store "
+                                                                   "chunks computed from other examples (relabelled, "
+                                                                   "replaced) [default: raise]")) -> None:
     """Attribute the test predictions of your model to its training examples; writes attribution.npz
     (top-k proponents/opponents, self-influence), summary.json and report.html to OUT.
 
@@ -76,7 +79,8 @@ def attribute(entry: str | None = typer.Argument(None, help=ENTRY_HELP),
         if not spec:
             raise ValueError("entry: expected module:function (argument, --entry or 'entry' in --config), got none")
         flags = dict(method=method, kind=kind, d=d, seed=seed, mode=mode, k=k, n_iters=n_iters, top_k=top_k,
-                     damping=damping, store=store, self_influence=self_influence, rank=rank, world_size=world_size)
+                     damping=damping, store=store, self_influence=self_influence, rank=rank, world_size=world_size,
+                     on_data_change=on_data_change)
         opts = {**cfg, **{key: v for key, v in flags.items() if v is not None}}
         out_dir = opts.pop("out", None)
         out_dir = out if out is not None else (out_dir or "gradsketch-attribution")
