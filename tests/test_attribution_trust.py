@@ -161,3 +161,12 @@ def test_sketch_dimension_is_checked_never_truncated(d, exc, msg):
     task, batches = child.setup()
     with pytest.raises(exc, match=msg):
         Attributor(task, "grad-dot", sketch=dict(kind="sjlt", d=d)).fit(batches[:1], progress=False)
+
+
+def test_store_path_that_is_a_file_is_a_clear_error(tmp_path):
+    task, _ = child.setup()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"store: expected a directory \(or a path to create one\), got the file"):
+        Attributor(task, "grad-dot", sketch=dict(kind="sjlt", d=8), store=tmp_path / "afile")
+    with pytest.raises(TypeError, match=r"store: expected a directory path or None, got int"):
+        Attributor(task, "grad-dot", sketch=dict(kind="sjlt", d=8), store=5)

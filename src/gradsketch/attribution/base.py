@@ -22,6 +22,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -288,7 +289,11 @@ class Attributor:
             raise ValueError("mode: 'factored' needs a sketch (dict(d=...) or task.factored_sketch(d)), got "
                              "sketch=None")
         self.sketch = sketch
+        if store is not None and not isinstance(store, str | os.PathLike):
+            raise TypeError(f"store: expected a directory path or None, got {type(store).__name__}")
         self.store = None if store is None else Path(store)
+        if self.store is not None and self.store.exists() and not self.store.is_dir():
+            raise ValueError(f"store: expected a directory (or a path to create one), got the file {str(store)!r}")
         #: the method's validated options (type, finiteness, range checked here, before any work)
         self.config_ = options_for(self.method, dict(method_options)) if self.method in OPTIONS \
             else self._options(dict(method_options))
