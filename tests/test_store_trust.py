@@ -352,8 +352,8 @@ def _fit_counting(task, batches, path, monkeypatch):
     seen = []
     real = _features._rows
 
-    def counting(task_, batch, sketch, mode, nan_policy, offset, name):
-        r = real(task_, batch, sketch, mode, nan_policy, offset, name)
+    def counting(task_, batch, sketch, mode, nan_policy, offset, name, *a, **k):
+        r = real(task_, batch, sketch, mode, nan_policy, offset, name, *a, **k)
         seen.extend(range(offset, offset + r.shape[0]))
         return r
 
