@@ -218,3 +218,47 @@ class iter_like:
 
     def __iter__(self):
         return iter(self.items)
+
+
+# the command line under torchrun --------------------------------------------------------------------
+ENTRY = '''
+import torch
+import gradsketch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    g = torch.Generator().manual_seed(1)
+    batch = lambda n: (torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+    train = [batch(8) for _ in range(6)]
+    test = [batch(5)]
+    return gradsketch.Entry(model, "cross_entropy", train, test)
+'''
+
+
+def test_cli_attribute_under_torchrun_equals_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    (tmp_path / "tiny_entry.py").write_text(ENTRY)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    args = ["attribute", "tiny_entry:build", "--method", "trak", "--kind", "sjlt", "--sketch-dim", "16", "--k", "3",
+            "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "gradsketch", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "gradsketch", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = np.load(tmp_path / "one" / "attribution.npz"), np.load(tmp_path / "two" / "attribution.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+        assert np.array_equal(a[name], b[name]), name
+    assert '"world_size": 2' in (tmp_path / "two" / "summary.json").read_text()

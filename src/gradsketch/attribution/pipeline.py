@@ -141,11 +141,14 @@ def run_attribute(entry: Any, config: AttributeConfig | None = None, out: str | 
         command: the command line, recorded in the report.
 
     Returns the summary dict (also written to ``summary.json``); with ``rank``/``world_size`` only the
-    featurisation of this process's share is done and the summary says so.
+    featurisation of this process's share is done and the summary says so. Under ``torch.distributed``
+    (e.g. ``torchrun ... -m gradsketch.cli attribute``) the ranks share the work (see
+    :meth:`Attributor.fit`) and rank 0 writes the outputs.
     """
     import numpy as np
 
     from ..entry import load_entry
+    from ..linalg.distributed import rank_and_world
     from .base import Attributor
     from .options import OPTIONS
 
@@ -198,6 +201,11 @@ def run_attribute(entry: Any, config: AttributeConfig | None = None, out: str | 
         t0 = time.perf_counter()
         arrays["self_influence"] = att.self_influence(progress=progress).numpy()
         timings["self_influence"] = time.perf_counter() - t0
+    rank, world = rank_and_world()
+    if world > 1:  # under torch.distributed every rank computed the same results: rank 0 writes them
+        summary["world_size"] = world
+        if rank != 0:
+            return {**summary, "rank": rank, "timings_s": timings, "notes": notes}
     np.savez(out / "attribution.npz", **arrays)
     summary.update({"n_train": n_train, "n_test": int(tk.indices.shape[0]), "k": int(tk.indices.shape[1]),
                     "timings_s": timings, "notes": notes, "results": str(out / "attribution.npz")})

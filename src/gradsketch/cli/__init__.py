@@ -58,9 +58,42 @@ def info() -> None:
     }, indent=2))
 
 
+def _init_distributed_from_env() -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), initialise the default process group
+    (NCCL with CUDA, else gloo) so that the library's calls share the work; returns whether it did."""
+    import os
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return False
+    if world <= 1 or "RANK" not in os.environ:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 def main() -> None:
-    """Console-script entry point (``gradsketch``)."""
-    app()
+    """Console-script entry point (``gradsketch``); under ``torchrun`` every rank runs the command and the
+    ranks share the work (``torchrun --nproc_per_node N -m gradsketch.cli attribute ...``)."""
+    started = _init_distributed_from_env()
+    try:
+        app()
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            try:
+                dist.barrier()  # no rank tears the group down while rank 0 still writes the outputs
+            finally:
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def attribute(entry: str | None = typer.Argument(None, help=ENTRY_HELP),
                                                            "[default: trak]"),
               kind: str | None = typer.Option(None, help="sketch kind (affd, afjl, qk, sjlt, fjl, ffd, dense) "
                                                          "[default: affd]"),
-              d: int | None = typer.Option(None, help="sketch dimension, 0 for exact gradients [default: 1024]"),
+              d: int | None = typer.Option(None, "--d", "--sketch-dim",
+                                           help="sketch dimension, 0 for exact gradients [default: 1024]; "
+                                                "--sketch-dim under torchrun, whose parser takes --d"),
               seed: int | None = typer.Option(None, help="sketch / Arnoldi seed [default: 0]"),
               mode: str | None = typer.Option(None, help="explicit, implicit or factored [default: explicit]"),
               k: int | None = typer.Option(None, help="proponents/opponents per test example [default: 10]"),
