@@ -42,6 +42,7 @@ def test_residual_stop_reports_the_work_and_keeps_the_top_pairs(setup):
     torch.testing.assert_close(a.eigenvalues_, top, rtol=0, atol=1e-3 * float(top.abs().max()))
 
 
+@pytest.mark.filterwarnings("ignore:damping.*numerically zero:RuntimeWarning")  # top_k = N: rank < N
 def test_hessian_subsample_uses_the_explicit_sub_mean(setup):
     task, (X, y), _, tr, _ = setup
     N = task.n_params
@@ -54,6 +55,7 @@ def test_hessian_subsample_uses_the_explicit_sub_mean(setup):
     assert float((exact - full).abs().max()) > 1e-3  # the subsample is a different operator
 
 
+@pytest.mark.filterwarnings("ignore:damping.*numerically zero:RuntimeWarning")  # top_k = N: rank < N
 def test_default_curvature_is_the_ggn_for_classifiers_and_all_of_a_small_training_set(setup):
     """curvature="auto": the GGN when the task declares outputs (Task.from_classifier), else the Hessian; the
     default hessian_subsample=1000 keeps every example of a smaller training set."""
@@ -69,6 +71,21 @@ def test_default_curvature_is_the_ggn_for_classifiers_and_all_of_a_small_trainin
     a = Attributor(plain, "arnoldi", n_iters=N, top_k=N).fit(tr, progress=False)
     torch.testing.assert_close(torch.sort(a.eigenvalues_).values, torch.linalg.eigvalsh(full_hessian(task, X, y)),
                                rtol=0, atol=1e-10)
+
+
+def test_warns_when_kept_eigenvalues_are_numerically_zero(setup):
+    """One curvature example: its GGN has rank ≤ 2 (3 classes), so top_k = 6 keeps numerically zero eigenvalues
+    whose 1/λ weights are noise; damping above them (or fewer pairs) is quiet."""
+    import warnings
+
+    task, _, _, tr, _ = setup
+    N = task.n_params
+    with pytest.warns(RuntimeWarning, match="numerically zero"):
+        Attributor(task, "arnoldi", n_iters=N, top_k=6, hessian_subsample=1).fit(tr, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        Attributor(task, "arnoldi", n_iters=N, top_k=6, hessian_subsample=1, damping=0.1).fit(tr, progress=False)
+        Attributor(task, "arnoldi", n_iters=N, top_k=2, hessian_subsample=1).fit(tr, progress=False)
 
 
 def test_options_are_checked():

@@ -258,6 +258,15 @@ class ArnoldiInfluence(_CurvatureMethod):
         damping = float(self._opt("damping", 0.0))
         self.eigenvalues_ = lam
         self.krylov_ = dict(eig.get("krylov", {}))
+        tiny = lam.abs() <= 1e-6 * float(lam.abs().max()) if lam.numel() else lam.bool()
+        if bool(tiny.any()) and damping < 1e-6 * float(lam.abs().max()):
+            # e.g. a curvature subsample whose rank is below top_k: 1/λ of a numerically zero λ is noise
+            warnings.warn(
+                f"damping: {int(tiny.sum())} of the {lam.numel()} kept eigenvalues are numerically zero "
+                f"(|λ| ≤ 1e-6·|λ_max|, smallest {float(lam.abs().min()):.3g}), so their weights 1/(λ + δ) with "
+                f"damping δ = {damping:g} are huge and the scores meaningless; expected a damping above "
+                f"{1e-6 * float(lam.abs().max()):.3g}, a smaller top_k, or more curvature examples "
+                "(hessian_subsample)", RuntimeWarning, stacklevel=2)
         c = torch.where((lam + damping).abs() > 0, 1.0 / (lam + damping), torch.zeros_like(lam))
         vecs = eig["eigenvectors"]
         comp.kernel = EigenOperator(c, vecs.to(torch.float64) if self.sketch is not None else None)
