@@ -262,3 +262,27 @@ def test_cli_attribute_under_torchrun_equals_one_process(tmp_path):
     for name in a.files:
         assert np.array_equal(a[name], b[name]), name
     assert '"world_size": 2' in (tmp_path / "two" / "summary.json").read_text()
+
+
+def test_rank_killed_mid_share_is_restarted_by_torchrun_and_the_store_ends_identical(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--max-restarts", "1", os.path.join(here, "_dist_kill_child.py"), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = torch.load(tmp_path / "killed.pt", weights_only=True)
+    assert out["restarts"] == 1  # the first attempt died (rank 1 killed itself) and torchrun restarted it
+    one = make_attributor(tmp_path / "one").fit(train_data(), progress=False)
+    top = one.topk(make_data(2, sizes=(5, 4)), k=4, progress=False)
+    for a, b in zip(out["top"], top):
+        assert torch.equal(a, b)
+    two_rows = sorted((tmp_path / "store").rglob("*.npy"))
+    one_rows = sorted((tmp_path / "one").rglob("*.npy"))
+    assert [p.name for p in two_rows] == [p.name for p in one_rows] and two_rows
+    for a, b in zip(two_rows, one_rows):
+        assert a.read_bytes() == b.read_bytes()
