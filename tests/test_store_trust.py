@@ -430,6 +430,9 @@ def test_cli_repair_of_store_level_damage(tmp_path, monkeypatch):
     assert files(store) == before
     r = runner.invoke(app, ["store", "verify", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "no gradsketch store" in r.output
+    r = runner.invoke(app, ["store", "verify", str(tmp_path / "ref")])  # the Attributor's root: name the stores
+    out = "".join(r.output.split())  # (long paths wrap)
+    assert r.exit_code == 2 and f"thestoresinsideitare{tmp_path / 'ref' / 'features_0'}" in out, r.output
 
 
 def test_store_under_a_regular_file_is_a_clear_error(tmp_path):

@@ -76,7 +76,9 @@ def check_store(path: str | Path) -> StoreReport:
     path = Path(path)
     report = StoreReport(path)
     if not os.path.lexists(path / "manifest.json"):
-        raise FileNotFoundError(f"path: no gradsketch store at {str(path)!r} (manifest.json not found)")
+        inner = sorted(str(p.parent) for p in path.glob("*/manifest.json")) if path.is_dir() else []
+        hint = f"; the stores inside it are {', '.join(inner)}" if inner else ""
+        raise FileNotFoundError(f"path: no gradsketch store at {str(path)!r} (manifest.json not found){hint}")
     try:
         st = GradientStore.open(path)
     except (StoreFileError, OSError) as e:
