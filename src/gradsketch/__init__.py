@@ -28,7 +28,16 @@ from .intrinsic import train as train_subspace
 from .linalg import LinearOperator, MatrixOperator
 from .model import FactoredSketch, Task, losses
 from .sketch import BlockSketch, Sketch, sketch, sketch_from_spec
-from .spectrum import DensityResult, SpectrumResult, SpectrumSeries, density, spectrum_over_checkpoints, trace
+from .spectrum import (
+    DensityResult,
+    LocalEnsemble,
+    SpectrumResult,
+    SpectrumSeries,
+    density,
+    local_ensemble_score,
+    spectrum_over_checkpoints,
+    trace,
+)
 from .store import CorruptChunkError, GradientStore, fingerprint_model
 from .store import fill as fill_store
 
@@ -43,7 +52,7 @@ __all__ = [
     "GradientStore", "CorruptChunkError", "fingerprint_model", "fill_store",
     "SubspaceModel", "intrinsic_dimension", "IntrinsicDimResult", "train_subspace",
     "spectrum", "SpectrumResult", "density", "DensityResult", "trace", "spectrum_over_checkpoints", "optim",
-    "SpectrumSeries",
+    "SpectrumSeries", "LocalEnsemble", "local_ensemble_score",
     "dynamics",
     "Entry", "load_entry", "datasets",
 ]

@@ -13,10 +13,12 @@ from ..report.spectrum import write_report
 from .checkpoints import SpectrumSeries, spectrum_over_checkpoints
 from .core import SpectrumResult, curvature_operator, spectrum
 from .density import DensityResult, density, trace
+from .local_ensembles import LocalEnsemble, local_ensemble_score
 
 __all__ = [
     "spectrum", "SpectrumResult", "curvature_operator",
     "density", "DensityResult", "trace",
+    "LocalEnsemble", "local_ensemble_score",
     "spectrum_over_checkpoints", "SpectrumSeries",
     "plot_eigenvalues", "plot_density", "plot_evolution", "write_report",
 ]
