@@ -25,7 +25,7 @@ class AttributeConfig:
     """Options of :func:`run_attribute` (and of ``gradsketch attribute``; the flags have the same names).
 
     Attributes:
-        method: grad-dot, grad-cos, tracin, trak, arnoldi or influence.
+        method: grad-dot, grad-cos, tracin, trak, arnoldi, influence, ekfac or kfac (any registered name).
         kind, d: the sketch (``d = 0``: exact gradients, no sketch); ``d`` larger than the number of
             parameters is lowered to it and the summary says so.
         seed: sketch and Arnoldi seed.
@@ -41,10 +41,10 @@ class AttributeConfig:
 
     Raises ValueError/TypeError in the form ``name: expected ..., got ...`` on any bad value:
 
-    >>> AttributeConfig(method="ekfac")
+    >>> AttributeConfig(method="lissa")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: method: expected one of ('grad-dot', 'grad-cos', 'tracin', 'trak', 'arnoldi', 'influence'), got 'ekfac'
+    ValueError: method: expected one of ('grad-dot', 'grad-cos', ..., 'influence', 'ekfac', 'kfac'), got 'lissa'
     """
 
     method: str = "trak"

@@ -1,0 +1,98 @@
+"""Attribution methods "ekfac" and "kfac" against explicit float64 formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradsketch
+from gradsketch import Attributor, Task
+from gradsketch.attribution import EKFACInfluence, KFACInfluence, registered_methods
+from gradsketch.curvature import GGNOperator, KFACOperator
+
+DT = torch.float64
+
+
+def _grads(task, data):
+    return torch.cat([task.grads(b) for b in data])
+
+
+def _mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    X, y = torch.randn(12, 3, dtype=DT), torch.randint(0, 3, (12,))
+    return Task.from_classifier(model), [(X[:7], y[:7]), (X[7:], y[7:])], [(torch.randn(5, 3, dtype=DT),
+                                                                           torch.randint(0, 3, (5,)))]
+
+
+def test_ekfac_on_a_one_layer_linear_model_is_ggn_influence():
+    # squared error on a linear layer: the GGN is exactly Kronecker (see test_kfac.py), so EK-FAC influence
+    # equals influence with the exact GGN at the same absolute damping
+    torch.manual_seed(1)
+    task = Task.from_classifier(nn.Linear(4, 3).to(DT), loss="mse")
+    X, T = torch.randn(10, 4, dtype=DT), torch.randn(10, 3, dtype=DT)
+    train, test = [(X[:6], T[:6]), (X[6:], T[6:])], [(torch.randn(4, 4, dtype=DT), torch.randn(4, 3, dtype=DT))]
+    a = Attributor(task, method="ekfac", damping=0.05).fit(train, progress=False)
+    assert isinstance(a, EKFACInfluence) and a.method == "ekfac"
+    G = GGNOperator(task, train).to_dense()
+    delta = 0.05 * float(torch.linalg.eigvalsh(G).mean())
+    assert a.damping_ == pytest.approx(delta, rel=1e-10)
+    K = torch.linalg.inv(G + delta * torch.eye(G.shape[0], dtype=DT))
+    gx, gz = _grads(task, test), _grads(task, train)
+    torch.testing.assert_close(a.score(test, progress=False), gx @ K @ gz.T, rtol=1e-8, atol=1e-10)
+    inf = Attributor(task, method="influence", curvature="ggn", damping=delta).fit(train, progress=False)
+    torch.testing.assert_close(a.score(test, progress=False), inf.score(test, progress=False), rtol=1e-8,
+                               atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [EKFACInfluence, KFACInfluence])
+def test_scores_self_influence_and_topk_follow_the_fitted_operator(cls):
+    task, train, test = _mlp()
+    a = cls(task, damping=0.2).fit(train, progress=False)
+    op = KFACOperator.fit(task, train, kind=cls.kfac_kind)
+    delta = 0.2 * float(op.eigenvalues().mean())
+    D = op.to_dense()
+    K = torch.linalg.inv(D + delta * torch.eye(D.shape[0], dtype=DT))
+    gx, gz = _grads(task, test), _grads(task, train)
+    S = a.score(test, progress=False)
+    torch.testing.assert_close(S, gx @ K @ gz.T, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(a.self_influence(progress=False), ((gz @ K) * gz).sum(1), rtol=1e-8, atol=1e-10)
+    tk = a.topk(test, k=3, progress=False)
+    torch.testing.assert_close(tk.values, S.topk(3, dim=1).values)
+
+
+def test_sketched_ekfac_stores_whitened_sketched_gradients(tmp_path):
+    task, train, test = _mlp()
+    S = gradsketch.sketch("dense", n=task.n_params, d=20, seed=3)
+    a = Attributor(task, method="ekfac", sketch=S, store=tmp_path / "s", store_dtype="float32").fit(
+        train, progress=False)
+    op = KFACOperator.fit(task, train)
+    delta = 0.1 * float(op.eigenvalues().mean())
+    w, V = torch.linalg.eigh(op.to_dense() + delta * torch.eye(task.n_params, dtype=DT))
+    R = V @ torch.diag(w.rsqrt()) @ V.T
+    Phi = S.matrix()
+    fx, fz = _grads(task, test) @ R @ Phi.T, _grads(task, train) @ R @ Phi.T
+    torch.testing.assert_close(a.score(test, progress=False), (fx @ fz.T).float(), rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "s" / "ekfac_0.pt").exists()   # the factors are saved with the store ...
+    b = Attributor(task, method="ekfac", sketch=S, store=tmp_path / "s", store_dtype="float32").fit(
+        train, progress=False)
+    assert "curvature" in b.timings_
+    torch.testing.assert_close(b.score(test, progress=False), a.score(test, progress=False))
+    # ... and a store of other factors (another damping) is not mixed up with these rows
+    c = Attributor(task, method="ekfac", sketch=S, store=tmp_path / "s", store_dtype="float32", damping=1.0)
+    with pytest.raises(ValueError, match="store|differ|spec"):
+        c.fit(train, progress=False)
+
+
+def test_options_are_validated_and_registered():
+    task, train, _ = _mlp()
+    assert {"ekfac", "kfac"} <= set(registered_methods())
+    with pytest.raises(ValueError, match="damping"):
+        Attributor(task, method="ekfac", damping=0.0)
+    with pytest.raises(ValueError, match="fisher"):
+        Attributor(task, method="kfac", fisher="true")
+    with pytest.raises(TypeError, match="ridge"):
+        Attributor(task, method="ekfac", ridge=1.0)
+    with pytest.raises(ValueError, match="mode"):
+        Attributor(task, method="ekfac", sketch=dict(d=8), mode="factored").fit(train, progress=False)
