@@ -330,12 +330,13 @@ class Influence(_CurvatureMethod):
     method_name = "influence"
 
     #: largest N for which the explicit solver builds H (or the GGN) as a dense matrix with batched torch.func
-    #: passes (curvature.dense) instead of N operator products (then ΦHΦᵀ = Φ(ΦH)ᵀ from its rows)
+    #: passes (curvature.dense) instead of N operator products (then ΦHΦᵀ = Φ(ΦH)ᵀ from its rows, when d ≥ N/4)
     dense_max_params = 8192
 
     def _dense(self, data: Iterable, sketch: Any, op: LinearOperator) -> Tensor:
-        if self.task.n_params > self.dense_max_params:
-            return op.to_dense()
+        N = self.task.n_params
+        if N > self.dense_max_params or (self.sketch is not None and 4 * sketch.d < N):
+            return op.to_dense()  # large N, or d products of the sketched operator are cheaper than N columns
         from ..curvature.dense import dense_curvature
 
         hdata = self._opt("hessian_data", None) or data
