@@ -6,12 +6,15 @@ correction).
 Damping: δ = ``damping`` · mean eigenvalue of K (the factors' scale, known once they are fitted; kronfluence
 uses the same heuristic with 0.1). K is positive semi-definite, so any δ > 0 gives a well-posed inverse.
 
-Without a sketch the stored rows are the exact loss gradients (the same rows as grad-dot, so the methods share
-a store) and the kernel is (K + δI)⁻¹, applied to each test gradient through the per-layer eigenbases. With a
-sketch Φ the stored rows are Φ (K + δI)^{-1/2} ∇ℓ(z) on both sides (kernel: the identity), so that
-⟨Φ K^{-1/2} g(x), Φ K^{-1/2} g(z)⟩ estimates the same score (E ΦᵀΦ = I) in d columns per example. The
-factors are fitted once per model state (on ``factor_data``, default the training batches) and saved next to
-the store (``torch.save`` of tensors and plain metadata, read back with ``weights_only=True``).
+The stored rows are the loss gradients, exact or sketched (the same rows as grad-dot and sketched influence,
+so the methods share a store). Without a sketch the kernel is (K + δI)⁻¹, applied to each test gradient
+through the per-layer eigenbases. With a sketch Φ it is (Φ K Φᵀ + δI)⁻¹, the d × d compression of K (built
+from d products with K, each a few small per-layer matrix products), exactly as sketched influence
+compresses the Hessian. (Whitening before sketching, rows Φ(K + δI)^{-1/2}∇ℓ, was tried and rejected: the
+whitened gradients spread over most of the N directions, so at d = 2048 the sketched inner products were
+noise, LDS 0.02 against 0.31 unsketched on a small CNN.) The factors are fitted once per model state (on
+``factor_data``, default the training batches) and saved next to the store (``torch.save`` of tensors and
+plain metadata, read back with ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import Tensor
 
 from .._validation import check_choice, check_int, check_real
 from ..curvature.kfac import FISHERS, KFACOperator
-from ..sketch.base import SketchOperator
+from ..linalg import dense_inverse
 from . import methods as _builtin  # noqa: F401  (the built-in methods register first: registry order)
 from .base import Attributor, Component, register_method
 from .options import CommonOptions
@@ -50,36 +53,6 @@ class EKFACOptions(CommonOptions):
         self.fisher = check_choice(self.fisher, "fisher", FISHERS)
         self.mc_samples = check_int(self.mc_samples, "mc_samples", minimum=1)
         self.seed = check_int(self.seed, "seed", minimum=0)
-
-
-class _WhitenedSketch(SketchOperator):
-    """x ↦ Φ (K + δI)^{-1/2} x: the stored rows of sketched (E)K-FAC influence."""
-
-    def __init__(self, base: Any, root: Any, task: Any, tag: str, factors_hash: str, damping: float) -> None:
-        self.base, self.root, self.sizes = base, root, list(task.param_sizes)
-        self.n, self.d = int(base.n), int(base.d)
-        self.kind = tag
-        base_spec = getattr(base, "spec", {"kind": type(base).__name__, "n": self.n, "d": self.d})
-        self._spec = {"kind": tag, "n": self.n, "d": self.d, "base": base_spec, "factors": factors_hash,
-                      "damping": damping}
-        self._init_operator(self.n, self.d, getattr(base, "device", "cpu"))
-
-    @property
-    def spec(self) -> dict:
-        return dict(self._spec)
-
-    def __call__(self, x: Tensor, out_dtype: Any = None, nan_policy: Any = None) -> Tensor:
-        y = self.root(x).to(x.dtype)
-        out = self.base.apply_blocks(list(torch.split(y, self.sizes, dim=-1)))
-        return out if out_dtype is None else out.to(out_dtype)
-
-    def _adjoint_rows(self, y: Tensor, out_dtype: Any = None, nan_policy: Any = None) -> Tensor:
-        x = torch.cat(self.base.adjoint_blocks(y, self.sizes), dim=-1)
-        out = self.root(x)
-        return out if out_dtype is None else out.to(out_dtype)
-
-    def to(self, device: Any) -> _WhitenedSketch:
-        return self
 
 
 def _hash_state(state: dict) -> str:
@@ -113,14 +86,6 @@ class EKFACInfluence(Attributor):
     def _reset_fit(self) -> None:
         self.damping_s_: list[float] = []
 
-    def _check_mode(self) -> None:
-        if self.mode == "factored":
-            raise ValueError(f"mode: {self.method!r} stores K^(-1/2)-whitened gradients, which need the explicit "
-                             "per-example gradient; expected mode='explicit', got 'factored'")
-
-    def feature_kind(self) -> str:
-        return "loss-gradient" if self.sketch is None else f"{self.kfac_kind}-whitened"
-
     def _factors(self, comp: Component, data: Iterable, progress: bool) -> tuple[KFACOperator, float]:
         """The fitted operator of this model state (cached next to the store) and the absolute damping."""
         if "kfac" in comp.info:
@@ -149,24 +114,29 @@ class EKFACInfluence(Attributor):
         self._time("curvature", t0)
         return op, damping
 
-    def feature_sketch(self, comp: Component, data: Iterable, sketch: Any, progress: bool) -> Any:
-        self._check_mode()
-        if self.sketch is None:
-            return sketch
-        op, damping = self._factors(comp, data, progress)
-        return _WhitenedSketch(sketch, op.power(-0.5, damping), self.task, f"{self.kfac_kind}-whitened",
-                               comp.info["factors"], damping)
-
-    def _feature_mode(self, comp: Component) -> str:
-        return "explicit" if isinstance(comp.sketch, _WhitenedSketch) else super()._feature_mode(comp)
-
     def finalise(self, comp: Component, data: Iterable, progress: bool) -> None:
         op, damping = self._factors(comp, data, progress)
-        comp.kernel = op.inverse(damping) if self.sketch is None else None
+        if self.sketch is None:
+            comp.kernel = op.inverse(damping)
+        else:
+            comp.kernel = dense_inverse(_compress(op, comp.sketch, self.task.param_sizes), damping)
         comp.info["damping_abs"] = damping
         self.curvature_ = op
         self.damping_ = damping
         self.damping_s_.append(damping)
+
+
+def _compress(op: KFACOperator, sketch: Any, sizes: list[int], rows: int = 256) -> Tensor:
+    """Φ K Φᵀ ``[d, d]`` float64 from the rows of Φ (``rows`` at a time): (Φ K)ᵢ = K Φᵢ (K symmetric)."""
+    d = int(sketch.d)
+    eye = torch.eye(d, dtype=torch.float64, device=op.device)
+    KPt = []
+    for lo in range(0, d, rows):
+        Pt = torch.cat([b.to(torch.float64) for b in sketch.adjoint_blocks(eye[lo:lo + rows], sizes)], dim=-1)
+        KPt.append(op(Pt))                                                  # rows K Φᵀ e_i, [r, N]
+    M = torch.cat(KPt)                                                      # Φ K [d, N]
+    out = sketch.apply_blocks(list(torch.split(M, sizes, dim=-1))).to(torch.float64)   # Φ K Φᵀ [d, d]
+    return 0.5 * (out + out.T)
 
 
 class KFACInfluence(EKFACInfluence):
