@@ -329,24 +329,6 @@ class Influence(_CurvatureMethod):
     options_cls = InfluenceOptions
     method_name = "influence"
 
-    #: largest N for which the explicit solver builds H (or the GGN) as a dense matrix with batched torch.func
-    #: passes (curvature.dense) instead of N operator products (then ΦHΦᵀ = Φ(ΦH)ᵀ from its rows, when d ≥ N/4)
-    dense_max_params = 8192
-
-    def _dense(self, data: Iterable, sketch: Any, op: LinearOperator) -> Tensor:
-        N = self.task.n_params
-        if N > self.dense_max_params or (self.sketch is not None and 4 * sketch.d < N):
-            return op.to_dense()  # large N, or d products of the sketched operator are cheaper than N columns
-        from ..curvature.dense import dense_curvature
-
-        hdata = self._opt("hessian_data", None) or data
-        H = dense_curvature(self.task, hdata, kind=self._opt("curvature", "hessian"))
-        if self.sketch is None:
-            return H
-        sizes = list(self.task.param_sizes)
-        HS = sketch.apply_blocks(list(torch.split(H, sizes, dim=1)))          # rows Φ h_i: H Φᵀ [N, d]
-        return sketch.apply_blocks(list(torch.split(HS.T.contiguous(), sizes, dim=1)))   # Φ H Φᵀ [d, d]
-
     def finalise(self, comp: Component, data: Iterable, progress: bool) -> None:
         solver = self._opt("solver", "explicit")
         damping = float(self._opt("damping", 0.01))
@@ -355,7 +337,7 @@ class Influence(_CurvatureMethod):
             if op.shape[0] > 8192:
                 raise ValueError(f"solver: 'explicit' builds a {op.shape[0]}×{op.shape[0]} matrix; expected "
                                  "at most 8192 rows: use a sketch or solver='cg'")
-            K = self._dense(data, comp.sketch, op)
+            K = op.to_dense()
             comp.kernel = dense_inverse(K, damping)
             if isinstance(comp.kernel, EigenOperator):  # Cholesky failed: K + δI is not positive definite
                 lam_min = float(torch.linalg.eigvalsh((K + K.T).to(torch.float64) / 2)[0])
