@@ -109,6 +109,7 @@ def gradsketch_runs(model: nn.Module, Xtr, ytr, Xte, yte) -> list[tuple[str, dic
             (f"TRAK, affd d={d}", "trak", dict(sketch=dict(kind="affd", d=d))),
             ("EK-FAC", "ekfac", {}), ("K-FAC", "kfac", {}),
             (f"EK-FAC, affd d={d}", "ekfac", dict(sketch=dict(kind="affd", d=d))),
+            ("EK-FAC, fisher='mc' (one sampled label, as kronfluence)", "ekfac", dict(fisher="mc")),
             ("Arnoldi (200 it, top 100)", "arnoldi", {})]
     # influence (explicit) is left out at this scale: N = 5,994 dense Hessian columns (or d = 2,048 sketched
     # ones) over 5,000 images cost 30x (10x) Arnoldi's 200 Hessian products on this shared 2-core machine
