@@ -143,8 +143,16 @@ def _attr_worker(rank, init_file, out_dir):
     att._featurise, att._score_block = spy_featurise, spy_score
     att.fit(train_data(), progress=False)
     top = att.topk(make_data(2, sizes=(5, 4)), k=4, progress=False)
+    errors = []
+    for bad, data in (({**ATT, "sketch": {"kind": "sjlt", "d": 16, "seed": rank}}, train_data()),
+                      (ATT, train_data()[:5] if rank else train_data())):
+        try:
+            gradsketch.Attributor(make_task(), "trak", store=f"{out_dir}/bad", **bad).fit(data, progress=False)
+            errors.append("no error")
+        except ValueError as e:
+            errors.append(str(e))
     torch.save({"top": tuple(top), "self": att.self_influence(progress=False), "shares": shares,
-                "scored": scored[0]}, f"{out_dir}/att{rank}.pt")
+                "scored": scored[0], "errors": errors}, f"{out_dir}/att{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -155,6 +163,11 @@ def test_attributor_fit_topk_self_influence_under_two_ranks(tmp_path):
     one = make_attributor(tmp_path / "one").fit(train_data(), progress=False)
     top = one.topk(make_data(2, sizes=(5, 4)), k=4, progress=False)
     si = one.self_influence(progress=False)
+    # mismatched settings: the same one-line error on both ranks, before any work
+    assert outs[0]["errors"] == outs[1]["errors"]
+    assert outs[0]["errors"][0].startswith("sketch: expected the same value on every rank, got rank 0: ")
+    assert outs[0]["errors"][1] == ("train_data (its length): expected the same value on every rank, got "
+                                    "rank 0: 6, rank 1: 5")
     # the work was split: each rank featurised its share and scored only its blocks (47 rows, blocks of 8)
     assert [out["shares"][0] for out in outs] == [(0, 2), (1, 2)]
     assert sorted(out["scored"] for out in outs) == [23, 24]

@@ -573,9 +573,13 @@ class Attributor:
             raise TypeError("train_data: expected a re-iterable of batches (list, DataLoader), got a one-shot "
                             f"{type(train_data).__name__}")
         check_sequential(train_data, "train_data")  # row j must be example j on every pass
+        if is_distributed() and rank_and_world()[1] > 1:  # ranks that disagree fail together, never hang
+            check_same(self.method, "method")
+            check_same(getattr(self.sketch, "spec", self.sketch), "sketch")
+            check_same(len(train_data) if hasattr(train_data, "__len__") else None, "train_data (its length)")
+            check_same(self.store is not None and str(self.store.resolve()), "store (its path)")
         if is_distributed() and self.store is not None and rank_and_world()[1] > 1:
             # every rank writes its share of the one store, then all finalise from the complete store
-            check_same(str(self.store.resolve()), "store (its path)")
             self.featurise(train_data, progress=progress)
             barrier()
         self.skipped_indices_ = []
