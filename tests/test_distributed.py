@@ -264,11 +264,11 @@ def test_cli_attribute_under_torchrun_equals_one_process(tmp_path):
     args = ["attribute", "tiny_entry:build", "--method", "trak", "--kind", "sjlt", "--sketch-dim", "16", "--k", "3",
             "--no-progress"]
     one = subprocess.run([sys.executable, "-m", "gradsketch", *args, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "gradsketch", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = np.load(tmp_path / "one" / "attribution.npz"), np.load(tmp_path / "two" / "attribution.npz")
     assert sorted(a.files) == sorted(b.files)
@@ -286,7 +286,7 @@ def test_rank_killed_mid_share_is_restarted_by_torchrun_and_the_store_ends_ident
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "--max-restarts", "1", os.path.join(here, "_dist_kill_child.py"), str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = torch.load(tmp_path / "killed.pt", weights_only=True)
     assert out["restarts"] == 1  # the first attempt died (rank 1 killed itself) and torchrun restarted it
