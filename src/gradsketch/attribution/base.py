@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -519,7 +520,7 @@ class Attributor:
         default to the process group's.
         Returns ``self`` (not fitted: call :meth:`fit` to score).
         """
-        from ..model._batch import is_reiterable
+        from ..model._batch import check_batches, is_reiterable
         from ..store import fingerprint_model
 
         if self.store is None:
@@ -535,6 +536,7 @@ class Attributor:
                 raise ValueError(f"world_size: expected an integer >= 1, got {world_size!r}")
             if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
                 raise ValueError(f"rank: expected an integer in [0, {world_size}), got {rank!r}")
+        check_batches(train_data, "train_data")
         if not is_reiterable(train_data):
             raise TypeError("train_data: expected a re-iterable of batches (list, DataLoader), got a one-shot "
                             f"{type(train_data).__name__}")
@@ -566,9 +568,10 @@ class Attributor:
         the rows (:meth:`featurise`), waits for the others, and finalises from the complete store; a rank
         restarted by ``torchrun`` resumes from the chunks already written. :meth:`topk` and
         :meth:`self_influence` then split the training rows over ranks and merge."""
-        from ..model._batch import is_reiterable
+        from ..model._batch import check_batches, is_reiterable
         from ..store import fingerprint_model
 
+        check_batches(train_data, "train_data")
         if not is_reiterable(train_data):
             raise TypeError("train_data: expected a re-iterable of batches (list, DataLoader), got a one-shot "
                             f"{type(train_data).__name__}")
@@ -632,6 +635,9 @@ class Attributor:
 
     def _test_chunks(self, test_data: Iterable, progress: bool, rows: int):
         """Yields ``(row_start, [ψ_c [m, d_c] for each component])`` with ψ = w_c · M_c t_c(φ_c(x))."""
+        from ..model._batch import check_batches
+
+        check_batches(test_data, "test_data")
         comps = self._components
         if len(comps) == 1 and comps[0].state is None:
             comp = comps[0]
@@ -701,7 +707,10 @@ class Attributor:
         self._check_fitted()
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k: expected an integer >= 1, got {k!r}")
-        k = min(k, self.n_train_)
+        if k > self.n_train_:
+            warnings.warn(f"k: {k} is larger than the {self.n_train_} training examples; returning all "
+                          f"{self.n_train_} (k = {self.n_train_})", UserWarning, stacklevel=2)
+            k = self.n_train_
         dt = self._score_dtype()
         outs: list[tuple[Tensor, ...]] = []
         for _, psis in self._test_chunks(test_data, progress, int(self._opt("test_block_rows", 1024))):

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from ..linalg.operator import LinearOperator
-from ..model._batch import SplitBatch, data_len, is_reiterable, progress_iter
+from ..model._batch import SplitBatch, check_batches, data_len, is_reiterable, progress_iter
 
 if TYPE_CHECKING:
     from ..model.task import Task
@@ -48,6 +48,7 @@ class CurvatureOperator(LinearOperator):
         damping = float(damping)
         if damping < 0:
             raise ValueError(f"damping: expected a number >= 0, got {damping}")
+        check_batches(data, "data")
         if mode in ("full", "stochastic") and not is_reiterable(data):
             raise TypeError(f"data: mode={mode!r} iterates the data more than once; expected a re-iterable "
                             f"(list, DataLoader), got a one-shot {type(data).__name__}")

@@ -101,6 +101,27 @@ def is_reiterable(data: Iterable) -> bool:
     return iter(data) is not data
 
 
+def check_batches(data: Any, name: str) -> None:
+    """Refuse the common mistake of passing one batch ``(X, Y)`` where an iterable of batches ``[(X, Y)]`` is
+    expected (iterating ``(X, Y)`` would yield ``X`` and then ``Y`` as "batches", and the loss fails far away
+    with "too many values to unpack"): a tuple of 2–3 tensors with one leading dimension.
+
+    >>> import torch
+    >>> check_batches([(torch.ones(4, 2), torch.zeros(4))], "train_data")   # a list of batches: fine
+    >>> check_batches((torch.ones(4, 2), torch.zeros(4)), "train_data")
+    Traceback (most recent call last):
+    ...
+    TypeError: train_data: expected an iterable of batches such as [(X, Y)] or a DataLoader, got one batch (X, Y) of 2 tensors with 4 examples; wrap it in a list: [(X, Y)] (or pass a list if these are batches)
+    """
+    if (isinstance(data, tuple) and 2 <= len(data) <= 3 and all(isinstance(t, Tensor) for t in data)
+            and all(t.ndim >= 1 for t in data) and len({int(t.shape[0]) for t in data}) == 1):
+        n = int(data[0].shape[0])
+        names = "(X, Y)" if len(data) == 2 else "(X, Y, W)"
+        raise TypeError(f"{name}: expected an iterable of batches such as [{names}] or a DataLoader, got one "
+                        f"batch {names} of {len(data)} tensors with {n} examples; wrap it in a list: [{names}] "
+                        f"(or pass a list if these are batches)")
+
+
 def data_len(data: Iterable) -> int | None:
     try:
         return len(data)  # type: ignore[arg-type]

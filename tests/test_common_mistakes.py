@@ -1,0 +1,43 @@
+"""Common mistakes get a message that names the fix (issue 19): one batch (X, Y) passed where an iterable of
+batches is expected, and a top-k larger than the training set."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradsketch
+
+
+def setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    task = gradsketch.Task.from_classifier(model)
+    X, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    return task, X, y
+
+
+def test_one_batch_instead_of_a_list_of_batches_names_the_fix():
+    task, X, y = setup()
+    msg = r"train_data: expected an iterable of batches such as \[\(X, Y\)\] .* wrap it in a list: \[\(X, Y\)\]"
+    with pytest.raises(TypeError, match=msg):
+        gradsketch.Attributor(task, "grad-dot").fit((X, y), progress=False)
+    att = gradsketch.Attributor(task, "grad-dot").fit([(X, y)], progress=False)  # the fix works
+    with pytest.raises(TypeError, match=r"test_data: expected an iterable of batches"):
+        att.topk((X[:3], y[:3]), k=2, progress=False)
+    with pytest.raises(TypeError, match=r"data: expected an iterable of batches"):
+        task.hessian((X, y))
+    # a list of batches, or a tuple of batches, is accepted
+    gradsketch.Attributor(task, "grad-dot").fit(((X[:6], y[:6]), (X[6:], y[6:])), progress=False)
+
+
+def test_topk_larger_than_the_training_set_says_so():
+    task, X, y = setup()
+    att = gradsketch.Attributor(task, "grad-dot").fit([(X, y)], progress=False)
+    with pytest.warns(UserWarning, match=r"k: 50 is larger than the 12 training examples; returning all 12"):
+        top = att.topk([(X[:2], y[:2])], k=50, progress=False)
+    assert top.indices.shape == (2, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        att.topk([(X[:2], y[:2])], k=12, progress=False)  # k = n_train: no warning
