@@ -108,10 +108,10 @@ def check_batches(data: Any, name: str) -> None:
 
     >>> import torch
     >>> check_batches([(torch.ones(4, 2), torch.zeros(4))], "train_data")   # a list of batches: fine
-    >>> check_batches((torch.ones(4, 2), torch.zeros(4)), "train_data")
+    >>> check_batches((torch.ones(4, 2), torch.zeros(4)), "train_data")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    TypeError: train_data: expected an iterable of batches such as [(X, Y)] or a DataLoader, got one batch (X, Y) of 2 tensors with 4 examples; wrap it in a list: [(X, Y)] (or pass a list if these are batches)
+    TypeError: train_data: expected an iterable of batches such as [(X, Y)] or a DataLoader, got one batch ...
     """
     if (isinstance(data, tuple) and 2 <= len(data) <= 3 and all(isinstance(t, Tensor) for t in data)
             and all(t.ndim >= 1 for t in data) and len({int(t.shape[0]) for t in data}) == 1):
