@@ -41,3 +41,15 @@ def test_topk_larger_than_the_training_set_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         att.topk([(X[:2], y[:2])], k=12, progress=False)  # k = n_train: no warning
+
+
+def test_float64_model_with_float32_data_names_both_dtypes_and_the_fix():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3, dtype=torch.float64))
+    task = gradsketch.Task.from_classifier(model)
+    X, y = torch.randn(6, 4), torch.randint(0, 3, (6,))  # float32 inputs
+    msg = (r"batch: the model's parameters are float64 but the batch holds float32 tensors .*convert the data "
+           r"\(e\.g\. x\.to\(torch\.float64\)\) or the model \(model\.to\(torch\.float32\)\)")
+    with pytest.raises(TypeError, match=msg):
+        gradsketch.Attributor(task, "grad-dot").fit([(X, y)], progress=False)
+    gradsketch.Attributor(task, "grad-dot").fit([(X.double(), y)], progress=False)  # the fix works

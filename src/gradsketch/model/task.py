@@ -327,7 +327,18 @@ class Task:
             return
         p = {n: t.detach().requires_grad_(True) for n, t in self.params_dict().items()}
         with torch.enable_grad():
-            out = self.losses_at(p, split.rebuild(), split.size)
+            try:
+                out = self.losses_at(p, split.rebuild(), split.size)
+            except RuntimeError as e:  # name the common cause: data and model in different float dtypes
+                other = sorted({str(t.dtype).replace("torch.", "") for t in split.leaves
+                                if t.is_floating_point() and t.dtype != self.dtype})
+                if other and "dtype" in str(e).lower():
+                    model_dt = str(self.dtype).replace("torch.", "")
+                    raise TypeError(
+                        f"batch: the model's parameters are {model_dt} but the batch holds {', '.join(other)} "
+                        f"tensors ({e}); convert the data (e.g. x.to(torch.{model_dt})) or the model "
+                        f"(model.to(torch.{other[0]}))") from e
+                raise
             gs = torch.autograd.grad(out.sum(), list(p.values()), allow_unused=True)
         dead = [n for n, g in zip(p, gs) if g is None]
         if dead:
