@@ -31,7 +31,9 @@ class KillAfter:
 
 def main(out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    from gradsketch.linalg.distributed import init_from_env
+
+    assert init_from_env("gloo")  # each attempt under its own store prefix: a restarted group never hangs
     att = make_attributor(f"{out_dir}/store")
     att.fit(KillAfter(train_data(), at=4), progress=False)
     top = att.topk(make_data(2, sizes=(5, 4)), k=4, progress=False)

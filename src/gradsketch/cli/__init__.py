@@ -63,21 +63,13 @@ def _init_distributed_from_env() -> bool:
     (NCCL with CUDA, else gloo) so that the library's calls share the work; returns whether it did."""
     import os
 
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return False
-    if world <= 1 or "RANK" not in os.environ:
-        return False
     import torch
-    import torch.distributed as dist
 
-    if dist.is_initialized():
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
+    from ..linalg.distributed import init_from_env
+
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return init_from_env()
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from .._validation import check_int, describe
 from .operator import LinearOperator
 
 __all__ = ["rank_and_world", "shard_range", "shard_weight", "AllReduceOperator", "merge_topk", "check_same",
-           "is_distributed", "barrier", "all_gather_objects"]
+           "is_distributed", "barrier", "all_gather_objects", "init_from_env"]
 
 
 def _dist():
@@ -57,6 +57,40 @@ def rank_and_world(group: Any = None) -> tuple[int, int]:
         return 0, 1
     dist = _dist()
     return int(dist.get_rank(group)), int(dist.get_world_size(group))
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool:
+    """Initialise the default process group from ``torchrun``'s environment (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``); returns whether it did (nothing when ``WORLD_SIZE`` ≤ 1 or a group
+    exists). Meant for scripts and the command line, not for library calls.
+
+    The keys of every attempt live under their own prefix (``TORCHELASTIC_RESTART_COUNT``): after
+    ``torchrun --max-restarts`` restarts a failed group, the new ranks never read the addresses the dead
+    attempt left in the rendezvous store (which made a restarted gloo group wait in ``init_process_group``).
+    Backend: NCCL with CUDA, else gloo, unless given.
+    """
+    import datetime
+    import os
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ["RANK"])
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError):
+        return False
+    if world <= 1 or is_distributed():
+        return False
+    dist = _dist()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(host, port, world_size=world, is_master=(rank == 0 and not agent_store),
+                          timeout=timeout, wait_for_workers=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.PrefixStore(f"gradsketch/attempt{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)
+    return True
 
 
 def barrier(group: Any = None) -> None:
