@@ -64,6 +64,11 @@ def _batch_statistics(mod: nn.Module) -> bool:
     return bool(mod.training) or (mod.running_mean is None and mod.running_var is None)
 
 
+
+class DtypeMismatchError(TypeError, RuntimeError):
+    """The batch's floating tensors and the model's parameters have different dtypes. A ``TypeError`` that is
+    also the ``RuntimeError`` torch raises for it, so existing handlers keep working."""
+
 class Task:
     """A model, a per-example loss and the parameters to differentiate.
 
@@ -334,7 +339,7 @@ class Task:
                                 if t.is_floating_point() and t.dtype != self.dtype})
                 if other and "dtype" in str(e).lower():
                     model_dt = str(self.dtype).replace("torch.", "")
-                    raise TypeError(
+                    raise DtypeMismatchError(
                         f"batch: the model's parameters are {model_dt} but the batch holds {', '.join(other)} "
                         f"tensors ({e}); convert the data (e.g. x.to(torch.{model_dt})) or the model "
                         f"(model.to(torch.{other[0]}))") from e
