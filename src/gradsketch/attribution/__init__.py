@@ -12,11 +12,13 @@ from ._data import batches
 from ._features import DataMismatchError, StoreMismatchError
 from .attributor import METHODS, classification_margin
 from .base import Attributor, TopK, method_class, register_method, registered_methods, unregister_method
+from .damping import DEFAULT_DAMPING, damped_inverse, damped_reciprocal
 from .kfac_methods import EKFACInfluence, EKFACOptions, KFACInfluence  # registers "ekfac", "kfac"
 from .methods import TRAK, ArnoldiInfluence, GradCos, GradDot, Influence, TracIn
 from .options import (
     ArnoldiOptions,
     CommonOptions,
+    CurvatureOptions,
     GradDotOptions,
     InfluenceOptions,
     TracInOptions,
@@ -25,7 +27,8 @@ from .options import (
 )
 
 __all__ = ["Attributor", "TopK", "METHODS", "classification_margin", "batches", "DataMismatchError",
-           "StoreMismatchError", "options_for", "CommonOptions", "GradDotOptions", "TracInOptions", "TRAKOptions",
-           "ArnoldiOptions", "InfluenceOptions", "GradDot", "GradCos", "TracIn", "TRAK", "ArnoldiInfluence",
-           "Influence", "EKFACInfluence", "KFACInfluence", "EKFACOptions",
-           "register_method", "unregister_method", "registered_methods", "method_class"]
+           "StoreMismatchError", "options_for", "CommonOptions", "CurvatureOptions", "GradDotOptions",
+           "TracInOptions", "TRAKOptions", "ArnoldiOptions", "InfluenceOptions", "GradDot", "GradCos", "TracIn",
+           "TRAK", "ArnoldiInfluence", "Influence", "EKFACInfluence", "KFACInfluence", "EKFACOptions",
+           "register_method", "unregister_method", "registered_methods", "method_class", "DEFAULT_DAMPING",
+           "damped_inverse", "damped_reciprocal"]

@@ -16,18 +16,23 @@ grad-dot       Φ∇ℓ(z)                             I                        
 grad-cos       Φ∇ℓ(z)/‖Φ∇ℓ(z)‖                    I                                     (gradient similarity)
 tracin         Φ∇ℓ_c(z), w_c = η_c                I                                     Pruthi et al. 2020
 trak           Φ∇f(z) (f = margin_fn) or Φ∇ℓ(z)   (Σ_z φ(z)φ(z)ᵀ + λI)⁻¹, q = 1 − σ(f)  Park et al. 2023
-arnoldi        p_i(z) = ⟨u_i, Φ∇ℓ(z)⟩ (i ≤ k)     diag(1/(λ_i + δ))                     Schioppa et al. 2022
-influence      Φ∇ℓ(z) (Φ = I: exact gradients)    (ΦHΦᵀ + δI)⁻¹ (explicit, CG, LiSSA)   Koh & Liang 2017
+arnoldi        p_i(z) = ⟨u_i, Φ∇ℓ(z)⟩ (i ≤ k)     diag(1/(|λ_i| + δ))                   Schioppa et al. 2022
+influence      Φ∇ℓ(z) (Φ = I: exact gradients)    (|ΦHΦᵀ| + δI)⁻¹ (explicit, CG, LiSSA) Koh & Liang 2017
 =============  =================================  ====================================  ==================
 
 Φ is the sketch (``sketch=None``: the identity, i.e. exact gradients); (λ_i, u_i) are the top-k eigenpairs of
 the Hessian H of the mean training loss (or of the sketched Hessian ΦHΦᵀ) found by Arnoldi + distill.
 
+**One damping rule** for every influence-type method (:mod:`gradsketch.attribution.damping`): the kernel is
+(|K| + δI)⁻¹ for the curvature K that is inverted (eigenvalues by absolute value, plus ``damping`` δ, default
+3e-3 for every method, chosen on validation data), positive definite even for an indefinite Hessian; for a
+PSD K (GGN) it is (K + δI)⁻¹.
+
 **Sign convention** (as TRAK): a positive score means the training example *supports* the test prediction:
 up-weighting z lowers the loss on x (score ≈ −dℓ(x)/dε for ℓ_total + ε ℓ(z), up to the 1/n factor and
 the curvature model). A training example that duplicates a test example therefore has a large positive
 score, and self-influence (score(z, z)) is ≥ 0 for every PSD M. The influence-function score is
-g(x)ᵀ(H + δI)⁻¹g(z) = −I_up,loss(z, x) of Koh & Liang.
+g(x)ᵀ(H + δI)⁻¹g(z) = −I_up,loss(z, x) of Koh & Liang (for a PSD H; see the damping rule above).
 
 **TRAK ensembles** (Park et al. 2023, Algorithm 1; as the ``traker`` package): with M model states
 (``models=`` independently trained models, or ``checkpoints=``) the score is

@@ -218,12 +218,13 @@ class Attributor:
         the ensemble to average over (an alternative spelling of ``checkpoints``; not both).
         trak: ``margin_fn`` (model, batch) -> [B] output function (see :func:`classification_margin`),
         ``ridge`` (λ = ridge · tr(ΦᵀΦ) / min(n_train, d); default 1.0).
-        arnoldi: ``n_iters`` (200, the Krylov dimension at most), ``top_k`` (100), ``curvature`` ("hessian" |
-        "ggn"), ``hessian_data`` (batches for the HVPs, default the training data), ``hessian_subsample``
-        (None | examples | fraction), ``block_size`` (Krylov vectors per data pass), ``tol`` (residual stop),
-        ``positive_only`` (False), ``damping`` δ, ``seed`` (0), ``krylov_store`` ("device" | "host"), ``start``
-        ("parameter" | "sketch").
-        influence: ``solver`` ("explicit" | "cg" | "lissa"), ``damping`` δ, ``curvature``,
+        Influence-type methods share one damping rule, kernel (|K| + δI)⁻¹ (:mod:`.damping`).
+        arnoldi: ``n_iters`` (200, the Krylov dimension at most), ``top_k`` (100), ``curvature`` ("auto" |
+        "hessian" | "ggn"), ``hessian_data`` (batches for the HVPs, default the training data),
+        ``hessian_subsample`` (None | examples | fraction), ``block_size`` (Krylov vectors per data pass), ``tol``
+        (residual stop), ``positive_only`` (False), ``damping`` δ (3e-3), ``seed`` (0), ``krylov_store``
+        ("device" | "host"), ``start`` ("parameter" | "sketch").
+        influence: ``solver`` ("explicit" | "cg" | "lissa"), ``damping`` δ (3e-3), ``curvature``,
         ``hessian_data``, ``tol``, ``maxiter`` (cg), ``depth``, ``scale`` (lissa).
 
     Attributes

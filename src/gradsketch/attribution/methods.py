@@ -27,6 +27,7 @@ from torch import Tensor
 from ..linalg import EigenOperator, LinearOperator, dense_inverse, gram, inverse, ridge_inverse
 from ._features import ProjectionSketch, sketch_spec
 from .base import Attributor, Component, describe_callable, register_method
+from .damping import damped_inverse, damped_reciprocal
 from .options import ArnoldiOptions, GradDotOptions, InfluenceOptions, TracInOptions, TRAKOptions
 
 
@@ -183,15 +184,24 @@ class TRAK(Attributor):
 
 class _CurvatureMethod(Attributor):
     """Shared by the curvature-based methods: the Hessian or GGN operator of the mean training loss (on
-    ``hessian_data``), sketched to ``S @ H @ S.T`` when the fit has a sketch."""
+    ``hessian_data``), sketched to ``S @ H @ S.T`` when the fit has a sketch, inverted by the one damping rule
+    (|K| + δI)⁻¹ (:mod:`gradsketch.attribution.damping`)."""
+
+    def _has_ggn(self) -> bool:
+        return self.task.output_fn is not None and self.task.loss_on_output is not None
+
+    def _curvature(self) -> str:
+        """The curvature the method inverts: the ``curvature`` option, or (``None``/``"auto"``) the method's
+        default (here: the GGN when the task declares its outputs, else the Hessian)."""
+        c = self._opt("curvature")
+        if c is None or c == "auto":
+            return "ggn" if self._has_ggn() else "hessian"
+        return c
 
     def _curvature_op(self, data: Iterable, sketch: Any, block: bool = False) -> Any:
         from ..curvature import GGNOperator, HessianOperator, sketched, subsample_data
 
-        curv = self._opt("curvature", "hessian")
-        if curv == "auto":  # Arnoldi's default: the GGN when the task declares its outputs
-            has_outputs = self.task.output_fn is not None and self.task.loss_on_output is not None
-            curv = "ggn" if has_outputs else "hessian"
+        curv = self._curvature()
         hdata = self._opt("hessian_data", None) or data
         sub = self._opt("hessian_subsample", None)
         if sub is not None:
@@ -208,8 +218,11 @@ class _CurvatureMethod(Attributor):
 
 
 class ArnoldiInfluence(_CurvatureMethod):
-    """Arnoldi influence (Schioppa et al. 2022): ``Σ_{i ≤ k} p_i(x) p_i(z) / (λ_i + δ)`` with the top-k
-    eigenpairs (λ_i, u_i) of H (or ΦHΦᵀ) from Arnoldi + distill and p_i = ⟨u_i, Φ∇ℓ⟩.
+    """Arnoldi influence (Schioppa et al. 2022): ``Σ_{i ≤ k} p_i(x) p_i(z) / (|λ_i| + δ)`` with the top-k
+    eigenpairs (λ_i, u_i) of H (or ΦHΦᵀ; ``curvature="ggn"`` for the GGN) from Arnoldi + distill and
+    p_i = ⟨u_i, Φ∇ℓ⟩. The one damping rule (:mod:`gradsketch.attribution.damping`): eigenvalues by their
+    absolute value plus ``damping`` δ (default 3e-3), so the kernel is positive semi-definite even when the
+    Hessian keeps negative eigenvalues (self-influence ≥ 0).
 
     Without a sketch the stored features are the projections p_i(z) (``d_ = top_k``); with one, the sketched
     gradients, and the kernel carries the eigenvectors. Eigenpairs are cached next to the store. With
@@ -255,19 +268,19 @@ class ArnoldiInfluence(_CurvatureMethod):
         if eig is None:  # with a sketch: features first, then the sketched Hessian ΦHΦᵀ (d × d)
             eig = self._eig_timed(comp, data, comp.sketch, progress)
         lam = eig["eigenvalues"].to(torch.float64)
-        damping = float(self._opt("damping", 0.0))
         self.eigenvalues_ = lam
         self.krylov_ = dict(eig.get("krylov", {}))
+        damping = float(self._opt("damping"))
         tiny = lam.abs() <= 1e-6 * float(lam.abs().max()) if lam.numel() else lam.bool()
         if bool(tiny.any()) and damping < 1e-6 * float(lam.abs().max()):
-            # e.g. a curvature subsample whose rank is below top_k: 1/λ of a numerically zero λ is noise
+            # e.g. a curvature subsample whose rank is below top_k: 1/|λ| of a numerically zero λ is noise
             warnings.warn(
                 f"damping: {int(tiny.sum())} of the {lam.numel()} kept eigenvalues are numerically zero "
-                f"(|λ| ≤ 1e-6·|λ_max|, smallest {float(lam.abs().min()):.3g}), so their weights 1/(λ + δ) with "
+                f"(|λ| ≤ 1e-6·|λ_max|, smallest {float(lam.abs().min()):.3g}), so their weights 1/(|λ| + δ) with "
                 f"damping δ = {damping:g} are huge and the scores meaningless; expected a damping above "
                 f"{1e-6 * float(lam.abs().max()):.3g}, a smaller top_k, or more curvature examples "
                 "(hessian_subsample)", RuntimeWarning, stacklevel=2)
-        c = torch.where((lam + damping).abs() > 0, 1.0 / (lam + damping), torch.zeros_like(lam))
+        c = damped_reciprocal(lam, damping)  # the one damping rule 1/(|λ_i| + δ): a PSD kernel for any δ ≥ 0
         vecs = eig["eigenvectors"]
         comp.kernel = EigenOperator(c, vecs.to(torch.float64) if self.sketch is not None else None)
 
@@ -281,7 +294,7 @@ class ArnoldiInfluence(_CurvatureMethod):
         start = self._opt("start")
         block_size, tol = int(self._opt("block_size", 1)), self._opt("tol", None)
         config = {"n_iters": n_iters, "top_k": top_k, "positive_only": positive_only, "seed": seed,
-                  "curvature": self._opt("curvature", "hessian"), "sketch": sketch_spec(sketch),
+                  "curvature": self._curvature(), "sketch": sketch_spec(sketch),
                   "fingerprint": comp.fingerprint, "start": start if self.sketch is not None else None,
                   "block_size": block_size, "tol": tol if block_size > 1 else None,
                   "hessian_subsample": self._opt("hessian_subsample", None)}
@@ -315,8 +328,17 @@ class ArnoldiInfluence(_CurvatureMethod):
 
 
 class Influence(_CurvatureMethod):
-    """Influence functions (Koh & Liang 2017): ``Φ∇ℓ(x)ᵀ (ΦHΦᵀ + δI)⁻¹ Φ∇ℓ(z)`` with the inverse by
-    ``solver`` (``"explicit"``: dense Cholesky/eigh, ``"cg"``, ``"lissa"``).
+    """Influence functions (Koh & Liang 2017): ``Φ∇ℓ(x)ᵀ (|ΦKΦᵀ| + δI)⁻¹ Φ∇ℓ(z)`` with K the Hessian or the
+    GGN and the inverse by ``solver``: the one damping rule (:mod:`gradsketch.attribution.damping`), default
+    δ = 3e-3.
+
+    - ``"explicit"`` (default): the d × d matrix, Cholesky when it is positive definite, else its
+      eigendecomposition with |λ| (well posed for an indefinite Hessian at every δ).
+    - ``"cg"`` / ``"lissa"``: solve (K + δI)x = g without an eigendecomposition, which is the rule exactly when
+      K is positive semi-definite. So with these solvers ``curvature=None`` means the GGN when the task
+      declares one (``Task.from_classifier``; ``output_fn`` and ``loss_on_output``), else the Hessian with a
+      RuntimeWarning (CG stops with an error on an indefinite system, LiSSA may diverge); an explicit
+      ``curvature="hessian"`` warns the same way.
 
     >>> import gradsketch
     >>> m = torch.nn.Linear(2, 1, bias=False); _ = torch.nn.init.zeros_(m.weight)
@@ -329,25 +351,32 @@ class Influence(_CurvatureMethod):
     options_cls = InfluenceOptions
     method_name = "influence"
 
+    def _curvature(self) -> str:
+        c = self._opt("curvature")
+        if c is not None and c != "auto":
+            return c
+        if self._opt("solver") != "explicit" and self._has_ggn():
+            return "ggn"  # positive semi-definite: (K + δI)⁻¹ is the damping rule, which CG/LiSSA can solve
+        return "hessian"
+
     def finalise(self, comp: Component, data: Iterable, progress: bool) -> None:
-        solver = self._opt("solver", "explicit")
-        damping = float(self._opt("damping", 0.01))
+        solver = self._opt("solver")
+        damping = float(self._opt("damping"))
         op = self._curvature_op(data, comp.sketch)
         if solver == "explicit":
             if op.shape[0] > 8192:
                 raise ValueError(f"solver: 'explicit' builds a {op.shape[0]}×{op.shape[0]} matrix; expected "
                                  "at most 8192 rows: use a sketch or solver='cg'")
-            K = op.to_dense()
-            comp.kernel = dense_inverse(K, damping)
-            if isinstance(comp.kernel, EigenOperator):  # Cholesky failed: K + δI is not positive definite
-                lam_min = float(torch.linalg.eigvalsh((K + K.T).to(torch.float64) / 2)[0])
-                warnings.warn(
-                    f"damping: the curvature plus damping {damping:g}·I is indefinite (smallest eigenvalue of "
-                    f"the curvature {lam_min:.3g}), so the explicit inverse amplifies directions whose eigenvalue "
-                    f"is near -{damping:g} and the scores can be meaningless; expected a damping above "
-                    f"{-lam_min:.3g} (or curvature='ggn', which is positive semi-definite). solver='cg' refuses "
-                    "this system", RuntimeWarning, stacklevel=3)
+            comp.kernel = damped_inverse(op.to_dense(), damping)
         else:
+            if self._curvature() == "hessian":
+                why = "curvature='hessian'" if self._opt("curvature") is not None else \
+                    "the task declares no GGN (output_fn and loss_on_output), so curvature=None means the Hessian"
+                warnings.warn(
+                    f"solver: {solver!r} solves (H + {damping:g}·I)x = g, which is the damping rule (|H| + δI)⁻¹ only "
+                    f"when the Hessian H is positive semi-definite ({why}); on a network's indefinite Hessian CG "
+                    "stops with an error and LiSSA may diverge. Expected curvature='ggn' (Task.from_classifier) or "
+                    "solver='explicit' (eigendecomposition with |λ|)", RuntimeWarning, stacklevel=3)
             keys = ("tol", "maxiter") if solver == "cg" else ("scale", "depth", "tol")
             comp.kernel = inverse(op, damping, solver, **{k: self.options[k] for k in keys if k in self.options})
 

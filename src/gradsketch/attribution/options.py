@@ -107,22 +107,36 @@ class TRAKOptions(GradDotOptions):
         self.ridge = check_real(self.ridge, "ridge", minimum=0.0)
 
 
+#: the default damping δ of every influence-type method (:mod:`gradsketch.attribution.damping`, where the
+#: rule (|K| + δI)⁻¹ and the validation data that chose 3e-3 are described)
+DEFAULT_DAMPING = 3e-3
+
+
 @dataclass
-class _CurvatureOptions(CommonOptions):
-    curvature: str = "hessian"
+class CurvatureOptions(CommonOptions):
+    """Options of every influence-type method: the curvature K (``"hessian"``, ``"ggn"``, or ``None`` /
+    ``"auto"``: the method's choice, see each method), the data of its products, and the ``damping`` δ ≥ 0 of
+    the one damping rule, kernel (|K| + δI)⁻¹ (:mod:`gradsketch.attribution.damping`; default 3e-3 for all)."""
+
+    curvature: str | None = None
     hessian_data: Any = None
-    damping: float = 0.0
+    damping: float = DEFAULT_DAMPING
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.curvature = check_choice(self.curvature, "curvature", ("hessian", "ggn"))
+        if self.curvature is not None and self.curvature != "auto":
+            self.curvature = check_choice(self.curvature, "curvature", ("auto", "hessian", "ggn"))
         self.damping = check_real(self.damping, "damping", minimum=0.0)
 
 
+_CurvatureOptions = CurvatureOptions  # the name used before
+
+
 @dataclass
-class ArnoldiOptions(_CurvatureOptions):
+class ArnoldiOptions(CurvatureOptions):
     """Arnoldi influence (Schioppa et al. 2022): ``n_iters`` Krylov dimension (at most), ``top_k`` eigenpairs,
-    ``damping`` δ ≥ 0 in 1/(λ_i + δ), start vector ``seed`` and ``start`` rule, Krylov basis ``krylov_store``.
+    ``damping`` δ ≥ 0 in 1/(|λ_i| + δ) (the one damping rule, :mod:`gradsketch.attribution.damping`; default
+    3e-3), start vector ``seed`` and ``start`` rule, Krylov basis ``krylov_store``.
 
     ``block_size`` b: Krylov vectors per pass over the Hessian data (block Lanczos with full
     re-orthogonalisation, :func:`gradsketch.linalg.block_lanczos_eigs`; 1: single-vector Arnoldi + distill,
@@ -180,11 +194,10 @@ class ArnoldiOptions(_CurvatureOptions):
 
 
 @dataclass
-class InfluenceOptions(_CurvatureOptions):
-    """Influence functions (Koh & Liang 2017): (ΦHΦᵀ + δI)⁻¹ by ``solver`` (explicit, cg, lissa) with the
+class InfluenceOptions(CurvatureOptions):
+    """Influence functions (Koh & Liang 2017): (|ΦKΦᵀ| + δI)⁻¹ by ``solver`` (explicit, cg, lissa) with the
     damping δ ≥ 0 actually added (LiSSA included); ``tol``/``maxiter`` (cg), ``depth``/``scale`` (lissa)."""
 
-    damping: float = 0.01
     solver: str = "explicit"
     tol: float | None = None
     maxiter: int | None = None
@@ -229,5 +242,5 @@ def options_for(method: str, options: dict[str, Any]) -> CommonOptions:
     return cls(**options)
 
 
-__all__ = ["CommonOptions", "GradDotOptions", "TracInOptions", "TRAKOptions", "ArnoldiOptions",
-           "InfluenceOptions", "OPTIONS", "options_for"]
+__all__ = ["CommonOptions", "CurvatureOptions", "DEFAULT_DAMPING", "GradDotOptions", "TracInOptions", "TRAKOptions",
+           "ArnoldiOptions", "InfluenceOptions", "OPTIONS", "options_for"]

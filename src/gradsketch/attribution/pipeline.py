@@ -32,7 +32,8 @@ class AttributeConfig:
         mode: explicit, implicit or factored per-example gradients.
         k: proponents/opponents kept per test example.
         n_iters, top_k: Arnoldi iterations and eigenpairs kept (``method="arnoldi"``).
-        damping: Arnoldi / influence damping (``None``: the method's default), finite and ≥ 0.
+        damping: δ of the one damping rule (|K| + δI)⁻¹ of every influence-type method (``None``: the default
+            3e-3, :mod:`gradsketch.attribution.damping`), finite and ≥ 0.
         store: feature store directory (``None``: ``OUT/store``).
         self_influence: also compute self-influence of every training example.
         rank, world_size: featurise only this process's share of the store, then stop.
