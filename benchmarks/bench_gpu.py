@@ -347,7 +347,7 @@ def gpt2_part(device: torch.device, quick: bool, repeats: int, log=print) -> str
         if device.type == "cuda":
             torch.cuda.empty_cache()
     try:
-        H = task.hessian(data, mode="batch")
+        H = task.hessian(data, sampling="batch")
         v = torch.randn(n_params, generator=g).to(device)
         t_h = timer(lambda: H @ v)
         m_h = _peak(device, lambda: H @ v)
@@ -388,7 +388,7 @@ def _mlp_rows(device: torch.device, bs: int, repeats: int) -> list[list[Any]]:
         S = S.to(device)
         t = timer(lambda S=S, mode=mode: task.sketch_grads(data, S, mode=mode, progress=False))
         rows.append([bs, f"{mode} {kind}", f"{t_train / t:.2f}", f"{t * 1e3:.2f}", f"{t_train * 1e3:.2f}"])
-    H = task.hessian(data[:1], mode="batch")
+    H = task.hessian(data[:1], sampling="batch")
     v = torch.randn(task.n_params, device=device)
 
     def grad_once() -> None:

@@ -202,7 +202,7 @@ def one(model_name: str, what: str, reps: int = 3) -> dict:
             method, kk = method.rsplit("_k", 1)
             k = int(kk)
         batch = data[0]
-        H = task.hessian([batch], mode="batch", method=method)
+        H = task.hessian([batch], sampling="batch", method=method)
         v = torch.randn(task.n_params, k) if k > 1 else torch.randn(task.n_params)
         H @ v
         peak = max(0.0, _rss_mib() - before)

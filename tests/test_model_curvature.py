@@ -75,10 +75,10 @@ def test_batch_and_stochastic_modes():
     data = batches(X, y, 4)
     v = torch.randn(task.n_params, dtype=torch.float64)
     per = [task.hessian([b]) @ v for b in data]
-    Hb = task.hessian(data, mode="batch")
+    Hb = task.hessian(data, sampling="batch")
     torch.testing.assert_close(Hb @ v, per[0], atol=TOL, rtol=0)
     torch.testing.assert_close(Hb @ v, per[0], atol=TOL, rtol=0)
-    Hs = task.hessian(data, mode="stochastic")
+    Hs = task.hessian(data, sampling="stochastic")
     got = [Hs @ v for _ in range(4)]  # cycles: batch 0, 1, 2, then 0 again
     for a, b in zip(got, per + per[:1]):
         torch.testing.assert_close(a, b, atol=TOL, rtol=0)
@@ -159,8 +159,8 @@ def test_ggn_and_fisher_batch_stochastic_modes_and_damping():
     for make in (task.ggn, task.fisher):
         per = [make([b]) @ v for b in data]
         assert not torch.allclose(per[0], per[1])  # the batches differ, so the cycling below is visible
-        torch.testing.assert_close(make(data, mode="batch") @ v, per[0], atol=TOL, rtol=0)
-        op = make(data, mode="stochastic", damping=0.25)
+        torch.testing.assert_close(make(data, sampling="batch") @ v, per[0], atol=TOL, rtol=0)
+        op = make(data, sampling="stochastic", damping=0.25)
         for a, b in zip([op @ v for _ in range(4)], per + per[:1]):
             torch.testing.assert_close(a, b + 0.25 * v, atol=TOL, rtol=0)
         torch.testing.assert_close(make(data, damping=0.25) @ v, make(data) @ v + 0.25 * v, atol=TOL, rtol=0)

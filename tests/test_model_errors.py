@@ -104,8 +104,8 @@ def test_curvature_errors():
     task = Task(mlp(), classifier_loss())
     with pytest.raises(ValueError, match="the GGN needs output_fn and loss_on_output"):
         task.ggn([(X, y)])
-    with pytest.raises(ValueError, match="mode: expected one of"):
-        task.hessian([(X, y)], mode="exact")
+    with pytest.raises(ValueError, match="sampling: expected one of"):  # the curvature's data choice (was mode=)
+        task.hessian([(X, y)], sampling="exact")
     with pytest.raises(ValueError, match="damping: expected a number >= 0"):
         task.hessian([(X, y)], damping=-1)
     with pytest.raises(TypeError, match="expected a re-iterable"):

@@ -19,7 +19,7 @@ def spectrum(
     which: str = typer.Option("LA", help="LA (largest), SA (smallest), LM or BE (both ends: gives the negative "
                                          "ratio)"),
     n_iters: int | None = typer.Option(None, help="Krylov dimension [default: max(3k, k+60)]"),
-    mode: str = typer.Option("full", help="full, batch or stochastic"),
+    sampling: str = typer.Option("full", help="curvature data: full, batch or stochastic (formerly --mode)"),
     kind: str = typer.Option("affd", help="sketch kind (affd, afjl, qk, sjlt, fjl, ffd, dense), used when d > 0"),
     d: int = typer.Option(0, help="sketch dimension; 0 = exact (no sketch)"),
     sketch: str | None = typer.Option(None, "--sketch", hidden=True, help="old spelling of --kind (with d 1024)"),
@@ -44,12 +44,12 @@ def spectrum(
 
     from ..spectrum.pipeline import SpectrumConfig, run_spectrum
 
-    names = ("k", "operator", "method", "which", "n_iters", "mode", "kind", "d", "seed", "tol", "threshold",
+    names = ("k", "operator", "method", "which", "n_iters", "sampling", "kind", "d", "seed", "tol", "threshold",
              "density_probes", "density_steps", "hidden", "n_examples", "epochs", "threads")
     with usage_errors(names):
         if sketch is not None:  # the old flag: --sketch KIND meant a sketch of d (default 1024 then)
             kind, d = sketch, d or 1024
-        cfg = SpectrumConfig(k=k, operator=operator, method=method, which=which, n_iters=n_iters, mode=mode,
+        cfg = SpectrumConfig(k=k, operator=operator, method=method, which=which, n_iters=n_iters, sampling=sampling,
                              kind=kind, d=d, seed=seed, tol=tol, threshold=threshold, density_probes=density_probes,
                              density_steps=density_steps)
         if threads is not None and threads < 1:

@@ -31,7 +31,7 @@ from .._validation import check_choice, describe
 from ..linalg.distributed import AllReduceOperator, check_same, rank_and_world, shard_range
 from ..linalg.operator import FunctionOperator, LinearOperator
 from ..model.task import Task
-from .operators import FisherOperator, GGNOperator, HessianOperator
+from .operators import FisherOperator, GGNOperator, HessianOperator, renamed_mode
 
 __all__ = ["sharded", "BatchShard"]
 
@@ -72,7 +72,7 @@ def sharded(kind: str, task: Task, data: Any, group: Any = None, **kwargs: Any) 
         task: the :class:`gradsketch.Task` (the same model on every rank).
         data: a sized, re-iterable sequence of batches, the same on every rank.
         group: the ``torch.distributed`` process group (default group when ``None``).
-        kwargs: passed to the operator (``damping``, ``method``, ``progress``; ``mode`` must be ``"full"``:
+        kwargs: passed to the operator (``damping``, ``method``, ``progress``; ``sampling`` must be ``"full"``:
             a ``"batch"``/``"stochastic"`` operator is not a dataset-level one).
 
     Returns:
@@ -81,12 +81,13 @@ def sharded(kind: str, task: Task, data: Any, group: Any = None, **kwargs: Any) 
     kind = check_choice(kind, "kind", tuple(_KINDS))
     if not isinstance(task, Task):
         raise TypeError(f"task: expected a gradsketch.Task, got {describe(task)}")
-    mode = kwargs.get("mode", "full")
+    renamed_mode(kwargs.get("mode"))  # the curvature's data choice is ``sampling`` (``mode=`` is refused)
+    sampling = kwargs.get("sampling", "full")
     rank, world = rank_and_world(group)
     if world == 1:
         return _KINDS[kind](task, data, **kwargs)
-    if mode != "full":
-        raise ValueError(f"mode: expected 'full' for a curvature sharded over ranks, got {mode!r}")
+    if sampling != "full":
+        raise ValueError(f"sampling: expected 'full' for a curvature sharded over ranks, got {sampling!r}")
     try:
         n_batches = len(data)
     except TypeError:

@@ -6,9 +6,11 @@ For per-example losses ℓ_i over a dataset of n examples and L(θ) = (1/n) Σ_i
 * GGN      G = (1/n) Σ_i J_iᵀ (∂²ℓ_i/∂z_i²) J_i, z_i = f(x_i; θ) (:class:`GGNOperator`; Schraudolph 2002)
 * Fisher   F = (1/n) Σ_i g_i g_iᵀ, g_i = ∇ℓ_i (empirical Fisher)  (:class:`FisherOperator`)
 
-``mode="full"``: every product is the exact mean over all of ``data`` (Σ_batches of per-batch sums, divided
-by n, i.e. the batch-size-weighted mean of per-batch means). ``mode="batch"``: the first batch of ``data``,
-fixed. ``mode="stochastic"``: each product uses the next batch, cycling through ``data``. ``damping`` λ adds
+``sampling="full"``: every product is the exact mean over all of ``data`` (Σ_batches of per-batch sums,
+divided by n, i.e. the batch-size-weighted mean of per-batch means). ``sampling="batch"``: the first batch of
+``data``, fixed. ``sampling="stochastic"``: each product uses the next batch, cycling through ``data``. (This
+was ``mode=`` before; ``mode`` now only means the gradient mode explicit/implicit/factored, and ``mode=`` here
+raises a TypeError naming ``sampling``.) ``damping`` λ adds
 λ·I. Products run in the parameters' dtype on their device. Random layers (dropout) make the operator random;
 use ``model.eval()`` for curvature. ``max_batch_columns``: a product with k columns splits each batch into
 pieces of at most ``max_batch_columns // k`` examples (same result; bounds the memory of vectorised products,
@@ -31,35 +33,45 @@ from ..model._batch import SplitBatch, check_batches, data_len, is_reiterable, p
 if TYPE_CHECKING:
     from ..model.task import Task
 
-MODES = ("full", "batch", "stochastic")
+SAMPLINGS = ("full", "batch", "stochastic")
+MODES = SAMPLINGS  # the name used before
+
+
+def renamed_mode(mode: Any) -> None:
+    """Refuse the old keyword of the curvature data mode, now ``sampling``."""
+    if mode is not None:
+        raise TypeError(f"mode: the curvature's data sampling is now called sampling= (one of {SAMPLINGS}); "
+                        "mode= only means the gradient mode (explicit, implicit, factored). Expected "
+                        f"sampling={mode!r}, got mode={mode!r}")
 HVP_METHODS = ("auto", "fwd_rev", "fwd_ad", "double_backward", "block")
 
 
 class CurvatureOperator(LinearOperator):
     """Base class: subclasses implement ``_batch_sum(split, V [N, k]) -> Σ_{i in batch} C_i V`` [N, k]."""
 
-    def __init__(self, task: Task, data: Iterable, mode: str = "full", damping: float = 0.0,
-                 progress: bool = False, *, max_batch_columns: int | None = None) -> None:
+    def __init__(self, task: Task, data: Iterable, sampling: str = "full", damping: float = 0.0,
+                 progress: bool = False, *, max_batch_columns: int | None = None, mode: Any = None) -> None:
+        renamed_mode(mode)
         if max_batch_columns is not None and (isinstance(max_batch_columns, bool)
                                               or not isinstance(max_batch_columns, int) or max_batch_columns < 1):
             raise ValueError(f"max_batch_columns: expected a positive int or None, got {max_batch_columns!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling: expected one of {SAMPLINGS}, got {sampling!r}")
         damping = float(damping)
         if damping < 0:
             raise ValueError(f"damping: expected a number >= 0, got {damping}")
         check_batches(data, "data")
-        if mode in ("full", "stochastic") and not is_reiterable(data):
-            raise TypeError(f"data: mode={mode!r} iterates the data more than once; expected a re-iterable "
+        if sampling in ("full", "stochastic") and not is_reiterable(data):
+            raise TypeError(f"data: sampling={sampling!r} iterates the data more than once; expected a re-iterable "
                             f"(list, DataLoader), got a one-shot {type(data).__name__}")
         super().__init__((task.n_params, task.n_params), task.dtype, task.device, symmetric=True)
-        self.task, self.data, self.mode, self.damping, self.progress = task, data, mode, damping, progress
+        self.task, self.data, self.sampling, self.damping, self.progress = task, data, sampling, damping, progress
         self.max_batch_columns = max_batch_columns
         self._no_forward_ad = False
         self._fixed: SplitBatch | None = None
         self._iter: Any = None
         self.n_products = 0
-        if mode == "batch":
+        if sampling == "batch":
             try:
                 first = next(iter(data))
             except StopIteration:
@@ -92,7 +104,7 @@ class CurvatureOperator(LinearOperator):
     def _matmat_impl(self, V: Tensor) -> Tensor:
         V = V.to(device=self.device, dtype=self.dtype)
         self.n_products += V.shape[1]
-        if self.mode == "full":
+        if self.sampling == "full":
             acc, total = None, 0
             for batch in progress_iter(self.data, self.progress, type(self).__name__, data_len(self.data)):
                 split = self.task.split(batch)
@@ -104,7 +116,7 @@ class CurvatureOperator(LinearOperator):
                 raise ValueError("data: expected at least one batch, got an empty iterable")
             out = acc / total
         else:
-            if self.mode == "batch":
+            if self.sampling == "batch":
                 assert self._fixed is not None  # mode "batch" set it in __init__
                 split = self._fixed
             else:
@@ -136,7 +148,7 @@ class CurvatureOperator(LinearOperator):
         return vmap(col, in_dims=1, out_dims=1, randomness="same")(V)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(shape={self.shape}, mode={self.mode!r}, damping={self.damping}, "
+        return (f"{type(self).__name__}(shape={self.shape}, sampling={self.sampling!r}, damping={self.damping}, "
                 f"dtype={self.dtype})")
 
 
@@ -153,11 +165,13 @@ class HessianOperator(CurvatureOperator):
     model lacks forward-mode AD rules; what block Krylov methods use. Pass several columns at once
     (``H @ V``) where the algorithm allows: the first forward/backward pass is shared by all of them."""
 
-    def __init__(self, task: Task, data: Iterable, mode: str = "full", damping: float = 0.0,
-                 method: str = "auto", progress: bool = False, *, max_batch_columns: int | None = None) -> None:
+    def __init__(self, task: Task, data: Iterable, sampling: str = "full", damping: float = 0.0,
+                 method: str = "auto", progress: bool = False, *, max_batch_columns: int | None = None,
+                 mode: Any = None) -> None:
+        renamed_mode(mode)
         if method not in HVP_METHODS:
             raise ValueError(f"method: expected one of {HVP_METHODS}, got {method!r}")
-        super().__init__(task, data, mode, damping, progress, max_batch_columns=max_batch_columns)
+        super().__init__(task, data, sampling, damping, progress, max_batch_columns=max_batch_columns)
         self.method = method
 
     _scales_loss = True
@@ -289,12 +303,13 @@ class GGNOperator(CurvatureOperator):
     H_{L,i} = ∂²ℓ_i/∂z_i² of ``loss_on_output(z, batch)``. Each product: a jvp through the model, an HVP of
     the loss in output space, a vjp back. Positive semi-definite when the loss is convex in z."""
 
-    def __init__(self, task: Task, data: Iterable, mode: str = "full", damping: float = 0.0,
-                 progress: bool = False, *, max_batch_columns: int | None = None) -> None:
+    def __init__(self, task: Task, data: Iterable, sampling: str = "full", damping: float = 0.0,
+                 progress: bool = False, *, max_batch_columns: int | None = None, mode: Any = None) -> None:
+        renamed_mode(mode)
         if task.output_fn is None or task.loss_on_output is None:
             raise ValueError("task: the GGN needs output_fn and loss_on_output (Task(model, output_fn=..., "
                              "loss_on_output=...) or Task.from_classifier); got a task with only loss_fn")
-        super().__init__(task, data, mode, damping, progress, max_batch_columns=max_batch_columns)
+        super().__init__(task, data, sampling, damping, progress, max_batch_columns=max_batch_columns)
 
     def _batch_sum(self, split: SplitBatch, V: Tensor) -> Tensor:
         task, batch, B = self.task, split.rebuild(), split.size

@@ -427,27 +427,29 @@ class Task:
         return sketch_grads(self, data, sketch, mode=mode, progress=progress, chunk_size=chunk_size,
                             nan_policy=nan_policy)
 
-    def hessian(self, data: Iterable, mode: str = "full", damping: float = 0.0, method: str = "auto",
-                progress: bool = False) -> HessianOperator:
+    def hessian(self, data: Iterable, sampling: str = "full", damping: float = 0.0, method: str = "auto",
+                progress: bool = False, *, mode: Any = None) -> HessianOperator:
         """The Hessian of the mean loss, ∇²_θ (1/n) Σ_i ℓ_i, as a symmetric LinearOperator [N, N]
-        (+ ``damping`` · I): :class:`gradsketch.curvature.HessianOperator` (see there for ``mode``, ``method``)."""
+        (+ ``damping`` · I): :class:`gradsketch.curvature.HessianOperator` (see there for ``sampling`` —
+        ``"full"``, ``"batch"``, ``"stochastic"``; formerly ``mode=``, now a TypeError — and ``method``)."""
         from ..curvature import HessianOperator
 
-        return HessianOperator(self, data, mode=mode, damping=damping, method=method, progress=progress)
+        return HessianOperator(self, data, sampling, damping=damping, method=method, progress=progress, mode=mode)
 
-    def ggn(self, data: Iterable, mode: str = "full", damping: float = 0.0, progress: bool = False) -> GGNOperator:
+    def ggn(self, data: Iterable, sampling: str = "full", damping: float = 0.0, progress: bool = False, *,
+            mode: Any = None) -> GGNOperator:
         """Generalised Gauss-Newton (1/n) Σ_i J_iᵀ H_{L,i} J_i of the mean loss (needs ``output_fn`` and
         ``loss_on_output``, e.g. from :meth:`from_classifier`): :class:`gradsketch.curvature.GGNOperator`."""
         from ..curvature import GGNOperator
 
-        return GGNOperator(self, data, mode=mode, damping=damping, progress=progress)
+        return GGNOperator(self, data, sampling, damping=damping, progress=progress, mode=mode)
 
-    def fisher(self, data: Iterable, mode: str = "full", damping: float = 0.0, progress: bool = False
-               ) -> FisherOperator:
+    def fisher(self, data: Iterable, sampling: str = "full", damping: float = 0.0, progress: bool = False, *,
+               mode: Any = None) -> FisherOperator:
         """Empirical Fisher (1/n) Σ_i g_i g_iᵀ: :class:`gradsketch.curvature.FisherOperator`."""
         from ..curvature import FisherOperator
 
-        return FisherOperator(self, data, mode=mode, damping=damping, progress=progress)
+        return FisherOperator(self, data, sampling, damping=damping, progress=progress, mode=mode)
 
     def sketched_hessian(self, data: Iterable, sketch: Any, **kwargs: Any) -> LinearOperator:
         """The [d, d] operator ``sketch @ H @ sketch.T`` (``kwargs`` go to :meth:`hessian`)."""

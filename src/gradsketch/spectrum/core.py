@@ -69,17 +69,18 @@ def sketch_spec(sketch: Any) -> dict | None:
     return json.loads(json.dumps(spec, default=str)) if spec is not None else {"type": type(sketch).__name__}
 
 
-def curvature_operator(task: Any, data: Any = None, operator: str = "hessian", mode: str = "full",
+def curvature_operator(task: Any, data: Any = None, operator: str = "hessian", sampling: str = "full",
                        sketch: Any = None, damping: float = 0.0, progress: bool = False) -> LinearOperator:
     """The symmetric operator a spectrum is computed on: ``C`` ``[N, N]`` or ``Φ C Φᵀ`` ``[d, d]``.
 
     Args:
         task: a :class:`gradsketch.Task` (then ``data`` is required), or a square
-            :class:`gradsketch.linalg.LinearOperator` used as ``C`` directly (``data``/``operator``/``mode``
+            :class:`gradsketch.linalg.LinearOperator` used as ``C`` directly (``data``/``operator``/``sampling``
             ignored).
-        data: re-iterable of batches (``mode="batch"`` accepts a one-shot iterable).
+        data: re-iterable of batches (``sampling="batch"`` accepts a one-shot iterable).
         operator: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
-        mode: ``"full"`` (exact mean over all of ``data``), ``"batch"`` (first batch), ``"stochastic"``.
+        sampling: ``"full"`` (exact mean over all of ``data``), ``"batch"`` (first batch), ``"stochastic"``
+            (formerly ``mode``).
         sketch: ``None`` or a sketch / BlockSketch with ``n = N``.
 
     Under ``torch.distributed`` (an initialised process group, e.g. ``torchrun``) every rank passes the same
@@ -95,17 +96,17 @@ def curvature_operator(task: Any, data: Any = None, operator: str = "hessian", m
             raise ValueError(f"task: expected a square operator, got shape {op.shape}")
     elif _is_task(task):
         operator = _choice(operator, "operator", OPERATORS)
-        mode = _choice(mode, "mode", MODES)
+        sampling = _choice(sampling, "sampling", MODES)
         if data is None:
             raise ValueError("data: expected an iterable of batches for a Task, got None")
         if is_distributed():  # under torchrun: this rank's shard of the batches, all-reduced per product
-            if mode != "full":
-                raise ValueError(f"mode: expected 'full' under torch.distributed (every rank must apply the "
-                                 f"same operator), got {mode!r}")
+            if sampling != "full":
+                raise ValueError(f"sampling: expected 'full' under torch.distributed (every rank must apply the "
+                                 f"same operator), got {sampling!r}")
             check_same(sketch_spec(sketch), "sketch (its spec)")
             op = sharded(operator, task, data, damping=damping)
         else:
-            op = getattr(task, operator)(data, mode=mode, damping=damping, progress=False)
+            op = getattr(task, operator)(data, sampling, damping=damping, progress=False)
     else:
         raise TypeError("task: expected a gradsketch.Task or a gradsketch.linalg.LinearOperator, got "
                         f"{type(task).__name__}")
@@ -132,7 +133,7 @@ class SpectrumResult:
         n_hvp: operator products spent (each is one Hessian/GGN/Fisher-vector product; symmetry probes and
             the residual check included).
         sketch_spec: the sketch's spec (rebuild with ``gradsketch.sketch_from_spec``) or ``None``.
-        info: ``operator, method, which, mode, n_params, dim, n_iter, seed, wall_s``.
+        info: ``operator, method, which, sampling, n_params, dim, n_iter, seed, wall_s``.
     """
 
     eigenvalues: Tensor
@@ -348,15 +349,16 @@ class SpectrumResult:
 
 # ------------------------------------------------------------------------------------------------
 def spectrum(task: Any, data: Any = None, k: int = 10, sketch: Any = None, operator: str = "hessian",
-             method: str = "lanczos", which: str = "LA", n_iter: int | None = None, mode: str = "full",
+             method: str = "lanczos", which: str = "LA", n_iter: int | None = None, sampling: str = "full",
              seed: int = 0, progress: bool = True, tol: float | None = None, damping: float = 0.0,
-             store: str = "device", restart_on_breakdown: bool = True) -> SpectrumResult:
+             store: str = "device", restart_on_breakdown: bool = True, *, n_iters: int | None = None,
+             mode: Any = None) -> SpectrumResult:
     """``k`` eigenpairs of the Hessian / GGN / empirical Fisher of ``task``'s mean loss on ``data``,
     optionally of the sketched operator ``Φ C Φᵀ`` (Schioppa 2024).
 
     Args:
         task: :class:`gradsketch.Task`, or a symmetric :class:`gradsketch.linalg.LinearOperator` ``[N, N]``
-            (then ``data``, ``operator``, ``mode`` are ignored).
+            (then ``data``, ``operator``, ``sampling`` are ignored).
         data: re-iterable of batches (list of tuples/dicts of tensors, DataLoader).
         k: number of eigenpairs, ``1 ≤ k ≤ dim`` (``dim = d`` with a sketch, else ``N``).
         sketch: ``None``, a :func:`gradsketch.sketch` or a :class:`gradsketch.BlockSketch`
@@ -369,9 +371,11 @@ def spectrum(task: Any, data: Any = None, k: int = 10, sketch: Any = None, opera
             basis in CPU memory).
         which: ``"LA"`` largest, ``"SA"`` smallest (most negative), ``"LM"`` largest magnitude, ``"BE"``
             both ends (``k − k//2`` top, ``k//2`` bottom; needed by :attr:`SpectrumResult.negative_ratio`).
-        n_iter: Krylov dimension (Lanczos: maximum; default ``min(dim, max(3k, k + 60))``).
-        mode: ``"full"`` (exact mean over ``data``), ``"batch"`` (first batch) or ``"stochastic"``
-            (a new batch per product: not a fixed matrix; use with care).
+        n_iter: Krylov dimension (Lanczos: maximum; default ``min(dim, max(3k, k + 60))``). ``n_iters`` is an
+            accepted alias: the spelling of ``Attributor``, ``SpectrumConfig`` and the CLI's ``--n-iters``.
+        sampling: ``"full"`` (exact mean over ``data``), ``"batch"`` (first batch) or ``"stochastic"``
+            (a new batch per product: not a fixed matrix; use with care). Formerly ``mode``: ``mode=`` raises
+            a TypeError naming ``sampling`` (``mode`` means only the gradient mode).
         seed: start vector and symmetry probes.
         progress: tqdm progress bar over Krylov steps.
         tol: Lanczos stopping / convergence tolerance (relative); default 1e-6 (float64) / 1e-4 (float32).
@@ -387,6 +391,14 @@ def spectrum(task: Any, data: Any = None, k: int = 10, sketch: Any = None, opera
         TypeError / ValueError: bad arguments (naming the argument), ``k`` larger than the problem,
         a non-symmetric operator (from :func:`gradsketch.linalg.lanczos`), NaN/Inf in a product.
     """
+    from ..curvature.operators import renamed_mode
+
+    renamed_mode(mode)
+    if n_iters is not None:  # the applications' spelling (Attributor, the configs, the CLI's --n-iters)
+        if n_iter is not None and n_iter != n_iters:
+            raise ValueError(f"n_iters: expected one of n_iters / n_iter (the same option), got n_iters={n_iters!r} "
+                             f"and n_iter={n_iter!r}")
+        n_iter = n_iters
     k = _int(k, "k")
     method = _choice(method, "method", METHODS)
     which = _choice(which, "which", WHICH)
@@ -395,8 +407,8 @@ def spectrum(task: Any, data: Any = None, k: int = 10, sketch: Any = None, opera
         raise TypeError(f"progress: expected a bool, got {type(progress).__name__}")
     if _is_task(task):
         operator = _choice(operator, "operator", OPERATORS)
-        mode = _choice(mode, "mode", MODES)
-    op = curvature_operator(task, data, operator, mode, sketch, damping)
+        sampling = _choice(sampling, "sampling", MODES)
+    op = curvature_operator(task, data, operator, sampling, sketch, damping)
     dim = op.shape[0]
     n_params = task.n_params if _is_task(task) else (sketch.n if sketch is not None else dim)
     if k > dim:
@@ -420,7 +432,7 @@ def spectrum(task: Any, data: Any = None, k: int = 10, sketch: Any = None, opera
     order = torch.argsort(lam.detach().double().cpu(), descending=True)
     lam64 = lam.detach().double().cpu()[order]
     info = {"operator": operator if _is_task(task) else "operator", "method": method, "which": which,
-            "mode": mode if _is_task(task) else None, "n_params": int(n_params), "dim": int(dim),
+            "sampling": sampling if _is_task(task) else None, "n_params": int(n_params), "dim": int(dim),
             "n_iter": int(m), "seed": seed if isinstance(seed, int) else None, "wall_s": wall,
             "damping": float(damping)}
     out = SpectrumResult(lam64, V[:, order.to(V.device)], res.detach()[order.to(res.device)].double().cpu(),

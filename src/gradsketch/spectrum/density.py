@@ -76,7 +76,7 @@ class DensityResult:
 
 
 def density(task: Any, data: Any = None, operator: str = "hessian", n_probes: int = 10, n_steps: int = 80,
-            sigma: float | None = None, sketch: Any = None, mode: str = "full", seed: int = 0,
+            sigma: float | None = None, sketch: Any = None, sampling: str = "full", seed: int = 0,
             kernel: str = "gaussian", rel_sigma: float = 0.01, grid: Any = None, n_grid: int = 1000,
             dist: str = "rademacher", batch_size: int | None = None, progress: bool = True) -> DensityResult:
     """Spectral density of the Hessian / GGN / Fisher (or of ``Φ C Φᵀ`` with a sketch) by SLQ.
@@ -86,7 +86,7 @@ def density(task: Any, data: Any = None, operator: str = "hessian", n_probes: in
     ``T_m = Y Θ Yᵀ``; the node/weight measure is smoothed with a kernel of width ``sigma``.
 
     Args:
-        task, data, operator, mode, sketch: as in :func:`gradsketch.spectrum.spectrum`.
+        task, data, operator, sampling, sketch: as in :func:`gradsketch.spectrum.spectrum`.
         n_probes, n_steps: SLQ probes and Lanczos steps per probe.
         sigma: absolute kernel width (Gaussian standard deviation / Lorentzian HWHM). Default
             ``rel_sigma · (max θ − min θ)`` (1% of the estimated spectral range). Tools differ in this
@@ -103,21 +103,21 @@ def density(task: Any, data: Any = None, operator: str = "hessian", n_probes: in
     n_steps = _int(n_steps, "n_steps")
     if _is_task(task):
         operator = _choice(operator, "operator", OPERATORS)
-        mode = _choice(mode, "mode", MODES)
-    op = curvature_operator(task, data, operator, mode, sketch)
+        sampling = _choice(sampling, "sampling", MODES)
+    op = curvature_operator(task, data, operator, sampling, sketch)
     t0 = time.perf_counter()
     s = slq(op, n_probes=n_probes, n_steps=n_steps, seed=seed, dist=dist, batch_size=batch_size,
             progress=progress)
     g, v = s.density(grid=grid, sigma=sigma, kernel=kernel, rel_sigma=rel_sigma, n_grid=n_grid)
     sig = float(sigma) if sigma is not None else s.default_sigma(rel_sigma)
-    info = {"operator": operator if _is_task(task) else "operator", "mode": mode if _is_task(task) else None,
+    info = {"operator": operator if _is_task(task) else "operator", "sampling": sampling if _is_task(task) else None,
             "n_probes": n_probes, "n_steps": n_steps, "dim": op.shape[0], "seed": seed,
             "wall_s": time.perf_counter() - t0}
     return DensityResult(g, v, sig, kernel, s, s.n_matvec, sketch_spec(sketch), info)
 
 
 def trace(task: Any, data: Any = None, operator: str = "hessian", method: str = "hutchpp",
-          n_matvecs: int = 30, sketch: Any = None, mode: str = "full", seed: int = 0, dist: str = "rademacher",
+          n_matvecs: int = 30, sketch: Any = None, sampling: str = "full", seed: int = 0, dist: str = "rademacher",
           progress: bool = True) -> TraceResult:
     """``tr(C)`` (or ``tr(Φ C Φᵀ)``) by Hutchinson or Hutch++.
 
@@ -137,8 +137,8 @@ def trace(task: Any, data: Any = None, operator: str = "hessian", method: str = 
     n_matvecs = _int(n_matvecs, "n_matvecs", minimum=3 if method == "hutchpp" else 1)
     if _is_task(task):
         operator = _choice(operator, "operator", OPERATORS)
-        mode = _choice(mode, "mode", MODES)
-    op = curvature_operator(task, data, operator, mode, sketch)
+        sampling = _choice(sampling, "sampling", MODES)
+    op = curvature_operator(task, data, operator, sampling, sketch)
     if method == "hutchpp":
         return hutchpp(op, n_matvecs, seed=seed, dist=dist, progress=progress)
     return hutchinson(op, n_matvecs, seed=seed, dist=dist, progress=progress)

@@ -25,8 +25,10 @@ class SpectrumConfig:
     Attributes:
         k: eigenpairs. operator: hessian, ggn or fisher. method: lanczos or arnoldi.
         which: LA (largest), SA (smallest), LM (largest magnitude) or BE (both ends: k − k//2 top, k//2 bottom).
-        n_iters: Krylov dimension (``None``: max(3k, k + 60)); passed as ``n_iter`` to :func:`spectrum`.
-        mode: full, batch or stochastic curvature data.
+        n_iters: Krylov dimension (``None``: max(3k, k + 60)); :func:`spectrum` takes it as ``n_iters`` (or its
+            alias ``n_iter``).
+        sampling: full, batch or stochastic curvature data (formerly ``mode``, which now only names the
+            gradient mode of ``gradsketch attribute``).
         kind, d: the sketch (``d = 0``: exact, the default).
         seed, tol, threshold (outlier cut λ/λ₁), density_probes (0: no density), density_steps.
 
@@ -41,7 +43,7 @@ class SpectrumConfig:
     method: str = "lanczos"
     which: str = "LA"
     n_iters: int | None = None
-    mode: str = "full"
+    sampling: str = "full"
     kind: str = "affd"
     d: int = 0
     seed: int = 0
@@ -59,7 +61,7 @@ class SpectrumConfig:
         check_choice(self.method, "method", METHODS)
         check_choice(self.which, "which", WHICH)
         check_int(self.n_iters, "n_iters", minimum=self.k, allow_none=True)
-        check_choice(self.mode, "mode", MODES)
+        check_choice(self.sampling, "sampling", MODES)
         check_choice(self.kind, "kind", tuple(sorted(KINDS)))
         check_int(self.d, "d", minimum=0)
         check_int(self.seed, "seed", minimum=0)
@@ -112,9 +114,10 @@ def run_spectrum(entry: Any, config: SpectrumConfig | None = None, json_out: str
             notes.append(f"d = {cfg.d} is larger than the {task.n_params} parameters: used d = {d}")
         sk = task.block_sketch(d, cfg.kind, seed=cfg.seed)
     res = spectrum(task, data, k=cfg.k, sketch=sk, operator=cfg.operator, method=cfg.method, which=cfg.which,
-                   n_iter=cfg.n_iters, mode=cfg.mode, seed=cfg.seed, tol=cfg.tol, progress=progress)
+                   n_iters=cfg.n_iters, sampling=cfg.sampling, seed=cfg.seed, tol=cfg.tol, progress=progress)
     dens = (density(task, data, operator=cfg.operator, n_probes=cfg.density_probes, n_steps=cfg.density_steps,
-                    sketch=sk, mode=cfg.mode, seed=cfg.seed, progress=progress) if cfg.density_probes > 0 else None)
+                    sketch=sk, sampling=cfg.sampling, seed=cfg.seed, progress=progress)
+            if cfg.density_probes > 0 else None)
     summary: dict[str, Any] = {"n_params": task.n_params, "n_hvp": res.n_hvp,
                                "sketch": None if sk is None else f"{cfg.kind} d={sk.d}", "notes": notes}
     try:
