@@ -1,6 +1,10 @@
 """The one damping rule of influence-type attribution, chosen on validation data (issue 11 / 19).
 
-usage: python benchmarks/bench_damping_rule.py [--subsets 64] [--runs 2] [--cache DIR] [--d 512,2048]
+usage: python benchmarks/bench_damping_rule.py [--subsets 64] [--runs 2] [--cache DIR] [--d 512,2048] [--defaults]
+
+--defaults: instead of the rule table, the validation LDS of the library's default Arnoldi (unsketched and
+affd d = 2048) and sketched influence (affd d = 512) on the float32 model (for before/after comparisons of the
+defaults; run it with each tree's src on PYTHONPATH).
 
 Digits MLP 64-48-10 (N = 3,610; trained as in bench_attribution.py: 300 full-batch Adam steps, lr 1e-2, weight
 decay 1e-3), 1,000 training images. Validation targets: 200 digits images disjoint from the training set AND
@@ -52,6 +56,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--cache", default=os.environ.get("TMPDIR", "/tmp") + "/gradsketch-damping-val")
     ap.add_argument("--d", default="512,2048")
+    ap.add_argument("--defaults", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -64,7 +69,21 @@ def main() -> None:
     Xv, yv = D.x_test[200:], D.y_test[200:]   # validation: not the 200 reported test targets (D.x_test[:200])
     gt = lds_ground_truth(make_model, (D.x_train, D.y_train), (Xv, yv), n_subsets=args.subsets, n_runs=args.runs,
                           cache=Path(args.cache), progress=False, **kw)
-    model = load_models(make_model, train_models(make_model, D.x_train, D.y_train, seeds=[0], **kw))[0].double()
+    model = load_models(make_model, train_models(make_model, D.x_train, D.y_train, seeds=[0], **kw))[0]
+    if args.defaults:
+        from gradsketch.attribution import Attributor
+
+        task = Task.from_classifier(model)
+        tr, va = batches(D.x_train, D.y_train, batch_size=250), batches(Xv, yv, batch_size=200)
+        for label, m, sk in [("arnoldi default (200 it, top 100)", "arnoldi", None),
+                             ("arnoldi default, affd d=2048", "arnoldi", dict(kind="affd", d=2048, seed=0)),
+                             ("influence default, affd d=512", "influence", dict(kind="affd", d=512, seed=0))]:
+            t = time.perf_counter()
+            S = Attributor(task, m, sketch=sk).fit(tr, progress=False).score(va, progress=False)
+            val = lds(S, gt.masks, gt.outputs).mean
+            print(f"| {label} | {val:.3f} | {time.perf_counter() - t:.0f} s |", flush=True)
+        return
+    model = model.double()
     task = Task.from_classifier(model)
     tr = batches(D.x_train.double(), D.y_train, batch_size=250)
     va = batches(Xv.double(), yv, batch_size=200)
