@@ -190,6 +190,6 @@ def test_max_batch_columns_splits_batches_without_changing_the_product():
     for cls in (HessianOperator, GGNOperator):
         ref = cls(task, data) @ V
         torch.testing.assert_close(cls(task, data, max_batch_columns=20) @ V, ref, atol=1e-12, rtol=0)
-        torch.testing.assert_close(cls(task, data, mode="batch", max_batch_columns=9) @ V, ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(cls(task, data, sampling="batch", max_batch_columns=9) @ V, ref, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="max_batch_columns"):
         HessianOperator(task, data, max_batch_columns=0)
