@@ -143,6 +143,9 @@ def _attr_worker(rank, init_file, out_dir):
     att._featurise, att._score_block = spy_featurise, spy_score
     att.fit(train_data(), progress=False)
     top = att.topk(make_data(2, sizes=(5, 4)), k=4, progress=False)
+    # Arnoldi influence: the curvature products are sharded over the ranks (every rank the same eigenpairs)
+    arn = gradsketch.Attributor(make_task(), "arnoldi", top_k=5, block_size=4).fit(train_data(), progress=False)
+    arn_top = arn.topk(make_data(2, sizes=(5, 4)), k=4, progress=False)
     errors = []
     for bad, data in (({**ATT, "sketch": {"kind": "sjlt", "d": 16, "seed": rank}}, train_data()),
                       (ATT, train_data()[:5] if rank else train_data())):
@@ -152,7 +155,8 @@ def _attr_worker(rank, init_file, out_dir):
         except ValueError as e:
             errors.append(str(e))
     torch.save({"top": tuple(top), "self": att.self_influence(progress=False), "shares": shares,
-                "scored": scored[0], "errors": errors}, f"{out_dir}/att{rank}.pt")
+                "scored": scored[0], "errors": errors, "arn_eig": arn.eigenvalues_, "arn_top": tuple(arn_top)},
+               f"{out_dir}/att{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -163,6 +167,12 @@ def test_attributor_fit_topk_self_influence_under_two_ranks(tmp_path):
     one = make_attributor(tmp_path / "one").fit(train_data(), progress=False)
     top = one.topk(make_data(2, sizes=(5, 4)), k=4, progress=False)
     si = one.self_influence(progress=False)
+    arn = gradsketch.Attributor(make_task(), "arnoldi", top_k=5, block_size=4).fit(train_data(), progress=False)
+    arn_top = arn.topk(make_data(2, sizes=(5, 4)), k=4, progress=False)
+    for out in outs:
+        assert torch.allclose(out["arn_eig"], arn.eigenvalues_, rtol=1e-6, atol=1e-9)
+        assert torch.equal(out["arn_top"][1], arn_top[1])  # the same proponents
+    assert torch.equal(outs[0]["arn_eig"], outs[1]["arn_eig"])
     # mismatched settings: the same one-line error on both ranks, before any work
     assert outs[0]["errors"] == outs[1]["errors"]
     assert outs[0]["errors"][0].startswith("sketch: expected the same value on every rank, got rank 0: ")

@@ -199,7 +199,8 @@ class _CurvatureMethod(Attributor):
         return c
 
     def _curvature_op(self, data: Iterable, sketch: Any, block: bool = False) -> Any:
-        from ..curvature import GGNOperator, HessianOperator, sketched, subsample_data
+        from ..curvature import GGNOperator, HessianOperator, sharded, sketched, subsample_data
+        from ..linalg.distributed import is_distributed, rank_and_world
 
         curv = self._curvature()
         hdata = self._opt("hessian_data", None) or data
@@ -209,9 +210,15 @@ class _CurvatureMethod(Attributor):
             hdata = subsample_data(hdata, sub, seed=seed if isinstance(seed, int) else 0)
         # block Krylov: vectorised products over the columns, batches cut to 4096 example-columns
         cols = 4096 if block else None
-        op: LinearOperator = (HessianOperator(self.task, hdata, method="block" if block else "auto",
-                                              max_batch_columns=cols) if curv == "hessian"
-                              else GGNOperator(self.task, hdata, max_batch_columns=cols))
+        if is_distributed() and rank_and_world()[1] > 1:
+            # under torch.distributed each rank takes its shard of the curvature data; products are all-reduced
+            kw: dict[str, Any] = {"max_batch_columns": cols}
+            if curv == "hessian":
+                kw["method"] = "block" if block else "auto"
+            op: LinearOperator = sharded(curv, self.task, hdata, **kw)
+        else:
+            op = (HessianOperator(self.task, hdata, method="block" if block else "auto", max_batch_columns=cols)
+                  if curv == "hessian" else GGNOperator(self.task, hdata, max_batch_columns=cols))
         if self.sketch is not None:
             op = sketched(op, sketch)
         return op
