@@ -141,3 +141,23 @@ def exact_matrix(task: Task, data, operator: str) -> torch.Tensor:
 def exact_eigh(M: torch.Tensor):
     lam, V = torch.linalg.eigh((M + M.T) / 2)
     return lam.flip(0), V.flip(1)  # descending
+
+
+def indefinite_tanh_task():
+    """A float64 tanh MLP 3-4-2 with random weights whose Hessian (24 examples, 2 batches) is indefinite:
+    ``(task, data, H)``, asserting λ_min < −1e-3 so that the tests using it mean something."""
+    import gradsketch
+    from gradsketch.attribution import batches as make_batches
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(24, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (24,), generator=g)
+    task = gradsketch.Task.from_classifier(model)
+    data = make_batches(x, y, batch_size=12)
+    H = task.hessian(data).to_dense()
+    assert float(torch.linalg.eigvalsh(H)[0]) < -1e-3  # indefinite, or the tests mean nothing
+    return task, data, H

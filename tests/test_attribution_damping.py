@@ -8,14 +8,13 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from _helpers import indefinite_tanh_task
 
 import gradsketch
 from gradsketch.attribution import (
     DEFAULT_DAMPING,
     ArnoldiInfluence,
     Influence,
-    batches,
     damped_inverse,
     damped_reciprocal,
 )
@@ -50,18 +49,7 @@ def test_every_influence_type_method_has_the_same_damping_default():
 
 
 def _indefinite():
-    g = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
-    x = torch.randn(24, 3, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 2, (24,), generator=g)
-    task = gradsketch.Task.from_classifier(model)
-    data = batches(x, y, batch_size=12)
-    H = task.hessian(data).to_dense()
-    assert float(torch.linalg.eigvalsh(H)[0]) < -1e-3  # indefinite, or the tests mean nothing
-    return task, data, H
+    return indefinite_tanh_task()
 
 
 def test_arnoldi_default_gives_a_psd_kernel_on_an_indefinite_hessian():

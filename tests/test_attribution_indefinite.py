@@ -7,25 +7,14 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from _helpers import indefinite_tanh_task
 
 import gradsketch
-from gradsketch.attribution import batches
 
 
 def _setup():
-    g = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
-    x = torch.randn(24, 3, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 2, (24,), generator=g)
-    task = gradsketch.Task.from_classifier(model)
-    data = batches(x, y, batch_size=12)
-    lam_min = float(torch.linalg.eigvalsh(task.hessian(data).to_dense())[0])
-    assert lam_min < -1e-3, lam_min  # the set-up must really be indefinite for the test to mean anything
-    return task, data, lam_min
+    task, data, H = indefinite_tanh_task()
+    return task, data, float(torch.linalg.eigvalsh(H)[0])
 
 
 @pytest.mark.parametrize("factor", [0.5, 2.0])
