@@ -9,8 +9,9 @@ resumed on a rerun. Every method scores the same trained model against the same 
     nice -n 10 python benchmarks/bench_lds_cnn.py ground-truth   # the CPU-heavy part, resumable
     nice -n 10 python benchmarks/bench_lds_cnn.py methods         # gradsketch methods + installed peers
 
-Peers (optional, the ``bench`` extra): kronfluence (EK-FAC, K-FAC), traker (TRAK), dattri; a peer that is not
-installed is reported as such, never silently dropped.
+Peers (optional): traker (TRAK) and dattri from the ``bench`` extra; kronfluence (EK-FAC, K-FAC) by hand with
+``pip install --no-deps kronfluence==1.0.1 accelerate einops einconv opt-einsum`` (its torchvision dependency
+would replace torch with a CUDA build). A peer that is not installed is reported as such, never silently dropped.
 """
 
 from __future__ import annotations
