@@ -150,3 +150,20 @@ def check_type(value: Any, name: str, types: type | tuple[type, ...], what: str 
             what = " or ".join(t.__name__ for t in ts)
         raise TypeError(f"{name}: expected {what}, got {describe(value)}")
     return value
+
+
+def check_count_or_fraction(value: Any, name: str) -> int | float:
+    """A number of examples (an int ≥ 1) or a fraction of them (a float in (0, 1]).
+
+    >>> check_count_or_fraction(250, "size"), check_count_or_fraction(0.25, "size")
+    (250, 0.25)
+    >>> check_count_or_fraction(1.5, "size")
+    Traceback (most recent call last):
+    ...
+    ValueError: size: expected a fraction in (0, 1] or an int >= 1 (examples), got 1.5
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected an int (examples) or a float fraction in (0, 1], got {describe(value)}")
+    if (isinstance(value, float) and not 0.0 < value <= 1.0) or (isinstance(value, int) and value < 1):
+        raise ValueError(f"{name}: expected a fraction in (0, 1] or an int >= 1 (examples), got {value}")
+    return value

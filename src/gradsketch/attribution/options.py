@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-from .._validation import check_bool, check_callable, check_choice, check_int, check_real, describe
+from .._validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_count_or_fraction,
+    check_int,
+    check_real,
+    describe,
+)
 
 
 @dataclass
@@ -182,15 +190,8 @@ class ArnoldiOptions(CurvatureOptions):
             raise ValueError(f"krylov_store: 'host' is supported by single-vector Arnoldi only; expected "
                              f"block_size=1 with it, got block_size={self.block_size}")
         self.tol = check_real(self.tol, "tol", minimum=0.0, allow_none=True)
-        sub = self.hessian_subsample
-        if sub is not None:
-            if isinstance(sub, bool) or not isinstance(sub, (int, float)):
-                raise TypeError(f"hessian_subsample: expected None, an int (examples) or a float fraction in "
-                                f"(0, 1], got {type(sub).__name__}")
-            if isinstance(sub, float) and not 0.0 < sub <= 1.0:
-                raise ValueError(f"hessian_subsample: expected a fraction in (0, 1] or an int >= 1, got {sub}")
-            if isinstance(sub, int) and sub < 1:
-                raise ValueError(f"hessian_subsample: expected at least 1 example, got {sub}")
+        if self.hessian_subsample is not None:
+            self.hessian_subsample = check_count_or_fraction(self.hessian_subsample, "hessian_subsample")
 
 
 @dataclass

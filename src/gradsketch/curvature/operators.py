@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
+from .._validation import check_count_or_fraction
 from ..linalg.operator import LinearOperator
 from ..model._batch import SplitBatch, check_batches, data_len, is_reiterable, progress_iter
 
@@ -433,13 +434,7 @@ def subsample_data(data: Iterable, size: int | float, seed: int = 0, batch_size:
     if not is_reiterable(data):
         raise TypeError(f"data: subsampling iterates the data twice; expected a re-iterable (list, DataLoader), "
                         f"got a one-shot {type(data).__name__}")
-    if isinstance(size, bool) or not isinstance(size, (int, float)):
-        raise TypeError(f"size: expected an int (examples) or a float fraction in (0, 1], got "
-                        f"{type(size).__name__}")
-    if isinstance(size, float) and not 0.0 < size <= 1.0:
-        raise ValueError(f"size: expected a fraction in (0, 1] (or an int number of examples), got {size}")
-    if isinstance(size, int) and size < 1:
-        raise ValueError(f"size: expected at least 1 example, got {size}")
+    size = check_count_or_fraction(size, "size")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
