@@ -661,19 +661,27 @@ class Attributor:
         f = self._components[0].feats
         return torch.float64 if isinstance(f, Tensor) and f.dtype == torch.float64 else torch.float32
 
-    def _score_block(self, psis: list[Tensor], blocks: list[tuple[int, int, Tensor]]) -> Tensor:
+    def _combine(self, blocks: list[tuple[int, int, Tensor]], part) -> Tensor:
+        """``Σ_c q_c ⊙ part(c, comp, F_c)`` over the components for one block of training rows ``[r0, r1)``,
+        times the shared ``q`` (TracIn/TRAK weights); ``part`` returns ``[..., r1 - r0]``."""
         out = None
-        for psi, (r0, r1, F), comp in zip(psis, blocks, self._components):
-            F = self.train_rows(comp, F.cpu())
-            s = psi.to(F.dtype) @ F.T
+        for c, ((r0, r1, F), comp) in enumerate(zip(blocks, self._components)):
+            v = part(c, comp, F.cpu())
             if comp.q is not None:
-                s = s * comp.q[r0:r1].to(s.dtype)
-            out = s if out is None else out + s
+                v = v * comp.q[r0:r1].to(v.dtype)
+            out = v if out is None else out + v
         assert out is not None  # there is at least one component (checkpoints are non-empty)
         if self._shared_q is not None:
             r0, r1 = blocks[0][0], blocks[0][1]
             out = out * self._shared_q[r0:r1].to(out.dtype)
         return out
+
+    def _score_block(self, psis: list[Tensor], blocks: list[tuple[int, int, Tensor]]) -> Tensor:
+        def part(c: int, comp: Component, F: Tensor) -> Tensor:
+            F = self.train_rows(comp, F)
+            return psis[c].to(F.dtype) @ F.T
+
+        return self._combine(blocks, part)
 
     def _iter_train_blocks(self, dtype: torch.dtype, shard: bool = False):
         """Consecutive blocks of training rows (one per component); with ``shard`` under a process group,
@@ -744,26 +752,15 @@ class Attributor:
         statistic of Schioppa et al. 2022 (Arnoldi: Σ_i p_i(z)²/λ_i). Under ``torch.distributed`` each rank
         computes its share of the training blocks and every rank returns the whole vector."""
         self._check_fitted()
-        dt = torch.float64
-        out = []
         pieces: list[tuple[int, Tensor]] = []
-        for blocks in self._iter_train_blocks(dt, shard=True):
-            tot = None
-            for (r0, r1, F), comp in zip(blocks, self._components):
-                F = F.cpu()
-                v = comp.weight * quad_kernel(comp.kernel, self.test_rows(comp, F))
-                if comp.q is not None:
-                    v = v * comp.q[r0:r1].to(v.dtype)
-                tot = v if tot is None else tot + v
-            assert tot is not None  # there is at least one component (checkpoints are non-empty)
-            if self._shared_q is not None:
-                r0, r1 = blocks[0][0], blocks[0][1]
-                tot = tot * self._shared_q[r0:r1].to(tot.dtype)
+        for blocks in self._iter_train_blocks(torch.float64, shard=True):
+            blocks = list(blocks)
+            tot = self._combine(blocks, lambda c, comp, F: comp.weight * quad_kernel(comp.kernel,
+                                                                                     self.test_rows(comp, F)))
             pieces.append((blocks[0][0], tot))
         if is_distributed() and rank_and_world()[1] > 1:  # each rank computed its blocks: gather them all
             pieces = [p for part in all_gather_objects(pieces) for p in part]
-        out = [t for _, t in sorted(pieces, key=lambda p: p[0])]
-        return torch.cat(out)
+        return torch.cat([t for _, t in sorted(pieces, key=lambda p: p[0])])
 
     def __repr__(self) -> str:
         s = (f"{type(self).__name__}(method={self.method!r}, sketch={self.sketch!r}, store={self.store}, "
