@@ -297,25 +297,13 @@ class Attributor:
         if self.store is not None and self.store.exists() and not self.store.is_dir():
             raise ValueError(f"store: expected a directory (or a path to create one), got the file {str(store)!r}")
         #: the method's validated options (type, finiteness, range checked here, before any work)
-        self.config_ = options_for(self.method, dict(method_options)) if self.method in OPTIONS \
-            else self._options(dict(method_options))
+        self.config_ = options_for(self.method, dict(method_options), cls=type(self).options_cls)
         self.options = dict(method_options)
         self.nan_policy = self.config_.nan_policy
         self._components: list[Component] = []
         self._shared_q: Tensor | None = None  # a q applied to the summed ensemble score (TRAK's q̄)
         self.timings_: dict[str, float] = {}
         self._fitted = False
-
-    def _options(self, options: dict[str, Any]) -> CommonOptions:
-        import dataclasses
-
-        cls = type(self).options_cls
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise TypeError(f"method_options: {unknown} not accepted by {type(self).__name__}; expected some of "
-                            f"{sorted(allowed)}")
-        return cls(**options)
 
     # ------------------------------------------------------------------ hooks (methods override these)
     def feature_kind(self) -> str:

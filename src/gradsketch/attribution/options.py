@@ -224,8 +224,9 @@ OPTIONS: dict[str, type[CommonOptions]] = {
 }
 
 
-def options_for(method: str, options: dict[str, Any]) -> CommonOptions:
-    """The validated options of ``method``; unknown names raise ``TypeError`` listing the accepted ones.
+def options_for(method: str, options: dict[str, Any], cls: type[CommonOptions] | None = None) -> CommonOptions:
+    """The validated options of ``method`` (its dataclass ``cls``, default ``OPTIONS[method]``, the built-in
+    methods'); unknown names raise ``TypeError`` listing the accepted ones.
 
     >>> options_for("trak", {"ridge": 0.5}).ridge
     0.5
@@ -234,7 +235,7 @@ def options_for(method: str, options: dict[str, Any]) -> CommonOptions:
         ...
     TypeError: method_options: ['damping'] not accepted by method='trak'; expected some of [...]
     """
-    cls = OPTIONS[method]
+    cls = OPTIONS[method] if cls is None else cls
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - allowed)
     if unknown:
