@@ -161,3 +161,20 @@ def indefinite_tanh_task():
     H = task.hessian(data).to_dense()
     assert float(torch.linalg.eigvalsh(H)[0]) < -1e-3  # indefinite, or the tests mean nothing
     return task, data, H
+
+
+def count_featurised_rows(monkeypatch) -> list[int]:
+    """Record the store rows that attribution featurises from now on (until ``monkeypatch.undo()``): the
+    returned list grows with each row index computed."""
+    from gradsketch.attribution import _features
+
+    seen: list[int] = []
+    real = _features._rows
+
+    def counting(task_, batch, sketch, mode, nan_policy, offset, name, *a, **k):
+        r = real(task_, batch, sketch, mode, nan_policy, offset, name, *a, **k)
+        seen.extend(range(offset, offset + r.shape[0]))
+        return r
+
+    monkeypatch.setattr(_features, "_rows", counting)
+    return seen

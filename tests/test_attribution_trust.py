@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import count_featurised_rows
 from test_nan_paths import BAD, M, loss
 from test_nan_paths import data as nan_data
 from torch.utils.data import DataLoader, TensorDataset
 
-from gradsketch.attribution import Attributor, _features
+from gradsketch.attribution import Attributor
 from gradsketch.model import Task
 from gradsketch.store import DataChangedError, GradientStore
 
@@ -57,15 +58,7 @@ def test_refeaturise_on_changed_data_recomputes_only_those_chunks(tmp_path, monk
     with pytest.raises(DataChangedError, match=r"chunk 1 \(examples 20:40\), chunk 3 \(examples 60:80\).*"
                                                r"on_data_change='refeaturise'"):
         child.attributor(task, tmp_path / "s").fit(relabelled, progress=False)
-    seen = []
-    real = _features._rows
-
-    def counting(task_, batch, sketch, mode, nan_policy, offset, name, *a, **k):
-        r = real(task_, batch, sketch, mode, nan_policy, offset, name, *a, **k)
-        seen.extend(range(offset, offset + r.shape[0]))
-        return r
-
-    monkeypatch.setattr(_features, "_rows", counting)
+    seen = count_featurised_rows(monkeypatch)
     a = child.attributor(task, tmp_path / "s", on_data_change="refeaturise").fit(relabelled, progress=False)
     monkeypatch.undo()
     assert sorted(seen) == [*range(20, 40), *range(60, 80)]

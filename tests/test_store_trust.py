@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import count_featurised_rows
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradsketch.model._batch import SplitBatch
@@ -347,17 +348,7 @@ def test_disk_full_names_the_store_and_says_it_resumes(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ item 8: CLI
 def _fit_counting(task, batches, path, monkeypatch):
     """Fit into ``path``; returns the store rows that were featurised (recomputed)."""
-    from gradsketch.attribution import _features
-
-    seen = []
-    real = _features._rows
-
-    def counting(task_, batch, sketch, mode, nan_policy, offset, name, *a, **k):
-        r = real(task_, batch, sketch, mode, nan_policy, offset, name, *a, **k)
-        seen.extend(range(offset, offset + r.shape[0]))
-        return r
-
-    monkeypatch.setattr(_features, "_rows", counting)
+    seen = count_featurised_rows(monkeypatch)
     child.attributor(task, path).fit(batches, progress=False)
     monkeypatch.undo()
     return seen
