@@ -34,7 +34,15 @@ from torch import Tensor, nn
 
 from .._validation import check_choice, check_int
 from ..linalg import LinearOperator
-from ..linalg.distributed import all_gather_objects, barrier, check_same, is_distributed, merge_topk, rank_and_world
+from ..linalg.distributed import (
+    all_gather_objects,
+    barrier,
+    check_same,
+    is_distributed,
+    merge_topk,
+    rank_and_world,
+    shard_range,
+)
 from ..store.fill import check_sequential
 from ._features import (
     IdentitySketch,
@@ -454,16 +462,18 @@ class Attributor:
         self.skipped_indices_ = sorted(set(self.skipped_indices_) | set(store.skipped_rows()))
         return store
 
-    def _blocks(self, comp: Component, block_rows: int, dtype: torch.dtype):
-        """Yields ``(r0, r1, [r1 - r0, d])`` consecutive training feature blocks of one component."""
+    def _blocks(self, comp: Component, block_rows: int, dtype: torch.dtype, rows: tuple[int, int] | None = None):
+        """Yields ``(r0, r1, [r1 - r0, d])`` consecutive training feature blocks of one component, over
+        ``rows`` (a block-aligned range; default all) and reading only those rows."""
         f = comp.feats
+        lo, hi = rows if rows is not None else (0, comp.n_rows)
         if isinstance(f, Tensor):
-            for r0 in range(0, f.shape[0], block_rows):
-                r1 = min(r0 + block_rows, f.shape[0])
+            for r0 in range(lo, hi, block_rows):
+                r1 = min(r0 + block_rows, hi)
                 yield r0, r1, f[r0:r1].to(dtype)
-        else:
-            r0 = 0
-            for blk in f.iter_blocks(block_rows, as_tensor=True):
+        elif hi > lo:
+            r0 = lo
+            for blk in f.iter_blocks(block_rows, row_range=(lo, hi), as_tensor=True):
                 yield r0, r0 + blk.shape[0], blk.to(dtype)
                 r0 += blk.shape[0]
 
@@ -673,13 +683,16 @@ class Attributor:
 
     def _iter_train_blocks(self, dtype: torch.dtype, shard: bool = False):
         """Consecutive blocks of training rows (one per component); with ``shard`` under a process group,
-        only the blocks of this rank (block ``j`` on rank ``j mod world``)."""
+        only this rank's contiguous share of the blocks (:func:`~gradsketch.linalg.distributed.shard_range`
+        over the blocks)."""
         br = int(self._opt("block_rows", 4096))
-        gens = [self._blocks(c, br, dtype) for c in self._components]
-        rank, world = rank_and_world() if shard else (0, 1)
-        for j, blocks in enumerate(zip(*gens)):
-            if j % world == rank:
-                yield blocks
+        rows = None
+        if shard and is_distributed():  # this rank's contiguous run of blocks; the others are never read
+            rank, world = rank_and_world()
+            n = self._components[0].n_rows
+            j0, j1 = shard_range(-(-n // br), rank, world)
+            rows = (min(j0 * br, n), min(j1 * br, n))
+        yield from zip(*(self._blocks(c, br, dtype, rows) for c in self._components))
 
     def score(self, test_data: Iterable, progress: bool = True) -> Tensor:
         """Scores ``[n_test, n_train]`` (CPU; float64 for in-memory float64 features, else float32);
