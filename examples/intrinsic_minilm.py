@@ -3,6 +3,7 @@ snippets are fetched (`gradsketch data fetch rotten-tomatoes` or `python example
 
     python examples/intrinsic_minilm.py [--kind qk] [--n-train 1024] [--seq 24] [--batch 16]
         [--full-steps 60 | --full-metric ACC] [--steps 120] [--lr 0.05] [--eval-every 15] [--delta 0.005]
+        [--plateau trend|step]
         [--d-start 64] [--d-max 16384] [--confirm [--confirm-steps N]] [--threads 2] [--all-params]
 
 Full fine-tuning accuracy first (Adam 5e-5... here 1e-4 for few steps), then the one-run doubling search
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--d-start", type=int, default=64)
     ap.add_argument("--d-max", type=int, default=2**14)
     ap.add_argument("--delta", type=float, default=0.005)
+    ap.add_argument("--plateau", default="trend", help="plateau test: trend (noise-robust) or step (last gain < δ)")
     ap.add_argument("--confirm", action="store_true", help="confirming run at D*/2 (stops early if it reaches τ)")
     ap.add_argument("--confirm-steps", type=int, default=None)
     ap.add_argument("--all-params", action="store_true")
@@ -63,7 +65,7 @@ def main() -> None:
     t = time.time()
     res = intrinsic_dimension(model_fn, train_data, eval_data, "accuracy", d_max=a.d_max, kind=a.kind,
                               method="one-run", full_metric=full, steps=a.steps, lr=a.lr, eval_every=a.eval_every,
-                              delta=a.delta, d_start=a.d_start, params=params, confirm=a.confirm,
+                              delta=a.delta, plateau=a.plateau, d_start=a.d_start, params=params, confirm=a.confirm,
                               confirm_steps=a.confirm_steps, progress=a.progress)
     print(f"one-run search ({time.time() - t:.0f}s): {res}")
     print(res.to_markdown())

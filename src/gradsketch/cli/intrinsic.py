@@ -25,7 +25,13 @@ def intrinsic_dim(
     full_steps: int | None = typer.Option(None, help="steps of full fine-tuning [default: steps]"),
     full_metric: float | None = typer.Option(None, help="full fine-tuning metric, if known (skips that run)"),
     eval_every: int = typer.Option(DEFAULTS["eval_every"], help="c: evaluate (and maybe double d) every c steps"),
-    delta: float = typer.Option(DEFAULTS["delta"], help="δ: double d when the metric improved by less than this"),
+    delta: float = typer.Option(DEFAULTS["delta"], help="δ: double d when the metric gains less than this per "
+                                                        "evaluation"),
+    plateau: str = typer.Option(DEFAULTS["plateau"], help="one-run plateau test: trend (upper confidence bound of "
+                                                          "the stage's gain per evaluation < δ; robust to "
+                                                          "evaluation noise) or step (last gain < δ)"),
+    alpha: float = typer.Option(DEFAULTS["alpha"], help="trend test: probability of ending a stage that still "
+                                                        "gains ≥ δ per evaluation, per test"),
     fraction: float = typer.Option(0.9, help="target fraction of the full metric"),
     said: bool = typer.Option(False, help="SAID: per-tensor trained scales λ"),
     seed: int = typer.Option(0),
@@ -40,7 +46,7 @@ def intrinsic_dim(
     from ..intrinsic.pipeline import TASKS, IntrinsicConfig, run_intrinsic_dim
 
     names = ("task", "kind", "method", "d_max", "d_start", "steps", "lr", "full_lr", "full_steps", "full_metric",
-             "eval_every", "delta", "fraction", "seed", "n_train", "seq")
+             "eval_every", "delta", "plateau", "alpha", "fraction", "seed", "n_train", "seq")
     with usage_errors(names):
         if entry and task:
             raise ValueError(f"task: expected --task or --entry, not both, got --task {task!r} and --entry {entry!r}")
@@ -50,7 +56,7 @@ def intrinsic_dim(
             raise ValueError(f"n_train, seq: expected n_train >= 1 and seq >= 2, got {n_train} and {seq}")
         cfg = IntrinsicConfig(kind=kind, method=method, d_max=d_max, d_start=d_start, steps=steps, lr=lr,
                               full_lr=full_lr, full_steps=full_steps, full_metric=full_metric, eval_every=eval_every,
-                              delta=delta, fraction=fraction, said=said, seed=seed)
+                              delta=delta, plateau=plateau, alpha=alpha, fraction=fraction, said=said, seed=seed)
         res = run_intrinsic_dim(entry, cfg, task=None if entry else (task or "digits"), plot=plot,
                                 json_out=json_out, progress=progress, n_train=n_train, seq=seq)
     typer.echo(str(res))

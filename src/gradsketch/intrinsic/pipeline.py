@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .._validation import check_bool, check_choice, check_int, check_real
+from .plateau import PLATEAU_RULES
 from .search import DEFAULTS, METHODS
 
 __all__ = ["IntrinsicConfig", "run_intrinsic_dim", "TASKS"]
@@ -43,6 +44,8 @@ class IntrinsicConfig:
     full_metric: float | None = None
     eval_every: int = field(default_factory=lambda: DEFAULTS["eval_every"])
     delta: float = field(default_factory=lambda: DEFAULTS["delta"])
+    plateau: str = field(default_factory=lambda: DEFAULTS["plateau"])
+    alpha: float = field(default_factory=lambda: DEFAULTS["alpha"])
     fraction: float = 0.9
     said: bool = False
     seed: int = 0
@@ -59,6 +62,8 @@ class IntrinsicConfig:
         check_int(self.full_steps, "full_steps", minimum=1, allow_none=True)
         for name in ("lr", "full_lr", "delta"):
             check_real(getattr(self, name), name, minimum=0.0, min_inclusive=False)
+        check_choice(self.plateau, "plateau", PLATEAU_RULES)
+        check_real(self.alpha, "alpha", minimum=0.0, maximum=0.5, min_inclusive=False, max_inclusive=False)
         check_real(self.fraction, "fraction", minimum=0.0, maximum=1.0, min_inclusive=False)
         check_real(self.full_metric, "full_metric", allow_none=True)
         check_bool(self.said, "said")

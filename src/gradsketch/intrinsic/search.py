@@ -3,9 +3,12 @@ full fine-tuning's metric (Li et al. 2018, arXiv 1804.08838).
 
 ``method="grid"``: the classic sweep, one subspace run per d on a log2 grid.
 ``method="one-run"``: Schioppa 2024 (arXiv 2402.03994, §5): train once in a D_max subspace with all but the
-first d coordinates of ω masked (value and gradient); every c steps, if the metric improved by less than δ
-since the last evaluation and the target τ = fraction·(full metric) is not reached, double d. The d at
-which τ is reached, D*, is within 2× of D_int; a confirming run at D*/2 should not reach τ.
+first d coordinates of ω masked (value and gradient); every c steps, if the metric has stopped improving by
+δ per evaluation and the target τ = fraction·(full metric) is not reached, double d. The d at which τ is
+reached, D*, is within 2× of D_int; a confirming run at D*/2 should not reach τ. "Stopped improving" is
+decided by the noise-robust trend test of :mod:`gradsketch.intrinsic.plateau` (default ``plateau="trend"``)
+or by the literal one-step comparison ``m_k − m_{k−1} < δ`` (``plateau="step"``, which fires on
+evaluation noise: see that module).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._validation import check_real
 from ..sketch.kinds import KINDS
+from .plateau import binomial_noise, check_plateau_options, trend_test
 from .subspace import SubspaceModel, _select
 from .train import History, train
 
@@ -27,8 +32,8 @@ METHODS = ("one-run", "grid")
 
 #: The one set of defaults of the search, shared by :func:`intrinsic_dimension`, :class:`IntrinsicConfig`
 #: and ``gradsketch intrinsic-dim`` (measured on the digits MLP; see benchmarks/results/intrinsic.md).
-DEFAULTS: dict[str, Any] = {"steps": 1000, "lr": 0.05, "full_lr": 1e-2, "eval_every": 25, "delta": 5e-3,
-                            "d_start": 8}
+DEFAULTS: dict[str, Any] = {"steps": 2000, "lr": 0.05, "full_lr": 1e-2, "eval_every": 25, "delta": 5e-3,
+                            "d_start": 8, "plateau": "trend", "alpha": 0.05, "min_window": 5, "max_window": 10}
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -102,6 +107,7 @@ class IntrinsicDimResult:
     confirm: dict[str, Any] | None = None
     nan: str | None = None
     said: bool = False
+    plateau: str = "trend"
     notes: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -157,6 +163,23 @@ def _pow2_grid(lo: int, hi: int) -> list[int]:
     return out
 
 
+def _eval_size(eval_data: Any) -> int:
+    """Number of evaluation examples: ``len(y)`` of ``(x, y)``, or the labels counted over the batches."""
+    if isinstance(eval_data, tuple) and len(eval_data) == 2 and isinstance(eval_data[1], Tensor):
+        return int(eval_data[1].shape[0])
+    total = 0
+    try:
+        for b in eval_data:
+            y = b["labels"] if isinstance(b, Mapping) else b[1]
+            total += int(y.shape[0])
+    except (TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ValueError("noise: 'binomial' needs the number of evaluation examples, which could not be counted "
+                         f"from eval_data ({e!r}); pass noise as a number instead") from e
+    if total < 1:
+        raise ValueError("eval_data: expected at least one evaluation example, got none")
+    return total
+
+
 def _check_pos_int(name: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name}: expected a positive integer, got {v!r}")
@@ -182,7 +205,9 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval
                         lr: float = DEFAULTS["lr"], full_steps: int | None = None,
                         full_lr: float = DEFAULTS["full_lr"], eval_every: int = DEFAULTS["eval_every"],
                         delta: float = DEFAULTS["delta"], d_start: int = DEFAULTS["d_start"],
-                        grid: Sequence[int] | None = None,
+                        plateau: str = DEFAULTS["plateau"], alpha: float = DEFAULTS["alpha"],
+                        noise: float | str | None = None, min_window: int = DEFAULTS["min_window"],
+                        max_window: int = DEFAULTS["max_window"], grid: Sequence[int] | None = None,
                         batch_size: int | None = None, loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
                         optimizer: Any = "adam", said: bool = False, params: Any = None, confirm: bool = True,
                         confirm_steps: int | None = None, stop_at_threshold: bool = False, seed: int = 0,
@@ -198,6 +223,14 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval
         steps of full training at ``full_lr``. The threshold is τ = fraction·full_metric.
     steps : one-run: total step budget of the search; grid: steps per d.
     eval_every (c), delta (δ), d_start : the one-run schedule (d starts at ``d_start`` and doubles).
+    plateau : one-run: when a stage has plateaued. ``"trend"`` (default): the upper (1−``alpha``) confidence
+        bound of the stage's gain per evaluation, a least-squares slope over its last ``max_window``
+        evaluations (tested once it has ``min_window``), is below δ; a stage still gaining ≥ δ per
+        evaluation is ended by one test with probability ≤ ``alpha`` (:mod:`gradsketch.intrinsic.plateau`).
+        ``"step"``: the last evaluation improved on the previous one by less than δ (fires on noise).
+    noise : the trend test's σ of one evaluation: None (measured from the window's residuals, t-test),
+        a number, or ``"binomial"`` (√(p(1−p)/n) with n the number of evaluation examples, counted from
+        ``eval_data``; for accuracy-like metrics).
     grid : dimensions for ``method="grid"`` (default powers of 2 from ``d_start`` to ``d_max``).
     confirm : one-run only; train a fresh subspace of d = D*/2 for ``confirm_steps`` (default ``steps``).
     stop_at_threshold : end each run as soon as τ is reached (faster; the grid curve is then truncated).
@@ -229,6 +262,10 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval
         raise ValueError(f"d_start: expected d_start <= d_max={d_max}, got {d_start}")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction: expected a number in (0, 1], got {fraction!r}")
+    check_plateau_options(plateau, alpha, noise, min_window, max_window)
+    if method == "one-run":
+        check_real(delta, "delta", minimum=0.0, min_inclusive=False)
+    n_eval = _eval_size(eval_data) if noise == "binomial" else None
 
     def eval_fn(m: nn.Module) -> float:
         return float(metric_fn(m, eval_data))
@@ -253,7 +290,7 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval
         raise ValueError(f"full_metric: expected a finite number, got {full_metric!r}")
     tau = fraction * full_metric
     res = IntrinsicDimResult(method=method, kind=kind, fraction=fraction, full_metric=full_metric, threshold=tau,
-                             d_max=d_max, said=said)
+                             d_max=d_max, said=said, plateau=plateau)
 
     def make(d: int) -> SubspaceModel:
         return SubspaceModel(model_fn(), d, kind=kind, seed=seed, said=said, params=params, **sketch_options)
@@ -283,9 +320,32 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval
         return res
 
     # one-run doubling search
+    if plateau == "trend":
+        res.notes.append(f"plateau test: trend (upper {1 - alpha:.0%} bound of the gain per evaluation over the last "
+                         f"{min_window}-{max_window} evaluations of a stage < δ={delta:g}; noise "
+                         f"{'measured' if noise is None else noise})")
+    else:
+        res.notes.append(f"plateau test: step (last gain < δ={delta:g})")
     sm = make(d_max)
-    state: dict[str, Any] = {"d": d_start, "prev": None, "stage_start": 0, "best": -math.inf, "done": None}
+    state: dict[str, Any] = {"d": d_start, "prev": None, "stage_start": 0, "best": -math.inf, "done": None,
+                             "stage": []}
     sm.set_active_dim(d_start)
+
+    def plateaued(m: float, prev: float) -> tuple[bool, dict[str, Any]]:
+        if plateau == "step":
+            return m - prev < delta, {}
+        stage = state["stage"]
+        sigma: float | None
+        if noise == "binomial":
+            assert n_eval is not None
+            window = stage[-max_window:]
+            sigma = binomial_noise(min(1.0, max(0.0, sum(window) / len(window))), n_eval)
+        else:
+            sigma = noise  # type: ignore[assignment]
+        t = trend_test(stage, delta, alpha=alpha, noise=sigma, min_window=min_window, max_window=max_window)
+        if t is None:
+            return False, {}
+        return t.plateau, {"slope": t.slope, "upper": t.upper, "window": t.window}
 
     def close_stage(step: int) -> None:
         best = state["best"]
@@ -294,8 +354,10 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval
 
     def on_eval(step: int, rec: dict[str, Any], model: nn.Module) -> bool:
         m = rec["metric"]
-        res.history.append({**rec, "d": state["d"]})
+        entry = {**rec, "d": state["d"]}
+        res.history.append(entry)
         state["best"] = max(state["best"], m)
+        state["stage"].append(m)
         prev = state["prev"]
         state["prev"] = m
         if m >= tau:
@@ -304,14 +366,16 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval
             return True
         if prev is None:  # the evaluation at step 0
             return False
-        if m - prev < delta:
+        flat, info = plateaued(m, prev)
+        entry.update(info)
+        if flat:
             if state["d"] >= d_max:
                 state["done"] = "plateau at d_max"
                 close_stage(step)
                 return True
             close_stage(step)
             state["d"] = min(2 * state["d"], d_max)
-            state["stage_start"], state["best"] = step, m
+            state["stage_start"], state["best"], state["stage"] = step, m, [m]
             sm.set_active_dim(state["d"])
             # reset the optimizer's memory of the newly opened coordinates: they are zero and were masked,
             # so their Adam moments are already zero; nothing else to do.
