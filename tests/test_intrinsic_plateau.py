@@ -65,7 +65,7 @@ def test_errors():
 def test_false_plateau_rate_at_most_alpha(noise):
     """Curve rising by exactly δ per evaluation plus N(0, 0.03²) noise (six times δ, like accuracy on 256
     examples), windows of 5..10: each call must declare a plateau with probability ≤ α = 0.1 (Bonferroni
-    makes it ≤, typically well below). Over R = 2000 seeded curves the count is ≤ αR + 4·√(α(1−α)R) = 254,
+    makes it ≤; simulated 0.066 with σ measured, 0.059 with σ given, R = 5,000). Over R = 2000 seeded curves the count is ≤ αR + 4·√(α(1−α)R) = 254,
     which a true rate of α exceeds with probability < 1e-4 (binomial tail); the literal one-step rule
     m_k − m_{k−1} < δ on the same curves errs with probability Φ(0) = 1/2."""
     g = torch.Generator().manual_seed(7)
@@ -80,14 +80,14 @@ def test_false_plateau_rate_at_most_alpha(noise):
 
 
 def test_flat_noisy_curve_is_a_plateau():
-    """Flat curve plus N(0, 0.01²) noise, 10 evaluations: the 10-window test has se(b) = 0.011σ... the bound
-    b + q·ŝe is below δ unless b > δ − q·ŝe ≈ 0.002; simulated rate 0.97 (R = 20,000). Asserting ≥ 0.9 over
-    R = 500 seeded curves fails with probability < 1e-6 (binomial tail at 0.97)."""
+    """Flat curve plus N(0, 0.01²) noise (twice δ), 10 evaluations, windows 5..10 at α = 0.05: declared a
+    plateau with probability 0.918 (simulated, R = 5,000, seed 11). Asserting ≥ 0.85 over R = 500 seeded
+    curves fails with probability < 1e-7 (normal approximation of the binomial tail: 5.5 standard errors)."""
     g = torch.Generator().manual_seed(3)
     reps = 500
     hits = sum(trend_test((0.65 + 0.01 * torch.randn(10, generator=g, dtype=torch.float64)).tolist(), DELTA).plateau
                for _ in range(reps))
-    assert hits >= 0.9 * reps
+    assert hits >= 0.85 * reps
 
 
 # -- end to end: a synthetic task with a known D_int90 and a slowly converging, noisy metric ------------
@@ -127,8 +127,9 @@ def _search(rule, seed):
 def test_trend_rule_finds_known_dimension_where_step_rule_overshoots():
     """Noise σ = 0.02 (four times δ), stage convergence over ~10 evaluations. The trend rule doubles at 64
     only if a test errs while the d = 64 stage still gains ≥ δ per evaluation (it gains 0.015 at its start
-    and crosses τ = 0.9 after ~11 evaluations); over 100 seeds this happened 0 times (the union bound
-    gives ≤ 11·α = 0.55, loose). Seed 0 is fixed. The step rule doubles on noise about half the time."""
+    and crosses τ = 0.9 after ~11 evaluations): over seeds 0-19 the trend rule returned 64 every time (the
+    union bound, ≤ 11·α = 0.55, is loose). Seed 0 is fixed. The step rule doubles on noise about half the
+    time: over seeds 0-9 it returned "> 256" nine times and 128 once."""
     trend = _search("trend", seed=0)
     assert trend.estimate == 64, trend
     assert [r["d"] for r in trend.table] == [8, 16, 32, 64]

@@ -43,10 +43,12 @@ from dataclasses import dataclass
 
 from .._validation import check_choice, check_int, check_real
 
-__all__ = ["PLATEAU_RULES", "PlateauTest", "trend_test", "binomial_noise"]
+__all__ = ["PLATEAU_RULES", "MIN_WINDOW", "MAX_WINDOW", "PlateauTest", "trend_test", "binomial_noise"]
 
 #: plateau rules of the one-run search: "trend" (noise-robust, default) and "step" (m_k − m_{k−1} < δ)
 PLATEAU_RULES = ("trend", "step")
+#: default window lengths of the trend test (evaluations of a stage)
+MIN_WINDOW, MAX_WINDOW = 5, 10
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def _slope_test(ys: list[float], delta: float, alpha: float, noise: float | None
 
 
 def trend_test(metrics: Sequence[float], delta: float, alpha: float = 0.05, noise: float | None = None,
-               min_window: int = 5, max_window: int = 10) -> PlateauTest | None:
+               min_window: int = MIN_WINDOW, max_window: int = MAX_WINDOW) -> PlateauTest | None:
     """The ``"trend"`` plateau test (module docstring) on the evaluations ``metrics`` of the current stage,
     oldest first. Returns None while fewer than ``min_window`` evaluations are available (or a non-finite
     one is among the last ``max_window``), else a :class:`PlateauTest` whose ``plateau`` says whether to

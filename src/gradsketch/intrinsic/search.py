@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .._validation import check_real
 from ..sketch.kinds import KINDS
-from .plateau import binomial_noise, check_plateau_options, trend_test
+from .plateau import MAX_WINDOW, MIN_WINDOW, binomial_noise, check_plateau_options, trend_test
 from .subspace import SubspaceModel, _select
 from .train import History, train
 
@@ -33,7 +33,7 @@ METHODS = ("one-run", "grid")
 #: The one set of defaults of the search, shared by :func:`intrinsic_dimension`, :class:`IntrinsicConfig`
 #: and ``gradsketch intrinsic-dim`` (measured on the digits MLP; see benchmarks/results/intrinsic.md).
 DEFAULTS: dict[str, Any] = {"steps": 2000, "lr": 0.05, "full_lr": 1e-2, "eval_every": 25, "delta": 5e-3,
-                            "d_start": 8, "plateau": "trend", "alpha": 0.05, "min_window": 5, "max_window": 10}
+                            "d_start": 8, "plateau": "trend", "alpha": 0.05}
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -206,8 +206,8 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval
                         full_lr: float = DEFAULTS["full_lr"], eval_every: int = DEFAULTS["eval_every"],
                         delta: float = DEFAULTS["delta"], d_start: int = DEFAULTS["d_start"],
                         plateau: str = DEFAULTS["plateau"], alpha: float = DEFAULTS["alpha"],
-                        noise: float | str | None = None, min_window: int = DEFAULTS["min_window"],
-                        max_window: int = DEFAULTS["max_window"], grid: Sequence[int] | None = None,
+                        noise: float | str | None = None, min_window: int = MIN_WINDOW,
+                        max_window: int = MAX_WINDOW, grid: Sequence[int] | None = None,
                         batch_size: int | None = None, loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
                         optimizer: Any = "adam", said: bool = False, params: Any = None, confirm: bool = True,
                         confirm_steps: int | None = None, stop_at_threshold: bool = False, seed: int = 0,
