@@ -6,7 +6,8 @@
   hvp     : Hessian-vector products and wall time to reach the top-10 eigenvalues to 1e-3 relative error:
             gradsketch Lanczos vs PyHessian's power iteration with deflation (top_n=10), same model/batch.
   memory  : peak RSS of sketched Arnoldi on MiniLM-L6 (all 22.7M parameters) for a few steps, and the
-            linear extrapolation to a 1,000-step Krylov space.
+            linear extrapolation to a 1,000-step Krylov space; with --steps 1000 the whole run, measured
+            (--basis-dtype float16 stores the Krylov basis in half precision, --batch/--seq shrink the HVP).
 
 Run: python benchmarks/bench_spectrum.py quality|hvp|memory [--threads 1]
 """
@@ -167,7 +168,7 @@ def cmd_memory(args):
     from transformers import AutoModel, AutoTokenizer
 
     from gradsketch.curvature import sketched
-    from gradsketch.linalg import arnoldi
+    from gradsketch.linalg import arnoldi, distill
     from gradsketch.model import Task
     from gradsketch.sketch import sketch
 
@@ -189,8 +190,8 @@ def cmd_memory(args):
             return self.head((h * m).sum(1) / m.sum(1))
 
     model = Clf().eval()
-    b = tok(SENTENCES, padding="max_length", truncation=True, max_length=args.seq, return_tensors="pt")
-    labels = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0])
+    b = tok(SENTENCES[:args.batch], padding="max_length", truncation=True, max_length=args.seq, return_tensors="pt")
+    labels = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0])[:args.batch]
     data = [((b["input_ids"], b["attention_mask"]), labels)]
     def loss_fn(m, batch):
         (ids, mask), yy = batch
@@ -204,19 +205,25 @@ def cmd_memory(args):
     print(f"MiniLM classifier: N = {N} (log2 {math.log2(N):.2f}), d = {args.d}, kind {args.kind}; "
           f"RSS before Arnoldi {base:.0f} MB (peak so far {rss_mb():.0f} MB)", flush=True)
     res = {}
+    basis_dtype = {"float32": None, "float16": torch.float16}[args.basis_dtype]
     for m in args.steps:
         t = time.perf_counter()
-        r = arnoldi(op, m, seed=0, store="host")
+        r = arnoldi(op, m, seed=0, store="host", basis_dtype=basis_dtype, progress=args.progress)
         dt = time.perf_counter() - t
+        top = distill(r.Q, r.H, min(10, m), which="LA").eigenvalues
         res[m] = {"time_s": dt, "s_per_step": dt / m, "peak_rss_mb": rss_mb(), "rss_after_mb": cur_rss_mb(),
-                  "krylov_mb": r.Q.numel() * r.Q.element_size() / 2**20}
+                  "krylov_mb": r.Q.numel() * r.Q.element_size() / 2**20, "top10": top.tolist()}
         print(f"steps {m}: {dt:.1f}s ({dt / m:.2f}s/step), peak RSS {rss_mb():.0f} MB, Krylov basis "
-              f"{res[m]['krylov_mb']:.1f} MB", flush=True)
+              f"{res[m]['krylov_mb']:.1f} MB ({args.basis_dtype}); top Ritz values {top[:5].tolist()}", flush=True)
         del r
+    if max(args.steps) >= 1000:  # measured, not extrapolated
+        print(json.dumps({"N": N, "d": args.d, "kind": args.kind, "seq": args.seq, "batch": args.batch,
+                          "basis_dtype": args.basis_dtype, "rss_before_mb": base, "runs": res}))
+        return
     per_step = args.d * 4 / 2**20
     m_last = args.steps[-1]
     extra = (1000 - m_last) * per_step + (1001 * 1000 - (m_last + 1) * m_last) * 4 / 2**20
-    print(json.dumps({"N": N, "d": args.d, "kind": args.kind, "seq": args.seq, "batch": len(SENTENCES),
+    print(json.dumps({"N": N, "d": args.d, "kind": args.kind, "seq": args.seq, "batch": args.batch,
                       "rss_before_mb": base, "runs": res, "krylov_mb_per_step": per_step,
                       "extrapolated_peak_rss_1000_steps_mb": res[m_last]["peak_rss_mb"] + extra,
                       "full_space_vector_mb": N * 4 / 2**20}))
@@ -239,6 +246,9 @@ def main():
     m.add_argument("--kind", default="affd")
     m.add_argument("--seq", type=int, default=32)
     m.add_argument("--steps", type=int, nargs="+", default=[5, 20])
+    m.add_argument("--batch", type=int, default=8, help="sentences in the fixed curvature batch (at most 8)")
+    m.add_argument("--basis-dtype", choices=["float32", "float16"], default="float32")
+    m.add_argument("--progress", action="store_true")
     for s in (q, h, m):
         s.add_argument("--threads", type=int, default=1)
     args = p.parse_args()

@@ -122,3 +122,49 @@ def test_nan_raises():
 def test_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def _planted(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.cat([torch.tensor([50.0, 30, 20, 12, 8, 5, 4, 3, 2.5, 2], dtype=torch.float64),
+                     0.3 * torch.randn(n - 10, generator=g, dtype=torch.float64)])
+    return ((U * lam) @ U.T).float(), lam[:10]
+
+
+@pytest.mark.parametrize("basis_dtype", [torch.float16, torch.bfloat16])
+def test_compressed_basis_keeps_top_eigenvalues(basis_dtype):
+    # A float32 operator with a planted spectrum; the basis is stored in half precision. Each stored vector is
+    # rounded by at most ε_b relative, so H is exact for the stored basis up to ε_b·‖A‖ per column, and a Ritz
+    # value moves by at most a few ε_b·‖A‖ (first-order bound; second order in practice). ε16 = 2^-11, ε_bf16 = 2^-8.
+    A, top = _planted()
+    eps = torch.finfo(basis_dtype).eps
+    r32 = arnoldi_eigs(MatrixOperator(A), 10, n_iter=80, which="LA")
+    r16 = arnoldi_eigs(MatrixOperator(A), 10, n_iter=80, which="LA", basis_dtype=basis_dtype)
+    assert r16.eigenvectors.dtype == torch.float32
+    assert torch.allclose(r32.eigenvalues.double(), top, rtol=1e-4)
+    err = (r16.eigenvalues.double() - top).abs().max().item()
+    assert err <= 4 * eps * 50.0, err
+    # the eigenvectors still satisfy A v ≈ λ v to the basis precision
+    assert r16.residuals.max().item() <= 8 * eps * 50.0
+
+
+def test_compressed_basis_halves_the_krylov_memory_and_keeps_the_arnoldi_relation():
+    A, _ = _planted(300, seed=1)
+    Q32, H32 = arnoldi(MatrixOperator(A), 40)
+    Q16, H16 = arnoldi(MatrixOperator(A), 40, basis_dtype=torch.float16)
+    assert Q16.dtype == torch.float16 and H16.dtype == torch.float32
+    assert Q16.element_size() * Q16.numel() * 2 == Q32.element_size() * Q32.numel()
+    Q = Q16.float()
+    # A Q_m = Q_{m+1} H up to the rounding of the stored vectors (‖A‖ = 50, ε16 = 2^-11)
+    assert (A @ Q[:, :40] - Q @ H16).norm(dim=0).max().item() <= 4 * 2.0 ** -11 * 50.0
+    # near-orthonormal to the storage precision
+    assert (Q.T @ Q - torch.eye(41)).abs().max().item() <= 4 * 2.0 ** -11
+
+
+def test_basis_dtype_is_checked():
+    A, _ = _planted(50)
+    with pytest.raises(TypeError, match="basis_dtype"):
+        arnoldi(MatrixOperator(A), 5, basis_dtype=torch.int8)
+    with pytest.raises(ValueError, match="basis_dtype.*no wider"):
+        arnoldi(MatrixOperator(A), 5, basis_dtype=torch.float64)

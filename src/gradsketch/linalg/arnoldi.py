@@ -59,8 +59,24 @@ class Distilled(NamedTuple):
     eigenvectors: Tensor
 
 
+BASIS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_basis_dtype(basis_dtype: Any, work: torch.dtype) -> torch.dtype:
+    """``None`` → the working dtype; else a floating dtype no wider than the working one."""
+    if basis_dtype is None:
+        return work
+    if basis_dtype not in BASIS_DTYPES:
+        raise TypeError(f"basis_dtype: expected None or one of torch.float16, torch.bfloat16, torch.float32, "
+                        f"torch.float64, got {basis_dtype!r}")
+    if torch.finfo(basis_dtype).bits > torch.finfo(work).bits:
+        raise ValueError(f"basis_dtype: expected a dtype no wider than the operator's working dtype {work}, got "
+                         f"{basis_dtype} (a wider basis stores nothing the arithmetic keeps)")
+    return basis_dtype
+
+
 def arnoldi(op: LinearOperator, n_iter: int, v0: Tensor | None = None, seed: Any = 0,
-            store: str = "device", progress: bool = False) -> ArnoldiResult:
+            store: str = "device", progress: bool = False, basis_dtype: torch.dtype | None = None) -> ArnoldiResult:
     """``m = n_iter`` Arnoldi steps with full re-orthogonalisation: ``A Q_m = Q_{m+1} H̃_m``,
     ``Q [n, m+1]`` orthonormal, ``H̃ [m+1, m]`` upper Hessenberg.
 
@@ -76,9 +92,21 @@ def arnoldi(op: LinearOperator, n_iter: int, v0: Tensor | None = None, seed: Any
             moves one vector to the device for the product and back; orthogonalisation runs on the CPU),
             as Schioppa et al. do for large models.
         progress: tqdm progress bar.
+        basis_dtype: the dtype ``Q`` is stored in (default: the operator's working dtype). ``torch.float16``
+            halves the memory of a float32 basis (a compressed-basis Krylov method): every product and
+            every Gram–Schmidt pass still runs in the working dtype against the stored (rounded) vectors,
+            so ``H`` is exact for the stored basis up to the rounding of each new vector, and Ritz values
+            move by about ``ε_basis · ‖A‖`` (ε = 2^-11 for float16: about 5e-4 of the largest |λ|).
+            bfloat16 (ε = 2^-8) is accepted but an order of magnitude coarser.
 
     Returns:
-        :class:`ArnoldiResult`; unpacks as ``Q, H = arnoldi(op, m)``.
+        :class:`ArnoldiResult`; unpacks as ``Q, H = arnoldi(op, m)`` (``Q`` in ``basis_dtype``).
+
+    >>> from gradsketch.linalg import MatrixOperator
+    >>> A = torch.diag(torch.linspace(1.0, 2.0, 50))
+    >>> Q, H = arnoldi(MatrixOperator(A), 50, basis_dtype=torch.float16)
+    >>> (Q.dtype, round(float(distill(Q, H, 1).eigenvalues[0]), 2))
+    (torch.float16, 2.0)
     """
     op = check_operator(op)
     n = op.shape[0]
@@ -86,12 +114,13 @@ def arnoldi(op: LinearOperator, n_iter: int, v0: Tensor | None = None, seed: Any
     store = check_choice(store, "store", ("device", "host"))
     dtype, dev = work_dtype(op), op.device
     qdev = torch.device("cpu") if store == "host" else dev
+    bdtype = check_basis_dtype(basis_dtype, dtype)
     gen = make_generator(seed)
     eps = float(torch.finfo(dtype).eps)
 
     q = (check_tensor(v0, "v0", n, dtype, qdev, nonzero=True) if v0 is not None
          else random_probes(n, 1, "gaussian", gen, dtype, qdev)[:, 0])
-    Qr = torch.zeros(m + 1, n, dtype=dtype, device=qdev)  # rows = Krylov vectors
+    Qr = torch.zeros(m + 1, n, dtype=bdtype, device=qdev)  # rows = Krylov vectors
     H = torch.zeros(m + 1, m, dtype=dtype, device=qdev)
     Qr[0] = q / q.norm()
     anorm, restarts = 0.0, 0
@@ -169,6 +198,12 @@ def distill(Q: Tensor, H: Tensor, top_k: int, positive_only: bool = False, which
     else:
         idx = select_indices(lam, which, top_k)
     dtype = Q.dtype if Q.is_floating_point() else torch.float64
+    if dtype in (torch.float16, torch.bfloat16):  # a compressed basis: combine in float32, a block of rows at a time
+        dtype = torch.float32
+        Yk = torch.as_tensor(np.ascontiguousarray(Y[:, idx]), dtype=dtype, device=Q.device)
+        rows = max(1, (1 << 26) // (4 * m))
+        vecs = torch.cat([Q[i:i + rows, :m].to(dtype) @ Yk for i in range(0, Q.shape[0], rows)])
+        return Distilled(torch.as_tensor(lam[idx], dtype=dtype, device=Q.device), vecs)
     Yk = torch.as_tensor(np.ascontiguousarray(Y[:, idx]), dtype=dtype, device=Q.device)
     vecs = Q[:, :m].to(dtype) @ Yk
     return Distilled(torch.as_tensor(lam[idx], dtype=dtype, device=Q.device), vecs)
@@ -177,7 +212,8 @@ def distill(Q: Tensor, H: Tensor, top_k: int, positive_only: bool = False, which
 def arnoldi_eigs(op: LinearOperator, top_k: int, n_iter: int | None = None, seed: Any = 0,
                  v0: Tensor | None = None, positive_only: bool = False, store: str = "device",
                  tol: float | None = None, progress: bool = False, which: str = "LM",
-                 check_symmetric: bool = False, residuals: bool = True) -> EigResult:
+                 check_symmetric: bool = False, residuals: bool = True,
+                 basis_dtype: torch.dtype | None = None) -> EigResult:
     """:func:`arnoldi` + :func:`distill` + true residuals ``‖A v − λ v‖`` (one ``matmat`` of ``top_k``
     columns), as an :class:`EigResult` (``which``, or ``"LA"`` with ``positive_only``).
 
@@ -187,7 +223,8 @@ def arnoldi_eigs(op: LinearOperator, top_k: int, n_iter: int | None = None, seed
     with random probes (2 products) and refuses a non-symmetric one (the symmetrised Hessenberg matrix would
     be meaningless). ``residuals=False`` skips the residual product (residuals are then NaN and
     ``converged`` all False): Arnoldi influence, whose every product is a pass over the training set, does.
-    Eigenvectors are normalised to unit length.
+    Eigenvectors are normalised to unit length. ``basis_dtype``: see :func:`arnoldi` (a float16 basis halves
+    the Krylov memory; the eigenvectors come back in the working dtype).
 
     >>> from gradsketch.linalg import MatrixOperator
     >>> A = torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64))
@@ -215,9 +252,9 @@ def arnoldi_eigs(op: LinearOperator, top_k: int, n_iter: int | None = None, seed
             raise ValueError(f"op: Arnoldi eigenpairs need a symmetric operator, but random probes give a "
                              f"relative asymmetry {defect:.3g}; the symmetrised Hessenberg matrix would be "
                              "meaningless")
-    res = arnoldi(op, m, v0=v0, seed=seed, store=store, progress=progress)
+    res = arnoldi(op, m, v0=v0, seed=seed, store=store, progress=progress, basis_dtype=basis_dtype)
     lam, V = distill(res.Q, res.H, min(top_k, res.H.shape[1]), positive_only=positive_only, which=which)
-    lam, V = lam.to(dev), V.to(dev)
+    lam, V = lam.to(dev, dtype), V.to(dev, dtype)
     V = V / V.norm(dim=0, keepdim=True).clamp_min(torch.finfo(V.dtype).tiny)
     if residuals:
         AV = apply(op, V.to(dtype), dtype, "residual check")

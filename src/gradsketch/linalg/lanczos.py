@@ -163,16 +163,35 @@ class _Basis:
         return self.Q[: self.size]
 
 
+_UPCAST_BYTES = 1 << 26  # rows of a compressed basis are widened this many bytes at a time
+
+
+def _project_out(Q: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """One classical Gram–Schmidt pass: ``c = Q w``, ``w − Qᵀ c``. A basis stored in a narrower dtype than
+    ``w`` (a compressed Krylov basis) is widened a block of rows at a time, once per pass."""
+    if Q.dtype == w.dtype:
+        c = Q @ w
+        return w - Q.T @ c, c
+    rows = max(1, _UPCAST_BYTES // max(1, Q.shape[1] * w.element_size()))
+    cs, delta = [], torch.zeros_like(w)
+    for i in range(0, Q.shape[0], rows):
+        Qc = Q[i:i + rows].to(w.dtype)
+        c = Qc @ w
+        delta += Qc.T @ c
+        cs.append(c)
+    return w - delta, torch.cat(cs)
+
+
 def orthogonalise(Q: Tensor, w: Tensor, min_passes: int = 2) -> tuple[Tensor, Tensor]:
     """Classical Gram–Schmidt of ``w [n]`` against the rows of ``Q [j, n]``: twice, a third time if
-    the second pass still removed most of the vector. Returns ``(w ⟂ Q, accumulated coefficients [j])``."""
+    the second pass still removed most of the vector. Returns ``(w ⟂ Q, accumulated coefficients [j])``.
+    ``Q`` may be stored in a narrower floating dtype than ``w`` (the arithmetic is in ``w``'s dtype)."""
     coef = torch.zeros(Q.shape[0], dtype=w.dtype, device=w.device)
     if Q.shape[0] == 0:
         return w, coef
     for p in range(3):
         before = w.norm()
-        c = Q @ w
-        w = w - Q.T @ c
+        w, c = _project_out(Q, w)
         coef = coef + c
         if p + 1 >= min_passes and float(w.norm()) > 0.7 * float(before):
             break
