@@ -70,7 +70,8 @@ def setup(which: str, cache: Path, subsets: int, runs: int):
     return Task.from_classifier(model), tr, te, gt
 
 
-OLD_DEFAULT = dict(block_size=1, n_iters=200, top_k=100, curvature="hessian", hessian_subsample=None)  # pre-issue 20
+OLD_DEFAULT = dict(block_size=1, n_iters=200, top_k=100, curvature="hessian", hessian_subsample=None,
+                   tail=False)  # pre-issue 20
 
 
 def fit_once(task, data, te, gt, opts: dict, damping: float) -> dict:
@@ -136,7 +137,7 @@ def main() -> None:
 
     threadpool_limits(1)  # numpy's BLAS too (the distill eigh): one thread, like torch
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["mlp", "cnn", "sweep-mlp", "sweep-cnn"])
+    p.add_argument("what", choices=["mlp", "cnn", "sweep-mlp", "sweep-cnn", "tail-mlp", "tail-cnn"])
     p.add_argument("--cache", default=os.path.join("/tmp", "gradsketch-arnoldi-lds"))
     p.add_argument("--subsets", type=int, default=32)
     p.add_argument("--runs", type=int, default=2)
@@ -156,6 +157,12 @@ def main() -> None:
         for curv, sub in [("ggn", None), ("hessian", n // 4), ("ggn", n // 4), ("ggn", n // 8)]:
             variants.append((f"{curv} b=32 dim=200 sub={sub or 'all'}",
                              dict(curvature=curv, block_size=32, n_iters=200, hessian_subsample=sub)))
+    elif args.what.startswith("tail"):  # the complement of the kept eigenspace (tail=True) and smaller spaces
+        variants = [variants[0], ("block Lanczos defaults, tail=False (the issue-20 default)", dict(tail=False)),
+                    ("block Lanczos defaults, tail=True", dict(tail=True))]
+        for k, dim, sub in [(50, 128, None), (32, 96, None), (32, 96, n // 2), (32, 64, None)]:
+            variants.append((f"tail=True, top {k}, dim {dim}, curvature examples {sub or 'default'}",
+                             dict(tail=True, top_k=k, n_iters=dim, hessian_subsample=sub or 1000)))
     run(which, args, variants)
 
 

@@ -152,9 +152,36 @@ def test_arnoldi_top_k_truncation(setup):
     w, V = torch.linalg.eigh(H)
     idx = torch.argsort(-w.abs())[:4]
     ref = (Gt @ V[:, idx]) / w[idx].abs() @ (G @ V[:, idx]).T
-    a = Attributor(task, "arnoldi", n_iters=H.shape[0], top_k=4, damping=0.0, curvature="hessian").fit(
-        tr, progress=False)
+    a = Attributor(task, "arnoldi", n_iters=H.shape[0], top_k=4, damping=0.0, curvature="hessian",
+                   tail=False).fit(tr, progress=False)
+    assert a.tail_ is None
     torch.testing.assert_close(a.score(te, progress=False), ref, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.05])
+def test_arnoldi_tail_keeps_the_complement(setup, damping):
+    """tail=True (the default on small models): influence = g(x)ᵀ [U diag(1/(|λ_i|+δ)) Uᵀ + (I − UUᵀ)/(|λ_k|+δ)] g(z)
+    with the k largest |λ| and exact eigenpairs; self-influence is its diagonal and non-negative."""
+    task, (X, y), (Xt, yt), tr, te = setup
+    G, Gt = task.grads((X, y)), task.grads((Xt, yt))
+    H = full_hessian(task, X, y)
+    w, V = torch.linalg.eigh(H)
+    idx = torch.argsort(-w.abs())[:4]
+    U, lam = V[:, idx], w[idx].abs()
+    t = 1.0 / (lam.min() + damping)
+    M = U @ torch.diag(1.0 / (lam + damping)) @ U.T + t * (torch.eye(H.shape[0], dtype=H.dtype) - U @ U.T)
+    a = Attributor(task, "arnoldi", n_iters=H.shape[0], top_k=4, damping=damping, curvature="hessian").fit(
+        tr, progress=False)
+    assert a.tail_ == pytest.approx(float(t), rel=1e-9)
+    torch.testing.assert_close(a.score(te, progress=False), Gt @ M @ G.T, rtol=1e-7, atol=1e-10)
+    s = a.self_influence(progress=False)
+    torch.testing.assert_close(s, torch.einsum("ij,jk,ik->i", G, M, G), rtol=1e-7, atol=1e-10)
+    assert bool((s >= 0).all())
+    # the whole space kept: the complement is empty and the tail changes nothing
+    full = Attributor(task, "arnoldi", n_iters=H.shape[0], top_k=H.shape[0], damping=damping,
+                      curvature="hessian").fit(tr, progress=False)
+    ref = Gt @ V @ torch.diag(1.0 / (w.abs() + damping)) @ V.T @ G.T
+    torch.testing.assert_close(full.score(te, progress=False), ref, rtol=1e-6, atol=1e-9)
 
 
 def test_arnoldi_sketched_equals_sketched_influence(setup):
@@ -171,6 +198,30 @@ def test_arnoldi_sketched_equals_sketched_influence(setup):
     torch.testing.assert_close(a.score(te, progress=False), ref, rtol=1e-7, atol=1e-10)
     b = Attributor(task, "influence", sketch=sk, damping=2.0).fit(tr, progress=False)
     torch.testing.assert_close(b.score(te, progress=False), ref, rtol=1e-7, atol=1e-10)
+
+
+def test_arnoldi_sketched_tail(setup):
+    """With a sketch the tail is free (the features are Φg): M = U diag(c) Uᵀ + t (I − UUᵀ) in sketch space, with
+    the top-3 |λ| eigenpairs of ΦHΦᵀ, c_i = 1/(|λ_i| + δ) and t = 1/(|λ_3| + δ)."""
+    task, (X, y), (Xt, yt), tr, te = setup
+    d, k, delta = 8, 3, 0.1
+    sk = dict(kind="dense", d=d, seed=3)
+    Phi = task.block_sketch(d, kind="dense", seed=3).matrix()
+    G, Gt = task.grads((X, y)) @ Phi.T, task.grads((Xt, yt)) @ Phi.T
+    H = Phi @ full_hessian(task, X, y) @ Phi.T
+    w, V = torch.linalg.eigh((H + H.T) / 2)
+    idx = torch.argsort(-w.abs())[:k]
+    U, lam = V[:, idx], w[idx].abs()
+    M = U @ torch.diag(1.0 / (lam + delta)) @ U.T + (torch.eye(d, dtype=H.dtype) - U @ U.T) / (lam.min() + delta)
+    a = Attributor(task, "arnoldi", sketch=sk, n_iters=d, top_k=k, damping=delta, curvature="hessian").fit(
+        tr, progress=False)
+    torch.testing.assert_close(a.score(te, progress=False), Gt @ M @ G.T, rtol=1e-7, atol=1e-10)
+    off = Attributor(task, "arnoldi", sketch=sk, n_iters=d, top_k=k, damping=delta, curvature="hessian",
+                     tail=False).fit(tr, progress=False)
+    torch.testing.assert_close(off.score(te, progress=False),
+                               Gt @ U @ torch.diag(1.0 / (lam + delta)) @ U.T @ G.T, rtol=1e-7, atol=1e-10)
+    with pytest.raises(ValueError, match="tail"):
+        Attributor(task, "arnoldi", tail="yes")
 
 
 @pytest.mark.parametrize("method,opts", [("grad-dot", {}), ("trak", {}), ("arnoldi", dict(n_iters=12, top_k=6)),

@@ -76,7 +76,7 @@ def test_methods_with_other_rows_are_refused_naming_what_differs(trak_store):
         (dict(method="grad-dot", sketch=dict(SK, seed=3)), [r"sketch spec differs \(.*seed: expected 3, found 0"]),
         (dict(method="grad-dot", store_dtype="float16"), [r"store_dtype: expected 'float16', found 'float32'"]),
         (dict(method="arnoldi", sketch=None, n_iters=6, top_k=3),
-         [r"this fit needs 'arnoldi-projection'", r"sketch spec differs"]),
+         [r"this fit needs 'arnoldi-projection\+gradient'", r"sketch spec differs"]),
     ]
     for kw, patterns in cases:
         kw = {"sketch": SK, "store_dtype": "float32", **kw}

@@ -52,14 +52,20 @@ class IdentitySketch(SketchOperator):
 
 
 class ProjectionSketch(SketchOperator):
-    """x ↦ Vᵀx for a fixed basis ``V [N, k]`` (e.g. Arnoldi eigenvectors): ``p_i(z) = ⟨v_i, g(z)⟩``."""
+    """x ↦ Vᵀx for a fixed basis ``V [N, k]`` (e.g. Arnoldi eigenvectors): ``p_i(z) = ⟨v_i, g(z)⟩``.
+    ``append_identity``: x ↦ [Vᵀx, x] (``d = k + N``), the projections followed by the gradient itself (Arnoldi
+    influence's tail on a small model)."""
 
-    def __init__(self, V: Tensor, tag: str = "projection") -> None:
+    def __init__(self, V: Tensor, tag: str = "projection", append_identity: bool = False) -> None:
         self.V = V
-        self.n, self.d = int(V.shape[0]), int(V.shape[1])
+        self.append_identity = bool(append_identity)
+        self.k = int(V.shape[1])
+        self.n, self.d = int(V.shape[0]), self.k + (int(V.shape[0]) if self.append_identity else 0)
         self.kind = tag
         h = hashlib.sha256(V.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()).hexdigest()
         self._spec = {"kind": tag, "n": self.n, "d": self.d, "sha256": h[:32]}
+        if self.append_identity:
+            self._spec["identity"] = True
         self._init_operator(self.n, self.d, V.device)
 
     @property
@@ -67,10 +73,12 @@ class ProjectionSketch(SketchOperator):
         return dict(self._spec)
 
     def __call__(self, x: Tensor, out_dtype: Any = None, nan_policy: Any = None) -> Tensor:
-        return x @ self.V.to(x.dtype)
+        p = x @ self.V.to(x.dtype)
+        return torch.cat([p, x], dim=-1) if self.append_identity else p
 
     def _adjoint_rows(self, y: Tensor, out_dtype: Any = None, nan_policy: Any = None) -> Tensor:
-        return y @ self.V.to(y.dtype).T
+        x = y[..., :self.k] @ self.V.to(y.dtype).T
+        return x + y[..., self.k:] if self.append_identity else x
 
     def to(self, device: Any) -> ProjectionSketch:
         self.V = self.V.to(device)
@@ -182,6 +190,8 @@ FEATURE_KINDS = {
     "output-gradient": "per-example gradients of TRAK's margin_fn (used by trak with margin_fn)",
     "arnoldi-projection": "projections of exact loss gradients on Arnoldi eigenvectors (used by arnoldi with "
                           "sketch=None)",
+    "arnoldi-projection+gradient": "projections of exact loss gradients on Arnoldi eigenvectors followed by the "
+                                   "gradients (used by arnoldi with sketch=None and the tail on a small model)",
 }
 
 

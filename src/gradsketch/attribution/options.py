@@ -156,7 +156,15 @@ class ArnoldiOptions(CurvatureOptions):
     else the Hessian. Defaults (block 32, tol 1e-3, GGN, at most 1,000 Hessian examples) from the issue-20
     measurements, benchmarks/results/arnoldi_speed.md: same or higher LDS than the pre-issue-20 default
     (``curvature="hessian", block_size=1, hessian_subsample=None``) at 2.6× (digits MLP) and 21× (CNN) less
-    fit time."""
+    fit time.
+
+    ``tail``: the complement of the top-k eigenspace. ``False`` drops it (the paper's estimator,
+    ``Σ_{i≤k} p_i p_i /(|λ_i| + δ)``). ``True`` weights it by the smallest kept eigenvalue, the bound of every
+    eigenvalue left out: ``(|K| + δ)⁻¹ ≈ U diag(1/(|λ_i| + δ)) Uᵀ + (I − U Uᵀ)/(|λ_k| + δ)``, the form of the
+    randomized Nyström preconditioner (Frangella, Tropp & Udell, SIMAX 2023). It needs the whole gradient:
+    with a sketch the features already are Φg; without one the features become [Uᵀg, g], which is affordable
+    for small models only. ``"auto"`` (the default): on with a sketch or when the model has at most
+    ``TAIL_EXACT_MAX`` = 16,384 parameters, else off."""
 
     n_iters: int = 200
     top_k: int = 100
@@ -168,8 +176,11 @@ class ArnoldiOptions(CurvatureOptions):
     block_size: int = 32
     tol: float | None = 1e-3
     hessian_subsample: int | float | None = 1000
+    tail: bool | str = "auto"
 
     def __post_init__(self) -> None:
+        if self.tail not in (True, False, "auto"):
+            raise ValueError(f"tail: expected True, False or 'auto', got {self.tail!r}")
         auto = self.curvature == "auto"  # Arnoldi only: the GGN when the task declares outputs, else the Hessian
         if auto:
             self.curvature = "hessian"

@@ -432,19 +432,23 @@ class DampedOperator(LinearOperator):
 
 # ------------------------------------------------------------------------------------------ inverses
 class EigenOperator(LinearOperator):
-    """``V diag(w) Vᵀ`` for ``V [n, r]`` (orthonormal columns) and ``w [r]``; ``V = None`` means
-    ``diag(w)`` (vectors already in the eigenbasis). Float64 on the CPU unless the inputs say otherwise.
-    The inverse of an eigendecomposed matrix and Arnoldi influence's ``Σ_i u_i u_iᵀ / (λ_i + δ)`` are both
-    of this form.
+    """``V diag(w) Vᵀ + shift·I`` for ``V [n, r]`` (orthonormal columns) and ``w [r]``; ``V = None`` means
+    ``diag(w) + shift·I`` (vectors already in the eigenbasis). Float64 on the CPU unless the inputs say
+    otherwise. The inverse of an eigendecomposed matrix, Arnoldi influence's ``Σ_i u_i u_iᵀ / (λ_i + δ)`` and
+    its low-rank-plus-tail form ``U diag(c − t) Uᵀ + t·I`` (``shift = t``) are all of this form.
 
     >>> E = EigenOperator(torch.tensor([2.0, 0.5], dtype=torch.float64))
     >>> E(torch.ones(1, 2, dtype=torch.float64)).tolist(), E.quadratic(torch.ones(1, 2, dtype=torch.float64)).tolist()
     ([[2.0, 0.5]], [2.5])
+    >>> EigenOperator(torch.tensor([2.0], dtype=torch.float64), torch.tensor([[1.0], [0.0]]), shift=1.0).to_dense()
+    tensor([[3., 0.],
+            [0., 1.]], dtype=torch.float64)
     """
 
-    def __init__(self, w: Tensor, V: Tensor | None = None) -> None:
+    def __init__(self, w: Tensor, V: Tensor | None = None, shift: float = 0.0) -> None:
         self.w = w.detach().to(torch.float64)
         self.V = None if V is None else V.detach().to(torch.float64)
+        self.shift = float(shift)
         n = self.w.numel() if self.V is None else self.V.shape[0]
         if self.V is not None and (self.V.ndim != 2 or self.V.shape[1] != self.w.numel()):
             raise ValueError(f"V: expected shape [n, {self.w.numel()}], got {tuple(self.V.shape)}")
@@ -454,15 +458,18 @@ class EigenOperator(LinearOperator):
         X = V.to(torch.float64)
         w = self.w.to(X.device)
         if self.V is None:
-            return X * w[:, None]
-        U = self.V.to(X.device)
-        return U @ ((U.T @ X) * w[:, None])
+            out = X * w[:, None]
+        else:
+            U = self.V.to(X.device)
+            out = U @ ((U.T @ X) * w[:, None])
+        return out + self.shift * X if self.shift else out
 
     def quadratic(self, X: Tensor) -> Tensor:
         X = X.to(torch.float64)
         w = self.w.to(X.device)
         p = X if self.V is None else X @ self.V.to(X.device)
-        return (p * p * w).sum(-1)
+        q = (p * p * w).sum(-1)
+        return q + self.shift * (X * X).sum(-1) if self.shift else q
 
 
 class CholeskyInverse(LinearOperator):
