@@ -227,8 +227,9 @@ class Attributor:
         trak: ``margin_fn`` (model, batch) -> [B] output function (see :func:`classification_margin`),
         ``ridge`` (λ = ridge · tr(ΦᵀΦ) / min(n_train, d); default 1.0).
         Influence-type methods share one damping rule, kernel (|K| + δI)⁻¹ (:mod:`.damping`).
-        arnoldi: ``n_iters`` (200, the Krylov dimension at most), ``top_k`` (100), ``curvature`` ("auto" |
-        "hessian" | "ggn"), ``hessian_data`` (batches for the HVPs, default the training data),
+        arnoldi: ``n_iters`` (200, the Krylov dimension at most), ``top_k`` (50 with the tail, 100 without),
+        ``tail`` ("auto"), ``curvature`` ("auto" | "hessian" | "ggn"), ``hessian_data`` (batches for the HVPs,
+        default the training data),
         ``hessian_subsample`` (None | examples | fraction), ``block_size`` (Krylov vectors per data pass), ``tol``
         (residual stop), ``positive_only`` (False), ``damping`` δ (3e-3), ``seed`` (0), ``krylov_store``
         ("device" | "host"), ``start`` ("parameter" | "sketch").

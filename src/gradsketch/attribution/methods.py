@@ -261,6 +261,11 @@ class ArnoldiInfluence(_CurvatureMethod):
             return self.sketch is not None or self.task.n_params <= self.TAIL_EXACT_MAX
         return bool(tail)
 
+    def top_k(self) -> int:
+        """Eigenpairs kept: the option, or by default 50 with the tail and 100 without (validated LDS)."""
+        k = self._opt("top_k", None)
+        return int(k) if k is not None else min(50 if self.uses_tail() else 100, int(self._opt("n_iters")))
+
     def feature_kind(self) -> str:
         if self.sketch is not None:
             return "loss-gradient"
@@ -323,7 +328,7 @@ class ArnoldiInfluence(_CurvatureMethod):
         """Top-k eigenpairs of H (or ΦHΦᵀ) by Arnoldi + distill, cached next to the store."""
         from ..linalg import arnoldi, block_lanczos_eigs, distill
 
-        n_iters, top_k = int(self._opt("n_iters")), int(self._opt("top_k"))
+        n_iters, top_k = int(self._opt("n_iters")), self.top_k()
         positive_only = bool(self._opt("positive_only"))
         seed = self._opt("seed")
         start = self._opt("start")

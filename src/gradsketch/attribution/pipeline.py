@@ -31,7 +31,8 @@ class AttributeConfig:
         seed: sketch and Arnoldi seed.
         mode: explicit, implicit or factored per-example gradients.
         k: proponents/opponents kept per test example.
-        n_iters, top_k: Arnoldi iterations and eigenpairs kept (``method="arnoldi"``).
+        n_iters, top_k: Arnoldi iterations and eigenpairs kept (``method="arnoldi"``; top_k None: the
+            method's default, 50 with the tail and 100 without).
         damping: δ of the one damping rule (|K| + δI)⁻¹ of every influence-type method (``None``: the default
             3e-3, :mod:`gradsketch.attribution.damping`), finite and ≥ 0.
         store: feature store directory (``None``: ``OUT/store``).
@@ -55,7 +56,7 @@ class AttributeConfig:
     mode: str = "explicit"
     k: int = 10
     n_iters: int = 200
-    top_k: int = 100
+    top_k: int | None = None
     damping: float | None = None
     store: str | None = None
     self_influence: bool = True
@@ -75,7 +76,7 @@ class AttributeConfig:
         check_int(self.seed, "seed", minimum=0)
         check_int(self.k, "k", minimum=1)
         check_int(self.n_iters, "n_iters", minimum=1)
-        check_int(self.top_k, "top_k", minimum=1)
+        check_int(self.top_k, "top_k", minimum=1, allow_none=True)
         self.damping = check_real(self.damping, "damping", minimum=0.0, allow_none=True)
         if self.store is not None and not isinstance(self.store, (str, Path)):
             raise TypeError(f"store: expected a directory path, got {self.store!r}")

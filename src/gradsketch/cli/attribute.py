@@ -47,7 +47,8 @@ def attribute(entry: str | None = typer.Argument(None, help=ENTRY_HELP),
               mode: str | None = typer.Option(None, help="explicit, implicit or factored [default: explicit]"),
               k: int | None = typer.Option(None, help="proponents/opponents per test example [default: 10]"),
               n_iters: int | None = typer.Option(None, help="Arnoldi iterations [default: 200]"),
-              top_k: int | None = typer.Option(None, help="Arnoldi eigenpairs kept [default: 100]"),
+              top_k: int | None = typer.Option(None, help="Arnoldi eigenpairs kept [default: 50 with the tail, "
+                                               "100 without]"),
               damping: float | None = typer.Option(None, help="influence / Arnoldi damping δ in (|K| + δI)^-1 "
                                                    "(>= 0) [default: 3e-3]"),
               store: str | None = typer.Option(None, help="feature store directory [default: OUT/store]"),
