@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_arnoldi_speed import setup  # noqa: E402
 from bench_lds_cnn import _lds, kronfluence_run, traker_run  # noqa: E402
