@@ -302,3 +302,20 @@ def test_checkpoints_never_write_the_callers_model(setup):
     for n, p in task.model.named_parameters():
         assert p._version == before[n][0], n
         assert torch.equal(p.detach(), before[n][1]), n
+
+
+def test_arnoldi_through_the_factored_path_equals_the_explicit_one():
+    """Issue 20: on a large model the training gradients reach Arnoldi through the factored path (per-layer
+    Kronecker sketches of the hooks' inputs and output gradients; the per-example gradient is never formed). With
+    the same FactoredSketch, its scores equal those of the explicit path, which sketches the formed gradients."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    task = Task.from_classifier(m)
+    X, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 3, (40,))
+    tr, te = batches(X, y, batch_size=10), batches(X[:6], y[:6], batch_size=6)
+    FS = task.factored_sketch(16, seed=1)
+    fact = Attributor(task, "arnoldi", sketch=FS, mode="factored", top_k=5, n_iters=16).fit(tr, progress=False)
+    expl = Attributor(task, "arnoldi", sketch=FS, mode="explicit", top_k=5, n_iters=16).fit(tr, progress=False)
+    assert fact.tail_ is not None and fact.tail_ == pytest.approx(expl.tail_, rel=1e-12)
+    torch.testing.assert_close(fact.score(te, progress=False), expl.score(te, progress=False), rtol=1e-10,
+                               atol=1e-12)

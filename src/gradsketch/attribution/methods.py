@@ -232,8 +232,10 @@ class ArnoldiInfluence(_CurvatureMethod):
     Hessian keeps negative eigenvalues (self-influence ≥ 0).
 
     Without a sketch the stored features are the projections p_i(z) (``d_ = top_k``); with one, the sketched
-    gradients, and the kernel carries the eigenvectors. Eigenpairs are cached next to the store. With
-    ``block_size`` b > 1 (the default) the eigenpairs come from block Lanczos
+    gradients, and the kernel carries the eigenvectors. On a large model, ``sketch=task.factored_sketch(d)``
+    with ``mode="factored"`` brings the training gradients in through the factored path (per-layer Kronecker
+    sketches; the per-example gradient is never formed), and the tail is then free. Eigenpairs are cached next
+    to the store. With ``block_size`` b > 1 (the default) the eigenpairs come from block Lanczos
     (:func:`gradsketch.linalg.block_lanczos_eigs`, b vectors per pass over the Hessian data, stopped by the
     residual test ``tol``); with b = 1 from Arnoldi + distill.
     After ``fit``: ``eigenvalues_`` ``[k]``; ``krylov_`` (dict: ``dim`` the Krylov dimension built,
