@@ -529,7 +529,11 @@ class Attributor:
         if (rank is None) != (world_size is None):
             raise ValueError(f"rank, world_size: expected both or neither, got rank={rank!r}, "
                              f"world_size={world_size!r}")
-        if rank is None and is_distributed():  # under torchrun: this rank's share, from the process group
+        from ..gradients.model_parallel import is_model_sharded
+
+        # under torchrun: this rank's share, from the process group (a model sharded by FSDP2 needs every rank
+        # on every batch: each rank then computes all rows, its parameter shards summed by an all-reduce)
+        if rank is None and is_distributed() and not is_model_sharded(self.task):
             rank, world_size = rank_and_world()
         if world_size is not None:
             if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:

@@ -53,6 +53,12 @@ class CurvatureOperator(LinearOperator):
     def __init__(self, task: Task, data: Iterable, sampling: str = "full", damping: float = 0.0,
                  progress: bool = False, *, max_batch_columns: int | None = None, mode: Any = None) -> None:
         renamed_mode(mode)
+        from ..gradients.model_parallel import is_model_sharded
+
+        if is_model_sharded(task):  # functional_call cannot swap FSDP2's gathered parameters: refuse, never guess
+            raise ValueError("task: curvature products of a model sharded by FSDP2 (DTensor parameters) are not "
+                             "supported; build the task on the unsharded model (the curvature shards the data "
+                             "over ranks by itself: gradsketch.curvature.sharded)")
         if max_batch_columns is not None and (isinstance(max_batch_columns, bool)
                                               or not isinstance(max_batch_columns, int) or max_batch_columns < 1):
             raise ValueError(f"max_batch_columns: expected a positive int or None, got {max_batch_columns!r}")

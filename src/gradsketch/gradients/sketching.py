@@ -253,11 +253,20 @@ class _Runner:
         self.chunk = default_chunk(task, chunk_size)
         self.eng = hook_engine(task) if mode != "factored" else None
         self.offset = 0
+        self.sharded: Any = None
+        from .model_parallel import ShardedSketcher, is_model_sharded
+
+        if is_model_sharded(task):  # FSDP2: each rank sketches its parameter shards, one all-reduce sums
+            if mode != "explicit":
+                raise ValueError(f"mode: a model sharded by FSDP2 is sketched in mode 'explicit', got {mode!r}")
+            self.sharded = ShardedSketcher(task, self.ad)
 
     def rows(self, split: Any, out: Tensor | None = None) -> Tensor:
         task, mode, ad = self.task, self.mode, self.ad
         task.check_per_example()  # again per batch: the model may have been put in train mode meanwhile
-        if mode != "factored" and self.eng is not None and self.eng.hooked:
+        if self.sharded is not None:
+            rows, losses = self.sharded.rows_of(split)
+        elif mode != "factored" and self.eng is not None and self.eng.hooked:
             task.validate_batch(split)
             fn = _explicit_hooked if mode == "explicit" else _implicit_hooked
             rows, losses = fn(task, split, ad, self.chunk_size, self.eng)

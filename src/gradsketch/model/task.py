@@ -123,6 +123,12 @@ class Task:
                  validate: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(model, DistributedDataParallel):
+            # DDP replicates the module and all-reduces .grad in backward; per-example gradients and curvature
+            # products never write .grad, so the task works on the wrapped module itself (same forward)
+            model = model.module
         if loss_fn is None:
             if output_fn is None or loss_on_output is None:
                 raise ValueError("loss_fn: expected a callable (model, batch) -> [B], or both output_fn and "

@@ -42,6 +42,8 @@ def fingerprint_model(model_or_named_params, *, full_numel: int = DEFAULT_FULL_N
             raise TypeError(f"model_or_named_params: expected tensors, got {type(t).__name__} "
                             f"for {name!r}")
         t = t.detach()
+        if hasattr(t, "full_tensor"):  # a DTensor (FSDP2 shard): the global tensor (one all-gather per tensor,
+            t = t.full_tensor()       # every rank fingerprints at the same points), so shards hash as the whole
         h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
         flat = t.reshape(-1)
         n = flat.numel()
