@@ -125,6 +125,10 @@ def run_intrinsic_dim(entry: Any = None, config: IntrinsicConfig | None = None, 
     res = intrinsic_dimension(model_fn, train_data, eval_data, metric, params=params, loss_fn=loss_fn,
                               progress=progress, **opts)
     res.notes.insert(0, f"model: {name}")
+    from ..linalg.distributed import rank_and_world
+
+    if rank_and_world()[0] != 0:  # under torchrun every rank ran the same search (data parallel); rank 0 writes
+        plot = json_out = None
     if plot:
         res.plot(plot)
     if json_out:

@@ -102,6 +102,47 @@ def _batches(train_data: Any, batch_size: int | None, gen: torch.Generator):  # 
                     f"got {type(train_data).__name__}")
 
 
+class _DataParallel:
+    """Data parallelism of :func:`train` under ``torch.distributed`` (issue 15): each rank takes its contiguous
+    shard ``[a_r, b_r)`` of every batch (:func:`~gradsketch.linalg.distributed.shard_range`), back-propagates
+    ``(n_r / n) · mean loss of its shard`` and one ``all_reduce`` sums the trainable parameters' gradients
+    (for a subspace model only ω and λ: ``d`` numbers), so every rank steps with the gradient of the batch
+    mean, ``Σ_r (n_r/n) ∇ mean_r = ∇ mean``, and the runs stay identical. Needs ``loss_fn`` to be the mean over
+    the batch's examples (the default loss is). Without a process group (or with one rank) it is inactive."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        from ..linalg.distributed import is_distributed, rank_and_world
+
+        self.rank, self.world = rank_and_world() if is_distributed() else (0, 1)
+        self.params = list(params)
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def shard(self, batch: Any) -> tuple[Any, float]:
+        """(this rank's shard of ``batch``, its weight ``n_r / n``); ``(None, 0.0)`` for an empty shard."""
+        from ..linalg.distributed import shard_range
+        from ..model._batch import SplitBatch
+
+        split = SplitBatch(batch)
+        a, b = shard_range(split.size, self.rank, self.world)
+        return (split.slice(a, b).rebuild(), (b - a) / split.size) if b > a else (None, 0.0)
+
+    def reduce(self, loss: Tensor) -> Tensor:
+        """All-reduce the gradients (summed) and the weighted loss; returns the batch's mean loss."""
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+        dist.all_reduce(flat)
+        off = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[off:off + g.numel()].view_as(p).to(p.dtype)
+            off += g.numel()
+        return flat[-1]
+
+
 def make_optimizer(optimizer: Any, params: Sequence[Tensor], lr: float) -> torch.optim.Optimizer:
     if isinstance(optimizer, str):
         name = optimizer.lower()
@@ -159,6 +200,13 @@ def train(model: nn.Module, train_data: Any, eval_fn: Callable[[nn.Module], floa
         raise ValueError(f"eval_every: expected a positive integer, got {eval_every!r}")
     loss_fn = loss_fn or default_loss
     opt = make_optimizer(optimizer, params, lr)
+    par = _DataParallel(params)
+    if par.active:  # ranks that disagree fail together before any collective of the loop, never hang
+        from ..linalg.distributed import check_same
+
+        check_same((steps, int(eval_every), float(lr), per_epoch, int(seed)),
+                   "train (steps, eval_every, lr, batches per epoch, seed)")
+        check_same(sum(p.numel() for p in params), "model (its number of trainable parameters)")
     hist = History()
 
     def evaluate(step: int, losses: list[float]) -> bool:
@@ -185,7 +233,13 @@ def train(model: nn.Module, train_data: Any, eval_fn: Callable[[nn.Module], floa
         while not stop and step < steps:
             batch = next(it)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch)
+            if par.active:  # this rank's shard of the batch, weighted; gradients summed over the ranks
+                part, weight = par.shard(batch)
+                loss = loss_fn(model, part) * weight if part is not None else params[0].sum() * 0.0
+                loss.backward()
+                loss = par.reduce(loss)
+            else:
+                loss = loss_fn(model, batch)
             if not torch.isfinite(loss.detach()).all():
                 hist.nan_step = step + 1
                 hist.stopped = f"non-finite loss ({float(loss.detach())}) at step {step + 1}"
@@ -193,7 +247,8 @@ def train(model: nn.Module, train_data: Any, eval_fn: Callable[[nn.Module], floa
                     raise FloatingPointError(hist.stopped)
                 warnings.warn(f"train: {hist.stopped}; stopping this run", RuntimeWarning, stacklevel=2)
                 break
-            loss.backward()
+            if not par.active:
+                loss.backward()
             opt.step()
             step += 1
             losses.append(float(loss.detach()))
