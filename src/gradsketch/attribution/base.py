@@ -710,7 +710,8 @@ class Attributor:
             rows.append(torch.cat(parts, 1))
         return torch.cat(rows, 0)
 
-    def topk(self, test_data: Iterable, k: int = 10, progress: bool = True) -> TopK:
+    def topk(self, test_data: Iterable, k: int = 10, progress: bool = True, *, index: str | None = None,
+             nlist: int | None = None, nprobe: int | None = None) -> TopK:
         """The ``k`` proponents (largest scores) and opponents (smallest) of every test example.
 
         Scores a block of ``test_block_rows`` test examples against ``block_rows`` training rows at a time and
@@ -718,6 +719,10 @@ class Attributor:
         Under ``torch.distributed`` each rank scores its share of the training blocks and the per-rank lists
         are merged (:func:`gradsketch.linalg.distributed.merge_topk`); every rank returns the same result.
         Returns :class:`TopK` ``(values, indices, opponent_values, opponent_indices)``, each ``[n_test, k]``.
+
+        ``index="faiss"`` searches a FAISS index of the training vectors instead (PyPI ``faiss-cpu``, the
+        ``faiss`` extra): exact with ``nlist=None`` (a flat inner-product index), approximate with ``nlist=L``
+        inverted lists of which each query visits ``nprobe``; see :mod:`gradsketch.attribution.approx_topk`.
         """
         self._check_fitted()
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -726,6 +731,12 @@ class Attributor:
             warnings.warn(f"k: {k} is larger than the {self.n_train_} training examples; returning all "
                           f"{self.n_train_} (k = {self.n_train_})", UserWarning, stacklevel=2)
             k = self.n_train_
+        if index is not None or nlist is not None or nprobe is not None:
+            from .approx_topk import INDEXES, faiss_topk
+
+            if index not in INDEXES:
+                raise ValueError(f"index: expected one of {INDEXES} (or None for the exact scan), got {index!r}")
+            return faiss_topk(self, test_data, k, progress, nlist=nlist, nprobe=nprobe)
         dt = self._score_dtype()
         outs: list[tuple[Tensor, ...]] = []
         for _, psis in self._test_chunks(test_data, progress, int(self._opt("test_block_rows", 1024))):
