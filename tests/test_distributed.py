@@ -66,9 +66,54 @@ def _worker(rank, init_file, out_dir):
         out["len_check"] = "no error"
     except ValueError as e:
         out["len_check"] = str(e)
+    # intrinsic dimension, data parallel: each rank its shard of every batch, the ω gradient all-reduced
+    out["omega"], out["hist"], out["seen"] = subspace_run()
+    out["intrinsic"] = intrinsic_run().table
+    try:
+        subspace_run(steps=6 + rank)
+        out["train_check"] = "no error"
+    except ValueError as e:
+        out["train_check"] = str(e)
     torch.save(out, f"{out_dir}/{rank}.pt")
     dist.barrier()  # no rank tears the group down while another is still inside a collective
     dist.destroy_process_group()
+
+
+def intrinsic_data():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(45, 4, generator=g, dtype=D64)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    return x, y
+
+
+def intrinsic_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8, dtype=D64), nn.Tanh(), nn.Linear(8, 3, dtype=D64))
+
+
+def subspace_run(steps=6):
+    from gradsketch.intrinsic import SubspaceModel
+    from gradsketch.intrinsic.train import default_loss, train
+
+    seen = []
+
+    def loss_fn(model, batch):  # records how many examples this process trained on per step
+        seen.append(batch[0].shape[0])
+        return default_loss(model, batch)
+
+    x, y = intrinsic_data()
+    sm = SubspaceModel(intrinsic_model(), 8, kind="sjlt", seed=0, said=True)
+    hist = train(sm, (x, y), steps=steps, lr=0.05, batch_size=15, seed=0, progress=False, loss_fn=loss_fn)
+    losses = torch.tensor([r["loss"] for r in hist.records[1:]])
+    return torch.cat([sm.omega.detach(), sm.said_lambda.detach()]), losses, seen
+
+
+def intrinsic_run():
+    from gradsketch.intrinsic import intrinsic_dimension
+
+    x, y = intrinsic_data()
+    return intrinsic_dimension(intrinsic_model, (x, y), (x, y), d_max=16, d_start=2, kind="sjlt", method="grid",
+                               steps=8, eval_every=4, lr=0.05, full_lr=0.05, batch_size=15, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +139,24 @@ def test_sharded_curvature_equals_one_process(two_ranks):
     for out in two_ranks:
         assert torch.allclose(out["spectrum"], one, atol=1e-9, rtol=0)
         assert float(out["trace"]) == pytest.approx(tr, rel=1e-10, abs=1e-12)
+
+
+def test_intrinsic_dimension_data_parallel_equals_one_process(two_ranks):
+    omega, hist, seen = subspace_run()
+    table = intrinsic_run().table
+    # the data were split: batches of 15 as shards of 8 and 7 (one process: 15 per step)
+    assert seen == [15] * 6 and [out["seen"] for out in two_ranks] == [[8] * 6, [7] * 6]
+    assert omega.abs().min() > 0  # the run moved every coordinate of ω (and λ)
+    for out in two_ranks:
+        assert torch.allclose(out["omega"], omega, rtol=1e-10, atol=1e-13)
+        assert torch.allclose(out["hist"], hist, rtol=1e-10, atol=0)
+        assert [r["d"] for r in out["intrinsic"]] == [r["d"] for r in table]
+        for a, b in zip(out["intrinsic"], table):
+            assert a["metric"] == pytest.approx(b["metric"], abs=1e-12) and a["reached"] == b["reached"]
+    assert torch.equal(two_ranks[0]["omega"], two_ranks[1]["omega"])
+    checks = [out["train_check"] for out in two_ranks]
+    assert checks[0] == checks[1] and checks[0].startswith("train (steps, eval_every, lr, batches per epoch, seed): "
+                                                           "expected the same value on every rank, got rank 0: (6,")
 
 
 def test_topk_merge_equals_topk_of_the_whole_matrix(two_ranks):
@@ -143,6 +206,7 @@ def _attr_worker(rank, init_file, out_dir):
     att._featurise, att._score_block = spy_featurise, spy_score
     att.fit(train_data(), progress=False)
     top = att.topk(make_data(2, sizes=(5, 4)), k=4, progress=False)
+    flat = att.topk(make_data(2, sizes=(5, 4)), k=4, progress=False, index="faiss")  # per-rank flat indexes
     # Arnoldi influence: the curvature products are sharded over the ranks (every rank the same eigenpairs)
     arn = gradsketch.Attributor(make_task(), "arnoldi", top_k=5, block_size=4).fit(train_data(), progress=False)
     arn_top = arn.topk(make_data(2, sizes=(5, 4)), k=4, progress=False)
@@ -154,7 +218,7 @@ def _attr_worker(rank, init_file, out_dir):
             errors.append("no error")
         except ValueError as e:
             errors.append(str(e))
-    torch.save({"top": tuple(top), "self": att.self_influence(progress=False), "shares": shares,
+    torch.save({"top": tuple(top), "flat": tuple(flat), "self": att.self_influence(progress=False), "shares": shares,
                 "scored": scored[0], "errors": errors, "arn_eig": arn.eigenvalues_, "arn_top": tuple(arn_top)},
                f"{out_dir}/att{rank}.pt")
     dist.barrier()
@@ -184,6 +248,8 @@ def test_attributor_fit_topk_self_influence_under_two_ranks(tmp_path):
     for out in outs:
         for a, b in zip(out["top"], top):
             assert torch.equal(a, b)
+        assert torch.equal(out["flat"][1], top[1]) and torch.equal(out["flat"][3], top[3])  # FAISS, merged
+        assert torch.allclose(out["flat"][0], top[0], rtol=1e-5)
         assert torch.equal(out["self"], si)
     # the store the two ranks wrote together holds the bytes one process writes
     two_rows = sorted((tmp_path / "store").rglob("*.npy"))
