@@ -31,7 +31,7 @@ from .._validation import check_int
 from ..linalg.distributed import is_distributed, merge_topk
 
 if TYPE_CHECKING:
-    from .base import Attributor, TopK
+    from .base import Attributor
 
 INDEXES = ("faiss",)
 TRAIN_PER_LIST = 64  # k-means sample: this many vectors per list (FAISS warns below 39)
@@ -98,8 +98,9 @@ def _build(att: Attributor, nlist: int | None) -> tuple[Any, int]:
 
 
 def faiss_topk(att: Attributor, test_data: Iterable, k: int, progress: bool, nlist: int | None = None,
-               nprobe: int | None = None) -> TopK:
-    """:meth:`Attributor.topk` through a FAISS index (see the module docstring); ``[n_test, k]`` each.
+               nprobe: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:meth:`Attributor.topk` through a FAISS index (see the module docstring): ``(values, indices,
+    opponent_values, opponent_indices)``, ``[n_test, k]`` each.
 
     >>> import gradsketch
     >>> from torch import nn
@@ -108,11 +109,9 @@ def faiss_topk(att: Attributor, test_data: Iterable, k: int, progress: bool, nli
     >>> data = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
     >>> att = gradsketch.Attributor(task, "grad-dot").fit(data, progress=False)
     >>> top = faiss_topk(att, data, k=2, progress=False)
-    >>> top.indices.shape, bool((top.indices == att.topk(data, k=2, progress=False).indices).all())
+    >>> top[1].shape, bool((top[1] == att.topk(data, k=2, progress=False).indices).all())
     (torch.Size([8, 2]), True)
     """
-    from .base import TopK
-
     faiss = import_faiss()
     if nlist is not None:
         nlist = check_int(nlist, "nlist", minimum=1)
@@ -156,4 +155,5 @@ def faiss_topk(att: Attributor, test_data: Iterable, k: int, progress: bool, nli
                 i = torch.cat([i, torch.full((m, pad), -1, dtype=i.dtype)], 1)
             res.append((v.to(att._score_dtype()), i))
         outs.append((res[0][0], res[0][1], res[1][0], res[1][1]))
-    return TopK(*(torch.cat([o[j] for o in outs], 0) for j in range(4)))
+    v, i, ov, oi = (torch.cat([o[j] for o in outs], 0) for j in range(4))
+    return v, i, ov, oi

@@ -736,7 +736,7 @@ class Attributor:
 
             if index not in INDEXES:
                 raise ValueError(f"index: expected one of {INDEXES} (or None for the exact scan), got {index!r}")
-            return faiss_topk(self, test_data, k, progress, nlist=nlist, nprobe=nprobe)
+            return TopK(*faiss_topk(self, test_data, k, progress, nlist=nlist, nprobe=nprobe))
         dt = self._score_dtype()
         outs: list[tuple[Tensor, ...]] = []
         for _, psis in self._test_chunks(test_data, progress, int(self._opt("test_block_rows", 1024))):
