@@ -72,6 +72,16 @@ def _worker(rank, init_file, out_dir):
         out[kind] = task.sketch_grads(tokens(), task.block_sketch(32, kind=kind, seed=0), progress=False)
     att = attributor(task).fit(tokens(), progress=False)
     out["topk"] = tuple(att.topk(tokens(1, 2, seed=5), k=3, progress=False))
+    errors = []  # mismatched ranks: one message on both, never a hang
+    for sketch, data in ((task.block_sketch(32, kind="sjlt", seed=rank), tokens()),
+                         (task.block_sketch(32, kind="sjlt", seed=0), tokens(1) if rank else tokens()),
+                         (task.block_sketch(32, kind="sjlt", seed=0), tokens(size=3 - rank))):
+        try:
+            task.sketch_grads(data, sketch, progress=False)
+            errors.append("no error")
+        except ValueError as e:
+            errors.append(str(e))
+    out["errors"] = errors
     try:
         task.hessian(tokens())
         out["curvature"] = "no error"
@@ -125,6 +135,15 @@ def test_fsdp2_attribution_topk_equals_unsharded(two_ranks):
     for out in two_ranks:
         assert torch.equal(out["topk"][1], ref[1]) and torch.equal(out["topk"][3], ref[3])
         assert torch.allclose(out["topk"][0], ref[0], rtol=1e-9, atol=0)
+
+
+def test_fsdp2_mismatched_ranks_fail_together(two_ranks):
+    errs = [out["errors"] for out in two_ranks]
+    assert errs[0] == errs[1]
+    assert errs[0][0].startswith("sketch: expected the same value on every rank, got rank 0: {")
+    assert errs[0][1] == "data (its number of batches): expected the same value on every rank, got rank 0: 2, rank 1: 1"
+    assert errs[0][2] == ("data: a model sharded by FSDP2 needs the same batch on every rank, got batches of 2 to 3 "
+                          "examples across the ranks")
 
 
 def test_fsdp2_curvature_is_refused_with_a_message(two_ranks):

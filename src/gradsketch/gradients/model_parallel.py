@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..linalg.distributed import all_gather_objects, is_distributed, rank_and_world
+from ..linalg.distributed import all_gather_objects, check_same, is_distributed, rank_and_world
 
 if TYPE_CHECKING:
     from ..model.task import Task
@@ -157,6 +157,8 @@ class ShardedSketcher:
             raise ValueError("task: the model holds DTensor parameters (FSDP2) but no process group is "
                              "initialised")
         self.task, self.sketch, self.group = task, sketch, group
+        # ranks with different sketches would sum unrelated rows: fail together, before any batch
+        check_same(sketch.spec, "sketch", group)
         self.rows = shard_rows(task, group)
         eng = HookEngine(task)
         generic = [n for n in task.param_names if n in eng.generic]
@@ -202,8 +204,13 @@ class ShardedSketcher:
         from ..sketch import kinds
 
         task, S = self.task, self.sketch
-        losses, caps = self._capture(split)
         m = split.size
+        sizes = torch.tensor([m, -m], dtype=torch.int64)
+        torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        if int(sizes[0]) != -int(sizes[1]):  # every rank sees the same extremes: all raise, none hangs
+            raise ValueError(f"data: a model sharded by FSDP2 needs the same batch on every rank, got batches of "
+                             f"{-int(sizes[1])} to {int(sizes[0])} examples across the ranks")
+        losses, caps = self._capture(split)
         out = torch.zeros(m, S.d, dtype=torch.promote_types(task.dtype, torch.float32), device=task.device)
         for g, Sg, spans in zip(S.groups, S.sketches, self.cols):
             if not spans:

@@ -291,6 +291,10 @@ def iter_sketch_grads(task: Task, data: Iterable, sketch: Any, mode: str = "expl
     ``task.skipped_indices_`` lists the skipped examples of this pass (indices counted from its first batch)."""
     task.skipped_indices_ = []  # this pass's examples only (it used to accumulate across calls)
     run = _Runner(task, sketch, mode, chunk_size, nan_policy, task.skipped_indices_)
+    if run.sharded is not None:  # FSDP2: every rank takes every batch (see sketch_grads)
+        from ..linalg.distributed import check_same
+
+        check_same(data_len(data), "data (its number of batches)")
     for batch in progress_iter(data, progress, f"sketch_grads[{mode}]", data_len(data)):
         yield run.rows(task.split(batch))
 
@@ -302,6 +306,10 @@ def sketch_grads(task: Task, data: Iterable, sketch: Any, mode: str = "explicit"
     place), instead of concatenating per-batch results at the end."""
     run = _Runner(task, sketch, mode, chunk_size, nan_policy, task.skipped_indices_)
     n_batches = data_len(data)
+    if run.sharded is not None:  # FSDP2: every rank must take every batch; a shorter rank would leave the others
+        from ..linalg.distributed import check_same  # waiting in a collective
+
+        check_same(n_batches, "data (its number of batches)")
     buf: Tensor | None = None
     pos = 0
     extra: list[Tensor] = []  # rows that did not fit (batches larger than the first)
