@@ -56,6 +56,10 @@ def _worker(rank, init_file, out_dir):
     lo, hi = shard_range(S.shape[1], rank, WORLD)
     v, i = torch.topk(S[:, lo:hi], k=min(6, hi - lo), dim=1)
     out["top_v"], out["top_i"] = merge_topk(v, i + lo, k=6)
+    out["tree"] = merge_topk(v, i + lo, k=6, method="tree")
+    v, i = torch.topk(S[:, lo:hi], k=hi - lo, dim=1, largest=False)  # every candidate: k above the rank's list
+    out["gather_all"], out["tree_all"] = (merge_topk(v, i + lo, k=30, largest=False, method=m)
+                                          for m in ("gather", "tree"))
     try:
         check_same(1234 + rank, "seed")
         out["check"] = "no error"
@@ -165,6 +169,10 @@ def test_topk_merge_equals_topk_of_the_whole_matrix(two_ranks):
     i[2, :2] = torch.tensor([5, 17])  # the tie, resolved towards the smaller index
     for out in two_ranks:
         assert torch.equal(out["top_v"], v) and torch.equal(out["top_i"], i)
+        assert torch.equal(out["tree"][0], v) and torch.equal(out["tree"][1], i)  # the pairwise (tree) merge
+        sv, si = torch.sort(S, dim=1, stable=True)
+        for got in (out["gather_all"], out["tree_all"]):  # k = 30 > 23 candidates: all 23, ascending
+            assert torch.equal(got[0], sv) and torch.equal(got[1], si)
 
 
 def test_mismatched_ranks_fail_on_every_rank_with_one_message(two_ranks):

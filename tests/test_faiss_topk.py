@@ -63,7 +63,7 @@ def test_ivf_index_probing_all_lists_is_exact_and_few_lists_keep_the_recall(fitt
     assert torch.equal(full[1], exact[1]) and torch.equal(full[3], exact[3])
     few = att.topk(TEST, k=10, progress=False, index="faiss", nlist=8, nprobe=2)
     r_top, r_bottom = recall(few[1], exact[1]), recall(few[3], exact[3])
-    # measured 0.975 and 0.80 on this seeded problem with a quarter of the lists read; bound with margin
+    # measured 0.935 and 0.82 on this seeded problem with a quarter of the lists read; bound with margin
     assert r_top >= 0.7 and r_bottom >= 0.7, (r_top, r_bottom)
     assert (few[1] >= 0).all() and (few[1] < 640).all()
 

@@ -195,8 +195,70 @@ class AllReduceOperator(LinearOperator):
         return self._reduce(Y.contiguous())
 
 
-def merge_topk(values: Tensor, indices: Tensor, k: int, largest: bool = True, group: Any = None
-               ) -> tuple[Tensor, Tensor]:
+def _sorted_rows(values: Tensor, indices: Tensor, keep: Tensor, largest: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Every row's candidates best first, ties to the smaller index; entries not kept (padding, index ``-1``)
+    sort after the kept ones of the same value."""
+    # order: by index ascending first, then a stable sort by value: ties keep the smaller index first
+    order = torch.argsort(torch.where(keep, indices, torch.iinfo(torch.int64).max), dim=1, stable=True)
+    values, indices, keep = values.gather(1, order), indices.gather(1, order), keep.gather(1, order)
+    order = torch.argsort(values, dim=1, descending=largest, stable=True)
+    return values.gather(1, order), indices.gather(1, order), keep.gather(1, order)
+
+
+def _merge_rows(values: Tensor, indices: Tensor, keep: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """The best ``min(k, fewest kept candidates of a row)`` candidates of every row (see :func:`_sorted_rows`)."""
+    values, indices, keep = _sorted_rows(values, indices, keep, largest)
+    n_keep = min(k, int(keep.sum(1).min()) if keep.numel() else 0)
+    return values[:, :n_keep], indices[:, :n_keep]
+
+
+def _merge_tree(values: Tensor, indices: Tensor, k: int, largest: bool, group: Any) -> tuple[Tensor, Tensor]:
+    """Binomial-tree merge: in round ``j`` a rank ``r`` with ``r mod 2^{j+1} = 2^j`` sends its ``[m, k]`` list to
+    ``r − 2^j`` and drops out; the receiver keeps the best ``k`` of both. Rank 0 ends with the global list and
+    broadcasts it: ``⌈log₂ P⌉`` rounds of ``m × k`` messages plus one broadcast, where the all-gather holds
+    ``m × k × P`` numbers on every rank. Same result and tie rule as the all-gather merge."""
+    dist = _dist()
+    rank, world = rank_and_world(group)
+    m = values.shape[0]
+    sizes = torch.tensor([m, -m], dtype=torch.int64, device=values.device)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+    if int(sizes[0]) != -int(sizes[1]):  # every rank sees the same extremes: all raise, none hangs
+        raise ValueError(f"values: expected the same number of query rows on every rank, got {-int(sizes[1])} "
+                         f"to {int(sizes[0])} across the ranks")
+    fill = float("-inf") if largest else float("inf")
+    if values.shape[1] < k:  # every message is [m, k]: pad with entries that sort last and are dropped
+        pad = k - values.shape[1]
+        values = torch.cat([values, values.new_full((m, pad), fill)], 1)
+        indices = torch.cat([indices, indices.new_full((m, pad), -1)], 1)
+
+    def best(v: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
+        v, i, _ = _sorted_rows(v, i, i >= 0, largest)
+        return v[:, :k].contiguous(), i[:, :k].contiguous()
+
+    def global_rank(r: int) -> int:
+        return r if group is None else int(dist.get_global_rank(group, r))
+
+    v, i = best(values, indices)
+    step = 1
+    while step < world:
+        if rank % (2 * step) == step:  # send up the tree, then wait for the broadcast
+            dist.send(v, global_rank(rank - step), group=group)
+            dist.send(i, global_rank(rank - step), group=group)
+            break
+        if rank + step < world:
+            rv, ri = torch.empty_like(v), torch.empty_like(i)
+            dist.recv(rv, global_rank(rank + step), group=group)
+            dist.recv(ri, global_rank(rank + step), group=group)
+            v, i = best(torch.cat([v, rv], 1), torch.cat([i, ri], 1))
+        step *= 2
+    dist.broadcast(v, global_rank(0), group=group)
+    dist.broadcast(i, global_rank(0), group=group)
+    kept = int((i >= 0).sum(1).min()) if i.numel() else 0
+    return v[:, :kept], i[:, :kept]
+
+
+def merge_topk(values: Tensor, indices: Tensor, k: int, largest: bool = True, group: Any = None,
+               method: str = "gather") -> tuple[Tensor, Tensor]:
     """The global top-``k`` of every row from each rank's local top lists, identical on every rank.
 
     Each rank passes its best ``values [m, k_r]`` for ``m`` queries with their *global* column indices
@@ -204,6 +266,8 @@ def merge_topk(values: Tensor, indices: Tensor, k: int, largest: bool = True, gr
     ``all_gather`` brings all candidates together and the best ``k`` are kept. Ties are broken towards the
     smaller index, as in a one-process sort of the full row, so the merge equals ``torch.topk`` of the
     whole score matrix whenever that one has no ties. Memory: ``m × k × world`` numbers per rank.
+    ``method="tree"`` merges pairwise up a binomial tree to rank 0 and broadcasts (``⌈log₂ P⌉`` rounds of
+    ``m × k``; the same result; ``benchmarks/bench_topk_merge.py`` compares the two).
 
     Returns:
         ``(values [m, k'], indices [m, k'])`` with ``k' = min(k, total candidates)``, best first.
@@ -213,12 +277,16 @@ def merge_topk(values: Tensor, indices: Tensor, k: int, largest: bool = True, gr
     ([[0.75, 0.5]], [[3, 5]])
     """
     k = check_int(k, "k", minimum=1)
+    if method not in ("gather", "tree"):
+        raise ValueError(f"method: expected 'gather' or 'tree', got {method!r}")
     if values.shape != indices.shape or values.ndim != 2:
         raise ValueError(f"values, indices: expected two [m, k_r] tensors of one shape, got "
                          f"{tuple(values.shape)} and {tuple(indices.shape)}")
     if not values.is_floating_point():
         raise TypeError(f"values: expected a floating tensor, got {values.dtype}")
     indices = indices.to(torch.int64)
+    if method == "tree" and is_distributed() and rank_and_world(group)[1] > 1:
+        return _merge_tree(values, indices, k, largest, group)
     if is_distributed():
         dist = _dist()
         world = rank_and_world(group)[1]
@@ -241,13 +309,7 @@ def merge_topk(values: Tensor, indices: Tensor, k: int, largest: bool = True, gr
         keep = indices >= 0
     else:
         keep = torch.ones_like(indices, dtype=torch.bool)
-    # order: by index ascending first, then a stable sort by value: ties keep the smaller index first
-    order = torch.argsort(torch.where(keep, indices, torch.iinfo(torch.int64).max), dim=1, stable=True)
-    values, indices, keep = values.gather(1, order), indices.gather(1, order), keep.gather(1, order)
-    order = torch.argsort(values, dim=1, descending=largest, stable=True)
-    values, indices, keep = values.gather(1, order), indices.gather(1, order), keep.gather(1, order)
-    n_keep = min(k, int(keep.sum(1).min()) if keep.numel() else 0)
-    return values[:, :n_keep], indices[:, :n_keep]
+    return _merge_rows(values, indices, keep, k, largest)
 
 
 def check_same(value: Any, name: str, group: Any = None) -> None:
