@@ -258,7 +258,7 @@ def _merge_tree(values: Tensor, indices: Tensor, k: int, largest: bool, group: A
 
 
 def merge_topk(values: Tensor, indices: Tensor, k: int, largest: bool = True, group: Any = None,
-               method: str = "gather") -> tuple[Tensor, Tensor]:
+               method: str = "auto") -> tuple[Tensor, Tensor]:
     """The global top-``k`` of every row from each rank's local top lists, identical on every rank.
 
     Each rank passes its best ``values [m, k_r]`` for ``m`` queries with their *global* column indices
@@ -267,7 +267,9 @@ def merge_topk(values: Tensor, indices: Tensor, k: int, largest: bool = True, gr
     smaller index, as in a one-process sort of the full row, so the merge equals ``torch.topk`` of the
     whole score matrix whenever that one has no ties. Memory: ``m × k × world`` numbers per rank.
     ``method="tree"`` merges pairwise up a binomial tree to rank 0 and broadcasts (``⌈log₂ P⌉`` rounds of
-    ``m × k``; the same result; ``benchmarks/bench_topk_merge.py`` compares the two).
+    ``m × k``; the same result); ``"gather"`` is the all-gather; ``"auto"`` takes the tree from 4 ranks on
+    (measured 1.0–1.3× faster than the all-gather at 4 gloo ranks, 1.9–3.1× at 8, slower at 2:
+    ``benchmarks/results/topk_merge.md``).
 
     Returns:
         ``(values [m, k'], indices [m, k'])`` with ``k' = min(k, total candidates)``, best first.
@@ -277,8 +279,10 @@ def merge_topk(values: Tensor, indices: Tensor, k: int, largest: bool = True, gr
     ([[0.75, 0.5]], [[3, 5]])
     """
     k = check_int(k, "k", minimum=1)
-    if method not in ("gather", "tree"):
-        raise ValueError(f"method: expected 'gather' or 'tree', got {method!r}")
+    if method not in ("auto", "gather", "tree"):
+        raise ValueError(f"method: expected 'auto', 'gather' or 'tree', got {method!r}")
+    if method == "auto":
+        method = "tree" if rank_and_world(group)[1] >= 4 else "gather"
     if values.shape != indices.shape or values.ndim != 2:
         raise ValueError(f"values, indices: expected two [m, k_r] tensors of one shape, got "
                          f"{tuple(values.shape)} and {tuple(indices.shape)}")
