@@ -1,6 +1,7 @@
 """Attributor.topk(..., index="faiss") (issue 15): a flat index gives the exact top-k; an IVF index probing
 every list too; probing few lists keeps a stated recall on a seeded problem; clear errors."""
 
+import copy
 import sys
 
 import pytest
@@ -76,6 +77,10 @@ def test_bad_index_options_and_missing_faiss(fitted, monkeypatch):
         att.topk(TEST, k=3, progress=False, index="faiss", nprobe=4)
     with pytest.raises(ValueError, match="nlist: expected"):
         att.topk(TEST, k=3, progress=False, index="faiss", nlist=0)
+    odd = copy.copy(att)  # a method that scores its own way is refused, not searched as inner products
+    odd.__class__ = type("OddScores", (type(att),), {"_score_block": lambda self, psis, blocks: None})
+    with pytest.raises(ValueError, match=r"index: OddScores scores its rows its own way \(OddScores._score_block\)"):
+        odd.topk(TEST, k=3, progress=False, index="faiss")
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if faiss-cpu were not installed
     with pytest.raises(ImportError, match=r"pip install 'gradsketch\[faiss\]'"):
         att.topk(TEST, k=3, progress=False, index="faiss")

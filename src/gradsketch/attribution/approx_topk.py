@@ -124,6 +124,11 @@ def faiss_topk(att: Attributor, test_data: Iterable, k: int, progress: bool, nli
     (torch.Size([8, 2]), True)
     """
     faiss = import_faiss()
+    for name in ("_score_block", "_combine"):  # the inner-product form holds for the base class's scoring only
+        owner = next(c for c in type(att).__mro__ if name in vars(c))
+        if owner.__module__ != "gradsketch.attribution.base":
+            raise ValueError(f"index: {type(att).__name__} scores its rows its own way ({owner.__name__}.{name}), "
+                             "not as the inner products a FAISS index searches; use index=None")
     if nlist is not None:
         nlist = check_int(nlist, "nlist", minimum=1)
     nprobe = check_int(nprobe if nprobe is not None else 1, "nprobe", minimum=1)
