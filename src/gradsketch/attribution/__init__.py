@@ -25,10 +25,11 @@ from .options import (
     TRAKOptions,
     options_for,
 )
+from .persist import AttributorFileError
 
 __all__ = ["Attributor", "TopK", "METHODS", "classification_margin", "batches", "DataMismatchError",
            "StoreMismatchError", "options_for", "CommonOptions", "CurvatureOptions", "GradDotOptions",
            "TracInOptions", "TRAKOptions", "ArnoldiOptions", "InfluenceOptions", "GradDot", "GradCos", "TracIn",
            "TRAK", "ArnoldiInfluence", "Influence", "EKFACInfluence", "KFACInfluence", "EKFACOptions",
            "register_method", "unregister_method", "registered_methods", "method_class", "DEFAULT_DAMPING",
-           "damped_inverse", "damped_reciprocal"]
+           "damped_inverse", "damped_reciprocal", "AttributorFileError"]

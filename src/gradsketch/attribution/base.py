@@ -779,6 +779,40 @@ class Attributor:
             pieces = [p for part in all_gather_objects(pieces) for p in part]
         return torch.cat([t for _, t in sorted(pieces, key=lambda p: p[0])])
 
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the fitted attributor to the directory ``path``: a JSON manifest and raw tensor files (no
+        pickle; :mod:`gradsketch.attribution.persist`). A store-backed fit saves a reference to its store.
+        ``overwrite=True`` replaces an earlier save in ``path``. Returns the path. Load with :meth:`load`.
+
+        >>> import gradsketch, tempfile
+        >>> task = gradsketch.Task(torch.nn.Linear(2, 1, bias=False), lambda m, b: m(b[0])[:, 0] * b[1])
+        >>> data = [(torch.eye(2), torch.tensor([1.0, 2.0]))]
+        >>> a = Attributor(task, "grad-dot").fit(data, progress=False)
+        >>> b = Attributor.load(a.save(tempfile.mkdtemp()), task)
+        >>> torch.equal(a.score(data, progress=False), b.score(data, progress=False))
+        True
+        """
+        from .persist import save_attributor
+
+        return save_attributor(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, task: Any, store: Any = None, **options: Any) -> Attributor:
+        """The attributor saved by :meth:`save` at ``path``, scoring with ``task`` (the same model and
+        parameter selection, dtype and weights as the fit: otherwise ``ValueError`` naming what was expected and
+        what arrived). Nothing is unpickled; truncated or edited files raise
+        :class:`~gradsketch.attribution.persist.AttributorFileError` naming the file. ``store``: where the
+        feature store of a store-backed fit now is (default: where it was). ``options``: callables the manifest
+        cannot hold (e.g. TRAK's ``margin_fn`` when it was an option rather than declared on the Task)."""
+        from .persist import load_attributor
+
+        obj = load_attributor(path, task, method_class, Component, store=store, **options)
+        if cls is not Attributor and not isinstance(obj, cls):
+            raise TypeError(f"path: {cls.__name__}.load found a saved {type(obj).__name__} ({obj.method!r}); use "
+                            "Attributor.load")
+        return obj
+
     def __repr__(self) -> str:
         s = (f"{type(self).__name__}(method={self.method!r}, sketch={self.sketch!r}, store={self.store}, "
              f"mode={self.mode!r}")
