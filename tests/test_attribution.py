@@ -110,20 +110,25 @@ def test_influence_explicit_cg_lissa(setup):
     ref_abs = (Gt @ V) / (w.abs() + damping) @ (G @ V).T
     S = Attributor(task, "influence", damping=damping).fit(tr, progress=False).score(te, progress=False)
     torch.testing.assert_close(S, ref_abs, rtol=1e-9, atol=1e-12)
-    # CG and LiSSA solve (H + δI)x = g (no eigendecomposition), which they say when asked for the Hessian
-    with pytest.warns(RuntimeWarning, match=r"^solver: 'cg' solves \(H \+ .*·I\)x = g, which is the damping rule"):
-        S = Attributor(task, "influence", solver="cg", damping=damping, tol=1e-12, curvature="hessian",
-                       hessian_data=[(X, y)]).fit(tr, progress=False)
-    S = S.score(te, progress=False)
-    torch.testing.assert_close(S, ref, rtol=1e-7, atol=1e-10)
-    # LiSSA contracts by 1 - (λ_min + δ)/scale per step: a larger damping keeps the test short
-    damping = -lam_min + 1.5
-    ref = Gt @ torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), G.T)
-    with pytest.warns(RuntimeWarning, match=r"^solver: 'lissa' solves"):
-        S = Attributor(task, "influence", solver="lissa", damping=damping, depth=3000, tol=1e-11,
-                       curvature="hessian", hessian_data=[(X, y)]).fit(tr, progress=False)
-    S = S.score(te, progress=False)
-    torch.testing.assert_close(S, ref, rtol=1e-6, atol=1e-8)
+    # CG and LiSSA apply the same rule (issue 19): on this indefinite Hessian they find λ_min < 0 and compute the
+    # kernel by eigendecomposition, as explicit does; on a PSD system they solve (K + δI)x = g
+    assert lam_min < 0
+    S = Attributor(task, "influence", solver="cg", damping=damping, tol=1e-12, curvature="hessian",
+                   hessian_data=[(X, y)]).fit(tr, progress=False)
+    assert S.kernel_info_["solver_used"] == "explicit" and S.kernel_info_["indefinite"]
+    torch.testing.assert_close(S.score(te, progress=False), ref_abs, rtol=1e-9, atol=1e-12)
+    S = Attributor(task, "influence", solver="lissa", damping=damping, depth=3000, tol=1e-11,
+                   curvature="hessian", hessian_data=[(X, y)]).fit(tr, progress=False)
+    torch.testing.assert_close(S.score(te, progress=False), ref_abs, rtol=1e-9, atol=1e-12)
+    # on the PSD GGN, CG and LiSSA iterate, and agree with the explicit (G + δI)⁻¹ (LiSSA contracts by
+    # 1 - (λ_min + δ)/scale per step: a larger damping keeps the test short)
+    damping = 1.5
+    ref = Attributor(task, "influence", curvature="ggn", damping=damping).fit(tr, progress=False).score(
+        te, progress=False)
+    for solver, kw in (("cg", {"tol": 1e-12}), ("lissa", {"depth": 3000, "tol": 1e-11})):
+        a = Attributor(task, "influence", solver=solver, damping=damping, curvature="ggn", **kw).fit(tr, progress=False)
+        assert a.kernel_info_["solver_used"] == solver
+        torch.testing.assert_close(a.score(te, progress=False), ref, rtol=1e-6, atol=1e-8)
 
 
 def test_arnoldi_full_krylov_equals_exact_influence(setup):

@@ -81,17 +81,20 @@ def test_sketched_influence_at_d_equal_n_with_an_orthogonal_sketch_is_exact_infl
     torch.testing.assert_close(exact, (Gt @ V) / (w.abs() + DEFAULT_DAMPING) @ (G @ V).T, rtol=1e-8, atol=1e-10)
 
 
-def test_cg_uses_the_ggn_when_the_task_declares_one_and_warns_on_the_hessian():
-    task, data, _ = _indefinite()
+def test_cg_uses_the_ggn_when_the_task_declares_one_and_the_rule_on_the_hessian():
+    task, data, H = _indefinite()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         cg = Influence(task, solver="cg", tol=1e-12).fit(data, progress=False)
     explicit = Influence(task, curvature="ggn").fit(data, progress=False)
     torch.testing.assert_close(cg.score(data, progress=False), explicit.score(data, progress=False),
                                rtol=1e-7, atol=1e-10)
-    plain = gradsketch.Task(task.model, task.loss_fn)  # no GGN declared: the Hessian, with a warning
-    with pytest.warns(RuntimeWarning, match=r"the task declares no GGN .* curvature=None means the Hessian"):
-        try:
-            Influence(plain, solver="cg").fit(data, progress=False)
-        except ValueError as e:  # CG may stop on the indefinite system; its message names the damping
-            assert "damping" in str(e)
+    # no GGN declared: the Hessian, which is indefinite here, so CG applies the rule (|H| + δI)⁻¹ as explicit does
+    plain = gradsketch.Task(task.model, task.loss_fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        a = Influence(plain, solver="cg").fit(data, progress=False)
+    assert a.kernel_info_["curvature"] == "hessian" and a.kernel_info_["indefinite"]
+    torch.testing.assert_close(a.score(data, progress=False),
+                               Influence(plain).fit(data, progress=False).score(data, progress=False),
+                               rtol=1e-10, atol=1e-12)

@@ -48,13 +48,20 @@ def damped_reciprocal(eigenvalues: Tensor, damping: float) -> Tensor:
     return torch.where(den > 0, 1.0 / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
 
 
-def damped_inverse(K: Tensor, damping: float) -> LinearOperator:
-    """``(|K| + δI)⁻¹`` of an explicit symmetric ``K [n, n]`` (float64, CPU) as a LinearOperator.
+#: K counts as indefinite when its smallest eigenvalue is below −INDEFINITE_RTOL · max|λ| (rounding of a
+#: singular PSD matrix stays far above this in float64)
+INDEFINITE_RTOL = 1e-8
 
-    A Cholesky factorisation of K itself tells whether K is positive definite; then |K| = K and the inverse is
-    the Cholesky of K + δI (about 30× faster than ``eigh`` at n = 2048). Otherwise (indefinite or singular K)
-    the eigendecomposition K = V diag(λ) Vᵀ gives V diag(1/(|λ| + δ)) Vᵀ (a pseudo-inverse on exactly zero
-    directions when δ = 0)."""
+
+def damped_inverse_info(K: Tensor, damping: float) -> tuple[LinearOperator, dict]:
+    """:func:`damped_inverse` and what it found: ``{"indefinite": bool, "lambda_min": float | None,
+    "lambda_max": float | None}`` (the extreme eigenvalues of K when the eigendecomposition was needed; K is
+    indefinite when λ_min < −``INDEFINITE_RTOL``·max|λ|).
+
+    >>> _, info = damped_inverse_info(torch.tensor([[2.0, 0.0], [0.0, -1.0]], dtype=torch.float64), 0.5)
+    >>> info
+    {'indefinite': True, 'lambda_min': -1.0, 'lambda_max': 2.0}
+    """
     damping = check_real(damping, "damping", minimum=0.0)
     if not isinstance(K, Tensor) or K.ndim != 2 or K.shape[0] != K.shape[1]:
         raise ValueError(f"K: expected a square 2-D tensor, got {describe(K)}")
@@ -66,12 +73,24 @@ def damped_inverse(K: Tensor, damping: float) -> LinearOperator:
         A.diagonal().add_(damping)
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0 and bool(torch.isfinite(L.diagonal()).all()):
-            return CholeskyInverse(L)
+            return CholeskyInverse(L), {"indefinite": False, "lambda_min": None, "lambda_max": None}
     w, V = torch.linalg.eigh(K)
     den = w.abs() + damping
     tiny = float(den.max()) * K.shape[0] * torch.finfo(torch.float64).eps if den.numel() else 0.0
-    return EigenOperator(torch.where(den > tiny, 1.0 / den.clamp_min(torch.finfo(den.dtype).tiny),
-                                     torch.zeros_like(den)), V)
+    op = EigenOperator(torch.where(den > tiny, 1.0 / den.clamp_min(torch.finfo(den.dtype).tiny),
+                                   torch.zeros_like(den)), V)
+    lo, hi = (float(w[0]), float(w[-1])) if w.numel() else (0.0, 0.0)
+    return op, {"indefinite": lo < -INDEFINITE_RTOL * max(abs(lo), abs(hi)), "lambda_min": lo, "lambda_max": hi}
 
 
-__all__ = ["DEFAULT_DAMPING", "damped_reciprocal", "damped_inverse"]
+def damped_inverse(K: Tensor, damping: float) -> LinearOperator:
+    """``(|K| + δI)⁻¹`` of an explicit symmetric ``K [n, n]`` (float64, CPU) as a LinearOperator.
+
+    A Cholesky factorisation of K itself tells whether K is positive definite; then |K| = K and the inverse is
+    the Cholesky of K + δI (about 30× faster than ``eigh`` at n = 2048). Otherwise (indefinite or singular K)
+    the eigendecomposition K = V diag(λ) Vᵀ gives V diag(1/(|λ| + δ)) Vᵀ (a pseudo-inverse on exactly zero
+    directions when δ = 0)."""
+    return damped_inverse_info(K, damping)[0]
+
+
+__all__ = ["DEFAULT_DAMPING", "INDEFINITE_RTOL", "damped_reciprocal", "damped_inverse", "damped_inverse_info"]

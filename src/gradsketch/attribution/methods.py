@@ -17,6 +17,7 @@ The formulas and their sources are in :mod:`gradsketch.attribution.attributor`.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -27,8 +28,10 @@ from torch import Tensor
 from ..linalg import EigenOperator, LinearOperator, dense_inverse, gram, inverse, ridge_inverse
 from ._features import ProjectionSketch, sketch_spec
 from .base import Attributor, Component, describe_callable, register_method
-from .damping import damped_inverse, damped_reciprocal
+from .damping import INDEFINITE_RTOL, damped_inverse_info, damped_reciprocal
 from .options import ArnoldiOptions, GradDotOptions, InfluenceOptions, TracInOptions, TRAKOptions
+
+_log = logging.getLogger("gradsketch.attribution")
 
 
 def _unit_rows(F: Tensor) -> Tensor:
@@ -405,22 +408,67 @@ class Influence(_CurvatureMethod):
         solver = self._opt("solver")
         damping = float(self._opt("damping"))
         op = self._curvature_op(data, comp.sketch)
+        d = op.shape[0]
+        curv = self._curvature()
         if solver == "explicit":
-            if op.shape[0] > 8192:
-                raise ValueError(f"solver: 'explicit' builds a {op.shape[0]}×{op.shape[0]} matrix; expected "
-                                 "at most 8192 rows: use a sketch or solver='cg'")
-            comp.kernel = damped_inverse(op.to_dense(), damping)
+            if d > 8192:
+                raise ValueError(f"solver: 'explicit' builds a {d}×{d} matrix; expected at most 8192 rows: use a "
+                                 "sketch or solver='cg' (with curvature='ggn')")
+            comp.kernel, found = damped_inverse_info(op.to_dense(), damping)
+            used = "explicit"
         else:
-            if self._curvature() == "hessian":
-                why = "curvature='hessian'" if self._opt("curvature") is not None else \
-                    "the task declares no GGN (output_fn and loss_on_output), so curvature=None means the Hessian"
-                warnings.warn(
-                    f"solver: {solver!r} solves (H + {damping:g}·I)x = g, which is the damping rule (|H| + δI)⁻¹ only "
-                    f"when the Hessian H is positive semi-definite ({why}); on a network's indefinite Hessian CG "
-                    "stops with an error and LiSSA may diverge. Expected curvature='ggn' (Task.from_classifier) or "
-                    "solver='explicit' (eigendecomposition with |λ|)", RuntimeWarning, stacklevel=3)
-            keys = ("tol", "maxiter") if solver == "cg" else ("scale", "depth", "tol")
-            comp.kernel = inverse(op, damping, solver, **{k: self.options[k] for k in keys if k in self.options})
+            # CG/LiSSA solve (K + δI)x = b, the rule (|K| + δI)⁻¹ only for a PSD K: check first (a negative Ritz
+            # value θ = yᵀKy of a Lanczos run proves an eigenvalue below θ), so that every solver applies the
+            # same rule to the same systems
+            lo, hi = _ritz_extremes(op)
+            found = {"indefinite": lo < -INDEFINITE_RTOL * max(abs(lo), abs(hi)), "lambda_min": None,
+                     "lambda_max": None}
+            if found["indefinite"]:
+                if d > 8192:
+                    raise ValueError(
+                        f"solver: {solver!r} solves (K + δI)x = g, but the {curv} K is indefinite (a Lanczos Ritz "
+                        f"value {lo:.3g} < 0), where the damping rule (|K| + δI)⁻¹ needs an eigendecomposition, and "
+                        f"K is {d}×{d} (expected at most 8192 rows for it). Expected curvature='ggn' (positive "
+                        "semi-definite; Task.from_classifier declares it) or a sketch with d <= 8192")
+                comp.kernel, found = damped_inverse_info(op.to_dense(), damping)
+                used = "explicit"
+            else:
+                keys = ("tol", "maxiter") if solver == "cg" else ("scale", "depth", "tol")
+                opts = {k: self.options[k] for k in keys if k in self.options}
+                if solver == "lissa" and opts.get("scale") is None:  # the scale from the same Lanczos run
+                    opts["scale"] = 1.1 * max(abs(lo), abs(hi)) + damping if max(abs(lo), abs(hi)) > 0 else 1.0
+                comp.kernel = inverse(op, damping, solver, **opts)
+                used = solver
+        info = {"curvature": curv, "solver": solver, "solver_used": used, "damping": damping, "d": d, **found}
+        comp.info["kernel"] = info
+        self.kernel_info_ = info
+        _log.info(_kernel_line(info))
+
+
+def _ritz_extremes(op: LinearOperator) -> tuple[float, float]:
+    """(smallest, largest) Ritz value of a Lanczos run of min(d, 40) steps on the symmetric ``op`` (exact for
+    d <= 40): inner bounds of the spectrum, so a negative one proves K indefinite."""
+    from ..linalg import lanczos
+
+    d = op.shape[0]
+    if d <= 2:
+        w = torch.linalg.eigvalsh(op.to_dense().to(torch.float64))
+        return float(w[0]), float(w[-1])
+    r = lanczos(op, 2, "BE", n_iter=min(d, 40), tol=0.0, seed=0, check_symmetric=False, exact_residuals=False)
+    ev = r.eigenvalues.to(torch.float64)
+    return float(ev.min()), float(ev.max())
+
+
+def _kernel_line(info: dict) -> str:
+    """The one line every solver logs about the kernel it built (the same words for the same system)."""
+    if info["indefinite"]:
+        how = "" if info["solver_used"] == info["solver"] else \
+            f" ({info['solver']!r} cannot apply |K|: the kernel was computed by eigendecomposition, as 'explicit')"
+        return (f"influence: the {info['curvature']} K ({info['d']}×{info['d']}) is indefinite (λ_min = "
+                f"{info['lambda_min']:.3g}, λ_max = {info['lambda_max']:.3g}); kernel (|K| + δI)⁻¹ with δ = "
+                f"{info['damping']:g}{how}")
+    return (f"influence: the {info['curvature']} K ({info['d']}×{info['d']}) is positive semi-definite; kernel "
+            f"(K + δI)⁻¹ with δ = {info['damping']:g} by solver {info['solver']!r}")
 
 
 for _cls in (GradDot, GradCos, TracIn, TRAK, ArnoldiInfluence, Influence):

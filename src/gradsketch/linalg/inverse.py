@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import Tensor
@@ -35,7 +36,12 @@ class CGInverse(LinearOperator):
         self.op, self.damping, self.tol, self.maxiter = op, check_real(damping, "damping", minimum=0.0), tol, maxiter
 
     def _matmat(self, V: Tensor) -> Tensor:
-        return cg(self.op, V.to(self.op.dtype), damping=self.damping, tol=self.tol, maxiter=self.maxiter).x
+        r = cg(self.op, V.to(self.op.dtype), damping=self.damping, tol=self.tol, maxiter=self.maxiter)
+        if not bool(r.converged.all()):
+            warnings.warn(f"maxiter: CG did not converge in {r.n_iter} iterations (damping = {self.damping:g}; "
+                          f"relative residual up to {float(r.residual_norms.max()):.3g}); expected a larger maxiter "
+                          "or damping", RuntimeWarning, stacklevel=3)
+        return r.x
 
 
 class LiSSAInverse(LinearOperator):
@@ -69,8 +75,20 @@ class LiSSAInverse(LinearOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         s = self._scale()
-        return lissa(self.op, V.to(self.op.dtype), damping=self.damping / s, scale=s, depth=self.depth,
-                     tol=self.tol).x
+        try:
+            r = lissa(self.op, V.to(self.op.dtype), damping=self.damping / s, scale=s, depth=self.depth, tol=self.tol)
+        except ValueError as e:  # reported with the damping that was passed, not LiSSA's normalised d = λ/s
+            raise ValueError(
+                f"damping: LiSSA diverges with damping = {self.damping:g} (the ridge added; LiSSA's normalised "
+                f"d = damping/scale = {self.damping / s:.3g}) and scale = {s:g}: it converges only when every "
+                f"eigenvalue of A lies in (-{self.damping:g}, {2 * s - self.damping:g}), and A has one outside. "
+                "Expected a positive semi-definite A (e.g. the GGN) with a larger damping, or a larger scale") from e
+        if self.tol != 0 and not bool(r.converged.all()):
+            warnings.warn(f"depth: LiSSA did not converge in depth = {self.depth} steps (damping = {self.damping:g}, "
+                          f"scale = {s:g}; relative residual up to {float(r.residual_norms.max()):.3g}); it contracts "
+                          "by about 1 - (lambda_min + damping)/scale per step: expected a larger depth or damping, or "
+                          "method='cg'", RuntimeWarning, stacklevel=3)
+        return r.x
 
 
 def inverse(op: LinearOperator, damping: float = 0.0, method: str = "auto", **options: Any) -> LinearOperator:
