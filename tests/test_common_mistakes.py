@@ -1,5 +1,5 @@
 """Common mistakes get a message that names the fix (issue 19): one batch (X, Y) passed where an iterable of
-batches is expected, and a top-k larger than the training set."""
+batches is expected, a top-k larger than the training set, dict batches read as tuples, --d above N."""
 
 import warnings
 
@@ -53,3 +53,43 @@ def test_float64_model_with_float32_data_names_both_dtypes_and_the_fix():
     with pytest.raises(TypeError, match=msg):
         gradsketch.Attributor(task, "grad-dot").fit([(X, y)], progress=False)
     gradsketch.Attributor(task, "grad-dot").fit([(X.double(), y)], progress=False)  # the fix works
+
+
+@pytest.mark.parametrize("loss", ["index", "unpack"])
+def test_dict_batches_with_a_loss_that_reads_tuples_name_the_fix(loss):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+
+    def by_index(m, b):
+        return nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    def by_unpack(m, b):
+        x, t = b
+        return nn.functional.cross_entropy(m(x), t, reduction="none")
+
+    task = gradsketch.Task(model, by_index if loss == "index" else by_unpack)
+    with pytest.raises(TypeError, match=r"loss_fn: the batches are dicts \(keys \['x', 'y'\]\) but the loss reads "
+                                        r"them as tuples .*expected a loss that indexes the batch by key \(e.g. "
+                                        r"batch\['x'\]"):
+        gradsketch.Attributor(task, "grad-dot").fit([{"x": X, "y": y}], progress=False)
+    # the same loss on tuple batches works
+    gradsketch.Attributor(task, "grad-dot").fit([(X, y)], progress=False)
+
+
+def test_cli_says_when_d_is_larger_than_the_parameter_count():
+    from gradsketch.attribution.pipeline import AttributeConfig, run_attribute
+    from gradsketch.entry import Entry
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1, 0])
+    ent = Entry(model, "cross_entropy", [(X, y)], [(X[:2], y[:2])])
+    summary = run_attribute(ent, AttributeConfig(method="grad-dot", d=64), out=_tmp(), progress=False)
+    assert "d = 64 is larger than the 8 parameters: used d = 8" in summary["notes"]
+
+
+def _tmp():
+    import tempfile
+
+    return tempfile.mkdtemp()

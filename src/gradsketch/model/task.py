@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -68,6 +68,15 @@ def _batch_statistics(mod: nn.Module) -> bool:
 class DtypeMismatchError(TypeError, RuntimeError):
     """The batch's floating tensors and the model's parameters have different dtypes. A ``TypeError`` that is
     also the ``RuntimeError`` torch raises for it, so existing handlers keep working."""
+
+def _reads_dict_as_tuple(e: BaseException) -> bool:
+    """Whether an error from a loss called on a dict batch looks like tuple access: ``batch[0]`` (KeyError of an
+    integer), ``x, y = batch`` (unpacking the keys: "values to unpack", or the model called on a key string)."""
+    if isinstance(e, KeyError):
+        return bool(e.args) and isinstance(e.args[0], int)
+    msg = str(e)
+    return any(t in msg for t in ("values to unpack", "'str'", "not str", "str object"))
+
 
 class Task:
     """A model, a per-example loss and the parameters to differentiate.
@@ -338,8 +347,18 @@ class Task:
             return
         p = {n: t.detach().requires_grad_(True) for n, t in self.params_dict().items()}
         with torch.enable_grad():
+            batch = split.rebuild()
             try:
-                out = self.losses_at(p, split.rebuild(), split.size)
+                out = self.losses_at(p, batch, split.size)
+            except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+                if isinstance(batch, Mapping) and _reads_dict_as_tuple(e):
+                    keys = list(batch)
+                    raise TypeError(
+                        f"loss_fn: the batches are dicts (keys {keys}) but the loss reads them as tuples "
+                        f"({type(e).__name__}: {e}); expected a loss that indexes the batch by key (e.g. "
+                        f"batch[{keys[0]!r}] instead of batch[0] or x, y = batch), or batches of tuples (x, y)"
+                    ) from e
+                raise
             except RuntimeError as e:  # name the common cause: data and model in different float dtypes
                 other = sorted({str(t.dtype).replace("torch.", "") for t in split.leaves
                                 if t.is_floating_point() and t.dtype != self.dtype})
