@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import time
@@ -54,7 +55,13 @@ from ._features import (
 )
 from .options import OPTIONS, CommonOptions, options_for
 
-MODES = ("explicit", "implicit", "factored")
+MODES = ("auto", "explicit", "implicit", "factored")
+#: ``mode="auto"`` picks the factored path from this many selected parameters on (below it the explicit path
+#: is as fast; benchmarks/results/mode_default.md)
+AUTO_FACTORED_MIN_PARAMS = 2000
+#: ... when at least this fraction of them lives in layers the factored hooks differentiate
+AUTO_FACTORED_MIN_FRACTION = 0.5
+_log = logging.getLogger("gradsketch.attribution")
 
 #: name -> class; filled by :func:`register_method` (the built-in methods register in ``methods.py``)
 _REGISTRY: dict[str, type[Attributor]] = {}
@@ -209,8 +216,13 @@ class Attributor:
         with ``sketch=None``), the sketch spec, ``mode``, the model state of checkpoint ``c`` (fingerprint),
         the row count and ``store_dtype``. Methods whose rows agree share a store (the second one only
         finalises); otherwise ``StoreMismatchError`` (a ValueError) says what differs.
-    mode : ``"explicit"`` | ``"implicit"`` | ``"factored"``
-        How sketched gradients are computed (:meth:`gradsketch.Task.sketch_grads`).
+    mode : ``"auto"`` (default) | ``"explicit"`` | ``"implicit"`` | ``"factored"``
+        How sketched gradients are computed (:meth:`gradsketch.Task.sketch_grads`). ``"auto"``: factored (per-layer
+        Kronecker sketches, no per-example gradient formed) when the sketch is a dict, the model has at least
+        ``AUTO_FACTORED_MIN_PARAMS`` parameters, mostly in Linear/Conv1D/Embedding/Conv2d/LayerNorm layers, and
+        the method sketches no curvature; explicit otherwise (``mode_reason_`` says why; ``fit`` logs it on the
+        ``gradsketch.attribution`` logger, and checks the factored rows of the first examples against their exact
+        gradients, falling back to explicit with a warning).
     **method_options
         Validated by the method's options dataclass (:mod:`gradsketch.attribution.options`).
         Common: ``nan_policy`` ("raise" | "skip": skipped examples listed in ``skipped_indices_``),
@@ -275,7 +287,7 @@ class Attributor:
         return super().__new__(cls)
 
     def __init__(self, task: Any, method: str | None = None, sketch: Any = None, store: Any = None,
-                 mode: str = "explicit", **method_options: Any) -> None:
+                 mode: str = "auto", **method_options: Any) -> None:
         from ..model import Task
 
         if not isinstance(task, Task):
@@ -289,6 +301,11 @@ class Attributor:
         self.task = task
         self.method = method
         self.mode = check_choice(mode, "mode", MODES)
+        #: why this mode: "asked for", or what ``mode="auto"`` saw (logged by ``fit``)
+        self.mode_reason_ = "asked for"
+        if self.mode == "auto":
+            self.mode, self.mode_reason_ = self._auto_mode(task, sketch)
+        self._auto = mode == "auto"
         if sketch is not None and not isinstance(sketch, dict) and not (
                 hasattr(sketch, "d") and hasattr(sketch, "n") and callable(sketch)):
             raise TypeError("sketch: expected None, a gradsketch sketch/BlockSketch/FactoredSketch or a dict "
@@ -313,6 +330,57 @@ class Attributor:
         self._shared_q: Tensor | None = None  # a q applied to the summed ensemble score (TRAK's q̄)
         self.timings_: dict[str, float] = {}
         self._fitted = False
+
+    #: whether ``mode="auto"`` may choose the factored path for this method (False where the sketch is also
+    #: applied to a curvature operator, which the explicit BlockSketch is tested for)
+    auto_factored: ClassVar[bool] = True
+
+    def _auto_mode(self, task: Any, sketch: Any) -> tuple[str, str]:
+        """``(mode, reason)`` for ``mode="auto"``: factored when the sketch is a dict (or a FactoredSketch), the
+        method allows it, the model has at least ``AUTO_FACTORED_MIN_PARAMS`` selected parameters and at least
+        ``AUTO_FACTORED_MIN_FRACTION`` of them live in layers the factored hooks differentiate (Linear, Conv1D,
+        Embedding, Conv2d and their biases, LayerNorm); explicit otherwise."""
+        from ..gradients.factored import plan_task
+        from ..sketch.factored import FactoredSketch
+
+        if sketch is None:
+            return "explicit", "sketch=None: exact gradients"
+        if isinstance(sketch, FactoredSketch):
+            return "factored", "the sketch is a FactoredSketch"
+        if not isinstance(sketch, dict):
+            return "explicit", f"the sketch is a {type(sketch).__name__} (the factored path builds its own from a dict)"
+        if not type(self).auto_factored:
+            return "explicit", f"{self.method} also sketches its curvature, with the explicit block sketch"
+        N = int(task.n_params)
+        if N < AUTO_FACTORED_MIN_PARAMS:
+            return "explicit", f"{N} parameters, below {AUTO_FACTORED_MIN_PARAMS} where the factored path pays"
+        sizes = dict(zip(task.param_names, task.param_sizes))
+        hooked = sum(sizes[n] for n, p in plan_task(task).items() if not p.generic)
+        frac = hooked / N
+        if frac < AUTO_FACTORED_MIN_FRACTION:
+            return "explicit", (f"only {frac:.0%} of the {N} parameters are in layers the factored path supports "
+                                "(Linear, Conv1D, Embedding, Conv2d, LayerNorm)")
+        return "factored", f"{frac:.0%} of the {N} parameters are in layers the factored path supports"
+
+    def _check_factored(self, data: Iterable, sketch: Any) -> bool:
+        """For ``mode="auto"``: the factored rows of the first two training examples against their exact
+        gradients sketched by the same FactoredSketch (a weight used outside its module's ``forward`` is
+        invisible to the hooks); True when they agree to 1e-3 (float32) / 1e-8 (float64)."""
+        from ..model._batch import SplitBatch
+
+        first = next(iter(data))
+        split = SplitBatch(first, self.task.device)
+        mini = split.slice(0, min(2, split.size)).rebuild()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows = self.task.sketch_grads([mini], sketch, mode="factored", progress=False, nan_policy="skip")
+            G = self.task.grads(mini)
+        if not bool(torch.isfinite(G).all()):
+            return True  # non-finite examples are the nan_policy's business
+        ref = sketch(G.to(rows.dtype))
+        tol = 1e-8 if rows.dtype == torch.float64 else 1e-3
+        err = float((rows - ref).norm() / ref.norm().clamp_min(torch.finfo(ref.dtype).tiny))
+        return err <= tol
 
     # ------------------------------------------------------------------ hooks (methods override these)
     def feature_kind(self) -> str:
@@ -596,6 +664,14 @@ class Attributor:
         self._reset_fit()
         self._fit_fingerprint = fingerprint_model(self.task.model)
         base_sketch = self._build_sketch()
+        if self._auto and self.mode == "factored" and self.task.n_params <= 50_000_000 and \
+                not self._check_factored(train_data, base_sketch):
+            self.mode = "explicit"
+            self.mode_reason_ = ("the factored rows of the first examples differ from their exact sketched gradients "
+                                 "(a weight used outside its module's forward?)")
+            warnings.warn(f"mode: 'auto' fell back to 'explicit': {self.mode_reason_}", RuntimeWarning, stacklevel=2)
+            base_sketch = self._build_sketch()
+        _log.info("%s: gradients by mode=%r (%s)", self.method, self.mode, self.mode_reason_)
         cks = self._checkpoints()
         for c, (state, weight) in enumerate(cks):
             comp = Component(state, weight, c)
@@ -725,21 +801,20 @@ class Attributor:
         inverted lists of which each query visits ``nprobe``; see :mod:`gradsketch.attribution.approx_topk`.
         """
         self._check_fitted()
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k: expected an integer >= 1, got {k!r}")
-        if k > self.n_train_:
-            warnings.warn(f"k: {k} is larger than the {self.n_train_} training examples; returning all "
-                          f"{self.n_train_} (k = {self.n_train_})", UserWarning, stacklevel=2)
-            k = self.n_train_
+        k = self._check_k(k)
         if index is not None or nlist is not None or nprobe is not None:
             from .approx_topk import INDEXES, faiss_topk
 
             if index not in INDEXES:
                 raise ValueError(f"index: expected one of {INDEXES} (or None for the exact scan), got {index!r}")
             return TopK(*faiss_topk(self, test_data, k, progress, nlist=nlist, nprobe=nprobe))
+        return self._running_topk(self._test_chunks(test_data, progress, int(self._opt("test_block_rows", 1024))), k)
+
+    def _running_topk(self, chunks: Iterable, k: int) -> TopK:
+        """The running top-k/bottom-k over the training blocks for every ``(row_start, psis)`` test chunk."""
         dt = self._score_dtype()
         outs: list[tuple[Tensor, ...]] = []
-        for _, psis in self._test_chunks(test_data, progress, int(self._opt("test_block_rows", 1024))):
+        for _, psis in chunks:
             m = psis[0].shape[0]
             top_v = torch.full((m, 0), float("-inf"), dtype=dt)
             top_i = torch.zeros((m, 0), dtype=torch.long)
@@ -763,6 +838,73 @@ class Attributor:
                 bot_v, bot_i = merge_topk(bot_v, bot_i, k, largest=False)
             outs.append((top_v, top_i, bot_v, bot_i))
         return TopK(*(torch.cat([o[j] for o in outs], 0) for j in range(4)))
+
+    def _check_k(self, k: Any) -> int:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+        if k > self.n_train_:
+            warnings.warn(f"k: {k} is larger than the {self.n_train_} training examples; returning all "
+                          f"{self.n_train_} (k = {self.n_train_})", UserWarning, stacklevel=3)
+            k = self.n_train_
+        return k
+
+    def topk_tokens(self, query: Iterable, k: int = 10, token_loss: Any = None, block_tokens: int = 256,
+                    progress: bool = True):
+        """Per-token attribution for a language model: for every target token t of every query sequence, the
+        ``k`` training examples with the largest (and smallest) scores score(t, z) = Σ_c w_c (M_c φ_{c,t})ᵀ
+        φ_c(z) · q(z), φ_t = Φ∇θ ℓ_t (:mod:`gradsketch.attribution.tokens`).
+
+        ``query``: batches of sequences (e.g. dicts with ``input_ids``/``attention_mask``);
+        ``token_loss(model, batch) -> [B, T]`` per-token losses, NaN where a position is not a target (default
+        :func:`gradsketch.losses.causal_lm_token_losses`, next-token loss of a transformers causal LM).
+        Tokens are featurised and scored ``block_tokens`` at a time against ``block_rows`` training rows, so
+        memory is O(block_tokens · (block_rows + d + k)), never n_tokens × n_train. Returns
+        :class:`~gradsketch.attribution.tokens.TokenTopK` ``(values, indices, opponent_values,
+        opponent_indices, tokens)``, each ``[n_tokens, k]`` but ``tokens [n_tokens, 2]`` (sequence, position).
+        Needs loss-gradient features (not TRAK with ``margin_fn``).
+        """
+        from ..model.losses import causal_lm_token_losses
+        from .tokens import TokenTopK, check_token_method, token_feature_chunks
+
+        self._check_fitted()
+        check_token_method(self)
+        k = self._check_k(k)
+        block_tokens = check_int(block_tokens, "block_tokens", minimum=1)
+        fn = causal_lm_token_losses() if token_loss is None else token_loss
+        targets: list[tuple[int, int]] = []
+        chunks = token_feature_chunks(self, query, fn, block_tokens, progress, targets)
+        top = self._running_topk(((r0, [self._psi(c, phi) for c, phi in zip(self._components, phis)])
+                                  for r0, phis in chunks), k)
+        tokens = torch.tensor(targets, dtype=torch.long).reshape(-1, 2)
+        return TokenTopK(*top, tokens)
+
+    def self_influence_tokens(self, data: Iterable, token_loss: Any = None, block_tokens: int = 256,
+                              progress: bool = True) -> Tensor:
+        """Per-token self-influence Σ_c w_c φ_{c,t}ᵀ M_c φ_{c,t} (``φ_t = Φ∇θ ℓ_t``; the training weights q do
+        not enter: a token is not a training example) of every target token of ``data``, computed a block of
+        ``block_tokens`` tokens at a time. ``token_loss`` as in :meth:`topk_tokens`. Returns ``[n_seq, T]``
+        float64 with NaN where the token loss is NaN (not a target)."""
+        from ..model.losses import causal_lm_token_losses
+        from .tokens import check_token_method, token_feature_chunks
+
+        self._check_fitted()
+        check_token_method(self)
+        block_tokens = check_int(block_tokens, "block_tokens", minimum=1)
+        fn = causal_lm_token_losses() if token_loss is None else token_loss
+        targets: list[tuple[int, int]] = []
+        vals: list[Tensor] = []
+        for _, phis in token_feature_chunks(self, data, fn, block_tokens, progress, targets):
+            vals.append(sum((comp.weight * quad_kernel(comp.kernel, self.test_rows(comp, phi.cpu()))
+                             for comp, phi in zip(self._components, phis)), torch.zeros(phis[0].shape[0],
+                                                                                         dtype=torch.float64)))
+        v = torch.cat(vals) if vals else torch.zeros(0, dtype=torch.float64)
+        n_seq = 1 + max((i for i, _ in targets), default=-1)
+        T = 1 + max((j for _, j in targets), default=-1)
+        out = torch.full((n_seq, T), float("nan"), dtype=torch.float64)
+        if targets:
+            idx = torch.tensor(targets, dtype=torch.long)
+            out[idx[:, 0], idx[:, 1]] = v
+        return out
 
     def self_influence(self, progress: bool = True) -> Tensor:
         """score(z, z) for every training example, ``[n_train]`` (≥ 0 when M is PSD); the mislabel-detection
@@ -819,5 +961,6 @@ class Attributor:
         return s + (f", n_train={self.n_train_}, d={self.d_})" if self._fitted else ")")
 
 
-__all__ = ["Attributor", "Component", "TopK", "MODES", "describe_callable", "register_method", "unregister_method",
+__all__ = ["Attributor", "Component", "TopK", "MODES", "AUTO_FACTORED_MIN_PARAMS",
+           "describe_callable", "register_method", "unregister_method",
            "registered_methods", "method_class", "apply_kernel", "quad_kernel"]

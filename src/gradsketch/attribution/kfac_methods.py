@@ -80,6 +80,7 @@ class EKFACInfluence(Attributor):
 
     options_cls = EKFACOptions
     method_name = "ekfac"
+    auto_factored = False
     #: the KFACOperator kind this class fits
     kfac_kind = "ekfac"
 

@@ -190,6 +190,8 @@ class _CurvatureMethod(Attributor):
     ``hessian_data``), sketched to ``S @ H @ S.T`` when the fit has a sketch, inverted by the one damping rule
     (|K| + δI)⁻¹ (:mod:`gradsketch.attribution.damping`)."""
 
+    auto_factored = False
+
     def _has_ggn(self) -> bool:
         return self.task.output_fn is not None and self.task.loss_on_output is not None
 

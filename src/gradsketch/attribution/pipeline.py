@@ -29,7 +29,8 @@ class AttributeConfig:
         kind, d: the sketch (``d = 0``: exact gradients, no sketch); ``d`` larger than the number of
             parameters is lowered to it and the summary says so.
         seed: sketch and Arnoldi seed.
-        mode: explicit, implicit or factored per-example gradients.
+        mode: auto (default: factored where it pays and the layers allow it, see ``Attributor``), explicit,
+            implicit or factored per-example gradients.
         k: proponents/opponents kept per test example.
         n_iters, top_k: Arnoldi iterations and eigenpairs kept (``method="arnoldi"``; top_k None: the
             method's default, 50 with the tail and 100 without).
@@ -53,7 +54,7 @@ class AttributeConfig:
     kind: str = "affd"
     d: int = 1024
     seed: int = 0
-    mode: str = "explicit"
+    mode: str = "auto"
     k: int = 10
     n_iters: int = 200
     top_k: int | None = None
@@ -182,6 +183,7 @@ def run_attribute(entry: Any, config: AttributeConfig | None = None, out: str | 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     att = Attributor(task, cfg.method, sketch=sketch, store=store, mode=cfg.mode, **extra)
+    summary.update(mode=att.mode, mode_reason=att.mode_reason_)
     if cfg.rank is not None:
         att.featurise(ent.train, rank=cfg.rank, world_size=cfg.world_size, progress=progress)
         timings["featurise"] = time.perf_counter() - t0
@@ -189,6 +191,7 @@ def run_attribute(entry: Any, config: AttributeConfig | None = None, out: str | 
     if ent.test is None:
         raise ValueError("entry: expected test data in Entry.test (the examples to attribute), got None")
     att.fit(ent.train, progress=progress)
+    summary.update(mode=att.mode, mode_reason=att.mode_reason_)  # a fallback of "auto" is decided in fit
     timings["fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     n_train = int(att.n_train_)

@@ -44,7 +44,7 @@ def attribute(entry: str | None = typer.Argument(None, help=ENTRY_HELP),
                                            help="sketch dimension, 0 for exact gradients [default: 1024]; "
                                                 "--sketch-dim under torchrun, whose parser takes --d"),
               seed: int | None = typer.Option(None, help="sketch / Arnoldi seed [default: 0]"),
-              mode: str | None = typer.Option(None, help="explicit, implicit or factored [default: explicit]"),
+              mode: str | None = typer.Option(None, help="auto, explicit, implicit or factored [default: auto]"),
               k: int | None = typer.Option(None, help="proponents/opponents per test example [default: 10]"),
               n_iters: int | None = typer.Option(None, help="Arnoldi iterations [default: 200]"),
               top_k: int | None = typer.Option(None, help="Arnoldi eigenpairs kept [default: 50 with the tail, "
@@ -96,6 +96,7 @@ def attribute(entry: str | None = typer.Argument(None, help=ENTRY_HELP),
         typer.echo(f"rank {summary['rank']}/{summary['world_size']}: featurised its share of the store at "
                    f"{Path(summary['store']).resolve()}; run without --rank to finalise and score")
         return
+    typer.echo(f"gradients: mode={summary.get('mode')} ({summary.get('mode_reason')})")
     for note in summary.get("notes", []):
         typer.echo(f"note: {note}")
     typer.echo(f"report written to {Path(summary['report']).resolve()}")

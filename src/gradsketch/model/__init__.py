@@ -9,6 +9,7 @@ from ..sketch import FactoredSketch
 from .losses import (
     causal_lm_loss,
     causal_lm_per_example,
+    causal_lm_token_losses,
     classification_margin,
     classifier_loss,
     cross_entropy_per_example,
@@ -25,4 +26,5 @@ __all__ = [
     "classifier_loss",
     "classification_margin",
     "causal_lm_loss",
+    "causal_lm_token_losses",
 ]

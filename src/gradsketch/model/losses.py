@@ -152,6 +152,37 @@ def causal_lm_loss(reduction: str = "mean") -> Callable[[torch.nn.Module, Any], 
     return loss_fn
 
 
+def causal_lm_token_losses() -> Callable[[torch.nn.Module, Any], Tensor]:
+    """Per-token next-token losses of a transformers causal LM, ``token_loss(model, batch) -> [B, T − 1]``:
+    entry ``[i, t]`` is −log p(x_{i,t+1} | x_{i,≤t}) (the target token t + 1), NaN where it is not a target
+    (padding of ``attention_mask``, or the predicting position is padding). The token-level form of
+    :func:`causal_lm_loss` (its ``"mean"`` is the nan-mean of this over t), for
+    :meth:`gradsketch.Attributor.topk_tokens` and :meth:`~gradsketch.Attributor.self_influence_tokens`.
+
+    >>> fn = causal_lm_token_losses()
+    >>> model = lambda input_ids, attention_mask=None: torch.zeros(*input_ids.shape, 4)   # uniform over 4 tokens
+    >>> fn(model, {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.tensor([[1, 1, 0]])})
+    tensor([[1.3863,    nan]])
+    """
+
+    def token_loss(model: Any, batch: Any) -> Tensor:
+        ids = _get(batch, "input_ids", "batch")
+        mask = batch.get("attention_mask") if hasattr(batch, "get") else None
+        pos = batch.get("position_ids") if hasattr(batch, "get") else None
+        kw = {} if pos is None else {"position_ids": pos}
+        out = model(input_ids=ids, attention_mask=mask, **kw)
+        logits = out.logits if hasattr(out, "logits") else out
+        lp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), -1)
+        nll = -lp.gather(-1, ids[:, 1:, None])[..., 0]
+        if mask is None:
+            return nll
+        real = mask != 0
+        valid = real[:, :-1] & real[:, 1:]
+        return torch.where(valid, nll, torch.full_like(nll, float("nan")))
+
+    return token_loss
+
+
 def classification_margin(input_key: Any = 0, target_key: Any = 1) -> Callable[[torch.nn.Module, Any], Tensor]:
     """TRAK's output function for a classifier: ``f = z_y − logsumexp_{j≠y} z_j = log p_y/(1 − p_y)``
     with logits ``z = model(batch[input_key])`` and labels ``y = batch[target_key]``; returns
