@@ -21,7 +21,8 @@ with d (10⁻³ at d = 512, 3·10⁻³ at 2048), so the damping is added as is, 
 
 CG and LiSSA have no eigendecomposition: they solve (K + δI)x = b, which is this rule exactly when K is
 positive semi-definite. Influence therefore uses the GGN with them when the task declares one (see
-:class:`~gradsketch.attribution.Influence`), and warns when asked to solve with an indefinite Hessian.
+:class:`~gradsketch.attribution.Influence`), and when a Lanczos check finds K indefinite it computes the rule
+by eigendecomposition, as the explicit solver does (:func:`damped_inverse_info` reports what it found).
 
 >>> K = torch.tensor([[2.0, 0.0], [0.0, -1.0]], dtype=torch.float64)     # indefinite
 >>> damped_reciprocal(torch.tensor([2.0, -1.0], dtype=torch.float64), 0.5).tolist()   # 1/(|λ| + δ)

@@ -383,9 +383,14 @@ class Influence(_CurvatureMethod):
       eigendecomposition with |λ| (well posed for an indefinite Hessian at every δ).
     - ``"cg"`` / ``"lissa"``: solve (K + δI)x = g without an eigendecomposition, which is the rule exactly when
       K is positive semi-definite. So with these solvers ``curvature=None`` means the GGN when the task
-      declares one (``Task.from_classifier``; ``output_fn`` and ``loss_on_output``), else the Hessian with a
-      RuntimeWarning (CG stops with an error on an indefinite system, LiSSA may diverge); an explicit
-      ``curvature="hessian"`` warns the same way.
+      declares one (``Task.from_classifier``; ``output_fn`` and ``loss_on_output``), else the Hessian. Before
+      solving, a Lanczos run of min(d, 40) steps looks for a negative Ritz value (a proof that K is
+      indefinite); then the kernel is computed by eigendecomposition as with ``"explicit"`` (d ≤ 8192, else a
+      ValueError naming the fixes), so all three solvers accept the same systems and return the same kernel.
+
+    After ``fit``: ``kernel_info_`` (dict: ``curvature``, ``solver``, ``solver_used``, ``damping``, ``d``,
+    ``indefinite``, ``lambda_min``/``lambda_max`` when an eigendecomposition was needed), also logged as one
+    INFO line on the ``gradsketch.attribution`` logger, the same words for every solver.
 
     >>> import gradsketch
     >>> m = torch.nn.Linear(2, 1, bias=False); _ = torch.nn.init.zeros_(m.weight)
