@@ -93,3 +93,20 @@ def _tmp():
     import tempfile
 
     return tempfile.mkdtemp()
+
+
+def test_per_example_loss_where_train_wants_a_scalar_names_the_fix():
+    from gradsketch.intrinsic import train
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    per_example = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+    with pytest.raises(ValueError, match=r"loss_fn: expected the batch's mean loss \(a scalar tensor\), got shape "
+                                         r"\[8\]; a per-example loss \[B\] .* return loss.mean\(\)"):
+        train(model, (X, y), loss_fn=per_example, steps=2, progress=False)
+    # and the reverse (a scalar where Task wants [B]) names reduction='none'
+    task = gradsketch.Task(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+    with pytest.raises(ValueError, match=r"got a scalar; return unreduced losses \(e.g. F.cross_entropy\(\.\.\., "
+                                         r"reduction='none'\)\)"):
+        task.grads((X, y))

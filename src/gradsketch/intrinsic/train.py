@@ -143,6 +143,16 @@ class _DataParallel:
         return flat[-1]
 
 
+def _scalar(loss: Any) -> Tensor:
+    """``loss`` if it is the batch's mean (one number); else a ValueError naming the fix."""
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(
+            f"loss_fn: expected the batch's mean loss (a scalar tensor), got "
+            f"{('shape ' + str(list(loss.shape))) if isinstance(loss, Tensor) else type(loss).__name__}; "
+            "a per-example loss [B] (as gradsketch.Task takes) must be reduced here: return loss.mean()")
+    return loss
+
+
 def make_optimizer(optimizer: Any, params: Sequence[Tensor], lr: float) -> torch.optim.Optimizer:
     if isinstance(optimizer, str):
         name = optimizer.lower()
@@ -235,11 +245,11 @@ def train(model: nn.Module, train_data: Any, eval_fn: Callable[[nn.Module], floa
             opt.zero_grad(set_to_none=True)
             if par.active:  # this rank's shard of the batch, weighted; gradients summed over the ranks
                 part, weight = par.shard(batch)
-                loss = loss_fn(model, part) * weight if part is not None else params[0].sum() * 0.0
+                loss = _scalar(loss_fn(model, part)) * weight if part is not None else params[0].sum() * 0.0
                 loss.backward()
                 loss = par.reduce(loss)
             else:
-                loss = loss_fn(model, batch)
+                loss = _scalar(loss_fn(model, batch))
             if not torch.isfinite(loss.detach()).all():
                 hist.nan_step = step + 1
                 hist.stopped = f"non-finite loss ({float(loss.detach())}) at step {step + 1}"
