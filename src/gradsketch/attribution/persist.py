@@ -100,7 +100,8 @@ def _kernel_record(w: _Writer, kernel: Any, comp_kfac: str | None) -> dict:
     if kernel is None:
         return {"type": "identity"}
     if isinstance(kernel, EigenOperator):
-        return {"type": "eigen", "w": w.tensor(kernel.w), "V": None if kernel.V is None else w.tensor(kernel.V)}
+        return {"type": "eigen", "w": w.tensor(kernel.w), "V": None if kernel.V is None else w.tensor(kernel.V),
+                "shift": float(getattr(kernel, "shift", 0.0) or 0.0)}
     if isinstance(kernel, CholeskyInverse):
         return {"type": "cholesky", "L": w.tensor(kernel.L)}
     if isinstance(kernel, WoodburyInverse):
@@ -147,6 +148,7 @@ def save_attributor(attr: Any, path: str | os.PathLike, overwrite: bool = False)
                                "sketch": {"spec": _sketch_spec_json(sk)}}
         if isinstance(sk, ProjectionSketch):
             rec["sketch"]["V"] = w.tensor(sk.V)
+            rec["sketch"]["append_identity"] = bool(getattr(sk, "append_identity", False))
         if comp.state is not None:
             rec["state"] = {k: w.tensor(v) for k, v in comp.state.items()}
         if isinstance(comp.feats, GradientStore):
@@ -310,8 +312,15 @@ def _rebuild_sketch(rd: _Reader, srec: Any, task: Any, d: int, where: str, path:
             raise _fail(path, f"{where}: an identity sketch needs features of width {N}, the features have {d}")
         sk: Any = IdentitySketch(N)
     elif "V" in srec:
-        V = rd.tensor(srec["V"], f"{where}.V", (N, d), (torch.float32, torch.float64, torch.float16, torch.bfloat16))
-        sk = ProjectionSketch(V.to(device=task.device, dtype=task.dtype), tag=str(kind))
+        append = srec.get("append_identity", False) is True  # features [Vᵀg, g]: V is [N, d − N]
+        k = d - N if append else d
+        if k < 1:
+            raise _fail(path, f"{where}: a projection with append_identity={append} needs d > {N if append else 0}, "
+                              f"got d = {d}")
+        V = rd.tensor(srec["V"], f"{where}.V", (N, k), (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+        V = V.to(device=task.device, dtype=task.dtype)
+        make: Any = ProjectionSketch  # append_identity: the lead's Arnoldi tail (features [Vᵀg, g])
+        sk = make(V, tag=str(kind), append_identity=True) if append else make(V, tag=str(kind))
     else:
         if not isinstance(spec.get("d"), int) or spec["d"] != d:
             raise _fail(path, f"{where}.spec: expected d = {d} (the features' width), got {spec.get('d')!r}")
@@ -337,10 +346,15 @@ def _rebuild_kernel(rd: _Reader, krec: Any, d: int, n_train: int, kfac_op: Any, 
     if typ == "identity":
         return None
     if typ == "eigen":
+        shift = krec.get("shift", 0.0)
+        if isinstance(shift, bool) or not isinstance(shift, int | float) or not math.isfinite(shift):
+            raise _fail(path, f"{where}.shift: expected a finite number, got {shift!r}")
+        kw = {"shift": float(shift)} if shift else {}  # M = V diag(w) Vᵀ + shift·I (Arnoldi's tail)
+        eig: Any = EigenOperator
         if krec.get("V") is None:
-            return EigenOperator(rd.tensor(krec.get("w"), f"{where}.w", (d,), f64))
+            return eig(rd.tensor(krec.get("w"), f"{where}.w", (d,), f64), **kw)
         V = rd.tensor(krec["V"], f"{where}.V", (d, None), f64)
-        return EigenOperator(rd.tensor(krec.get("w"), f"{where}.w", (V.shape[1],), f64), V)
+        return eig(rd.tensor(krec.get("w"), f"{where}.w", (V.shape[1],), f64), V, **kw)
     if typ == "cholesky":
         return CholeskyInverse(rd.tensor(krec.get("L"), f"{where}.L", (d, d), f64))
     if typ == "dense":
