@@ -41,7 +41,9 @@ def tokens(n_batches=2, size=3, seed=1):
 
 
 def attributor(task):
-    return gradsketch.Attributor(task, "trak", sketch={"kind": "sjlt", "d": 32, "seed": 0})
+    # the model-parallel path is the explicit one (mode="auto" picks it for the sharded model; the unsharded
+    # reference must use the same block sketch)
+    return gradsketch.Attributor(task, "trak", sketch={"kind": "sjlt", "d": 32, "seed": 0}, mode="explicit")
 
 
 def small_mlp():

@@ -351,6 +351,10 @@ class Attributor:
             return "explicit", f"the sketch is a {type(sketch).__name__} (the factored path builds its own from a dict)"
         if not type(self).auto_factored:
             return "explicit", f"{self.method} also sketches its curvature, with the explicit block sketch"
+        from ..gradients.model_parallel import is_model_sharded
+
+        if is_model_sharded(task):
+            return "explicit", "the model is sharded (FSDP2): its gradients take the model-parallel explicit path"
         N = int(task.n_params)
         if N < AUTO_FACTORED_MIN_PARAMS:
             return "explicit", f"{N} parameters, below {AUTO_FACTORED_MIN_PARAMS} where the factored path pays"
