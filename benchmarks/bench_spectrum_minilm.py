@@ -153,7 +153,7 @@ def main() -> None:
             lam_ref = np.array(r[ref_key]["eigenvalues"])
             for kind in args.kinds:
                 for lg in args.dims:
-                    sk = f"{op}_{kind}_2^{lg}"
+                    sk = f"{op}_{kind}_2^{lg}_it{args.arnoldi_iters}"
                     if sk in r:
                         continue
                     t1 = time.perf_counter()
