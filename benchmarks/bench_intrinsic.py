@@ -1,12 +1,16 @@
 """Wall time and peak memory per training step: MiniLM in a d = 2^14 subspace vs plain fine-tuning.
 
     python benchmarks/bench_intrinsic.py [--kinds qk,affd] [--d 16384] [--batch 32] [--seq 32] [--steps 3]
+        [--mmap-threshold BYTES]
 
 Each configuration runs in its own subprocess (so peak RSS is per configuration): load the model, one warm-up
 step, then ``--steps`` timed Adam steps (forward + backward + update) on Rotten Tomatoes batches. Memory:
 peak RSS of the process (ru_maxrss) and the increase of peak RSS over the RSS right after the model (and
 sketch) were built, i.e. what training itself adds. Prints one line per configuration and the ratios
-subspace/full measured in this run.
+subspace/full measured in this run. glibc keeps freed blocks below its (dynamic, up to 32 MiB) mmap
+threshold in the heap, so peak RSS also counts fragmentation and varies by ~±100 MB between identical runs;
+``--mmap-threshold B`` sets MALLOC_MMAP_THRESHOLD_=B in the workers' environment (every block ≥ B is
+mmapped and returned on free), which makes peak RSS track the live tensors (same setting for every config).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mmap-threshold", type=int, default=None)
     ap.add_argument("--worker", default=None)
     a = ap.parse_args()
     if a.worker:
@@ -84,14 +89,18 @@ def main() -> None:
     for c in confs:
         cmd = [sys.executable, __file__, "--worker", c, "--d", str(a.d), "--batch", str(a.batch), "--seq",
                str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        env = dict(os.environ)
+        if a.mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
         r = json.loads(out)
         res.append(r)
         print(f"{r['mode']:9s} {r['kind']:5s} step {r['step_s']:.3f}s  peak RSS {r['peak_rss_mb']:.0f} MB  "
               f"training adds {r['train_extra_mb']:.0f} MB  build {r['build_s']:.1f}s  trainable {r['trainable']}",
               flush=True)
     full = res[0]
-    print(f"\nMiniLM-L6 (22.7M params + head), batch {a.batch}, seq {a.seq}, d = {a.d}, {a.threads} threads")
+    print(f"\nMiniLM-L6 (22.7M params + head), batch {a.batch}, seq {a.seq}, d = {a.d}, {a.threads} threads, "
+          f"MALLOC_MMAP_THRESHOLD_ {a.mmap_threshold or 'unset (glibc default)'}")
     print("| config | step (s) | time ratio | peak RSS (MB) | peak ratio | training adds (MB) |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in res:

@@ -159,25 +159,32 @@ class SubspaceModel(nn.Module):
         return out
 
     # -- the map ω -> θ ------------------------------------------------------------------------
+    def _coords(self) -> Tensor:
+        w = self.omega * self.omega_mask if self._active < self.d else self.omega
+        return w * self.scale
+
     def deltas(self) -> dict[str, Tensor]:
         """θ − θ0 per selected tensor: c·(Φᵀ(m ⊙ ω))_i (times λ_i for SAID), shaped like the parameters."""
-        w = self.omega * self.omega_mask if self._active < self.d else self.omega
-        parts = self.sketch.T(w * self.scale)
-        assert isinstance(parts, dict)
         named = dict(self.model.named_parameters())
+        parts = _AdjointFn.apply(self._coords(), self.sketch, [named[k].detach() for k in self.param_names], False)
         out = {}
-        for i, k in enumerate(self.param_names):
-            p0 = named[k]
-            delta = parts[k].reshape(p0.shape).to(p0.dtype)
+        for i, (k, delta) in enumerate(zip(self.param_names, parts)):
             if self.said_lambda is not None:
-                delta = delta * self.said_lambda[i].to(p0.dtype)
+                delta = delta * self.said_lambda[i].to(delta.dtype)
             out[k] = delta
         return out
 
     def current_params(self) -> dict[str, Tensor]:
-        """θ0 + Δθ for the selected tensors (differentiable in ω and λ only; θ0 is a constant)."""
+        """θ0 + Δθ for the selected tensors (differentiable in ω and λ only; θ0 is a constant).
+
+        Without SAID this is one fused step (:class:`_AdjointFn`): θ_i = θ0_i + c·(Φᵀw)_i is written group by
+        group into fresh tensors, so besides θ0 and θ only one sketch group's padded buffer is alive at a
+        time, and nothing of the padded length is kept for backward (Φ is applied to ∂L/∂θ there)."""
         named = dict(self.model.named_parameters())
-        return {k: named[k].detach() + v for k, v in self.deltas().items()}
+        if self.said_lambda is not None:
+            return {k: named[k].detach() + v for k, v in self.deltas().items()}
+        base = [named[k].detach() for k in self.param_names]
+        return dict(zip(self.param_names, _AdjointFn.apply(self._coords(), self.sketch, base, True)))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         params = {k: p.detach() for k, p in self.model.named_parameters()}
@@ -221,6 +228,51 @@ class SubspaceModel(nn.Module):
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, d={self.d}, n={self.n}, tensors={len(self.param_names)}, said={self.said}, "
                 f"active_dim={self._active}, n_trainable={self.n_trainable}")
+
+
+def _adjoint_parts(sketch: BlockSketch, y: Tensor, base: list[Tensor], add_base: bool) -> list[Tensor]:
+    """Per selected tensor i: (Φᵀy)_i (+ base_i), shaped and typed like base_i, computed one sketch group at a
+    time (the group's padded Φᵀ buffer is released before the next group starts)."""
+    out: list[Tensor | None] = [None] * len(base)
+    for g, S in zip(sketch.groups, sketch.sketches):
+        z = S.T(y)
+        for i, piece in zip(g, torch.split(z, [sketch.sizes[i] for i in g], dim=-1)):
+            b = base[i]
+            piece = piece.reshape(b.shape)
+            out[i] = piece.to(b.dtype) + b if add_base else piece.to(b.dtype, copy=True)
+        del z
+    return out  # type: ignore[return-value]
+
+
+class _AdjointFn(torch.autograd.Function):
+    """(θ0_i + (Φᵀy)_i)_i (``add_base``) or ((Φᵀy)_i)_i for a :class:`BlockSketch` Φ, without autograd records
+    inside: Φᵀ is linear, so its vector-Jacobian product is Φ, applied in backward to the incoming
+    ∂L/∂θ_i (the sketch's no-autograd fast path when no higher-order graph is asked for; differentiable
+    torch ops under ``create_graph``). Forward-mode: the tangent is Φᵀ applied to y's tangent."""
+
+    @staticmethod
+    def forward(y, sketch, base, add_base):  # type: ignore[no-untyped-def,override]
+        with torch.no_grad():
+            return tuple(_adjoint_parts(sketch, y, base, add_base))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def,override]
+        y, sketch, base, _add = inputs
+        ctx.sketch, ctx.y_dtype = sketch, y.dtype
+        # shape/dtype stand-ins for jvp (stride-0 views of one scalar: no memory)
+        ctx.like = [torch.zeros((), dtype=b.dtype, device=b.device).expand(b.shape) for b in base]
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[no-untyped-def,override]
+        sk = ctx.sketch
+        gy = sk([g.reshape(-1) for g in grads] if sk.names is None else dict(zip(sk.names, grads)),
+                out_dtype=ctx.y_dtype)
+        return gy, None, None, None
+
+    @staticmethod
+    def jvp(ctx, ty, *_):  # type: ignore[no-untyped-def,override]
+        with torch.no_grad():
+            return tuple(_adjoint_parts(ctx.sketch, ty, ctx.like, False))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

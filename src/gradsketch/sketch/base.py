@@ -190,6 +190,23 @@ class Sketch(SketchOperator):
         return FAST_MIN_ELEMS
 
     _forward_fast: Callable[[Tensor], Tensor] | None = None  # optional: (x [M, n] contiguous, no autograd) -> [M, d]
+    #: optional: (y [M, d], no autograd) -> [M, n], the adjoint with in-place steps on fresh buffers only
+    _adjoint_fast: Callable[[Tensor], Tensor] | None = None
+
+    def _adjoint_fast_ok(self, y: Tensor) -> bool:
+        """The adjoint's no-autograd path applies: the kind has one and nothing records ``y``."""
+        if self._adjoint_fast is None:
+            return False
+        if torch.is_grad_enabled() and y.requires_grad:
+            return False
+        try:
+            if torch._C._functorch.is_functorch_wrapped_tensor(y):
+                return False
+            if torch.autograd.forward_ad._current_level >= 0:
+                return False
+        except AttributeError:  # pragma: no cover - private API moved: be conservative
+            return False
+        return True
 
     def _chunked(self, x: Tensor, width: int, fn) -> Tensor:
         """Run ``fn(x_chunk, bufs) -> [rows, d]`` over row chunks of ``x`` with two reused scratch
@@ -259,7 +276,13 @@ class Sketch(SketchOperator):
                       ) -> Tensor:
         """Φᵀy, the exact adjoint: ``[..., d] -> [..., n]`` (called as ``S.T(y)``)."""
         y2, lead, _ = self._prepare(y, self.d, "y")
-        x = self._adjoint(y2) if y2.shape[0] else y2.new_zeros(0, self.n)
+        if not y2.shape[0]:
+            x = y2.new_zeros(0, self.n)
+        elif self._adjoint_fast_ok(y2):
+            assert self._adjoint_fast is not None  # _adjoint_fast_ok checked it
+            x = self._adjoint_fast(y2)
+        else:
+            x = self._adjoint(y2)
         return self._finish(x, y2, lead, self.n, out_dtype or y.dtype, nan_policy, "y")
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> Tensor:
