@@ -438,8 +438,8 @@ class _StructuredBase(Sketch):
     _rscale: list[float | None] = []
 
     def _signs_for(self, x: Tensor) -> Tensor:
-        """The ±1 signs for the no-autograd paths: on the CPU the stored int8 vector itself (torch.mul with
-        out= / mul_ convert on the fly), so no n_pad-long float copy is cached; elsewhere the float copy."""
+        """The ±1 signs: on the CPU the stored int8 vector itself (a float·int8 product promotes to the float
+        dtype, with or without autograd), so no n_pad-long float copy is cached; elsewhere the float copy."""
         return self._bufs["B"] if x.device.type == "cpu" else self._buf("B", x.dtype)
 
     def _store_rmats(self, mats: list[Tensor], signs_only: bool) -> None:
@@ -591,7 +591,7 @@ class AFFDSketch(_StructuredBase):
     def _forward(self, x: Tensor) -> Tensor:
         u = _pad(x, self.n_pad)
         if self.pre.needs_signs:
-            u = u * self._buf("B", x.dtype)
+            u = u * self._signs_for(x)
         u = self.pre.apply(u, self._pmats(x.dtype))
         gs = self._buf("G", x.dtype) * self.scale
         if self._native_r is not None:
@@ -651,7 +651,7 @@ class AFFDSketch(_StructuredBase):
             d_pad = math.prod(int(m.shape[0]) for m in mats)
             u = self._native_r.apply_t(self, _pad(y, d_pad), mats, self._buf("G", y.dtype) * self.scale)
             u = self.pre.apply_t(u, self._pmats(y.dtype))
-            return (u * self._buf("B", y.dtype) if self.pre.needs_signs else u)[:, : self.n]
+            return (u * self._signs_for(y) if self.pre.needs_signs else u)[:, : self.n]
         else:
             mats = self._rmats(y.dtype)
             d_pad = math.prod(int(m.shape[0]) for m in mats)
@@ -659,7 +659,7 @@ class AFFDSketch(_StructuredBase):
         u = u * (self._buf("G", y.dtype) * self.scale)
         u = self.pre.apply_t(u, self._pmats(y.dtype))
         if self.pre.needs_signs:
-            u = u * self._buf("B", y.dtype)
+            u = u * self._signs_for(y)
         return u[:, : self.n]
 
 
@@ -789,7 +789,9 @@ class FFDSketch(_StructuredBase):
         self._bufs["B"] = _signs(self.n_pad, g).view(nb, L)
         G = torch.randn(nb, L, generator=g)
         self._bufs["G"] = G
-        self._bufs["perm"] = torch.stack([torch.randperm(L, generator=g) for _ in range(nb)]).to(torch.int32) \
+        # the per-block permutations as int16 when L fits (half the memory of int32; the maps use .long())
+        pdt = torch.int16 if L <= 2**15 else torch.int32
+        self._bufs["perm"] = torch.stack([torch.randperm(L, generator=g) for _ in range(nb)]).to(pdt) \
             if nb * L <= 2**28 else torch.empty(0)
         chi_draws = chi(L, (nb, L), generator(self.seed, "ffd-chi"))  # all randomness from torch generators
         self._bufs["S"] = chi_draws.to(torch.float32) / G.norm(dim=1, keepdim=True)
