@@ -61,7 +61,8 @@ def main() -> None:
     def metric(model, data):  # type: ignore[no-untyped-def]
         v = accuracy(model, data)
         calls["n"] += 1
-        print(json.dumps({"eval": calls["n"], "t": round(time.time() - t0, 1), "metric": v}), flush=True)
+        d = getattr(model, "active_dim", None)
+        print(json.dumps({"eval": calls["n"], "t": round(time.time() - t0, 1), "d": d, "metric": v}), flush=True)
         return v
 
     full = a.full_metric
