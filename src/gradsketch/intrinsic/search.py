@@ -232,7 +232,8 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval
         a number, or ``"binomial"`` (√(p(1−p)/n) with n the number of evaluation examples, counted from
         ``eval_data``; for accuracy-like metrics).
     grid : dimensions for ``method="grid"`` (default powers of 2 from ``d_start`` to ``d_max``).
-    confirm : one-run only; train a fresh subspace of d = D*/2 for ``confirm_steps`` (default ``steps``).
+    confirm : one-run only; train a fresh subspace of d = D*/2 for ``confirm_steps`` (default: the steps
+        the search itself took to reach τ at D*, so the half-size run gets the same budget).
     stop_at_threshold : end each run as soon as τ is reached (faster; the grid curve is then truncated).
     Returns an :class:`IntrinsicDimResult`; when τ is never reached, ``estimate`` is None and the report
     reads D_int > d_max (or > the last d tried). A non-finite loss stops the run concerned; the result
@@ -403,7 +404,7 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module], train_data: Any, eval
     if confirm and res.estimate is not None and res.estimate >= 2:
         dc = res.estimate // 2
         smc = make(dc)
-        hc = train(smc, train_data, eval_fn, steps=confirm_steps or steps, eval_every=eval_every,
+        hc = train(smc, train_data, eval_fn, steps=confirm_steps or max(1, hist.steps), eval_every=eval_every,
                    callback=lambda s, r, m: r["metric"] >= tau, desc=f"confirm d={dc}", **common)
         best = hc.best_metric
         res.confirm = {"d": dc, "metric": best, "reached": bool(best >= tau), "steps": hc.steps}
