@@ -65,9 +65,10 @@ def test_errors():
 def test_false_plateau_rate_at_most_alpha(noise):
     """Curve rising by exactly δ per evaluation plus N(0, 0.03²) noise (six times δ, like accuracy on 256
     examples), windows of 5..10: each call must declare a plateau with probability ≤ α = 0.1 (Bonferroni
-    makes it ≤; simulated 0.066 with σ measured, 0.059 with σ given, R = 5,000). Over R = 2000 seeded curves the count is ≤ αR + 4·√(α(1−α)R) = 254,
-    which a true rate of α exceeds with probability < 1e-4 (binomial tail); the literal one-step rule
-    m_k − m_{k−1} < δ on the same curves errs with probability Φ(0) = 1/2."""
+    makes it ≤; simulated 0.066 with σ measured, 0.059 with σ given, R = 5,000). Over R = 2000 seeded
+    curves the count is ≤ αR + 4·√(α(1−α)R) = 254, which a true rate of α exceeds with probability
+    < 1e-4 (binomial tail); the literal one-step rule m_k − m_{k−1} < δ
+    on the same curves errs with probability Φ(0) = 1/2."""
     g = torch.Generator().manual_seed(7)
     reps, alpha, fires, step_fires = 2000, 0.1, 0, 0
     j = torch.arange(10, dtype=torch.float64)
