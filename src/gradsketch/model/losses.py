@@ -132,6 +132,17 @@ def classifier_loss(input_key: Any = 0, target_key: Any = 1, loss: str = "cross_
     return loss_fn
 
 
+
+def _causal_lm_forward(model: Any, batch: Any) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(input_ids, attention_mask or None, logits [B, T, V])`` of a transformers causal LM (or a callable
+    returning logits) on a dict batch, passing ``position_ids`` when the batch has them."""
+    ids = _get(batch, "input_ids", "batch")
+    mask = batch.get("attention_mask") if hasattr(batch, "get") else None
+    pos = batch.get("position_ids") if hasattr(batch, "get") else None
+    kw = {} if pos is None else {"position_ids": pos}
+    out = model(input_ids=ids, attention_mask=mask, **kw)
+    return ids, mask, (out.logits if hasattr(out, "logits") else out)
+
 def causal_lm_loss(reduction: str = "mean") -> Callable[[torch.nn.Module, Any], Tensor]:
     """``loss_fn(model, batch)`` for a transformers causal LM and a batch dict with ``input_ids`` and
     (optionally) ``attention_mask`` and ``position_ids``: :func:`causal_lm_per_example` of
@@ -141,12 +152,7 @@ def causal_lm_loss(reduction: str = "mean") -> Callable[[torch.nn.Module, Any], 
     _check_reduction(reduction)
 
     def loss_fn(model: torch.nn.Module, batch: Any) -> Tensor:
-        ids = _get(batch, "input_ids", "batch")
-        mask = batch.get("attention_mask") if hasattr(batch, "get") else None
-        pos = batch.get("position_ids") if hasattr(batch, "get") else None
-        kw = {} if pos is None else {"position_ids": pos}
-        out = model(input_ids=ids, attention_mask=mask, **kw)
-        logits = out.logits if hasattr(out, "logits") else out
+        ids, mask, logits = _causal_lm_forward(model, batch)
         return causal_lm_per_example(logits, ids, mask, reduction=reduction)
 
     return loss_fn
@@ -166,12 +172,7 @@ def causal_lm_token_losses() -> Callable[[torch.nn.Module, Any], Tensor]:
     """
 
     def token_loss(model: Any, batch: Any) -> Tensor:
-        ids = _get(batch, "input_ids", "batch")
-        mask = batch.get("attention_mask") if hasattr(batch, "get") else None
-        pos = batch.get("position_ids") if hasattr(batch, "get") else None
-        kw = {} if pos is None else {"position_ids": pos}
-        out = model(input_ids=ids, attention_mask=mask, **kw)
-        logits = out.logits if hasattr(out, "logits") else out
+        ids, mask, logits = _causal_lm_forward(model, batch)
         lp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), -1)
         nll = -lp.gather(-1, ids[:, 1:, None])[..., 0]
         if mask is None:

@@ -102,6 +102,21 @@ class BlockSketchOperator(SketchOperator):
         return torch.cat([p.reshape(W.shape[1], -1) for p in seq], dim=-1).T
 
 
+
+def _unrecorded(x: Tensor) -> bool:
+    """Nothing records ``x``: no autograd graph, no torch.func transform, no forward-mode dual (the condition of
+    the sketches' in-place fast paths)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    try:
+        if torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return False
+        if torch.autograd.forward_ad._current_level >= 0:
+            return False
+    except AttributeError:  # pragma: no cover - private API moved: be conservative
+        return False
+    return True
+
 class Sketch(SketchOperator):
     """A random linear map Φ: Rⁿ → Rᵈ with E‖Φx‖² = ‖x‖², fixed by its spec, never stored as a d×n matrix.
 
@@ -174,16 +189,7 @@ class Sketch(SketchOperator):
         no torch.func transform, no forward-mode dual)."""
         if self._forward_fast is None or x.numel() < self._fast_min_elems():
             return False
-        if torch.is_grad_enabled() and x.requires_grad:
-            return False
-        try:
-            if torch._C._functorch.is_functorch_wrapped_tensor(x):
-                return False
-            if torch.autograd.forward_ad._current_level >= 0:
-                return False
-        except AttributeError:  # pragma: no cover - private API moved: be conservative
-            return False
-        return True
+        return _unrecorded(x)
 
     def _fast_min_elems(self) -> int:
         """Inputs with fewer elements take the plain path (the fast path's set-up would not pay off)."""
@@ -197,16 +203,7 @@ class Sketch(SketchOperator):
         """The adjoint's no-autograd path applies: the kind has one and nothing records ``y``."""
         if self._adjoint_fast is None:
             return False
-        if torch.is_grad_enabled() and y.requires_grad:
-            return False
-        try:
-            if torch._C._functorch.is_functorch_wrapped_tensor(y):
-                return False
-            if torch.autograd.forward_ad._current_level >= 0:
-                return False
-        except AttributeError:  # pragma: no cover - private API moved: be conservative
-            return False
-        return True
+        return _unrecorded(y)
 
     def _chunked(self, x: Tensor, width: int, fn) -> Tensor:
         """Run ``fn(x_chunk, bufs) -> [rows, d]`` over row chunks of ``x`` with two reused scratch
