@@ -7,7 +7,10 @@ Imported by the test modules (``from _helpers import ...``); no tests here, and 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -178,3 +181,24 @@ def count_featurised_rows(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(_features, "_rows", counting)
     return seen
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the block (oversubscribed threads on the 2 shared cores make tiny
+    products ~50-100x slower), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def spawn_ranks(worker: Callable, where: Path, world: int) -> list:
+    """Run ``worker(rank, init_file, out_dir)`` on ``world`` spawned processes and load each rank's ``<rank>.pt``
+    result (weights-only)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(str(where / "init"), str(where)), nprocs=world, join=True)
+    return [torch.load(where / f"{r}.pt", weights_only=True) for r in range(world)]

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _helpers import spawn_ranks
 from torch import nn
 
 import gradsketch
@@ -122,9 +123,7 @@ def intrinsic_run():
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
-    return [torch.load(d / f"{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("dist"), WORLD)
 
 
 def test_sharded_curvature_equals_one_process(two_ranks):

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _helpers import single_thread, spawn_ranks
 from torch import nn
 
 import gradsketch
@@ -104,17 +104,13 @@ def _worker(rank, init_file, out_dir):
 @pytest.fixture(autouse=True)
 def one_thread():
     """The references run on one thread (two OpenMP threads on a loaded 2-core machine spin-wait ~50x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mp")
-    mp.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
-    return [torch.load(d / f"{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("mp"), WORLD)
 
 
 def test_fsdp2_sketched_rows_equal_the_unsharded_ones(two_ranks):

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _helpers import exact_eigh, exact_matrix, tiny_data, tiny_model, tiny_task
+from _helpers import exact_eigh, exact_matrix, single_thread, tiny_data, tiny_model, tiny_task
 
 from gradsketch.linalg import MatrixOperator
 from gradsketch.model import Task
@@ -30,10 +30,8 @@ from gradsketch.spectrum import (
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # 2 shared cores: oversubscribed intra-op threads make tiny HVPs ~100x slower
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
