@@ -59,7 +59,8 @@ cat "$OUT/env.txt"
 if [ "$SKIP_TESTS" = 0 ]; then
   # every test that needs CUDA (the names say cuda or gpu), plus the interpreter check of the kernels
   timeout "$T_TESTS" "$PY" -m pytest -q -rs -p no:cacheprovider -o addopts="" -m "not slow" \
-    tests/test_sketch_triton.py tests/test_sketch.py tests/test_linalg_common.py \
+    tests/test_sketch_triton.py tests/test_sketch.py tests/test_linalg_common.py tests/test_optim.py \
+    tests/test_linalg_frequent_directions.py \
     -k "cuda or gpu or interpreter" 2>&1 | tee "$OUT/tests.txt"
   echo "tests: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/tests.txt"
 fi

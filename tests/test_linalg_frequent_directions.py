@@ -1,6 +1,8 @@
 """Frequent Directions: the covariance guarantees on random and planted streams, decay, merging, float32,
 one SVD per block, the low-rank-plus-tail inverse root, state round trip, bad input."""
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -217,3 +219,24 @@ def test_errors():
         low_rank_inverse_root(torch.zeros(3, 1), torch.zeros(1), 0.0, torch.ones(3), 2)
     with pytest.raises(RuntimeError, match="init_process_group"):
         fd.all_merge()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_sketch_equals_cpu_sketch(dtype):
+    """The FD sketch built on CUDA from the same blocks of rows keeps the guarantee and matches the CPU
+    sketch's Gram matrix (the sketch itself is unique only up to rotation)."""
+    A = planted_stream().to(dtype)
+    cpu, gpu = FrequentDirections(10, A.shape[1], dtype=dtype), FrequentDirections(10, A.shape[1], dtype=dtype,
+                                                                                 device="cuda")
+    for i in range(0, A.shape[0], 37):
+        cpu.update(A[i: i + 37])
+        gpu.update(A[i: i + 37].cuda())
+    assert gpu.sketch.device.type == "cuda"
+    G_cpu, G_gpu = cpu.sketch.T @ cpu.sketch, (gpu.sketch.T @ gpu.sketch).cpu()
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    assert float((G_cpu - G_gpu).abs().max()) <= tol * float(G_cpu.abs().max())
+    assert gpu.escaped_mass == pytest.approx(cpu.escaped_mass, rel=tol, abs=tol * float(G_cpu.abs().max()))
+    on_host = types.SimpleNamespace(sketch=gpu.sketch.cpu().double(), ell=gpu.ell, d=gpu.d,
+                                    escaped_mass=gpu.escaped_mass)
+    check_guarantee(on_host, A.double(), rtol=1e-9 if dtype == torch.float64 else 1e-4)

@@ -236,6 +236,48 @@ def test_state_dict_round_trip_mid_training(opt_cls, extra):
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters()))
 
 
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("opt_cls,extra", [(Shampoo, {}), (Sketchy, {"rank": 3}), (Sketchy, {"rank": 8})])
+def test_cuda_steps_equal_cpu_steps_and_state_moves_between_devices(opt_cls, extra):
+    """The same float64 run on CPU and CUDA takes the same steps (to eigh's rounding), keeps its state on
+    the parameter's device, and a CPU state_dict loaded into a CUDA optimiser continues identically."""
+    torch.manual_seed(0)
+    base = Net()
+    a, b = copy.deepcopy(base), copy.deepcopy(base).cuda()
+    kw = {**KW, "update_freq": 2}
+    oa, ob = opt_cls(a.parameters(), **kw, **extra), opt_cls(b.parameters(), **kw, **extra)
+    data = list(batches(12, seed=2))
+    for img, tok, y in data[:6]:
+        train(a, oa, [(img, tok, y)])
+        train(b, ob, [(img.cuda(), tok.cuda(), y.cuda())])
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb.cpu(), atol=1e-9, rtol=0)
+    tensors = [v for st in ob.state.values() for v in _state_tensors(st)]
+    assert tensors and all(v.device.type == "cuda" for v in tensors if v.dim() > 0)
+    c = copy.deepcopy(a).cuda()
+    oc = opt_cls(c.parameters(), **kw, **extra)
+    oc.load_state_dict(copy.deepcopy(oa.state_dict()))
+    for img, tok, y in data[6:]:
+        train(a, oa, [(img, tok, y)])
+        train(c, oc, [(img.cuda(), tok.cuda(), y.cuda())])
+    for pa, pc in zip(a.parameters(), c.parameters()):
+        assert torch.allclose(pa, pc.cpu(), atol=1e-9, rtol=0)
+
+
+def _state_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _state_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _state_tensors(v)
+
 def test_float32_and_escaped_mass():
     torch.manual_seed(5)
     m = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 3))
