@@ -239,7 +239,8 @@ class Attributor:
         trak: ``margin_fn`` (model, batch) -> [B] output function (see :func:`classification_margin`),
         ``ridge`` (λ = ridge · tr(ΦᵀΦ) / min(n_train, d); default 1.0).
         Influence-type methods share one damping rule, kernel (|K| + δI)⁻¹ (:mod:`.damping`).
-        arnoldi: ``n_iters`` (200, the Krylov dimension at most), ``top_k`` (50 with the tail, 100 without),
+        arnoldi: ``n_iters`` (the Krylov dimension at most; default 2·top_k rounded to the block size),
+        ``top_k`` (50 with the tail, 100 without), ``krylov_start`` ("gradients" | "random"),
         ``tail`` ("auto"), ``curvature`` ("auto" | "hessian" | "ggn"), ``hessian_data`` (batches for the HVPs,
         default the training data),
         ``hessian_subsample`` (None | examples | fraction), ``block_size`` (Krylov vectors per data pass), ``tol``

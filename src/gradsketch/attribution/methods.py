@@ -185,6 +185,75 @@ class TRAK(Attributor):
         return torch.cat(out)
 
 
+BLOCK_ACTIVATION_FLOATS = 1 << 23  # activation floats one chunk of a vectorised block product may hold
+
+
+def activation_floats(task: Any, batch: Any, rows: int = 8) -> float:
+    """Floats one example's forward pass keeps for the backward (the tensors autograd saves, parameters
+    excluded), counted on at most ``rows`` examples of ``batch``: the memory a vectorised curvature product
+    holds per example and column."""
+    from ..model._batch import SplitBatch
+
+    split = SplitBatch(batch, task.device)
+    _, piece = next(split.chunks(min(split.size, rows)))
+    p = {k: v.detach().requires_grad_(True) for k, v in task.params_dict().items()}
+    params = {t.data_ptr() for t in p.values()}
+    saved: dict[tuple[int, tuple[int, ...]], int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        if t.data_ptr() not in params:
+            saved[(t.data_ptr(), tuple(t.shape))] = t.numel()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        task.call(task.loss_fn, p, piece.rebuild())
+    return sum(saved.values()) / piece.size
+
+
+def block_batch_columns(task: Any, batch: Any) -> int:
+    """``max_batch_columns`` of the block curvature products (examples × columns per vectorised chunk): as many
+    as keep the chunk's activations within ``BLOCK_ACTIVATION_FLOATS`` (2^23), at least 4,096 (the best on a
+    small CNN, 2,300 activation floats per example) and at most 65,536. On the digits MLP (170 per example)
+    that is about 49,000, and a GGN column over 1,000 examples costs 0.75 ms of CPU instead of 1.5 ms at
+    4,096 (benchmarks/results/arnoldi_speed.md, session 7)."""
+    per = activation_floats(task, batch)
+    return int(min(1 << 16, max(4096, BLOCK_ACTIVATION_FLOATS // max(per, 1.0))))
+
+
+def gradient_start(task: Any, data: Iterable, columns: int, seed: Any, max_batch_columns: int | None = None
+                   ) -> Tensor:
+    """``Γᵀ R [N, columns]``: random combinations of the per-example loss gradients ``Γ [n, N]`` of ``data``
+    (``R [n, columns]`` standard Gaussian, drawn with ``seed``), one vjp per batch piece, vectorised over the
+    columns; the per-example gradients are never formed. A Krylov start block in the span of the gradients
+    that influence scores are made of (the range finder of randomized SVD, Halko, Martinsson & Tropp 2011,
+    applied to Γᵀ)."""
+    from torch.func import vjp, vmap
+
+    from ..linalg._validate import make_generator
+    from ..model._batch import SplitBatch
+
+    gen = make_generator(seed)
+    p0 = task.params_dict()
+    out: Tensor | None = None
+    for batch in data:
+        split = SplitBatch(batch, task.device)
+        R = torch.randn(split.size, columns, generator=gen, dtype=torch.float64).to(task.device, task.dtype)
+        rows = split.size if max_batch_columns is None else max(1, max_batch_columns // columns)
+        for s, piece in split.chunks(rows):
+            b = piece.rebuild()
+            Rp = R[s:s + piece.size]
+            with torch.no_grad():
+                _, back = vjp(lambda p, b=b, n=piece.size: task.losses_at(p, b, n), p0)  # type: ignore[misc]
+                try:
+                    part = vmap(lambda r: task.flatten(back(r)[0]), in_dims=1, out_dims=1)(Rp)
+                except (NotImplementedError, RuntimeError):  # a model without vmap rules: one column at a time
+                    part = torch.stack([task.flatten(back(Rp[:, j].contiguous())[0]) for j in range(columns)], 1)
+            out = part if out is None else out + part
+    if out is None:
+        raise ValueError("data: expected at least one batch for the Krylov start block, got none")
+    return out
+
+
 class _CurvatureMethod(Attributor):
     """Shared by the curvature-based methods: the Hessian or GGN operator of the mean training loss (on
     ``hessian_data``), sketched to ``S @ H @ S.T`` when the fit has a sketch, inverted by the one damping rule
@@ -203,18 +272,33 @@ class _CurvatureMethod(Attributor):
             return "ggn" if self._has_ggn() else "hessian"
         return c
 
-    def _curvature_op(self, data: Iterable, sketch: Any, block: bool = False) -> Any:
-        from ..curvature import GGNOperator, HessianOperator, sharded, sketched, subsample_data
+    def _curvature_data(self, data: Iterable, block: bool = False) -> tuple[Iterable, int | None]:
+        """The data of the curvature products (``hessian_data`` or ``data``, subsampled by
+        ``hessian_subsample``) and the ``max_batch_columns`` of block products (``None`` otherwise)."""
+        from ..curvature import subsample_data
+
+        hdata = self._opt("hessian_data", None) or data
+        sub = self._opt("hessian_subsample", None)
+        # block Krylov: vectorised products over the columns, batches cut to at least 4096 example-columns, more
+        # when the model's activations are small (block_batch_columns)
+        cols = block_batch_columns(self.task, next(iter(hdata))) if block else None
+        if sub is not None:
+            seed = self._opt("seed", 0)
+            # small activations: rebuild the subsample in batches as large as one vectorised chunk allows
+            width = max(1, int(self._opt("block_size", 1)))
+            rows = cols // width if cols is not None and cols > 4096 else None
+            hdata = subsample_data(hdata, sub, seed=seed if isinstance(seed, int) else 0, batch_size=rows)
+        return hdata, cols
+
+    def _curvature_op(self, data: Iterable, sketch: Any, block: bool = False,
+                      prepared: tuple[Iterable, int | None] | None = None) -> Any:
+        """The curvature operator over ``data`` (or over ``prepared``, a :meth:`_curvature_data` result),
+        sketched when the fit has a sketch."""
+        from ..curvature import GGNOperator, HessianOperator, sharded, sketched
         from ..linalg.distributed import is_distributed, rank_and_world
 
         curv = self._curvature()
-        hdata = self._opt("hessian_data", None) or data
-        sub = self._opt("hessian_subsample", None)
-        if sub is not None:
-            seed = self._opt("seed", 0)
-            hdata = subsample_data(hdata, sub, seed=seed if isinstance(seed, int) else 0)
-        # block Krylov: vectorised products over the columns, batches cut to 4096 example-columns
-        cols = 4096 if block else None
+        hdata, cols = prepared if prepared is not None else self._curvature_data(data, block)
         if is_distributed() and rank_and_world()[1] > 1:
             # under torch.distributed each rank takes its shard of the curvature data; products are all-reduced
             kw: dict[str, Any] = {"max_batch_columns": cols}
@@ -240,9 +324,10 @@ class ArnoldiInfluence(_CurvatureMethod):
     gradients, and the kernel carries the eigenvectors. On a large model, ``sketch=task.factored_sketch(d)``
     with ``mode="factored"`` brings the training gradients in through the factored path (per-layer Kronecker
     sketches; the per-example gradient is never formed), and the tail is then free. Eigenpairs are cached next
-    to the store. With ``block_size`` b > 1 (the default) the eigenpairs come from block Lanczos
-    (:func:`gradsketch.linalg.block_lanczos_eigs`, b vectors per pass over the Hessian data, stopped by the
-    residual test ``tol``); with b = 1 from Arnoldi + distill.
+    to the store. With ``block_size`` b > 1 (the default, 16) the eigenpairs come from block Lanczos
+    (:func:`gradsketch.linalg.block_lanczos_eigs`, b vectors per pass over the Hessian data, started from
+    random combinations of the per-example loss gradients (``krylov_start``), at most 1.5·top_k vectors,
+    stopped earlier by the residual test ``tol``); with b = 1 from Arnoldi + distill.
     After ``fit``: ``eigenvalues_`` ``[k]``; ``krylov_`` (dict: ``dim`` the Krylov dimension built,
     ``passes`` the passes over the Hessian data, ``stop``); ``tail_``: the weight t = 1/(|λ_k| + δ) of the
     complement of the kept eigenspace, or ``None`` when it is dropped (option ``tail``: the default keeps it
@@ -271,7 +356,19 @@ class ArnoldiInfluence(_CurvatureMethod):
     def top_k(self) -> int:
         """Eigenpairs kept: the option, or by default 50 with the tail and 100 without (validated LDS)."""
         k = self._opt("top_k", None)
-        return int(k) if k is not None else min(50 if self.uses_tail() else 100, int(self._opt("n_iters")))
+        if k is not None:
+            return int(k)
+        n = self._opt("n_iters", None)
+        return min(50 if self.uses_tail() else 100, int(n) if n is not None else 100)
+
+    def krylov_dim(self) -> int:
+        """The Krylov dimension (at most): the ``n_iters`` option, or by default 1.5·top_k rounded up to a
+        multiple of ``block_size`` (80 for the default 50 eigenpairs in blocks of 16; 160 for 100)."""
+        n = self._opt("n_iters", None)
+        if n is not None:
+            return int(n)
+        k, b = self.top_k(), max(1, int(self._opt("block_size", 1)))
+        return b * -(-(3 * k) // (2 * b))
 
     def feature_kind(self) -> str:
         if self.sketch is not None:
@@ -335,21 +432,33 @@ class ArnoldiInfluence(_CurvatureMethod):
         """Top-k eigenpairs of H (or ΦHΦᵀ) by Arnoldi + distill, cached next to the store."""
         from ..linalg import arnoldi, block_lanczos_eigs, distill
 
-        n_iters, top_k = int(self._opt("n_iters")), self.top_k()
+        n_iters, top_k = self.krylov_dim(), self.top_k()
         positive_only = bool(self._opt("positive_only"))
         seed = self._opt("seed")
         start = self._opt("start")
         block_size, tol = int(self._opt("block_size", 1)), self._opt("tol", None)
+        # the gradient start block (block Lanczos; with a sketch, its image Φ·Γᵀ R under start="parameter")
+        krylov_start = (self._opt("krylov_start", "random")
+                        if block_size > 1 and (self.sketch is None or start == "parameter") else "random")
         config = {"n_iters": n_iters, "top_k": top_k, "positive_only": positive_only, "seed": seed,
                   "curvature": self._curvature(), "sketch": sketch_spec(sketch),
                   "fingerprint": comp.fingerprint, "start": start if self.sketch is not None else None,
                   "block_size": block_size, "tol": tol if block_size > 1 else None,
-                  "hessian_subsample": self._opt("hessian_subsample", None)}
+                  "hessian_subsample": self._opt("hessian_subsample", None),
+                  "krylov_start": krylov_start}
 
         def compute():
-            op = self._curvature_op(data, sketch, block=block_size > 1)
+            prepared = self._curvature_data(data, block=block_size > 1)
+            op = self._curvature_op(data, sketch, block=block_size > 1, prepared=prepared)
             v0 = None
-            if self.sketch is not None and start == "parameter":
+            if krylov_start == "gradients":
+                from ..linalg._validate import work_dtype
+
+                # random combinations of the curvature data's loss gradients (of Φ times them with a sketch)
+                z = gradient_start(self.task, prepared[0], min(block_size, op.shape[0]), seed, prepared[1])
+                if bool(torch.isfinite(z).all()) and bool((z != 0).any()):  # else (all gradients 0): random
+                    v0 = (sketch @ z if self.sketch is not None else z).to(work_dtype(op))
+            elif self.sketch is not None and start == "parameter":
                 from ..linalg._validate import make_generator, random_probes, work_dtype
 
                 # the start block Φz_j of the Gaussian z_j ∈ R^N that the unsketched run starts from

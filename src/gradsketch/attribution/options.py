@@ -142,21 +142,26 @@ _CurvatureOptions = CurvatureOptions  # the name used before
 
 @dataclass
 class ArnoldiOptions(CurvatureOptions):
-    """Arnoldi influence (Schioppa et al. 2022): ``n_iters`` Krylov dimension (at most), ``top_k`` eigenpairs,
-    ``damping`` δ ≥ 0 in 1/(|λ_i| + δ) (the one damping rule, :mod:`gradsketch.attribution.damping`; default
-    3e-3), start vector ``seed`` and ``start`` rule, Krylov basis ``krylov_store``.
+    """Arnoldi influence (Schioppa et al. 2022): ``n_iters`` Krylov dimension (at most; ``None``, the default:
+    1.5·top_k rounded up to a multiple of ``block_size``, i.e. 80 for 50 eigenpairs in blocks of 16),
+    ``top_k`` eigenpairs, ``damping`` δ ≥ 0 in 1/(|λ_i| + δ) (the one damping rule,
+    :mod:`gradsketch.attribution.damping`; default 3e-3), start vector ``seed`` and ``start`` rule, Krylov
+    basis ``krylov_store``.
 
     ``block_size`` b: Krylov vectors per pass over the Hessian data (block Lanczos with full
     re-orthogonalisation, :func:`gradsketch.linalg.block_lanczos_eigs`; 1: single-vector Arnoldi + distill,
     the pre-issue-20 algorithm, which ``krylov_store="host"`` needs). ``tol``: stop once the top-k Ritz
     residuals are ≤ tol·|θ_max| (``None``: always build ``n_iters`` vectors; b > 1 only).
+    ``krylov_start`` (b > 1): ``"gradients"`` (the default) starts the Krylov space from b random combinations
+    Γᵀr_j of the per-example loss gradients of the Hessian data (one vectorised vjp pass; with a sketch and
+    ``start="parameter"``, from Φ·Γᵀr_j), the directions the influence scores are made of; ``"random"``: a
+    Gaussian block. With the gradient start a Krylov space of 1.5·top_k gives the LDS that a Gaussian start
+    needed 2.5·top_k for (digits MLP 0.70, benchmarks/results/arnoldi_speed.md, session 7).
     ``hessian_subsample``: a fixed random subset of the Hessian data (int: examples, all of them when there
     are fewer; float: fraction; ``None``: all of it), drawn with ``seed``. ``curvature``: ``"auto"`` (the
     default) is the GGN when the task declares ``output_fn``/``loss_on_output`` (``Task.from_classifier``),
-    else the Hessian. Defaults (block 32, tol 1e-3, GGN, at most 1,000 Hessian examples) from the issue-20
-    measurements, benchmarks/results/arnoldi_speed.md: same or higher LDS than the pre-issue-20 default
-    (``curvature="hessian", block_size=1, hessian_subsample=None``) at 2.6× (digits MLP) and 21× (CNN) less
-    fit time.
+    else the Hessian. Defaults (block 16, tol 1e-3, GGN, at most 1,000 Hessian examples, gradient start,
+    Krylov dimension 1.5·top_k) from the issue-20 measurements, benchmarks/results/arnoldi_speed.md.
 
     ``tail``: the complement of the top-k eigenspace. ``False`` drops it (the paper's estimator,
     ``Σ_{i≤k} p_i p_i /(|λ_i| + δ)``). ``True`` weights it by the smallest kept eigenvalue, the bound of every
@@ -169,17 +174,18 @@ class ArnoldiOptions(CurvatureOptions):
     Fashion-MNIST CNN (benchmarks/results/arnoldi_speed.md; with the tail, 100 collapses on the CNN, whose
     100th GGN eigenvalue is 6e-4, near δ, so the tail weight 1/(|λ_k| + δ) swamps the rest)."""
 
-    n_iters: int = 200
+    n_iters: int | None = None
     top_k: int | None = None
     positive_only: bool = False
     seed: Any = 0
     krylov_store: str = "device"
     start: str = "parameter"
     curvature: str = "auto"
-    block_size: int = 32
+    block_size: int = 16
     tol: float | None = 1e-3
     hessian_subsample: int | float | None = 1000
     tail: bool | str = "auto"
+    krylov_start: str = "gradients"
 
     def __post_init__(self) -> None:
         if self.tail not in (True, False, "auto"):
@@ -190,9 +196,10 @@ class ArnoldiOptions(CurvatureOptions):
         super().__post_init__()
         if auto:
             self.curvature = "auto"
-        self.n_iters = check_int(self.n_iters, "n_iters", minimum=1)
+        self.n_iters = check_int(self.n_iters, "n_iters", minimum=1, allow_none=True)
         self.top_k = check_int(self.top_k, "top_k", minimum=1, allow_none=True)
-        if self.top_k is not None and self.top_k > self.n_iters:
+        self.krylov_start = check_choice(self.krylov_start, "krylov_start", ("gradients", "random"))
+        if self.top_k is not None and self.n_iters is not None and self.top_k > self.n_iters:
             raise ValueError(f"top_k: expected 1 <= top_k <= n_iters = {self.n_iters}, got {self.top_k}")
         self.positive_only = check_bool(self.positive_only, "positive_only")
         if not isinstance(self.seed, torch.Generator):

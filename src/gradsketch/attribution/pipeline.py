@@ -32,8 +32,8 @@ class AttributeConfig:
         mode: auto (default: factored where it pays and the layers allow it, see ``Attributor``), explicit,
             implicit or factored per-example gradients.
         k: proponents/opponents kept per test example.
-        n_iters, top_k: Arnoldi iterations and eigenpairs kept (``method="arnoldi"``; top_k None: the
-            method's default, 50 with the tail and 100 without).
+        n_iters, top_k: Arnoldi Krylov dimension and eigenpairs kept (``method="arnoldi"``; None: the
+            method's defaults, top_k 50 with the tail and 100 without, n_iters 2·top_k rounded to the block).
         damping: δ of the one damping rule (|K| + δI)⁻¹ of every influence-type method (``None``: the default
             3e-3, :mod:`gradsketch.attribution.damping`), finite and ≥ 0.
         store: feature store directory (``None``: ``OUT/store``).
@@ -56,7 +56,7 @@ class AttributeConfig:
     seed: int = 0
     mode: str = "auto"
     k: int = 10
-    n_iters: int = 200
+    n_iters: int | None = None
     top_k: int | None = None
     damping: float | None = None
     store: str | None = None
@@ -76,7 +76,7 @@ class AttributeConfig:
         check_int(self.d, "d", minimum=0)
         check_int(self.seed, "seed", minimum=0)
         check_int(self.k, "k", minimum=1)
-        check_int(self.n_iters, "n_iters", minimum=1)
+        check_int(self.n_iters, "n_iters", minimum=1, allow_none=True)
         check_int(self.top_k, "top_k", minimum=1, allow_none=True)
         self.damping = check_real(self.damping, "damping", minimum=0.0, allow_none=True)
         if self.store is not None and not isinstance(self.store, (str, Path)):

@@ -82,7 +82,8 @@ def _new_block(Q: Tensor, W: Tensor, nb: int, drop: float, gen: torch.Generator)
     value ``≤ drop`` (and any beyond ``c``) are deflated: replaced by random unit vectors orthogonal to ``Q``
     and to the kept ones, so that the basis keeps growing by ``nb`` (Saad §6.7)."""
     n = W.shape[0]
-    U, S, _ = torch.linalg.svd(W.to(torch.float64), full_matrices=False)
+    W64 = W.to(torch.float64)
+    U, S, _ = torch.linalg.svd(W64, full_matrices=False)
     r = min(nb, U.shape[1])
     kept = int((S[:r] > drop).sum())  # singular values are sorted: the kept ones come first
     P = torch.empty(n, nb, dtype=W.dtype, device=W.device)
@@ -97,7 +98,7 @@ def _new_block(Q: Tensor, W: Tensor, nb: int, drop: float, gen: torch.Generator)
     # at the level of eps·‖W‖/s; remove them from the new directions
     P, _ = _orth_block(Q, P)
     P = P / P.norm(dim=0, keepdim=True).clamp_min(torch.finfo(P.dtype).tiny)
-    R = P.T.to(torch.float64) @ W.to(torch.float64)
+    R = P.T.to(torch.float64) @ W64
     return P, R
 
 
@@ -169,13 +170,18 @@ def block_lanczos_eigs(op: LinearOperator, top_k: int, block_size: int = 8, max_
     gen = make_generator(seed)
     eps = float(torch.finfo(dtype).eps)
 
-    X = random_probes(n, b, "gaussian", gen, dtype, dev)
+    v = None
     if v0 is not None:
         v = check_tensor(v0, "v0", n, dtype, dev, ndims=(1, 2), nonzero=True)
         v = v[:, None] if v.ndim == 1 else v
         if v.shape[1] > b:
             raise ValueError(f"v0: expected at most block_size = {b} columns, got {v.shape[1]}")
-        X[:, : v.shape[1]] = v
+    if v is not None and v.shape[1] == b:
+        X = v.clone()
+    else:
+        X = random_probes(n, b, "gaussian", gen, dtype, dev)
+        if v is not None:
+            X[:, : v.shape[1]] = v
     Q = torch.empty(n, 0, dtype=dtype, device=dev)
     P, _ = _new_block(Q, X, b, 0.0, gen)
     # H[:, cols of block j] = coefficients of A·P_j on the basis (block Hessenberg, float64 on the CPU)
