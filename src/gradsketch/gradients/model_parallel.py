@@ -25,6 +25,7 @@ sketch's work). Parameters that are not ``DTensor`` s (replicated on every rank)
 from __future__ import annotations
 
 import math
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 
 
 def _is_dtensor(p: Any) -> bool:
+    if "torch.distributed.tensor" not in sys.modules:
+        # no DTensor can exist before its module is imported; importing it here would cost ~1.5 CPU s on the
+        # first fit of every process that never shards a model
+        return False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without DTensor
