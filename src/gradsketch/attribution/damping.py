@@ -1,5 +1,5 @@
 """The one damping rule of every influence-type method (Influence, ArnoldiInfluence, sketched influence, and
-methods added later such as EK-FAC): with K the curvature the method inverts (the Hessian H or GGN of the
+EK-FAC and K-FAC influence): with K the curvature the method inverts (the Hessian H or GGN of the
 mean training loss, or its sketch ΦHΦᵀ, or the top-k eigenpairs Arnoldi keeps), the kernel is
 
     M = (|K| + δI)⁻¹ = Σ_i u_i u_iᵀ / (|λ_i| + δ),        K = Σ_i λ_i u_i u_iᵀ,
