@@ -207,13 +207,17 @@ def cmd_memory(args):
     res = {}
     basis_dtype = {"float32": None, "float16": torch.float16}[args.basis_dtype]
     for m in args.steps:
-        t = time.perf_counter()
-        r = arnoldi(op, m, seed=0, store="host", basis_dtype=basis_dtype, progress=args.progress)
-        dt = time.perf_counter() - t
+        t, c = time.perf_counter(), time.process_time()
+        ck = None if args.checkpoint is None else os.path.join(args.checkpoint, f"{args.kind}-d{args.d}-steps{m}")
+        r = arnoldi(op, m, seed=0, store="host", basis_dtype=basis_dtype, progress=args.progress, checkpoint=ck)
+        dt, cpu = time.perf_counter() - t, time.process_time() - c
+        steps_here = m if ck is None or r.n_matvec == m else r.n_matvec - 1  # a resumed run: minus its check
         top = distill(r.Q, r.H, min(10, m), which="LA").eigenvalues
-        res[m] = {"time_s": dt, "s_per_step": dt / m, "peak_rss_mb": rss_mb(), "rss_after_mb": cur_rss_mb(),
+        res[m] = {"time_s": dt, "cpu_s": cpu, "steps_this_process": steps_here, "s_per_step": dt / max(steps_here, 1),
+                  "peak_rss_mb": rss_mb(), "rss_after_mb": cur_rss_mb(),
                   "krylov_mb": r.Q.numel() * r.Q.element_size() / 2**20, "top10": top.tolist()}
-        print(f"steps {m}: {dt:.1f}s ({dt / m:.2f}s/step), peak RSS {rss_mb():.0f} MB, Krylov basis "
+        print(f"steps {m} ({steps_here} in this process): {dt:.1f}s ({res[m]['s_per_step']:.2f}s/step), "
+              f"peak RSS {rss_mb():.0f} MB, Krylov basis "
               f"{res[m]['krylov_mb']:.1f} MB ({args.basis_dtype}); top Ritz values {top[:5].tolist()}", flush=True)
         del r
     if max(args.steps) >= 1000:  # measured, not extrapolated
@@ -249,6 +253,8 @@ def main():
     m.add_argument("--batch", type=int, default=8, help="sentences in the fixed curvature batch (at most 8)")
     m.add_argument("--basis-dtype", choices=["float32", "float16"], default="float32")
     m.add_argument("--progress", action="store_true")
+    m.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="resumable runs: Arnoldi saves its basis under DIR every 25 steps and a rerun continues")
     for s in (q, h, m):
         s.add_argument("--threads", type=int, default=1)
     args = p.parse_args()

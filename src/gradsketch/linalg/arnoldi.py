@@ -26,6 +26,7 @@ from ._validate import (
     random_probes,
     work_dtype,
 )
+from ._krylov_checkpoint import ArnoldiCheckpoint
 from .lanczos import EigResult, check_tol, orthogonalise, random_unit, select_indices, symmetry_defect
 from .operator import LinearOperator
 
@@ -76,7 +77,8 @@ def check_basis_dtype(basis_dtype: Any, work: torch.dtype) -> torch.dtype:
 
 
 def arnoldi(op: LinearOperator, n_iter: int, v0: Tensor | None = None, seed: Any = 0,
-            store: str = "device", progress: bool = False, basis_dtype: torch.dtype | None = None) -> ArnoldiResult:
+            store: str = "device", progress: bool = False, basis_dtype: torch.dtype | None = None,
+            checkpoint: Any = None, checkpoint_every: int = 25) -> ArnoldiResult:
     """``m = n_iter`` Arnoldi steps with full re-orthogonalisation: ``A Q_m = Q_{m+1} H̃_m``,
     ``Q [n, m+1]`` orthonormal, ``H̃ [m+1, m]`` upper Hessenberg.
 
@@ -98,9 +100,18 @@ def arnoldi(op: LinearOperator, n_iter: int, v0: Tensor | None = None, seed: Any
             so ``H`` is exact for the stored basis up to the rounding of each new vector, and Ritz values
             move by about ``ε_basis · ‖A‖`` (ε = 2^-11 for float16: about 5e-4 of the largest |λ|).
             bfloat16 (ε = 2^-8) is accepted but an order of magnitude coarser.
+        checkpoint: a directory that makes a long run resumable. Every ``checkpoint_every`` steps (and when
+            the run is interrupted by an exception) the new Krylov vectors are appended to it and the
+            Hessenberg matrix and the generator state are saved; a later call with the same operator and
+            settings continues from the last saved step and returns what an uninterrupted run returns. A
+            checkpoint of a longer run serves a shorter one (its first ``m`` steps). Before continuing, one
+            product checks that the saved relation ``A q_j = Q h_j`` still holds, so a checkpoint of another
+            model or data is refused, as are other start vectors, dimensions and dtypes, and damaged files.
+        checkpoint_every: steps between saves (each save writes only the new vectors).
 
     Returns:
         :class:`ArnoldiResult`; unpacks as ``Q, H = arnoldi(op, m)`` (``Q`` in ``basis_dtype``).
+        ``n_matvec`` counts the products of this call (a resumed run spends fewer).
 
     >>> from gradsketch.linalg import MatrixOperator
     >>> A = torch.diag(torch.linspace(1.0, 2.0, 50))
@@ -118,16 +129,27 @@ def arnoldi(op: LinearOperator, n_iter: int, v0: Tensor | None = None, seed: Any
     gen = make_generator(seed)
     eps = float(torch.finfo(dtype).eps)
 
+    ckpt = None
+    if checkpoint is not None:
+        every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
+        ckpt = ArnoldiCheckpoint(checkpoint, n, m, dtype, bdtype)
+
     q = (check_tensor(v0, "v0", n, dtype, qdev, nonzero=True) if v0 is not None
          else random_probes(n, 1, "gaussian", gen, dtype, qdev)[:, 0])
     Qr = torch.zeros(m + 1, n, dtype=bdtype, device=qdev)  # rows = Krylov vectors
     H = torch.zeros(m + 1, m, dtype=dtype, device=qdev)
     Qr[0] = q / q.norm()
-    anorm, restarts = 0.0, 0
+    anorm, restarts, start, n_matvec = 0.0, 0, 0, 0
+    if ckpt is not None and (saved := ckpt.load()) is not None:
+        start, n_matvec = saved["steps"], 1
+        anorm, restarts = _resume(op, ckpt, saved, Qr, H, gen, dtype, dev, qdev)
+    done = saved_steps = start
     bar = progress_bar(progress, m, "arnoldi")
+    bar.update(start)
     try:
-        for j in range(m):
+        for j in range(start, m):
             w = apply(op, Qr[j].to(dev)[:, None], dtype, f"Arnoldi step {j + 1}")[:, 0].to(qdev)
+            n_matvec += 1
             anorm = max(anorm, float(w.norm()))
             w, coef = orthogonalise(Qr[: j + 1], w)
             H[: j + 1, j] = coef
@@ -136,15 +158,53 @@ def arnoldi(op: LinearOperator, n_iter: int, v0: Tensor | None = None, seed: Any
             if h > 100 * eps * anorm:
                 H[j + 1, j] = h
                 Qr[j + 1] = w / h
-                continue
-            if j + 1 == n:  # space exhausted: the last column stays zero
+            elif j + 1 < n:
+                fresh, _ = orthogonalise(Qr[: j + 1], random_unit(n, gen, dtype, qdev))
+                Qr[j + 1] = fresh / fresh.norm()
+                restarts += 1
+            done = j + 1
+            if ckpt is not None and (done % every == 0 or done == m):
+                ckpt.save(Qr, H, done, saved_steps + 1 if saved_steps else 0, anorm, restarts, gen)
+                saved_steps = done
+            if h <= 100 * eps * anorm and j + 1 == n:  # space exhausted: the last column stays zero
                 break
-            fresh, _ = orthogonalise(Qr[: j + 1], random_unit(n, gen, dtype, qdev))
-            Qr[j + 1] = fresh / fresh.norm()
-            restarts += 1
+    except BaseException:
+        if ckpt is not None and done > saved_steps:  # keep what was computed, then re-raise
+            try:
+                ckpt.save(Qr, H, done, saved_steps + 1 if saved_steps else 0, anorm, restarts, gen)
+            except Exception:  # noqa: BLE001 - the original error matters more than a failed save
+                pass
+        raise
     finally:
         bar.close()
-    return ArnoldiResult(Q=Qr.T, H=H, n_matvec=m, n_restarts=restarts)
+    return ArnoldiResult(Q=Qr.T, H=H, n_matvec=n_matvec, n_restarts=restarts)
+
+
+def _resume(op: LinearOperator, ckpt: ArnoldiCheckpoint, saved: dict, Qr: Tensor, H: Tensor,
+            gen: torch.Generator, dtype: torch.dtype, dev: torch.device, qdev: torch.device) -> tuple[float, int]:
+    """Fill ``Qr``/``H`` from a checkpoint after checking that it belongs to this run (start vector, and one
+    product against the saved Arnoldi relation); returns ``(anorm, restarts)``."""
+    where = f"checkpoint {str(ckpt.dir)!r}"
+    rows, k = saved["rows"].to(qdev), saved["steps"]
+    if not torch.equal(rows[0], Qr[0]):
+        raise ValueError(f"{where}: it was written by a run with another start vector (v0 or seed); use the "
+                         "same v0/seed or another directory")
+    Qr[: k + 1] = rows
+    H[: k + 1, :k] = saved["H"][: k + 1, :k].to(dtype=dtype, device=qdev)
+    w = apply(op, Qr[k - 1].to(dev)[:, None], dtype, "checkpoint check")[:, 0].to(qdev)
+    w_norm = float(w.norm())
+    h, rows_per = H[: k + 1, k - 1], max(1, (1 << 24) // Qr.shape[1])  # combine ≤ 16M entries at a time
+    for i in range(0, k + 1, rows_per):
+        w = w - Qr[i: min(i + rows_per, k + 1)].to(dtype).T @ h[i: i + rows_per]
+    rel = float(w.norm()) / max(w_norm, saved["anorm"], 1e-300)  # anorm: q may lie near A's null space
+    tol = 100 * max(float(torch.finfo(Qr.dtype).eps), float(torch.finfo(dtype).eps))
+    if not rel <= tol:
+        raise ValueError(f"{where}: the operator does not reproduce the saved step {k} (relative mismatch "
+                         f"{rel:.2e} > {tol:.1e}): the checkpoint belongs to another model, data or operator; "
+                         "use another directory")
+    if saved["generator"] is not None:
+        gen.set_state(saved["generator"])
+    return saved["anorm"], saved["restarts"]
 
 
 def distill(Q: Tensor, H: Tensor, top_k: int, positive_only: bool = False, which: str = "LM") -> Distilled:
@@ -213,7 +273,8 @@ def arnoldi_eigs(op: LinearOperator, top_k: int, n_iter: int | None = None, seed
                  v0: Tensor | None = None, positive_only: bool = False, store: str = "device",
                  tol: float | None = None, progress: bool = False, which: str = "LM",
                  check_symmetric: bool = False, residuals: bool = True,
-                 basis_dtype: torch.dtype | None = None) -> EigResult:
+                 basis_dtype: torch.dtype | None = None, checkpoint: Any = None,
+                 checkpoint_every: int = 25) -> EigResult:
     """:func:`arnoldi` + :func:`distill` + true residuals ``‖A v − λ v‖`` (one ``matmat`` of ``top_k``
     columns), as an :class:`EigResult` (``which``, or ``"LA"`` with ``positive_only``).
 
@@ -224,7 +285,8 @@ def arnoldi_eigs(op: LinearOperator, top_k: int, n_iter: int | None = None, seed
     be meaningless). ``residuals=False`` skips the residual product (residuals are then NaN and
     ``converged`` all False): Arnoldi influence, whose every product is a pass over the training set, does.
     Eigenvectors are normalised to unit length. ``basis_dtype``: see :func:`arnoldi` (a float16 basis halves
-    the Krylov memory; the eigenvectors come back in the working dtype).
+    the Krylov memory; the eigenvectors come back in the working dtype). ``checkpoint``/``checkpoint_every``: a
+    resumable run, see :func:`arnoldi`.
 
     >>> from gradsketch.linalg import MatrixOperator
     >>> A = torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64))
@@ -252,7 +314,8 @@ def arnoldi_eigs(op: LinearOperator, top_k: int, n_iter: int | None = None, seed
             raise ValueError(f"op: Arnoldi eigenpairs need a symmetric operator, but random probes give a "
                              f"relative asymmetry {defect:.3g}; the symmetrised Hessenberg matrix would be "
                              "meaningless")
-    res = arnoldi(op, m, v0=v0, seed=seed, store=store, progress=progress, basis_dtype=basis_dtype)
+    res = arnoldi(op, m, v0=v0, seed=seed, store=store, progress=progress, basis_dtype=basis_dtype,
+                  checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     lam, V = distill(res.Q, res.H, min(top_k, res.H.shape[1]), positive_only=positive_only, which=which)
     lam, V = lam.to(dev, dtype), V.to(dev, dtype)
     V = V / V.norm(dim=0, keepdim=True).clamp_min(torch.finfo(V.dtype).tiny)
