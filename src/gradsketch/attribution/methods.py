@@ -186,6 +186,7 @@ class TRAK(Attributor):
 
 
 BLOCK_ACTIVATION_FLOATS = 1 << 23  # activation floats one chunk of a vectorised block product may hold
+FROZEN_ACTIVATION_FLOATS = 1 << 26  # activation floats a frozen GGN (every curvature example's) may keep
 
 
 def activation_floats(task: Any, batch: Any, rows: int = 8) -> float:
@@ -245,7 +246,7 @@ def gradient_start(task: Any, data: Iterable, columns: int, seed: Any, max_batch
             with torch.no_grad():
                 _, back = vjp(lambda p, b=b, n=piece.size: task.losses_at(p, b, n), p0)  # type: ignore[misc]
                 try:
-                    part = vmap(lambda r: task.flatten(back(r)[0]), in_dims=1, out_dims=1)(Rp)
+                    part = vmap(lambda r, back=back: task.flatten(back(r)[0]), in_dims=1, out_dims=1)(Rp)
                 except (NotImplementedError, RuntimeError):  # a model without vmap rules: one column at a time
                     part = torch.stack([task.flatten(back(Rp[:, j].contiguous())[0]) for j in range(columns)], 1)
             out = part if out is None else out + part
@@ -296,6 +297,7 @@ class _CurvatureMethod(Attributor):
         sketched when the fit has a sketch."""
         from ..curvature import GGNOperator, HessianOperator, sharded, sketched
         from ..linalg.distributed import is_distributed, rank_and_world
+        from ..model._batch import SplitBatch
 
         curv = self._curvature()
         hdata, cols = prepared if prepared is not None else self._curvature_data(data, block)
@@ -306,8 +308,14 @@ class _CurvatureMethod(Attributor):
                 kw["method"] = "block" if block else "auto"
             op: LinearOperator = sharded(curv, self.task, hdata, **kw)
         else:
+            # block Krylov on the GGN of a small curvature set: keep every piece's outputs, vjp and output Hessian
+            # blocks between the passes (GGNOperator frozen=True; 10.3 against 14.5 ms per 16-column pass on
+            # the digits MLP)
+            frozen = (block and curv == "ggn" and isinstance(hdata, (list, tuple)) and len(hdata) > 0
+                      and sum(SplitBatch(b).size for b in hdata) * activation_floats(self.task, hdata[0])
+                      <= FROZEN_ACTIVATION_FLOATS)
             op = (HessianOperator(self.task, hdata, method="block" if block else "auto", max_batch_columns=cols)
-                  if curv == "hessian" else GGNOperator(self.task, hdata, max_batch_columns=cols))
+                  if curv == "hessian" else GGNOperator(self.task, hdata, max_batch_columns=cols, frozen=frozen))
         if self.sketch is not None:
             op = sketched(op, sketch)
         return op

@@ -46,7 +46,7 @@ def attribute(entry: str | None = typer.Argument(None, help=ENTRY_HELP),
               seed: int | None = typer.Option(None, help="sketch / Arnoldi seed [default: 0]"),
               mode: str | None = typer.Option(None, help="auto, explicit, implicit or factored [default: auto]"),
               k: int | None = typer.Option(None, help="proponents/opponents per test example [default: 10]"),
-              n_iters: int | None = typer.Option(None, help="Arnoldi Krylov dimension [default: 2·top_k rounded to the block size]"),
+              n_iters: int | None = typer.Option(None, help="Arnoldi Krylov dimension [default: 1.5·top_k, up to the block]"),
               top_k: int | None = typer.Option(None, help="Arnoldi eigenpairs kept [default: 50 with the tail, "
                                                "100 without]"),
               damping: float | None = typer.Option(None, help="influence / Arnoldi damping δ in (|K| + δI)^-1 "

@@ -308,19 +308,35 @@ def _forward_ad_missing(e: BaseException) -> bool:
 class GGNOperator(CurvatureOperator):
     """G = (1/n) Σ_i J_iᵀ H_{L,i} J_i (+ λI): J_i = ∂z_i/∂θ for the outputs z = ``output_fn(model, batch)``,
     H_{L,i} = ∂²ℓ_i/∂z_i² of ``loss_on_output(z, batch)``. Each product: a jvp through the model, an HVP of
-    the loss in output space, a vjp back. Positive semi-definite when the loss is convex in z."""
+    the loss in output space, a vjp back. Positive semi-definite when the loss is convex in z.
+
+    ``frozen=True`` (``sampling="full"`` only): the data and the parameters are read at the first product and
+    kept, with each batch piece's outputs, its vjp (the piece's activations) and, for outputs ``[B, C]`` with
+    C ≤ 64 and a loss whose per-example output Hessians are the whole output Hessian (checked on a random
+    direction), those ``[B, C, C]`` blocks, so that later products redo only the jvp and the vjp: what an
+    eigensolver making several products of one operator wants (the Arnoldi fit). Later changes to the data
+    or the model are not seen; memory holds every piece's activations."""
 
     def __init__(self, task: Task, data: Iterable, sampling: str = "full", damping: float = 0.0,
-                 progress: bool = False, *, max_batch_columns: int | None = None, mode: Any = None) -> None:
+                 progress: bool = False, *, max_batch_columns: int | None = None, mode: Any = None,
+                 frozen: bool = False) -> None:
         renamed_mode(mode)
         if task.output_fn is None or task.loss_on_output is None:
             raise ValueError("task: the GGN needs output_fn and loss_on_output (Task(model, output_fn=..., "
                              "loss_on_output=...) or Task.from_classifier); got a task with only loss_fn")
+        if not isinstance(frozen, bool):
+            raise TypeError(f"frozen: expected a bool, got {type(frozen).__name__}")
+        if frozen and sampling != "full":
+            raise ValueError(f"frozen: expected sampling='full' (the same data at every product), got "
+                             f"sampling={sampling!r}")
         super().__init__(task, data, sampling, damping, progress, max_batch_columns=max_batch_columns)
+        self.frozen = frozen
+        self._splits: list[SplitBatch] | None = None
+        self._states: dict[tuple[int, int, int], tuple] = {}
 
-    def _batch_sum(self, split: SplitBatch, V: Tensor) -> Tensor:
-        task, batch, B = self.task, split.rebuild(), split.size
-        p0 = task.params_dict()
+    def _functions(self, batch: Any, B: int) -> tuple[Any, Any]:
+        """(θ ↦ outputs of ``batch``, z ↦ Σ per-example losses), with the shape checks."""
+        task = self.task
         output_fn, loss_on_output = task.output_fn, task.loss_on_output
         assert output_fn is not None and loss_on_output is not None  # checked in __init__
 
@@ -338,6 +354,83 @@ class GGNOperator(CurvatureOperator):
                 raise ValueError(f"loss_on_output: expected per-example losses of shape [{B}], got {got}")
             return ell.sum()
 
+        return out_fn, lo
+
+    def _matmat_impl(self, V: Tensor) -> Tensor:
+        if not self.frozen or self._no_forward_ad:
+            return super()._matmat_impl(V)
+        try:
+            return self._frozen_matmat(V)
+        except (NotImplementedError, RuntimeError) as e:
+            if not _forward_ad_missing(e):
+                raise
+            self._no_forward_ad = True
+            return super()._matmat_impl(V)
+
+    def _frozen_matmat(self, V: Tensor) -> Tensor:
+        V = V.to(device=self.device, dtype=self.dtype)
+        if self._splits is None:
+            splits = []
+            for batch in self.data:
+                split = self.task.split(batch)
+                self.task.validate_batch(split)
+                splits.append(split)
+            if not splits:
+                raise ValueError("data: expected at least one batch, got an empty iterable")
+            self._splits = splits
+        self.n_products += V.shape[1]
+        acc, total = None, 0
+        rows = None if self.max_batch_columns is None else max(1, self.max_batch_columns // V.shape[1])
+        for i, split in enumerate(self._splits):
+            pieces = [(0, split)] if rows is None or rows >= split.size else list(split.chunks(rows))
+            for start, piece in pieces:
+                key = (i, start, piece.size)
+                if key not in self._states:
+                    self._states[key] = self._piece_state(piece)
+                part = self._frozen_sum(self._states[key], V)
+                acc = part if acc is None else acc + part
+            total += split.size
+        assert acc is not None
+        out = acc / total
+        return out + self.damping * V if self.damping else out
+
+    def _piece_state(self, piece: SplitBatch) -> tuple:
+        """(outputs function, loss function, outputs, vjp, output Hessian blocks or None) of one piece."""
+        out_fn, lo = self._functions(piece.rebuild(), piece.size)
+        with torch.no_grad():
+            z, vjp_fn = vjp(out_fn, self.task.params_dict())  # type: ignore[misc]  # torch.func stubs
+            gz = grad(lo)
+            blocks = None
+            if z.ndim == 2 and z.shape[1] <= 64:
+                B, C = z.shape
+                E = torch.eye(C, dtype=z.dtype, device=z.device)[:, None, :].expand(C, B, C)  # e_c in every row
+                blocks = vmap(lambda e: jvp(gz, (z,), (e,))[1])(E).permute(1, 2, 0)  # [B, out, direction]
+                g = torch.Generator().manual_seed(0)
+                u = torch.randn(B, C, generator=g, dtype=torch.float64).to(z.device, z.dtype)
+                full, mine = jvp(gz, (z,), (u,))[1], torch.einsum("bij,bj->bi", blocks, u)
+                tol = 100 * torch.finfo(z.dtype).eps * max(float(full.abs().max()), 1e-30) * C
+                if not bool(((full - mine).abs() <= tol).all()):  # examples coupled through the loss
+                    blocks = None
+        return out_fn, gz, z, vjp_fn, blocks
+
+    def _frozen_sum(self, state: tuple, V: Tensor) -> Tensor:
+        out_fn, gz, z, vjp_fn, blocks = state
+        task, p0 = self.task, self.task.params_dict()
+        with torch.no_grad():
+            if V.shape[1] == 1:
+                jv = jvp(out_fn, (p0,), (task.unflatten(V[:, 0]),))[1]  # type: ignore[misc]
+                hjv = (torch.einsum("bij,bj->bi", blocks, jv) if blocks is not None
+                       else jvp(gz, (z,), (jv,))[1])  # type: ignore[misc]
+                return task.flatten(vjp_fn(hjv)[0])[:, None]
+            JV = vmap(lambda v: jvp(out_fn, (p0,), (task.unflatten(v),))[1], in_dims=1)(V)  # [k, *z.shape]
+            HJV = (torch.einsum("bij,kbj->kbi", blocks, JV) if blocks is not None
+                   else vmap(lambda u: jvp(gz, (z,), (u,))[1])(JV))
+            return vmap(lambda u: task.flatten(vjp_fn(u)[0]), in_dims=0, out_dims=1)(HJV)
+
+    def _batch_sum(self, split: SplitBatch, V: Tensor) -> Tensor:
+        task, batch, B = self.task, split.rebuild(), split.size
+        p0 = task.params_dict()
+        out_fn, lo = self._functions(batch, B)
         if not self._no_forward_ad:
             try:
                 with torch.no_grad():
