@@ -35,22 +35,23 @@ def test_gradient_start_is_random_combinations_of_the_per_example_gradients():
 
 
 def test_default_krylov_dimension_is_one_and_a_half_top_k_rounded_up_to_the_block():
-    task, _, _ = tiny()  # 27 parameters: the tail is on, so top_k defaults to 50
+    task, _, _ = tiny()  # 27 parameters: the tail is on, so top_k defaults to 40
 
     def dim(**opts):
         return Attributor(task, "arnoldi", **opts).krylov_dim()
 
-    assert dim() == 80  # 1.5·50 = 75 → 5 blocks of 16
+    assert dim() == 64  # 1.5·40 = 60 → 4 blocks of 16
+    assert dim(top_k=50) == 80  # 75 → 5 blocks
     assert dim(tail=False) == 160  # top 100 → 150 → 10 blocks
-    assert dim(top_k=40) == 64 and dim(top_k=42) == 64 and dim(top_k=43) == 80
+    assert dim(top_k=42) == 64 and dim(top_k=43) == 80
     assert dim(top_k=4) == 16  # at least one block
     assert dim(top_k=50, block_size=32) == 96 and dim(top_k=7, block_size=1) == 11
     assert dim(n_iters=12) == 12 and dim(n_iters=12, top_k=3) == 12
 
 
 def test_default_fit_builds_at_most_the_default_dimension():
-    """A classifier with N = 210 > 80 parameters and 60 examples: the default fit builds at most
-    80 = 1.5·50 rounded up to blocks of 16; its 50 Ritz values lie below the explicit GGN's top 50 (Cauchy
+    """A classifier with N = 210 > 64 parameters and 60 examples: the default fit builds at most
+    64 = 1.5·40 rounded up to blocks of 16; its 40 Ritz values lie below the explicit GGN's top 40 (Cauchy
     interlacing, exact for any Rayleigh–Ritz step), and the whole space (n_iters = N) gives them exactly."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(60, 20, generator=g, dtype=torch.float64)
@@ -59,8 +60,8 @@ def test_default_fit_builds_at_most_the_default_dimension():
     task = Task.from_classifier(nn.Linear(20, 10).double())
     data = batches(X, y, batch_size=20)
     a = Attributor(task, "arnoldi").fit(data, progress=False)
-    assert a.krylov_["dim"] <= 80 and a.krylov_["passes"] <= 5
-    assert a.eigenvalues_.numel() == 50
+    assert a.krylov_["dim"] <= 64 and a.krylov_["passes"] <= 4
+    assert a.eigenvalues_.numel() == 40
     # explicit GGN (1/n) Σ J_iᵀ (diag p_i − p_i p_iᵀ) J_i of a linear softmax model, z = W x + b
     with torch.no_grad():
         p = torch.softmax(task.model(X), 1)
@@ -69,7 +70,7 @@ def test_default_fit_builds_at_most_the_default_dimension():
         H = torch.diag(p[i]) - torch.outer(p[i], p[i])
         J = torch.cat([torch.kron(torch.eye(10, dtype=X.dtype), X[i][None]), torch.eye(10, dtype=X.dtype)], 1)
         G += J.T @ H @ J / 60
-    lam = torch.linalg.eigvalsh(G).flip(0)[:50]
+    lam = torch.linalg.eigvalsh(G).flip(0)[:40]
     assert bool((a.eigenvalues_ <= lam + 1e-12).all())
     full = Attributor(task, "arnoldi", n_iters=210).fit(data, progress=False)
     torch.testing.assert_close(full.eigenvalues_, lam, rtol=0, atol=1e-10)

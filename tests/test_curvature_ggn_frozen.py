@@ -53,3 +53,22 @@ def test_frozen_options_are_checked():
         GGNOperator(task, data, sampling="batch", frozen=True)
     with pytest.raises(TypeError, match="frozen"):
         GGNOperator(task, data, frozen=1)
+
+
+def test_loss_gradient_start_equals_the_explicit_gradient_combinations():
+    """Σ_i r_ij ∇ℓ_i through the frozen vjps equals the per-example gradients formed explicitly, with r drawn
+    per batch in order (the Arnoldi start block), for whole batches and for pieces of them."""
+    from test_attribution_arnoldi_defaults import _explicit_start
+
+    from gradsketch.attribution.methods import gradient_start
+
+    task, (X, y), _ = tiny()
+    data = batches(X, y, batch_size=4)
+    want = _explicit_start(task, data, 3, seed=7)
+    for mbc in (None, 6):
+        op = GGNOperator(task, data, max_batch_columns=mbc, frozen=True)
+        got = op.loss_gradient_start(3, torch.Generator().manual_seed(7))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gradient_start(task, data, 3, 7), want, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="frozen"):
+        GGNOperator(task, data).loss_gradient_start(3, torch.Generator())

@@ -193,3 +193,16 @@ def test_max_batch_columns_splits_batches_without_changing_the_product():
         torch.testing.assert_close(cls(task, data, sampling="batch", max_batch_columns=9) @ V, ref, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="max_batch_columns"):
         HessianOperator(task, data, max_batch_columns=0)
+
+
+def test_residuals_at_the_dimension_cap_are_the_true_residuals():
+    """Stopped by max_dim, the run builds no further block: the estimates ‖W s‖ (W the last product made
+    orthogonal to the basis) still equal the true residuals ‖A v − θ v‖."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(120, 120, generator=g, dtype=torch.float64)
+    A = (A + A.T) / 2
+    r = block_lanczos_eigs(MatrixOperator(A), 5, block_size=4, max_dim=24, tol=None)
+    assert r.stop == "max_dim" and r.n_iter == 24 and r.n_passes == 6
+    true = (A @ r.eigenvectors - r.eigenvectors * r.eigenvalues).norm(dim=0)
+    assert float(true.min()) > 1e-3  # far from converged: the test compares non-trivial numbers
+    torch.testing.assert_close(r.residuals, true, rtol=1e-8, atol=1e-12)

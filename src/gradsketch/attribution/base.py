@@ -240,7 +240,7 @@ class Attributor:
         ``ridge`` (λ = ridge · tr(ΦᵀΦ) / min(n_train, d); default 1.0).
         Influence-type methods share one damping rule, kernel (|K| + δI)⁻¹ (:mod:`.damping`).
         arnoldi: ``n_iters`` (the Krylov dimension at most; default 2·top_k rounded to the block size),
-        ``top_k`` (50 with the tail, 100 without), ``krylov_start`` ("gradients" | "random"),
+        ``top_k`` (40 with the tail, 100 without), ``krylov_start`` ("gradients" | "random"),
         ``tail`` ("auto"), ``curvature`` ("auto" | "hessian" | "ggn"), ``hessian_data`` (batches for the HVPs,
         default the training data),
         ``hessian_subsample`` (None | examples | fraction), ``block_size`` (Krylov vectors per data pass), ``tol``

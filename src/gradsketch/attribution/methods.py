@@ -339,7 +339,7 @@ class ArnoldiInfluence(_CurvatureMethod):
     After ``fit``: ``eigenvalues_`` ``[k]``; ``krylov_`` (dict: ``dim`` the Krylov dimension built,
     ``passes`` the passes over the Hessian data, ``stop``); ``tail_``: the weight t = 1/(|λ_k| + δ) of the
     complement of the kept eigenspace, or ``None`` when it is dropped (option ``tail``: the default keeps it
-    with a sketch and on models of at most 16,384 parameters, with 50 eigenpairs; LDS 0.61 → 0.70 on the digits
+    with a sketch and on models of at most 16,384 parameters, with 40 eigenpairs; LDS 0.61 → 0.68 on the digits
     MLP and 0.35 → 0.40 on a Fashion-MNIST CNN, benchmarks/results/arnoldi_speed.md).
 
     >>> import gradsketch
@@ -362,16 +362,16 @@ class ArnoldiInfluence(_CurvatureMethod):
         return bool(tail)
 
     def top_k(self) -> int:
-        """Eigenpairs kept: the option, or by default 50 with the tail and 100 without (validated LDS)."""
+        """Eigenpairs kept: the option, or by default 40 with the tail and 100 without (ArnoldiOptions)."""
         k = self._opt("top_k", None)
         if k is not None:
             return int(k)
         n = self._opt("n_iters", None)
-        return min(50 if self.uses_tail() else 100, int(n) if n is not None else 100)
+        return min(40 if self.uses_tail() else 100, int(n) if n is not None else 100)
 
     def krylov_dim(self) -> int:
         """The Krylov dimension (at most): the ``n_iters`` option, or by default 1.5·top_k rounded up to a
-        multiple of ``block_size`` (80 for the default 50 eigenpairs in blocks of 16; 160 for 100)."""
+        multiple of ``block_size`` (64 for the default 40 eigenpairs in blocks of 16; 160 for 100)."""
         n = self._opt("n_iters", None)
         if n is not None:
             return int(n)
@@ -463,7 +463,13 @@ class ArnoldiInfluence(_CurvatureMethod):
                 from ..linalg._validate import work_dtype
 
                 # random combinations of the curvature data's loss gradients (of Φ times them with a sketch)
-                z = gradient_start(self.task, prepared[0], min(block_size, op.shape[0]), seed, prepared[1])
+                cols = min(block_size, op.shape[0])
+                if getattr(op, "frozen", False):  # the frozen GGN's vjps: no further forward pass
+                    from ..linalg._validate import make_generator
+
+                    z = op.loss_gradient_start(cols, make_generator(seed))
+                else:
+                    z = gradient_start(self.task, prepared[0], cols, seed, prepared[1])
                 if bool(torch.isfinite(z).all()) and bool((z != 0).any()):  # else (all gradients 0): random
                     v0 = (sketch @ z if self.sketch is not None else z).to(work_dtype(op))
             elif self.sketch is not None and start == "parameter":

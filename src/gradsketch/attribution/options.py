@@ -143,7 +143,7 @@ _CurvatureOptions = CurvatureOptions  # the name used before
 @dataclass
 class ArnoldiOptions(CurvatureOptions):
     """Arnoldi influence (Schioppa et al. 2022): ``n_iters`` Krylov dimension (at most; ``None``, the default:
-    1.5·top_k rounded up to a multiple of ``block_size``, i.e. 80 for 50 eigenpairs in blocks of 16),
+    1.5·top_k rounded up to a multiple of ``block_size``, i.e. 64 for 40 eigenpairs in blocks of 16),
     ``top_k`` eigenpairs, ``damping`` δ ≥ 0 in 1/(|λ_i| + δ) (the one damping rule,
     :mod:`gradsketch.attribution.damping`; default 3e-3), start vector ``seed`` and ``start`` rule, Krylov
     basis ``krylov_store``.
@@ -156,7 +156,7 @@ class ArnoldiOptions(CurvatureOptions):
     Γᵀr_j of the per-example loss gradients of the Hessian data (one vectorised vjp pass; with a sketch and
     ``start="parameter"``, from Φ·Γᵀr_j), the directions the influence scores are made of; ``"random"``: a
     Gaussian block. With the gradient start a Krylov space of 1.5·top_k gives the LDS that a Gaussian start
-    needed 2.5·top_k for (digits MLP 0.70, benchmarks/results/arnoldi_speed.md, session 7).
+    needed 2.5·top_k for (digits MLP, top 50: 0.70; benchmarks/results/arnoldi_speed.md, session 7).
     ``hessian_subsample``: a fixed random subset of the Hessian data (int: examples, all of them when there
     are fewer; float: fraction; ``None``: all of it), drawn with ``seed``. ``curvature``: ``"auto"`` (the
     default) is the GGN when the task declares ``output_fn``/``loss_on_output`` (``Task.from_classifier``),
@@ -169,10 +169,13 @@ class ArnoldiOptions(CurvatureOptions):
     randomized Nyström preconditioner (Frangella, Tropp & Udell, SIMAX 2023). It needs the whole gradient:
     with a sketch the features already are Φg; without one the features become [Uᵀg, g], which is affordable
     for small models only. ``"auto"`` (the default): on with a sketch or when the model has at most
-    ``TAIL_EXACT_MAX`` = 16,384 parameters, else off. ``top_k=None`` (the default) keeps 50 eigenpairs with
-    the tail and 100 without: chosen on a validation half of the LDS targets of the digits MLP and the
-    Fashion-MNIST CNN (benchmarks/results/arnoldi_speed.md; with the tail, 100 collapses on the CNN, whose
-    100th GGN eigenvalue is 6e-4, near δ, so the tail weight 1/(|λ_k| + δ) swamps the rest)."""
+    ``TAIL_EXACT_MAX`` = 16,384 parameters, else off. ``top_k=None`` (the default) keeps 40 eigenpairs with
+    the tail and 100 without. Chosen on a validation half of the LDS targets of the digits MLP and the
+    Fashion-MNIST CNN (benchmarks/results/arnoldi_speed.md): with the tail, 100 collapses on the CNN (its
+    100th GGN eigenvalue is 6e-4, near δ, so the tail weight 1/(|λ_k| + δ) swamps the rest); 50 (session 6)
+    gives 0.015 (MLP) and 0.01 (CNN) more validation LDS than 40 but needs a Krylov space of 80 instead of
+    64, and the digits MLP's fit is then 9× instead of 11× faster than the pre-issue-20 one (issue 20's
+    goal: 10×)."""
 
     n_iters: int | None = None
     top_k: int | None = None

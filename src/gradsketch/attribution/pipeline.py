@@ -33,7 +33,7 @@ class AttributeConfig:
             implicit or factored per-example gradients.
         k: proponents/opponents kept per test example.
         n_iters, top_k: Arnoldi Krylov dimension and eigenpairs kept (``method="arnoldi"``; None: the
-            method's defaults, top_k 50 with the tail and 100 without, n_iters 2·top_k rounded to the block).
+            method's defaults, top_k 40 with the tail and 100 without, n_iters 1.5·top_k rounded up to the block).
         damping: δ of the one damping rule (|K| + δI)⁻¹ of every influence-type method (``None``: the default
             3e-3, :mod:`gradsketch.attribution.damping`), finite and ≥ 0.
         store: feature store directory (``None``: ``OUT/store``).

@@ -47,7 +47,7 @@ def attribute(entry: str | None = typer.Argument(None, help=ENTRY_HELP),
               mode: str | None = typer.Option(None, help="auto, explicit, implicit or factored [default: auto]"),
               k: int | None = typer.Option(None, help="proponents/opponents per test example [default: 10]"),
               n_iters: int | None = typer.Option(None, help="Arnoldi Krylov dimension [default: 1.5·top_k, up to the block]"),
-              top_k: int | None = typer.Option(None, help="Arnoldi eigenpairs kept [default: 50 with the tail, "
+              top_k: int | None = typer.Option(None, help="Arnoldi eigenpairs kept [default: 40 with the tail, "
                                                "100 without]"),
               damping: float | None = typer.Option(None, help="influence / Arnoldi damping δ in (|K| + δI)^-1 "
                                                    "(>= 0) [default: 3e-3]"),

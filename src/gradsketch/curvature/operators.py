@@ -347,13 +347,17 @@ class GGNOperator(CurvatureOperator):
                 raise ValueError(f"output_fn: expected a tensor [B={B}, ...] of model outputs, got {got}")
             return z
 
-        def lo(z: Tensor) -> Tensor:
+        def losses(z: Tensor) -> Tensor:
             ell = loss_on_output(z, batch)
             if not isinstance(ell, Tensor) or tuple(ell.shape) != (B,):
                 got = tuple(ell.shape) if isinstance(ell, Tensor) else type(ell).__name__
                 raise ValueError(f"loss_on_output: expected per-example losses of shape [{B}], got {got}")
-            return ell.sum()
+            return ell
 
+        def lo(z: Tensor) -> Tensor:
+            return losses(z).sum()
+
+        lo.losses = losses  # type: ignore[attr-defined]  # the per-example losses, for loss_gradient_start
         return out_fn, lo
 
     def _matmat_impl(self, V: Tensor) -> Tensor:
@@ -367,8 +371,9 @@ class GGNOperator(CurvatureOperator):
             self._no_forward_ad = True
             return super()._matmat_impl(V)
 
-    def _frozen_matmat(self, V: Tensor) -> Tensor:
-        V = V.to(device=self.device, dtype=self.dtype)
+    def _frozen_pieces(self, columns: int) -> Any:
+        """(split index, split, piece start, piece, state) of every piece for products of ``columns`` columns,
+        the splits read at the first call and the states made at the first use."""
         if self._splits is None:
             splits = []
             for batch in self.data:
@@ -378,21 +383,48 @@ class GGNOperator(CurvatureOperator):
             if not splits:
                 raise ValueError("data: expected at least one batch, got an empty iterable")
             self._splits = splits
-        self.n_products += V.shape[1]
-        acc, total = None, 0
-        rows = None if self.max_batch_columns is None else max(1, self.max_batch_columns // V.shape[1])
+        rows = None if self.max_batch_columns is None else max(1, self.max_batch_columns // columns)
         for i, split in enumerate(self._splits):
             pieces = [(0, split)] if rows is None or rows >= split.size else list(split.chunks(rows))
             for start, piece in pieces:
                 key = (i, start, piece.size)
                 if key not in self._states:
                     self._states[key] = self._piece_state(piece)
-                part = self._frozen_sum(self._states[key], V)
-                acc = part if acc is None else acc + part
-            total += split.size
+                yield i, split, start, piece, self._states[key]
+
+    def _frozen_matmat(self, V: Tensor) -> Tensor:
+        V = V.to(device=self.device, dtype=self.dtype)
+        self.n_products += V.shape[1]
+        acc, total = None, 0
+        for _, split, start, _, state in self._frozen_pieces(V.shape[1]):
+            part = self._frozen_sum(state, V)
+            acc = part if acc is None else acc + part
+            total += split.size if start == 0 else 0
         assert acc is not None
         out = acc / total
         return out + self.damping * V if self.damping else out
+
+    def loss_gradient_start(self, columns: int, generator: torch.Generator) -> Tensor:
+        """``Σ_i r_ij ∇_θ ℓ_i [N, columns]`` for standard Gaussian ``r`` drawn per batch in data order (as
+        :func:`gradsketch.attribution.methods.gradient_start` draws them), ℓ_i the losses ``loss_on_output``
+        of the outputs: ``Jᵀ ∂(Σ_i r_ij ℓ_i)/∂z`` through the frozen pieces' vjps, no further forward pass.
+        ``frozen=True`` only."""
+        if not self.frozen:
+            raise ValueError("loss_gradient_start: expected a frozen operator (GGNOperator(..., frozen=True))")
+        task, out, R = self.task, None, None
+        with torch.no_grad():
+            for _, split, start, piece, state in self._frozen_pieces(columns):
+                if start == 0:
+                    R = torch.randn(split.size, columns, generator=generator, dtype=torch.float64).to(
+                        self.device, self.dtype)
+                assert R is not None
+                z, vjp_fn, losses = state[2], state[3], state[5]
+                _, back = vjp(losses, z)  # type: ignore[misc]  # torch.func stubs
+                U = vmap(lambda r, back=back: back(r)[0], in_dims=1)(R[start:start + piece.size])  # [k, *z]
+                part = vmap(lambda u, f=vjp_fn: task.flatten(f(u)[0]), in_dims=0, out_dims=1)(U)
+                out = part if out is None else out + part
+        assert out is not None
+        return out
 
     def _piece_state(self, piece: SplitBatch) -> tuple:
         """(outputs function, loss function, outputs, vjp, output Hessian blocks or None) of one piece."""
@@ -411,10 +443,10 @@ class GGNOperator(CurvatureOperator):
                 tol = 100 * torch.finfo(z.dtype).eps * max(float(full.abs().max()), 1e-30) * C
                 if not bool(((full - mine).abs() <= tol).all()):  # examples coupled through the loss
                     blocks = None
-        return out_fn, gz, z, vjp_fn, blocks
+        return out_fn, gz, z, vjp_fn, blocks, lo.losses  # type: ignore[attr-defined]
 
     def _frozen_sum(self, state: tuple, V: Tensor) -> Tensor:
-        out_fn, gz, z, vjp_fn, blocks = state
+        out_fn, gz, z, vjp_fn, blocks, _ = state
         task, p0 = self.task, self.task.params_dict()
         with torch.no_grad():
             if V.shape[1] == 1:

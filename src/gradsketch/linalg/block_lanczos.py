@@ -203,7 +203,8 @@ def block_lanczos_eigs(op: LinearOperator, top_k: int, block_size: int = 8, max_
             W, C = _orth_block(Q, W)
             H[:m, m0:m] = C.to("cpu", torch.float64)
             done = m >= n
-            if not done:
+            last = not done and m >= max_dim  # no further block: the residuals come from W itself (‖R s‖ = ‖W s‖)
+            if not done and not last:
                 P, R = _new_block(Q, W, min(b, n - m), 100 * eps * max(anorm, 1e-300), gen)
                 H[m:m + P.shape[1], m0:m] = R.cpu()
             if not done and m < max_dim and (tol <= 0 or m < min_dim):
@@ -218,7 +219,10 @@ def block_lanczos_eigs(op: LinearOperator, top_k: int, block_size: int = 8, max_
             else:
                 idx = select_indices(lam, which, min(top_k, m))
             Sk = S[:, torch.as_tensor(idx, dtype=torch.long)]
-            below = H[m:m + b, :m] @ Sk if not done else torch.zeros(1, idx.size, dtype=torch.float64)
+            if last:
+                below = W.to(torch.float64).cpu() @ Sk[m0:m]
+            else:
+                below = H[m:m + b, :m] @ Sk if not done else torch.zeros(1, idx.size, dtype=torch.float64)
             asym = (Hm - T) @ Sk
             res = ((below ** 2).sum(0) + (asym ** 2).sum(0)).sqrt().numpy()
             scale = float(np.abs(lam).max()) if lam.size else 0.0
