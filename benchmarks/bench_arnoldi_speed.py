@@ -184,9 +184,10 @@ def main() -> None:
     n = 1000 if which == "mlp" else 4000
     variants: list[tuple[str, dict]] = [("before issue 20: Arnoldi 200 steps, top 100, all data", OLD_DEFAULT),
                                         ("default now", {})]
-    if args.what in ("mlp", "cnn"):  # the session-6 default, for reference
-        variants.append(("session-6 default (block 32, Gaussian start, Krylov dim cap 200)",
-                         dict(block_size=32, n_iters=200, krylov_start="random")))
+    if args.what in ("mlp", "cnn"):  # references: top 50 with today's rules, and the session-6 settings
+        variants.append(("top 50 (session 6's top_k), Krylov dim 80", dict(top_k=50)))
+        variants.append(("session-6 settings: top 50, block 32, Gaussian start, Krylov dim cap 200",
+                         dict(top_k=50, block_size=32, n_iters=200, krylov_start="random")))
     if args.what == "sweep-mlp":
         for curv in ("hessian", "ggn"):
             for b, dim in [(32, 192), (64, 192), (64, 256)]:
