@@ -192,3 +192,17 @@ def test_gram_path_from_store_matches_memory(tmp_path, block_rows):
     assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
     si = st.self_influence(progress=False)
     assert float((si - mem.self_influence(progress=False)).abs().max()) <= 1e-4 * float(si.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_by_lower_blocks_equals_the_full_product(dtype):
+    from gradsketch.linalg.operator import gram
+
+    g = torch.Generator().manual_seed(0)
+    F = torch.randn(1300, 37, generator=g, dtype=torch.float64)   # 1300 rows: blocks of 512, a ragged last one
+    want = F @ F.T
+    G = gram(F.to(dtype), block=512)
+    assert G.dtype == torch.float64 and torch.equal(G, G.T)
+    tol = dict(rtol=1e-12, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(G, want, **tol)
+    torch.testing.assert_close(gram(F.to(dtype), block=4096), G, rtol=0, atol=tol["atol"])   # one block: same

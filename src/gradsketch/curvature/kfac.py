@@ -228,8 +228,10 @@ class _Capturer:
             eps = torch.randn(self.mc, m, C, generator=self.gen, dtype=torch.float64).to(L.device)
             cots = [(1.0 / self.mc, torch.einsum("mck,mk->mc", L, eps[s])) for s in range(self.mc)]
         for j, (w, c) in enumerate(cots):
-            grads = torch.autograd.grad(z, targets, c.to(z.dtype).reshape(z.shape), retain_graph=j < len(cots) - 1,
-                                        allow_unused=True)
+            # the vector-Jacobian product Jᵀc as the gradient of the scalar Σ z·c: the same numbers, and passing
+            # grad_outputs would make torch import sympy on the first call (~1.3 CPU s)
+            grads = torch.autograd.grad((z * c.to(z.dtype).reshape(z.shape)).sum(), targets,
+                                        retain_graph=j < len(cots) - 1, allow_unused=True)
             yield w, pack(grads)
 
 
@@ -346,9 +348,10 @@ class KFACOperator(LinearOperator):
                 blk.lam = torch.zeros(blk.rows, blk.cols, dtype=torch.float64, device=task.device)
             for batch in progress_iter(data, progress, "ekfac eigenvalue correction", total):
                 split = task.split(batch)
+                acts: dict = {}  # the activation sides of this batch, shared by its cotangents (one forward)
                 for w, caps in cap.run(split):
                     for blk in blocks.values():
-                        _accumulate_lambda(blk, caps[id(blk.module)], w)
+                        _accumulate_lambda(blk, caps[id(blk.module)], w, acts)
             for blk in blocks.values():
                 cast(Tensor, blk.lam).div_(n)
         return cls(task, blocks, diag, kind, fisher, n)
@@ -508,8 +511,23 @@ def _sides(blk: KroneckerBlock, x: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     return r, c
 
 
+def _grad_side(blk: KroneckerBlock, dy: Tensor) -> Tensor:
+    """The output-gradient side of :func:`_sides` alone (``c`` for Conv1D, ``r`` otherwise; never an
+    embedding): what changes between the cotangents of one forward pass, without the activation side's
+    unfold and copies."""
+    m = dy.shape[0]
+    if blk.kind == "conv2d":
+        return dy.reshape(m, dy.shape[1], -1).transpose(1, 2).double()
+    return dy.reshape(m, -1, dy.shape[-1]).double()
+
+
 def _accumulate_factors(blk: KroneckerBlock, pairs: list[tuple[Tensor, Tensor]], w: float, first: bool) -> None:
     for x, dy in pairs:
+        if blk.kind != "embedding" and not first:  # the activation factor is taken once per batch
+            g2 = _grad_side(blk, dy)
+            g2 = g2.reshape(-1, g2.shape[-1])
+            (blk.R if blk.act == "cols" else blk.C).addmm_(g2.T, g2, alpha=w)   # the output-gradient factor
+            continue
         r, c = _sides(blk, x, dy)
         if blk.kind == "embedding":
             if first:  # activations: token counts, once per batch
@@ -520,22 +538,42 @@ def _accumulate_factors(blk: KroneckerBlock, pairs: list[tuple[Tensor, Tensor]],
             continue
         act, grad = (c, r) if blk.act == "cols" else (r, c)
         A, S = (blk.C, blk.R) if blk.act == "cols" else (blk.R, blk.C)
-        if first:
-            a2 = act.reshape(-1, act.shape[-1])
-            A.addmm_(a2.T, a2)
-            blk.count += a2.shape[0]
+        a2 = act.reshape(-1, act.shape[-1])
+        A.addmm_(a2.T, a2)
+        blk.count += a2.shape[0]
         g2 = grad.reshape(-1, grad.shape[-1])
         S.addmm_(g2.T, g2, alpha=w)
 
 
-def _accumulate_lambda(blk: KroneckerBlock, pairs: list[tuple[Tensor, Tensor]], w: float) -> None:
+def _projected_sides(blk: KroneckerBlock, x: Tensor, dy: Tensor, acts: dict | None) -> tuple[Tensor, Tensor]:
+    """(r Q_R, c Q_C) of one call of a non-embedding block. ``acts`` caches the projected activation side
+    by the input tensor, so the cotangents of one forward pass (the C columns of the GGN, or the MC samples)
+    unfold and project it once."""
+    qr, qc = blk.qr, cast(Tensor, blk.qc)
+    key = (id(blk), id(x))
+    hit = None if acts is None else acts.get(key)
+    if hit is not None and hit[0] is x:
+        g = _grad_side(blk, dy)
+        if blk.act == "cols":
+            return (g if qr is None else g @ qr), hit[1]
+        return hit[1], g @ qc
+    r, c = _sides(blk, x, dy)
+    pr = r if qr is None else r @ qr
+    pc = c @ qc
+    if acts is not None:
+        acts[key] = (x, pc if blk.act == "cols" else pr)   # x kept: its id cannot be reused while cached
+    return pr, pc
+
+
+def _accumulate_lambda(blk: KroneckerBlock, pairs: list[tuple[Tensor, Tensor]], w: float,
+                       acts: dict | None = None) -> None:
     lam, qc = cast(Tensor, blk.lam), cast(Tensor, blk.qc)
-    # a module called several times per example: its gradient sums over all calls (positions concatenated)
-    sides = [_sides(blk, x, dy) for x, dy in pairs]
-    r = sides[0][0] if len(sides) == 1 else torch.cat([s[0] for s in sides], 1)
-    c = sides[0][1] if len(sides) == 1 else torch.cat([s[1] for s in sides], 1)
-    m = c.shape[0]
     if blk.kind == "embedding":
+        # a module called several times per example: its gradient sums over all calls (positions concatenated)
+        sides = [_sides(blk, x, dy) for x, dy in pairs]
+        r = sides[0][0] if len(sides) == 1 else torch.cat([s[0] for s in sides], 1)
+        c = sides[0][1] if len(sides) == 1 else torch.cat([s[1] for s in sides], 1)
+        m = c.shape[0]
         pc = c @ qc                                             # [m, T, cols]
         vocab = blk.rows
         key = (torch.arange(m, device=r.device)[:, None] * vocab + r).reshape(-1)
@@ -544,8 +582,12 @@ def _accumulate_lambda(blk: KroneckerBlock, pairs: list[tuple[Tensor, Tensor]], 
         G.index_add_(0, inv, pc.reshape(-1, pc.shape[-1]))
         lam.index_add_(0, uniq % vocab, G.square(), alpha=w)
         return
-    pr = r @ cast(Tensor, blk.qr)
-    pc = c @ qc
+    # projecting each side first and then concatenating the calls' positions is the same as projecting the
+    # concatenation (the projection acts on the last dimension)
+    proj = [_projected_sides(blk, x, dy, acts) for x, dy in pairs]
+    pr = proj[0][0] if len(proj) == 1 else torch.cat([p[0] for p in proj], 1)
+    pc = proj[0][1] if len(proj) == 1 else torch.cat([p[1] for p in proj], 1)
+    m = pc.shape[0]
     chunk = max(1, _CHUNK_ELEMENTS // (blk.rows * blk.cols))
     for lo in range(0, m, chunk):
         a, b = pr[lo:lo + chunk], pc[lo:lo + chunk]

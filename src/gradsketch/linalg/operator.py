@@ -595,8 +595,12 @@ def ridge_inverse(F: Tensor, damping: float, G: Tensor | None = None) -> LinearO
     return dense_inverse(F.T @ F, damping)
 
 
-def gram(F: Tensor) -> Tensor:
-    """``FFᵀ [n, n]`` in float64, computed with a GEMM in F's precision (float32 or float64).
+def gram(F: Tensor, block: int = 512) -> Tensor:
+    """``FFᵀ [n, n]`` in float64, computed with GEMMs in F's precision (float32 or float64).
+
+    Only the lower block triangle is multiplied (``block`` rows at a time against the rows up to the end of
+    their block) and mirrored, about (n + block)/(2n) of the flops of ``F @ F.T``: 0.55 of it at n = 5,000
+    (TRAK's n × n Gram on a Fashion-MNIST CNN, the largest cost of its fit).
 
     >>> gram(torch.ones(2, 3)).tolist()
     [[3.0, 3.0], [3.0, 3.0]]
@@ -604,4 +608,15 @@ def gram(F: Tensor) -> Tensor:
     F = F.detach().to("cpu")
     if F.dtype not in (torch.float32, torch.float64):
         F = F.to(torch.float32)
-    return (F @ F.T).to(torch.float64)
+    n = F.shape[0]
+    if n <= 2 * block:
+        return (F @ F.T).to(torch.float64)
+    G = torch.empty(n, n, dtype=torch.float64)
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        B = (F[lo:hi] @ F[:hi].T).to(torch.float64)   # rows [lo, hi) against rows [0, hi): the diagonal block too
+        D = B[:, lo:hi]
+        B[:, lo:hi] = D.tril() + D.tril(-1).T   # the diagonal block made exactly symmetric (its lower triangle)
+        G[lo:hi, :hi] = B
+        G[:lo, lo:hi] = B[:, :lo].T
+    return G
