@@ -42,7 +42,7 @@ tmp = Path(tempfile.mkdtemp())
 for label, fn in [("kronfluence EK-FAC", lambda: kronfluence_run(model, Xtr, ytr, Xte, yte, "ekfac", tmp)),
                   ("traker TRAK (d=2048)", lambda: traker_run(model, Xtr, ytr, Xte, yte, tmp))]:
     c0, t0 = time.process_time(), time.perf_counter()
-    S, tf, ts = fn()
+    S, _ = fn()
     rows.append((label, _lds(S, gt), time.process_time() - c0, time.perf_counter() - t0))
     print(rows[-1], flush=True)
 print("| method | LDS | CPU s (fit + score) | wall s |\n|---|---|---|---|")
