@@ -217,7 +217,8 @@ def dattri_run(model: nn.Module, Xtr, ytr, Xte, yte, which: str):
     probability, projection d = 2,048 (its default is 512) in float32. The influence attributors invert the
     Hessian of the loss over the whole training set (one 5,000-example batch, so every HVP is the full mean)
     with ``regularization=0.01``: CG with its default 10 iterations, Arnoldi with 100 iterations and the top
-    100 eigenpairs (its defaults). Scores are returned [n_test, n_train] with dattri's sign (positive = the
+    100 eigenpairs (its defaults); CG scores with one training batch of all examples (dattri recomputes the test
+    side for every training batch) and 1 test target at a time (memory). Scores are returned [n_test, n_train] with dattri's sign (positive = the
     training example raises the test margin, checked on the LDS)."""
     import copy
 
@@ -267,7 +268,13 @@ def dattri_run(model: nn.Module, Xtr, ytr, Xte, yte, which: str):
         raise ValueError(f"which: expected 'trak', 'cg' or 'arnoldi', got {which!r}")
     a.cache(full)
     clk.lap()
-    sc = a.attribute(DataLoader(tr, batch_size=500, shuffle=False), DataLoader(te, batch_size=500, shuffle=False))
+    # dattri recomputes the test side's inverse-HVP for every training batch, so CG gets one training batch of
+    # all 5,000; it vmaps its HVPs over the test batch, each over the 5,000-image Hessian batch (20 targets at
+    # once needed 18 GB and were killed for memory here): 1 target at a time. Arnoldi's test side is a cheap
+    # projection: training batches of 500 (one batch of 5,000 ran out of a 9 GB memory cap)
+    big = which == "cg"
+    sc = a.attribute(DataLoader(tr, batch_size=len(tr) if big else 500, shuffle=False),
+                     DataLoader(te, batch_size=1 if big else 500, shuffle=False))
     return sc.T.detach(), clk.lap()
 
 
