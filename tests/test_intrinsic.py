@@ -288,3 +288,55 @@ def test_fused_adjoint_forward_mode():
     eps = 1e-5
     fd = (f(w + eps * t) - f(w - eps * t)) / (2 * eps)
     torch.testing.assert_close(jt, fd.detach(), rtol=1e-7, atol=1e-8)
+
+
+# -- regenerate=True: no stored sketch state between calls (issue 18: fjl/ffd subspace memory) ------------------
+@pytest.mark.parametrize("kind", ["fjl", "ffd", "affd", "qk"])
+def test_regenerate_is_the_same_map_and_holds_no_state(kind):
+    """A BlockSketch with regenerate=True is the same matrix as the stored one (forward, adjoint, explicit
+    matrix, equal in float64 to the last bit), holds 0 bytes of state and records nothing in its spec;
+    several groups (min_group small) so that building one group at a time is exercised."""
+    from gradsketch.sketch import BlockSketch
+
+    shapes = {"a": (40, 30), "b": 50, "c": (7, 9), "d": 300}
+    kw = dict(d=32, kind=kind, seed=7, min_group=64)
+    stored, lazy = BlockSketch(shapes, **kw), BlockSketch(shapes, regenerate=True, **kw)
+    assert len(stored.groups) >= 3 and lazy.groups == stored.groups
+    assert stored.state_bytes() > 0 and lazy.state_bytes() == 0 and lazy.spec == stored.spec
+    g = torch.Generator().manual_seed(3)
+    xs = {k: torch.randn(2, *((s,) if isinstance(s, int) else s), generator=g, dtype=torch.float64)
+          for k, s in shapes.items()}
+    assert torch.equal(lazy(xs), stored(xs))
+    y = torch.randn(2, 32, generator=g, dtype=torch.float64)
+    a, b = lazy.T(y), stored.T(y)
+    assert all(torch.equal(a[k], b[k]) for k in shapes)
+    assert torch.equal(lazy.matrix(), stored.matrix())
+
+
+@pytest.mark.parametrize("kind", ["fjl", "ffd"])
+def test_subspace_regenerate_equals_stored(kind):
+    """SubspaceModel(..., regenerate=True): the same θ, loss and ∇_ω as the stored sketch (float64, exact), and
+    still gradcheck/gradgradcheck-correct."""
+    x, y = data()
+    stored = SubspaceModel(tiny_mlp(), 12, kind=kind, seed=2)
+    lazy = SubspaceModel(tiny_mlp(), 12, kind=kind, seed=2, regenerate=True)
+    assert lazy.sketch.state_bytes() == 0 and lazy.spec == stored.spec
+    w = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    grads = []
+    for sm in (stored, lazy):
+        out = torch.func.functional_call(sm, {"omega": w}, (x,))
+        grads.append(torch.autograd.grad(nn.functional.cross_entropy(out, y), [w])[0])
+    assert torch.equal(grads[0], grads[1])
+
+    def f(v):
+        return torch.func.functional_call(lazy, {"omega": v}, (x,))
+
+    assert torch.autograd.gradcheck(f, (w,))
+    assert torch.autograd.gradgradcheck(f, (w,))
+
+
+def test_regenerate_rejects_non_bool():
+    from gradsketch.sketch import BlockSketch
+
+    with pytest.raises(TypeError, match="regenerate: expected True or False"):
+        BlockSketch([10, 20], d=4, kind="fjl", regenerate="yes")

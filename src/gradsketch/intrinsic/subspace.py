@@ -234,8 +234,10 @@ def _adjoint_parts(sketch: BlockSketch, y: Tensor, base: list[Tensor], add_base:
     """Per selected tensor i: (Φᵀy)_i (+ base_i), shaped and typed like base_i, computed one sketch group at a
     time (the group's padded Φᵀ buffer is released before the next group starts)."""
     out: list[Tensor | None] = [None] * len(base)
-    for g, S in zip(sketch.groups, sketch.sketches):
+    for gi, g in enumerate(sketch.groups):
+        S = sketch.sketches[gi]  # built here with regenerate=True (and released below, before the next group's)
         z = S.T(y)
+        del S
         for i, piece in zip(g, torch.split(z, [sketch.sizes[i] for i in g], dim=-1)):
             b = base[i]
             piece = piece.reshape(b.shape)

@@ -37,6 +37,11 @@ class BlockSketch(BlockSketchOperator):
     concatenated; large tensors get a sketch of their own and are never copied. Each group's sketch is
     ``gradsketch.sketch(kind, n_g, d, seed=derive(seed, g), **options)``.
 
+    ``regenerate=True`` keeps no group's random state between calls: every map builds each group's sketch from
+    its seed just before using it and drops it afterwards, so at most one group's state is alive at a time
+    (``state_bytes()`` is 0) at the price of the build time on every call. The map is the same matrix as with
+    ``regenerate=False`` (same constructor, same seed), so the spec does not record it.
+
     As a :class:`gradsketch.linalg.LinearOperator` it is the ``(d, n)`` map of the concatenated vector
     (``B @ v`` for ``v [n]``; ``B @ H @ B.T``); ``B.T(y)`` returns the blocks (list or dict) and
     ``B.T @ w`` the concatenated ``[n]`` vector.
@@ -49,7 +54,7 @@ class BlockSketch(BlockSketchOperator):
     """
 
     def __init__(self, sizes: Sequence[Any] | Mapping[str, Any], d: int, kind: str = "affd", seed: int = 0,
-                 min_group: int = MIN_GROUP, **options: Any) -> None:
+                 min_group: int = MIN_GROUP, regenerate: bool = False, **options: Any) -> None:
         if isinstance(sizes, Mapping):
             self.names: list[str] | None = [str(k) for k in sizes]
             raw = list(sizes.values())
@@ -74,12 +79,13 @@ class BlockSketch(BlockSketchOperator):
         allows = KINDS[kind].allows_d_greater_than_n
         if self.n < self.d and not allows:
             raise ValueError(f"d: kind {kind!r} needs d <= n, got d={self.d} > n={self.n}")
+        if not isinstance(regenerate, bool):
+            raise TypeError(f"regenerate: expected True or False, got {regenerate!r}")
+        self.regenerate = regenerate
         self.groups = self._group(allows)
         self._init_operator(self.n, self.d, "cpu")
-        self.sketches = [
-            sketch(kind, sum(self.sizes[i] for i in g), self.d, seed=derive_seed(self.seed, "block", gi), **options)
-            for gi, g in enumerate(self.groups)
-        ]
+        built = _GroupSketches(self)
+        self.sketches: Sequence[Any] = built if regenerate else list(built)
 
     def _group(self, allows: bool) -> list[list[int]]:
         big = max(self.d, self.min_group)
@@ -114,13 +120,15 @@ class BlockSketch(BlockSketchOperator):
                 "options": self.options}
 
     def to(self, device: torch.device | str) -> BlockSketch:
-        for s in self.sketches:
-            s.to(device)
+        if not self.regenerate:
+            for s in self.sketches:
+                s.to(device)
         self.device = torch.device(device)
         return self
 
     def state_bytes(self) -> int:
-        return sum(s.state_bytes() for s in self.sketches)
+        """Bytes of random state held between calls (0 with ``regenerate=True``)."""
+        return 0 if self.regenerate else sum(s.state_bytes() for s in self.sketches)
 
     # -- maps ---------------------------------------------------------------------------------
     def _as_list(self, xs: Any, what: str) -> list[Tensor]:
@@ -160,9 +168,11 @@ class BlockSketch(BlockSketchOperator):
                 raise ValueError(f"xs[{i}]: leading dimensions {this_lead} differ from xs[0]'s {lead}")
             flat.append(t.reshape(*this_lead, self.sizes[i]))
         out = None
-        for g, S in zip(self.groups, self.sketches):
+        for gi, g in enumerate(self.groups):
+            S = self.sketches[gi]  # indexed, not zipped: zip would hold the previous group's sketch meanwhile
             x = flat[g[0]] if len(g) == 1 else torch.cat([flat[i] for i in g], dim=-1)
             y = S(x, out_dtype=out_dtype or torch.promote_types(x.dtype, torch.float32), nan_policy=nan_policy)
+            del S  # with regenerate=True: this group's state goes before the next group's is built
             out = y if out is None else out + y
         assert out is not None
         return out.to(out_dtype or tensors[0].dtype)
@@ -171,8 +181,10 @@ class BlockSketch(BlockSketchOperator):
                       ) -> list[Tensor] | dict[str, Tensor]:
         """Φᵀy split back into blocks: ``[..., d]`` -> list (or dict) of ``[..., *shape_i]`` (``B.T(y)``)."""
         parts: list[Tensor | None] = [None] * len(self.sizes)
-        for g, S in zip(self.groups, self.sketches):
+        for gi, g in enumerate(self.groups):
+            S = self.sketches[gi]
             z = S.T(y, out_dtype=out_dtype, nan_policy=nan_policy)
+            del S
             for i, piece in zip(g, torch.split(z, [self.sizes[i] for i in g], dim=-1)):
                 parts[i] = piece.reshape(*y.shape[:-1], *self.shapes[i])
         out = [p for p in parts if p is not None]
@@ -191,4 +203,28 @@ class BlockSketch(BlockSketchOperator):
 
     def __repr__(self) -> str:
         return (f"BlockSketch(kind={self.kind!r}, blocks={len(self.sizes)}, groups={len(self.groups)}, "
-                f"n={self.n}, d={self.d})")
+                f"n={self.n}, d={self.d}{', regenerate=True' if self.regenerate else ''})")
+
+
+class _GroupSketches(Sequence):
+    """The groups' sketches of a :class:`BlockSketch`, each built from its seed when asked for (on the block
+    sketch's current device): ``list(...)`` stores them; iterating builds one at a time."""
+
+    def __init__(self, block: BlockSketch) -> None:
+        self.block = block
+
+    def __len__(self) -> int:
+        return len(self.block.groups)
+
+    def __getitem__(self, gi):  # type: ignore[no-untyped-def,override]
+        b = self.block
+        if isinstance(gi, slice):
+            return [self[i] for i in range(*gi.indices(len(self)))]
+        g = b.groups[gi]
+        S = sketch(b.kind, sum(b.sizes[i] for i in g), b.d, seed=derive_seed(b.seed, "block", gi % len(self)),
+                   **b.options)
+        return S if b.device == torch.device("cpu") else S.to(b.device)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for gi in range(len(self)):
+            yield self[gi]
