@@ -74,7 +74,9 @@ class SubspaceModel(nn.Module):
     ----------
     model : nn.Module whose selected parameters become θ0 (the unselected ones stay fixed at their values).
     d : subspace dimension (ω's length).
-    kind, seed, **sketch_options : the sketch, ``BlockSketch(shapes, d, kind, seed, **sketch_options)``.
+    kind, seed, **sketch_options : the sketch, ``BlockSketch(shapes, d, kind, seed, **sketch_options)``;
+        ``regenerate=True`` keeps none of the sketch's random state between steps (each group's state is
+        rebuilt from its seed for Φᵀ in forward and Φ in backward: less memory, one sketch build per map).
     said : per-tensor scales λ (initialised to 1) trained and counted in ``n_trainable``.
     params : None (all parameters), a list of names or parameter tensors, or ``predicate(name, p) -> bool``.
     normalize : c = √(d/n) if True (E‖cΦᵀω‖² = ‖ω‖²), c = 1 otherwise.
