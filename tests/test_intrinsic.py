@@ -340,3 +340,18 @@ def test_regenerate_rejects_non_bool():
 
     with pytest.raises(TypeError, match="regenerate: expected True or False"):
         BlockSketch([10, 20], d=4, kind="fjl", regenerate="yes")
+
+
+@pytest.mark.parametrize("s", [1, 2, 3])
+def test_hashed_rows_drawn_as_int32_equal_the_int64_draws(s):
+    """The CountSketch rows are drawn as int32 directly (no int64 copy per regenerated map): the same values as
+    the former int64 draw cast to int32, so every existing sjlt/fjl sketch keeps its matrix."""
+    from gradsketch.sketch.kinds import _Hashed
+
+    n, d = 5000, 37
+    new = _Hashed.draw(n, d, s, torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    bounds = [d * j // s for j in range(s + 1)]
+    old = torch.stack([bounds[j] + torch.randint(0, bounds[j + 1] - bounds[j], (n,), generator=g, dtype=torch.int64)
+                       for j in range(s)]).to(torch.int32)
+    assert new.dtype == torch.int32 and new.shape == (s, n) and torch.equal(new, old)

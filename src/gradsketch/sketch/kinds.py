@@ -112,10 +112,12 @@ class _Hashed:
     @staticmethod
     def draw(n: int, d: int, s: int, gen: torch.Generator) -> Tensor:
         # s disjoint row ranges, one row per range per column: the s rows of a column are distinct.
+        # drawn as int32 directly: torch draws the same values for every integer dtype (tested), without an
+        # int64 copy of n entries per row (this runs on every map with BlockSketch(regenerate=True))
         bounds = [d * j // s for j in range(s + 1)]
-        rows = [bounds[j] + torch.randint(0, bounds[j + 1] - bounds[j], (n,), generator=gen, dtype=torch.int64)
+        rows = [torch.randint(0, bounds[j + 1] - bounds[j], (n,), generator=gen, dtype=torch.int32).add_(bounds[j])
                 for j in range(s)]
-        return torch.stack(rows).to(torch.int32)
+        return rows[0][None] if s == 1 else torch.stack(rows)
 
     @staticmethod
     def forward(x: Tensor, rows: Tensor, vals: Tensor, d: int) -> Tensor:
@@ -492,7 +494,7 @@ class FJLSketch(_StructuredBase):
         if self.pre.needs_signs:
             self._bufs["B"] = _signs(self.n_pad, g)
         self._bufs["rows"] = _Hashed.draw(self.n_pad, self.d, s, g)
-        self._bufs["vals"] = torch.randn(s, self.n_pad, generator=g) / math.sqrt(s)
+        self._bufs["vals"] = torch.randn(s, self.n_pad, generator=g).div_(math.sqrt(s))
 
     def _mats(self, dtype: torch.dtype) -> list[Tensor]:
         return [self._buf(f"P{i}", dtype) for i in range(len(self.pre.mats))]
