@@ -4,7 +4,8 @@
         [--mmap-threshold BYTES]
 
 A kind written ``kind@regen`` builds the subspace with ``regenerate=True`` (no sketch state kept between calls:
-each group's sketch is rebuilt from its seed on every map).
+each group's sketch is rebuilt from its seed on every map); ``ffd@rng3`` (or ``ffd@rng3+regen``) uses Fastfood's
+chunked χ draws (``rng=3``).
 
 Each configuration runs in its own subprocess (so peak RSS is per configuration): load the model, one warm-up
 step, then ``--steps`` timed Adam steps (forward + backward + update) on Rotten Tomatoes batches; the median
@@ -48,8 +49,9 @@ def worker(mode: str, kind: str, d: int, batch: int, seq: int, steps: int, threa
     model = model_fn()
     t0 = time.perf_counter()
     if mode == "subspace":
-        base_kind, _, flag = kind.partition("@")
-        model = SubspaceModel(model, d, kind=base_kind, seed=0, regenerate=flag == "regen")
+        base_kind, _, flags = kind.partition("@")
+        opts = {"rng": 3} if "rng3" in flags.split("+") else {}
+        model = SubspaceModel(model, d, kind=base_kind, seed=0, regenerate="regen" in flags.split("+"), **opts)
     build_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-3)

@@ -17,10 +17,44 @@ def test_ffd_spec_names_its_draw_scheme_and_rebuilds_exactly():
 
 
 def test_ffd_old_draw_scheme_is_refused_by_name():
-    with pytest.raises(ValueError, match=r"^rng: expected 2 .*got 1"):
+    with pytest.raises(ValueError, match=r"^rng: expected 2 or 3 .*got 1"):
         gradsketch.sketch("ffd", 1000, 64, rng=1)
 
 
 def test_a_spec_written_before_the_scheme_was_recorded_differs_from_any_rebuilt_spec():
     old = {"kind": "ffd", "n": 1000, "d": 64, "seed": 3, "preconditioner": "hadamard", "max_factor": 1024}
     assert gradsketch.sketch(**old).spec != old  # a store's identity check compares specs: the old store is refused
+
+
+def test_ffd_rng3_chunked_chi_same_structure_different_draws_and_exact_rebuild():
+    """rng=3 draws S's χ values per chunk of blocks (chunk-sized temporaries); B, G and the permutations are
+    those of rng=2, S has the same per-block scale law (S·‖G_i‖ = χ_L draws: mean of S²·‖G_i‖² ≈ L), the spec
+    records 3 and rebuilds exactly, and the two schemes are different sketches."""
+    n, d = 5 * 4096 + 100, 64  # L = 64, nb = 322 blocks; CHI_CHUNK / L = 16384 blocks per chunk -> one chunk
+    a = gradsketch.sketch("ffd", n, d, seed=4)
+    b = gradsketch.sketch("ffd", n, d, seed=4, rng=3)
+    assert b.spec["rng"] == 3 and a.spec != b.spec
+    for k in ("B", "G", "perm"):
+        assert torch.equal(a._bufs[k], b._bufs[k])
+    assert not torch.equal(a._bufs["S"], b._bufs["S"])
+    chi2 = (b._bufs["S"].double() * b._bufs["G"].double().norm(dim=1, keepdim=True)) ** 2  # χ²_64 draws
+    assert abs(float(chi2.mean()) - 64) < 6 * (128 / chi2.numel()) ** 0.5  # 6 sd of the mean
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(gradsketch.sketch(**b.spec)(x), b(x))
+
+
+def test_ffd_rng3_chunks_use_their_own_generators(monkeypatch):
+    """With several chunks, chunk c's χ values come from generator (seed, "ffd-chi", c): S equals the
+    definition evaluated by hand, chunk by chunk (chunks of 16, 16 and 8 blocks)."""
+    from gradsketch.sketch._random import chi, generator
+    from gradsketch.sketch.kinds import FFDSketch
+
+    n, d, L = 64 * 40, 64, 64
+    monkeypatch.setattr(FFDSketch, "CHI_CHUNK", 64 * 16)
+    S = gradsketch.sketch("ffd", n, d, seed=2, rng=3)
+    gnorm = S._bufs["G"].norm(dim=1, keepdim=True)
+    want = torch.cat([chi(L, (b - a, L), generator(2, "ffd-chi", c)).to(torch.float32) / gnorm[a:b]
+                      for c, (a, b) in enumerate([(0, 16), (16, 32), (32, 40)])])
+    assert torch.equal(S._bufs["S"], want)
+    whole = torch.cat([chi(L, (40, L), generator(2, "ffd-chi", 0)).to(torch.float32) / gnorm])
+    assert not torch.equal(S._bufs["S"], whole)

@@ -760,16 +760,21 @@ class FFDSketch(_StructuredBase):
     option_names = ("preconditioner", "max_factor", "rng")
 
     #: Version of the scheme that draws the random state. 1: χ draws from numpy (before 2026-12-04);
-    #: 2: every draw from torch generators. The version is part of the spec, so a store or checkpoint made
+    #: 2 (default): every draw from torch generators; 3: as 2, except that the χ draws of S come from one
+    #: generator per chunk of CHI_CHUNK elements (same law; the float64 temporaries of the χ sampler are
+    #: chunk-sized instead of n_pad-sized: 2 builds a 22.7M-parameter model's ffd with ~0.5 GB of them, which
+    #: set subspace training's peak memory). The version is part of the spec, so a store or checkpoint made
     #: with another version is refused as a different sketch instead of silently rebuilt differently.
     RNG_VERSION = 2
+    RNG_VERSIONS = (2, 3)
+    #: elements of S drawn per χ generator with rng=3 (whole blocks; part of the scheme, do not change)
+    CHI_CHUNK = 1 << 20
 
     def __init__(self, n: int, d: int, seed: int = 0, preconditioner: str = "hadamard",
                  max_factor: int = 1024, rng: int = RNG_VERSION) -> None:
-        if rng != self.RNG_VERSION:
-            raise ValueError(f"rng: expected {self.RNG_VERSION} (the only ffd random-draw scheme this version "
-                             f"can rebuild), got {rng!r}; re-create the sketch (and re-featurise any store made "
-                             "with it)")
+        if isinstance(rng, bool) or rng not in self.RNG_VERSIONS:
+            raise ValueError(f"rng: expected 2 or 3 (the ffd random-draw schemes this version can rebuild), got "
+                             f"{rng!r}; re-create the sketch (and re-featurise any store made with it)")
         super().__init__(n, d, seed, preconditioner=preconditioner, max_factor=max_factor, rng=rng)
         self._common(preconditioner, max_factor)
         self._options["rng"] = rng
@@ -795,8 +800,18 @@ class FFDSketch(_StructuredBase):
         pdt = torch.int16 if L <= 2**15 else torch.int32
         self._bufs["perm"] = torch.stack([torch.randperm(L, generator=g) for _ in range(nb)]).to(pdt) \
             if nb * L <= 2**28 else torch.empty(0)
-        chi_draws = chi(L, (nb, L), generator(self.seed, "ffd-chi"))  # all randomness from torch generators
-        self._bufs["S"] = chi_draws.to(torch.float32) / G.norm(dim=1, keepdim=True)
+        gnorm = G.norm(dim=1, keepdim=True)
+        if rng == 2:
+            chi_draws = chi(L, (nb, L), generator(self.seed, "ffd-chi"))  # all randomness from torch generators
+            self._bufs["S"] = chi_draws.to(torch.float32) / gnorm
+        else:  # one χ generator per chunk of whole blocks: chunk-sized temporaries
+            S = torch.empty(nb, L)
+            per = max(1, self.CHI_CHUNK // L)
+            for c, a in enumerate(range(0, nb, per)):
+                b = min(nb, a + per)
+                torch.div(chi(L, (b - a, L), generator(self.seed, "ffd-chi", c)).to(torch.float32), gnorm[a:b],
+                          out=S[a:b])
+            self._bufs["S"] = S
         self.scale = math.sqrt(L / self.d)
 
     def _h(self, x: Tensor) -> Tensor:
