@@ -124,3 +124,17 @@ def test_activation_size_and_block_product_width():
     assert block_batch_columns(wide, (X,)) == 4096
     mid = Task(nn.Linear(3, 997, bias=False).double(), lambda m, b: (m(b[0]) ** 2).sum(1))
     assert block_batch_columns(mid, (X,)) == (1 << 23) // 1000
+
+
+def test_residual_stop_from_the_gradient_start_returns_the_long_runs_top_k():
+    """The default start block and frozen GGN with the residual test: the run stops converged before the whole
+    space, and its top 4 agree with a run over the whole space within the residual bound (Bauer–Fike)."""
+    task, (X, y), _ = tiny()
+    tr = batches(X, y, batch_size=4)
+    N = task.n_params
+    short = Attributor(task, "arnoldi", n_iters=N, top_k=4, block_size=2, tol=1e-6).fit(tr, progress=False)
+    long = Attributor(task, "arnoldi", n_iters=N, top_k=4, block_size=2, tol=None).fit(tr, progress=False)
+    assert short.krylov_["stop"] == "converged" and short.krylov_["dim"] < N
+    assert long.krylov_["stop"] == "exhausted"
+    scale = float(long.eigenvalues_.abs().max())
+    torch.testing.assert_close(short.eigenvalues_, long.eigenvalues_, rtol=0, atol=1e-6 * scale)
