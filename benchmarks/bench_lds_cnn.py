@@ -272,9 +272,22 @@ def dattri_run(model: nn.Module, Xtr, ytr, Xte, yte, which: str):
     # all 5,000; it vmaps its HVPs over the test batch, each over the 5,000-image Hessian batch (20 targets at
     # once needed 18 GB and were killed for memory here): 1 target at a time. Arnoldi's test side is a cheap
     # projection: training batches of 500 (one batch of 5,000 ran out of a 9 GB memory cap)
-    big = which == "cg"
-    sc = a.attribute(DataLoader(tr, batch_size=len(tr) if big else 500, shuffle=False),
-                     DataLoader(te, batch_size=1 if big else 500, shuffle=False))
+    if which == "cg":   # memory grows with the targets one attributor has scored: a fresh one per 4 targets
+        import gc
+
+        parts = []
+        for lo in range(0, len(yte), 4):
+            if lo:
+                del a
+                gc.collect()
+                a = IFAttributorCG(task=task, device="cpu", max_iter=10, regularization=0.01)
+                a.cache(full)
+            sub = TensorDataset(Xte[lo:lo + 4], yte[lo:lo + 4])
+            parts.append(a.attribute(DataLoader(tr, batch_size=len(tr), shuffle=False),
+                                     DataLoader(sub, batch_size=1, shuffle=False)).detach())
+        sc = torch.cat(parts, 1)
+    else:
+        sc = a.attribute(DataLoader(tr, batch_size=500, shuffle=False), DataLoader(te, batch_size=500, shuffle=False))
     return sc.T.detach(), clk.lap()
 
 
@@ -360,6 +373,11 @@ def report(args: argparse.Namespace) -> None:
             continue
         sc = torch.load(args.cache / "scores" / r["scores"], weights_only=True)
         n_test = sc.shape[0]
+        bad = int((~torch.isfinite(sc)).sum())
+        if bad:
+            rows.append(f"| {label} | {bad} of {sc.numel()} scores NaN/Inf | | {r['fit_cpu']:.2f} | "
+                        f"{r['score_cpu']:.2f} | {r['fit_cpu'] + r['score_cpu']:.2f} | {r['fit_s'] + r['score_s']:.1f} |")
+            continue
         lds_all = f"{_lds(sc, gt):.3f}" if n_test == gt.outputs.shape[1] else f"(scored {n_test} targets only)"
         fc, scpu = r.get("fit_cpu", float("nan")), r.get("score_cpu", float("nan"))
         rows.append(f"| {label} | {lds_all} | {_lds(sc[:k], gt_k):.3f} | {fc:.2f} | {scpu:.2f} | {fc + scpu:.2f} | "
