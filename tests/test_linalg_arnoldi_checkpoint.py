@@ -126,3 +126,118 @@ def test_damaged_checkpoints_are_refused_by_name(tmp_path):
         arnoldi(MatrixOperator(A), 12, seed=0, checkpoint=tmp_path / "new", checkpoint_every=0)
     with pytest.raises(TypeError, match="checkpoint: expected a directory path"):
         arnoldi(MatrixOperator(A), 12, seed=0, checkpoint=3)
+
+
+# -- resuming reads the saved rows straight into the basis, a block at a time ---------------------------------
+@pytest.mark.parametrize("basis_dtype", [None, torch.float16, torch.bfloat16])
+def test_block_by_block_resume_is_bit_exact(tmp_path, monkeypatch, basis_dtype):
+    """Blocks of 3 rows (24 steps: the last block partial) when reading and writing give the same run."""
+    import gradsketch.linalg._krylov_checkpoint as kc
+
+    A = sym()
+    ref = arnoldi(MatrixOperator(A), 24, seed=3, basis_dtype=basis_dtype)
+    itemsize = ref.Q.element_size()
+    monkeypatch.setattr(kc, "BLOCK_BYTES", 3 * 40 * itemsize)
+    ck = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        arnoldi(Dies(A, 15), 24, seed=3, basis_dtype=basis_dtype, checkpoint=ck, checkpoint_every=4)
+    assert (ck / "basis.bin").stat().st_size == 15 * 40 * itemsize  # rows 0..14 (the failure saved 13, 14)
+    res = arnoldi(MatrixOperator(A), 24, seed=3, basis_dtype=basis_dtype, checkpoint=ck, checkpoint_every=100)
+    assert torch.equal(res.Q, ref.Q) and torch.equal(res.H, ref.H)
+    saved = torch.frombuffer(bytearray((ck / "basis.bin").read_bytes()), dtype=ref.Q.dtype).reshape(25, 40)
+    assert torch.equal(saved, ref.Q.T)  # the file holds the whole basis, written block by block
+
+
+def test_a_nan_in_a_later_block_of_rows_is_refused(tmp_path, monkeypatch):
+    import gradsketch.linalg._krylov_checkpoint as kc
+
+    A = sym()
+    ck = tmp_path / "ck"
+    arnoldi(MatrixOperator(A), 12, seed=0, basis_dtype=torch.float16, checkpoint=ck)
+    monkeypatch.setattr(kc, "BLOCK_BYTES", 4 * 40 * 2)  # 4 rows a block
+    raw = bytearray((ck / "basis.bin").read_bytes())
+    raw[(9 * 40 + 7) * 2: (9 * 40 + 8) * 2] = bytes.fromhex("007c")  # float16 +Inf in row 9 (third block)
+    (ck / "basis.bin").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"basis holds NaN or Inf \(rows 8 to 11\)"):
+        arnoldi(MatrixOperator(A), 12, seed=0, basis_dtype=torch.float16, checkpoint=ck)
+    raw[(9 * 40 + 7) * 2: (9 * 40 + 8) * 2] = bytes.fromhex("007e")  # a float16 NaN
+    (ck / "basis.bin").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        arnoldi(MatrixOperator(A), 12, seed=0, basis_dtype=torch.float16, checkpoint=ck)
+
+
+def _diag_op(n, dtype=D64):
+    from gradsketch.linalg import FunctionOperator
+
+    d = torch.linspace(1.0, 2.0, n, dtype=dtype)
+    return FunctionOperator(lambda V: d[:, None] * V, (n, n), dtype, symmetric=True)
+
+
+def test_resume_makes_no_python_side_copy_of_the_rows(tmp_path, monkeypatch):
+    """The former loader held the saved rows as ``bytes`` plus a numpy copy (both traced by tracemalloc):
+    20 rows of 512 KiB, 10 MiB each. Now the file is read into the basis's own memory; traced allocations
+    stay below one block (1 MiB here)."""
+    import tracemalloc
+
+    import gradsketch.linalg._krylov_checkpoint as kc
+
+    n = 1 << 16
+    op, ck = _diag_op(n), tmp_path / "ck"
+    ref = arnoldi(op, 20, seed=0, checkpoint=ck)
+    monkeypatch.setattr(kc, "BLOCK_BYTES", 1 << 20)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        res = arnoldi(op, 20, seed=0, checkpoint=ck)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert res.n_matvec == 1 and torch.equal(res.Q, ref.Q) and torch.equal(res.H, ref.H)
+    assert peak < 1 << 20, f"traced peak {peak} bytes while resuming 21 rows of {n * 8} bytes"
+
+
+_RESUME_CHILD = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from test_linalg_arnoldi_checkpoint import _diag_op
+from gradsketch.linalg.arnoldi import arnoldi
+
+def status_mb(key):  # VmHWM, unlike ru_maxrss, is not inherited from the parent across fork + exec
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) / 1024 for l in f if l.startswith(key + ":"))
+
+warm = {ck!r} + "-warm-up"  # first use of each kernel and of the file code allocates for good: not counted
+arnoldi(_diag_op(4096, torch.float32), {m}, seed=0, basis_dtype=torch.float16, checkpoint=warm)
+arnoldi(_diag_op(4096, torch.float32), {m}, seed=0, basis_dtype=torch.float16, checkpoint=warm)
+op = _diag_op({n}, torch.float32)
+before = status_mb("VmRSS")
+res = arnoldi(op, {m}, seed=0, basis_dtype=torch.float16, checkpoint={ck!r})
+print(json.dumps({{"before": before, "peak": status_mb("VmHWM"), "n_matvec": res.n_matvec}}))
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/status")
+def test_resumed_process_peak_is_the_basis_plus_a_few_blocks(tmp_path):
+    """A fresh process resumes a complete float16 checkpoint of 13 rows of 2^21 (52 MiB). The former loader
+    held, beside the basis, the file's bytes, a copy of them and a float32 copy for the finiteness check
+    (its peak grew 8x the basis; 796 MiB for twice this size); now the growth is the basis plus a few
+    float32 working vectors (8 MiB each: the start vector, the check product; about nine measured) and one
+    block."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    n, m, ck = 1 << 21, 12, tmp_path / "ck"
+    arnoldi(_diag_op(n, torch.float32), m, seed=0, basis_dtype=torch.float16, checkpoint=ck)
+    assert (ck / "basis.bin").stat().st_size == (m + 1) * n * 2
+    script = _RESUME_CHILD.format(tests=str(Path(__file__).parent), n=n, m=m, ck=str(ck))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["n_matvec"] == 1
+    basis_mb = (m + 1) * n * 2 / 2**20
+    grow = got["peak"] - got["before"]
+    print(f"resume: peak RSS grew {grow:.0f} MiB for a {basis_mb:.0f} MiB basis")
+    assert grow <= basis_mb + 16 * n * 4 / 2**20, f"peak RSS grew {grow:.0f} MiB for a {basis_mb:.0f} MiB basis"

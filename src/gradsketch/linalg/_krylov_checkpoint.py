@@ -7,6 +7,10 @@ Layout of the directory: ``basis.bin`` (rows of the basis, raw, in the basis dty
 replaced atomically, so the manifest never claims rows that are not on disk; rows past ``steps`` are
 ignored. Everything read back is treated as untrusted: sizes, dtypes, finiteness and the run's identity
 (dimension, dtypes, start vector) are checked against the call that resumes it.
+
+Rows move between the file and the run's preallocated basis a block of about ``BLOCK_BYTES`` at a time
+(``readinto`` straight into the basis's memory, and writes from it), so neither saving nor resuming holds a
+second copy of the basis: a resumed process needs the basis plus one block, like an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 from torch import Tensor
 
 FORMAT = "gradsketch.arnoldi-checkpoint/1"
+BLOCK_BYTES = 1 << 24  # rows are read and written about this many bytes at a time
+_CHECK_ELEMS = 1 << 21  # finiteness is checked this many entries at a time (isfinite's temporaries ~ 3 bytes each)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -28,18 +34,29 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _raw(t: Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: keep the bits
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
+def _f64_bytes(t: Tensor) -> bytes:
+    return t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
 
 
-def _from_raw(buf: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(np.frombuffer(buf, dtype=np.int16).copy()).view(torch.bfloat16).reshape(shape)
-    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-    return torch.from_numpy(np.frombuffer(buf, dtype=np_dtype).copy()).reshape(shape)
+def _f64_from_bytes(buf: bytes, shape: tuple[int, ...]) -> Tensor:
+    return torch.from_numpy(np.frombuffer(buf, dtype=np.float64).copy()).reshape(shape)
+
+
+def _blocks(n_rows: int, row_bytes: int):
+    """``(start, stop)`` row ranges of about ``BLOCK_BYTES`` each (at least one row)."""
+    step = max(1, BLOCK_BYTES // max(1, row_bytes))
+    for i in range(0, n_rows, step):
+        yield i, min(n_rows, i + step)
+
+
+def _all_finite(t: Tensor) -> bool:
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + _CHECK_ELEMS]).all()) for i in range(0, flat.numel(), _CHECK_ELEMS))
+
+
+def _host_bytes(t: Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor as a (writable) uint8 array sharing its memory: no copy."""
+    return t.view(-1).view(torch.uint8).numpy()
 
 
 class ArnoldiCheckpoint:
@@ -55,9 +72,12 @@ class ArnoldiCheckpoint:
         self.itemsize = torch.empty((), dtype=basis).element_size()
 
     # -- reading ----------------------------------------------------------------------------------------
-    def load(self) -> dict[str, Any] | None:
-        """The saved state ``{steps, rows [steps+1, n], H [m+1, m], anorm, restarts, generator}`` truncated or
-        padded to this run's ``m``, or ``None`` if the directory holds no checkpoint yet."""
+    def load(self, into: Tensor) -> dict[str, Any] | None:
+        """Read the saved rows ``0 … steps`` into ``into[: steps + 1]`` (the run's basis ``[m+1, n]``, any
+        device) and return the rest of the state ``{steps, H [m+1, m], anorm, restarts, generator}``, truncated
+        or padded to this run's ``m``; ``None`` (``into`` untouched) if the directory holds no checkpoint yet.
+        The rows are read and checked for finiteness a block at a time; on an error ``into`` may hold part
+        of them."""
         mf = self.dir / "manifest.json"
         if not mf.exists():
             return None
@@ -94,18 +114,29 @@ class ArnoldiCheckpoint:
         if not hpath.exists() or hpath.stat().st_size != h_bytes:
             raise ValueError(f"{where}: H.bin: expected {h_bytes} bytes ([{m_saved + 1}, {m_saved}] float64), got "
                              f"{hpath.stat().st_size if hpath.exists() else 'no file'}")
+        if (into.dtype != self.basis or into.ndim != 2 or into.shape[1] != self.n
+                or into.shape[0] < self.m + 1):
+            raise ValueError(f"into: expected a basis [{self.m + 1}, {self.n}] of {_name(self.basis)}, got "
+                             f"{tuple(into.shape)} of {_name(into.dtype)}")
         use = min(steps, self.m)  # Arnoldi's prefix property: the first m steps of a longer run are this run
-        with bpath.open("rb") as f:
-            rows = _from_raw(f.read((use + 1) * row_bytes), self.basis, (use + 1, self.n))
-        Hs = _from_raw(hpath.read_bytes(), torch.float64, (m_saved + 1, m_saved))
-        if not (torch.isfinite(rows.float()).all() and torch.isfinite(Hs).all()):
-            raise ValueError(f"{where}: the saved basis or Hessenberg matrix holds NaN or Inf")
+        Hs = _f64_from_bytes(hpath.read_bytes(), (m_saved + 1, m_saved))
+        if not torch.isfinite(Hs).all():
+            raise ValueError(f"{where}: the saved Hessenberg matrix holds NaN or Inf")
+        direct = into.device.type == "cpu" and into.is_contiguous()
+        with bpath.open("rb", buffering=0) as f:
+            for i, j in _blocks(use + 1, row_bytes):
+                block = into[i:j] if direct else torch.empty(j - i, self.n, dtype=self.basis)
+                _read_exactly(f, _host_bytes(block), where)
+                if not _all_finite(block):
+                    raise ValueError(f"{where}: the saved basis holds NaN or Inf (rows {i} to {j - 1})")
+                if not direct:
+                    into[i:j].copy_(block)
         H = torch.zeros(self.m + 1, self.m, dtype=torch.float64)
         H[: use + 1, :use] = Hs[: use + 1, :use]
         gen = meta.get("generator")
         if use == steps and not (isinstance(gen, list) and all(isinstance(b, int) and 0 <= b < 256 for b in gen)):
             raise ValueError(f"{where}: manifest field 'generator': expected a list of bytes")
-        return {"steps": use, "rows": rows, "H": H, "anorm": float(anorm), "restarts": restarts,
+        return {"steps": use, "H": H, "anorm": float(anorm), "restarts": restarts,
                 "generator": torch.tensor(gen, dtype=torch.uint8) if use == steps else None}
 
     # -- writing ----------------------------------------------------------------------------------------
@@ -115,13 +146,15 @@ class ArnoldiCheckpoint:
         self.dir.mkdir(parents=True, exist_ok=True)
         bpath = self.dir / "basis.bin"
         mode = "r+b" if bpath.exists() else "w+b"
+        rows = Qr[first_new_row: steps + 1].detach()
         with bpath.open(mode) as f:
             f.seek(first_new_row * self.n * self.itemsize)
-            f.write(_raw(Qr[first_new_row: steps + 1]))
+            for i, j in _blocks(rows.shape[0], self.n * self.itemsize):  # no whole copy of the new rows
+                f.write(_host_bytes(rows[i:j].to("cpu").contiguous()))
             f.flush()
             os.fsync(f.fileno())
         tmp = self.dir / "H.bin.tmp"
-        tmp.write_bytes(_raw(H.to(torch.float64)))
+        tmp.write_bytes(_f64_bytes(H))
         os.replace(tmp, self.dir / "H.bin")
         meta = {"format": FORMAT, "n": self.n, "m": self.m, "steps": steps, "work_dtype": _name(self.work),
                 "basis_dtype": _name(self.basis), "anorm": anorm, "restarts": restarts,
@@ -129,3 +162,13 @@ class ArnoldiCheckpoint:
         tmp = self.dir / "manifest.json.tmp"
         tmp.write_text(json.dumps(meta), encoding="utf-8")
         os.replace(tmp, self.dir / "manifest.json")
+
+
+def _read_exactly(f: Any, buf: np.ndarray, where: str) -> None:
+    """Fill ``buf`` from the unbuffered file ``f`` (``readinto`` may return short counts)."""
+    view, got = memoryview(buf).cast("B"), 0
+    while got < len(view):
+        k = f.readinto(view[got:])
+        if not k:
+            raise ValueError(f"{where}: basis.bin ended while reading (it changed during the read?)")
+        got += k

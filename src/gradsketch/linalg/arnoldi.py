@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._krylov_checkpoint import ArnoldiCheckpoint
 from ._validate import (
     apply,
     check_bool,
@@ -26,7 +27,6 @@ from ._validate import (
     random_probes,
     work_dtype,
 )
-from ._krylov_checkpoint import ArnoldiCheckpoint
 from .lanczos import EigResult, check_tol, orthogonalise, random_unit, select_indices, symmetry_defect
 from .operator import LinearOperator
 
@@ -140,9 +140,12 @@ def arnoldi(op: LinearOperator, n_iter: int, v0: Tensor | None = None, seed: Any
     H = torch.zeros(m + 1, m, dtype=dtype, device=qdev)
     Qr[0] = q / q.norm()
     anorm, restarts, start, n_matvec = 0.0, 0, 0, 0
-    if ckpt is not None and (saved := ckpt.load()) is not None:
-        start, n_matvec = saved["steps"], 1
-        anorm, restarts = _resume(op, ckpt, saved, Qr, H, gen, dtype, dev, qdev)
+    if ckpt is not None:
+        q0 = Qr[0].clone()
+        if (saved := ckpt.load(into=Qr)) is not None:  # the saved rows are read straight into Qr
+            start, n_matvec = saved["steps"], 1
+            anorm, restarts = _resume(op, ckpt, saved, q0, Qr, H, gen, dtype, dev, qdev)
+        del q0, saved
     done = saved_steps = start
     bar = progress_bar(progress, m, "arnoldi")
     bar.update(start)
@@ -180,20 +183,19 @@ def arnoldi(op: LinearOperator, n_iter: int, v0: Tensor | None = None, seed: Any
     return ArnoldiResult(Q=Qr.T, H=H, n_matvec=n_matvec, n_restarts=restarts)
 
 
-def _resume(op: LinearOperator, ckpt: ArnoldiCheckpoint, saved: dict, Qr: Tensor, H: Tensor,
+def _resume(op: LinearOperator, ckpt: ArnoldiCheckpoint, saved: dict, q0: Tensor, Qr: Tensor, H: Tensor,
             gen: torch.Generator, dtype: torch.dtype, dev: torch.device, qdev: torch.device) -> tuple[float, int]:
-    """Fill ``Qr``/``H`` from a checkpoint after checking that it belongs to this run (start vector, and one
-    product against the saved Arnoldi relation); returns ``(anorm, restarts)``."""
+    """Check that the checkpoint whose rows were just read into ``Qr`` belongs to this run (start vector
+    ``q0``, and one product against the saved Arnoldi relation), fill ``H``; returns ``(anorm, restarts)``."""
     where = f"checkpoint {str(ckpt.dir)!r}"
-    rows, k = saved["rows"].to(qdev), saved["steps"]
-    if not torch.equal(rows[0], Qr[0]):
+    k = saved["steps"]
+    if not torch.equal(Qr[0], q0):
         raise ValueError(f"{where}: it was written by a run with another start vector (v0 or seed); use the "
                          "same v0/seed or another directory")
-    Qr[: k + 1] = rows
     H[: k + 1, :k] = saved["H"][: k + 1, :k].to(dtype=dtype, device=qdev)
     w = apply(op, Qr[k - 1].to(dev)[:, None], dtype, "checkpoint check")[:, 0].to(qdev)
     w_norm = float(w.norm())
-    h, rows_per = H[: k + 1, k - 1], max(1, (1 << 24) // Qr.shape[1])  # combine ≤ 16M entries at a time
+    h, rows_per = H[: k + 1, k - 1], max(1, (1 << 22) // Qr.shape[1])  # combine ≤ 4M entries at a time
     for i in range(0, k + 1, rows_per):
         w = w - Qr[i: min(i + rows_per, k + 1)].to(dtype).T @ h[i: i + rows_per]
     rel = float(w.norm()) / max(w_norm, saved["anorm"], 1e-300)  # anorm: q may lie near A's null space
