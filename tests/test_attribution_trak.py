@@ -176,6 +176,27 @@ def test_gram_path_float32_features_close_to_float64():
 
 
 @pytest.mark.parametrize("block_rows", [4, 4096])
+def test_sketched_path_float32_features_close_to_float64(block_rows):
+    """d ≤ n with float32 features: ΦᵀΦ is summed over row blocks of float32 GEMMs into float64; the scores
+    stay within float32 accuracy of the float64 closed form (relative error ≤ 1e-4 · max|S|)."""
+    from gradsketch import sketch as make_sketch
+
+    train, test = data()
+    m = model(0)
+    S_ = make_sketch("dense", Task.from_classifier(m).n_params, 8, seed=3)
+    S64, q, lam = closed_form(m, train, test, 0.5, sketch=S_)
+    task = Task.from_classifier(copy.deepcopy(m).float())
+    tr = batches(train[0].float(), train[1], batch_size=4)
+    a = Attributor(task, "trak", sketch=S_, margin_fn=classification_margin(), ridge=0.5, block_rows=block_rows)
+    a.fit(tr, progress=False)
+    assert isinstance(a.kernels_[0], CholKernel)
+    assert a.ridge_ == pytest.approx(lam, rel=1e-5)
+    S = a.score(batches(test[0].float(), test[1], batch_size=2), progress=False).double()
+    ref = S64 * q
+    assert float((S - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("block_rows", [4, 4096])
 def test_gram_path_from_store_matches_memory(tmp_path, block_rows):
     """Features read back from a float32 GradientStore (several blocks) give the in-memory scores up to float32
     rounding of the stored features."""
@@ -206,3 +227,8 @@ def test_gram_by_lower_blocks_equals_the_full_product(dtype):
     tol = dict(rtol=1e-12, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(G, want, **tol)
     torch.testing.assert_close(gram(F.to(dtype), block=4096), G, rtol=0, atol=tol["atol"])   # one block: same
+    # ΦᵀΦ of a row block (TRAK's d × d kernel): the transposed view, 1300 columns in lower blocks of 512
+    B = F.T.contiguous().to(dtype)   # [37, 1300]: 37 rows, d = 1300
+    K = gram(B.T, block=512)
+    assert K.dtype == torch.float64 and torch.equal(K, K.T)
+    torch.testing.assert_close(K, want, **tol)

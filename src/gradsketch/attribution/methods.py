@@ -142,9 +142,11 @@ class TRAK(Attributor):
         ridge = float(self._opt("ridge", 1.0))
         br = self._opt("block_rows", 4096)
         n = comp.n_rows
+        # GEMMs in the features' precision (float32 unless they are float64 in memory), sums and the
+        # factorisation in float64: the same rule for both forms of the kernel
+        f64 = isinstance(comp.feats, Tensor) and comp.feats.dtype == torch.float64
+        fdt = torch.float64 if f64 else torch.float32
         if d > n:  # ΦᵀΦ has rank <= n < d: work with the n × n Gram matrix
-            f64 = isinstance(comp.feats, Tensor) and comp.feats.dtype == torch.float64
-            fdt = torch.float64 if f64 else torch.float32
             parts = [blk.cpu() for _, _, blk in self._blocks(comp, max(br, n), fdt)]
             F = parts[0] if len(parts) == 1 else torch.cat(parts)
             G = gram(F)
@@ -153,8 +155,8 @@ class TRAK(Attributor):
             del F, G, parts
         else:
             K = torch.zeros(d, d, dtype=torch.float64)
-            for _, _, blk in self._blocks(comp, br, torch.float64):
-                K += blk.cpu().T @ blk.cpu()
+            for _, _, blk in self._blocks(comp, br, fdt):
+                K += gram(blk.cpu().T)   # ΦᵀΦ of the block by lower column blocks (exactly symmetric)
             lam = ridge * float(torch.trace(K)) / d
             comp.kernel = dense_inverse(K, lam)
         self.ridge_ = lam
