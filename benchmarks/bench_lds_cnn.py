@@ -218,8 +218,8 @@ def dattri_run(model: nn.Module, Xtr, ytr, Xte, yte, which: str):
     Hessian of the loss over the whole training set (one 5,000-example batch, so every HVP is the full mean)
     with ``regularization=0.01``: CG with its default 10 iterations, Arnoldi with 100 iterations and the top
     100 eigenpairs (its defaults); CG scores with one training batch of all examples (dattri recomputes the test
-    side for every training batch) and 1 test target at a time (memory). Scores are returned [n_test, n_train] with dattri's sign (positive = the
-    training example raises the test margin, checked on the LDS)."""
+    side for every training batch) and 1 test target at a time (memory). Scores are returned [n_test, n_train]
+    with dattri's sign (positive = the training example raises the test margin, checked on the LDS)."""
     import copy
 
     from dattri.algorithm.influence_function import IFAttributorArnoldi, IFAttributorCG
@@ -267,6 +267,20 @@ def dattri_run(model: nn.Module, Xtr, ytr, Xte, yte, which: str):
     else:
         raise ValueError(f"which: expected 'trak', 'cg' or 'arnoldi', got {which!r}")
     a.cache(full)
+    if which == "arnoldi":
+        # dattri 0.3.0's ArnoldiProjector keeps the top proj_dim eigenpairs by |λ|; when some are negative (the loss
+        # Hessian of this CNN is indefinite beyond its `regularization`) it lowers proj_dim and warns, but keeps the
+        # negative pairs, and project() then divides by sqrt(λ) < 0: NaN in every projected row, so every score
+        # is NaN. Its own intent (positive eigenvalues only) is applied here by hand, before any projection.
+        from dattri.func.projection import ArnoldiProjector
+
+        for f in a.arnoldi_projectors:   # arnoldi_project returns a closure over its ArnoldiProjector
+            p = next(c.cell_contents for c in f.__closure__ if isinstance(c.cell_contents, ArnoldiProjector))
+            p.get_eigenspace()
+            keep = p.eigvals > 0
+            p.eigvals, p.eigvecs, p.proj_dim = p.eigvals[keep], p.eigvecs[keep], int(keep.sum())
+            print(f"dattri Arnoldi: {p.proj_dim} of {keep.numel()} eigenvalues positive "
+                  f"(range {float(p.eigvals.min()):.3g} .. {float(p.eigvals.max()):.3g})", flush=True)
     clk.lap()
     # dattri recomputes the test side's inverse-HVP for every training batch, so CG gets one training batch of
     # all 5,000; it vmaps its HVPs over the test batch, each over the 5,000-image Hessian batch (20 targets at
@@ -399,9 +413,133 @@ def report(args: argparse.Namespace) -> None:
             f"documentation's classification examples.\n\n{table}\n")
 
 
+def levers(args: argparse.Namespace) -> None:
+    """Issue 16's second goal (best default ≥ best peer + 0.05 at ≤ 1/3 of its time): the TRAK levers, each scored
+    on the validation half (targets 0 .. n/2 - 1, where a setting would be chosen) and the report half (the rest).
+
+    The kernel variants are exact (float64 per-example gradients of the correct-class margin f, their loss
+    features q·f' with q = 1 - σ(f), since ∇ loss = -(1 - p_y) ∇f for the cross-entropy; per-layer Gram matrices
+    combined with weights; λ = r · tr(G)/n); the library rows are timed in process CPU seconds after a warm-up.
+    ``python benchmarks/bench_lds_cnn.py levers --cache DIR`` (the ground truth and the model must be cached)."""
+    import copy
+
+    import numpy as np
+
+    from gradsketch import Attributor, Task
+    from gradsketch.attribution import batches, classification_margin
+    from gradsketch.eval import lds, subset_masks
+
+    files = sorted((args.cache / "gt").glob("group_*.npy"))
+    if not files:
+        raise SystemExit("no ground-truth group finished yet")
+    outs = torch.cat([torch.from_numpy(np.load(f)) for f in files]).numpy()
+    masks = subset_masks(args.n_train, args.subsets, 0.5, 0)[:outs.shape[0]].numpy()
+    h = args.n_test // 2
+
+    def halves(S: torch.Tensor) -> tuple[float, float, float]:
+        per = lds(S.double().numpy(), masks, outs).per_target
+        return float(np.nanmean(per[:h])), float(np.nanmean(per[h:])), float(np.nanmean(per))
+
+    Xtr, ytr, Xte, yte = fashion(args.n_train, args.n_test)
+    model = trained_model(args)
+    rows: list[tuple[str, tuple[float, float, float], str]] = []
+
+    def row(label: str, S: torch.Tensor, cpu: str = "") -> None:
+        rows.append((label, halves(S), cpu))
+        print(f"{label}: val {rows[-1][1][0]:.3f} report {rows[-1][1][1]:.3f} all {rows[-1][1][2]:.3f} {cpu}",
+              flush=True)
+
+    # exact float64 features, split by layer (the modules holding parameters, in order)
+    m64 = copy.deepcopy(model).double()
+    ft = Task(m64, classification_margin())
+    F = torch.cat([ft.grads((Xtr[i:i + 500].double(), ytr[i:i + 500])) for i in range(0, len(ytr), 500)])
+    Fx = torch.cat([ft.grads((Xte[i:i + 500].double(), yte[i:i + 500])) for i in range(0, len(yte), 500)])
+    with torch.no_grad():
+        q = torch.sigmoid(-classification_margin()(m64, (Xtr.double(), ytr)))
+    layers: dict[str, list[int]] = {}
+    at = 0
+    for name, prm in m64.named_parameters():
+        layers.setdefault(name.rsplit(".", 1)[0], []).extend(range(at, at + prm.numel()))
+        at += prm.numel()
+    names = list(layers)
+    n = F.shape[0]
+
+    def grams(Ftr: torch.Tensor, Fte: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {k: (Ftr[:, i] @ Ftr[:, i].T, Fte[:, i] @ Ftr[:, i].T) for k, i in layers.items()}
+
+    def trak(gr: dict, w: dict[str, float], r: float = 1.0, train_w: torch.Tensor | None = None) -> torch.Tensor:
+        G = sum(w.get(k, 0.0) * gr[k][0] for k in names)
+        C = sum(w.get(k, 0.0) * gr[k][1] for k in names)
+        lam = r * float(torch.trace(G)) / n
+        L = torch.linalg.cholesky(G + lam * torch.eye(n, dtype=G.dtype))
+        S = torch.cholesky_solve(C.T.contiguous(), L).T
+        return S if train_w is None else S * train_w
+
+    idx = [i for k in names for i in layers[k]]
+    loss_gr = grams(F * q[:, None], Fx)
+    ones = {k: 1.0 for k in names}
+    for r in (0.5, 1.0, 1.5, 2.0):
+        row(f"all layers, λ = {r:g}·tr(G)/n" + (" (the default rule)" if r == 1.0 else ""), trak(loss_gr, ones, r))
+    marg_gr = grams(F, Fx)
+    row("measurement: margin-gradient kernel, train weights q (TRAK paper)", trak(marg_gr, ones, 1.0, q))
+    row("measurement: margin-gradient kernel, no q", trak(marg_gr, ones))
+    last, head = names[-1], names[:-1]
+    row(f"layers: last only ({last})", trak(loss_gr, {last: 1.0}))
+    row(f"layers: last two ({', '.join(names[-2:])})", trak(loss_gr, {k: 1.0 for k in names[-2:]}))
+    for a in (0.1, 0.3):
+        row(f"layers: all but the last × {a:g}", trak(loss_gr, {**{k: a for k in head}, last: 1.0}))
+    tr_ = {k: float(torch.trace(loss_gr[k][0])) for k in names}
+    row("layers: equal traces (each layer's Gram / its trace)", trak(loss_gr, {k: 1 / tr_[k] for k in names}))
+    Fl = (F * q[:, None])[:, idx]
+    nrm = Fl.norm(dim=1)
+    row("normalisation: unit-norm training gradients", trak(grams(Fl / nrm[:, None], Fx[:, idx]), ones))
+    m2 = (Fl ** 2).mean(0)
+    for pw in (0.25, 0.5):
+        sc = m2.clamp_min(1e-12 * float(m2.mean())) ** -pw
+        row(f"normalisation: coordinates × (mean g²)^-{pw:g} (a diagonal, Adam-like metric)",
+            trak(grams(Fl * sc, Fx[:, idx] * sc), ones))
+    del F, Fx, Fl, marg_gr
+
+    # the library, timed (process CPU after a warm-up of each configuration)
+    task = Task.from_classifier(model)
+    tr, te = batches(Xtr, ytr, batch_size=500), batches(Xte, yte, batch_size=500)
+    lib: dict[str, torch.Tensor] = {}
+    cfgs = [("library TRAK (default)", task, "trak", {}),
+            ("library TRAK, last layer (Task(params=last layer); not a default)",
+             Task.from_classifier(model, params=[p for _, p in list(model.named_parameters())[-2:]]), "trak", {})]
+    cfgs += [(f"library TRAK, affd d={d}", task, "trak", dict(sketch=dict(kind="affd", d=d)))
+             for d in (1024, 2048, 4096)]
+    cfgs += [("library K-FAC", task, "kfac", {}),
+             ("library EK-FAC, fisher='mc'", task, "ekfac", dict(fisher="mc"))]
+    cpu: dict[str, float] = {}
+    for label, t, method, kw in cfgs:
+        Attributor(t, method, **kw).fit(batches(Xtr[:200], ytr[:200], batch_size=200), progress=False).score(
+            batches(Xte[:20], yte[:20], batch_size=20), progress=False)
+        c0 = time.process_time()
+        S = Attributor(t, method, **kw).fit(tr, progress=False).score(te, progress=False)
+        cpu[label] = time.process_time() - c0
+        lib[label] = S.double()
+        row(label, S, f"{cpu[label]:.2f}")
+
+    def z(S: torch.Tensor) -> torch.Tensor:   # per-target standardisation before averaging two estimators
+        return (S - S.mean(1, keepdim=True)) / S.std(1, keepdim=True)
+
+    a_all = "library TRAK (default)"
+    a_last = "library TRAK, last layer (Task(params=last layer); not a default)"
+    for a in (a_all, a_last):
+        for b in ("library K-FAC", "library EK-FAC, fisher='mc'", "library TRAK, affd d=1024"):
+            row(f"z-score average: {a.replace('library ', '')} + {b.replace('library ', '')}", z(lib[a]) + z(lib[b]),
+                f"{cpu[a] + cpu[b]:.2f}")
+    lines = ["| variant | val LDS | report LDS | all | CPU s |", "|---|---|---|---|---|"]
+    lines += [f"| {lb} | {v[0]:.3f} | {v[1]:.3f} | {v[2]:.3f} | {c} |" for lb, v, c in rows]
+    print("\n".join(lines))
+    if args.out is not None:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["ground-truth", "methods", "report", "timing"])
+    p.add_argument("phase", choices=["ground-truth", "methods", "report", "timing", "levers"])
     p.add_argument("--n-train", type=int, default=5000)
     p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--subsets", type=int, default=50)
@@ -438,6 +576,9 @@ def main() -> None:
         return
     if args.phase == "report":
         report(args)
+        return
+    if args.phase == "levers":
+        levers(args)
         return
     run_methods(args)
 
