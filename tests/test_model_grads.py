@@ -134,6 +134,54 @@ def test_loss_helpers():
     torch.testing.assert_close(mse_per_example(o, t), ((o - t) ** 2).mean(1))
 
 
+def test_cross_entropy_gradient_accurate_in_float32_for_confident_examples():
+    """[B, C] cross-entropy is computed as softplus(−margin): the value equals F.cross_entropy (float64), and the
+    float32 gradient matches the exact p − e_y (float64 from the same float32 logits) to float32's relative
+    precision even where 1 − p_y is near 2⁻²⁴, where the softmax-minus-one-hot form is mostly rounding error."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64) * 3
+    z[0, 2], z[1, 1] = 25.0, 17.0   # 1 − p_y ≈ e^(−25 + ...) and e^(−17 + ...): below / near float32's resolution of 1
+    y = torch.tensor([2, 1, 0, 4, -100, 3])
+    torch.testing.assert_close(cross_entropy_per_example(z, y), F.cross_entropy(z, y, reduction="none"),
+                               rtol=1e-13, atol=1e-15)
+    z32 = z.float()
+    p = torch.softmax(z32.double(), 1)
+    ref = p - F.one_hot(y.clamp_min(0), 5).double()
+    ref[4] = 0.0   # ignore_index: loss 0 and no gradient
+    zg = z32.clone().requires_grad_(True)
+    got = torch.autograd.grad(cross_entropy_per_example(zg, y).sum(), zg)[0].double()
+    rel = (got - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-300)
+    assert float(rel.max()) < 1e-5 and float(got[4].abs().max()) == 0.0
+    zo = z32.clone().requires_grad_(True)   # the form it replaces, for contrast: row 0 is mostly rounding
+    old = torch.autograd.grad(F.cross_entropy(zo, y, reduction="none").sum(), zo)[0].double()
+    assert float(((old - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-300))[0]) > 0.1
+
+
+def test_cross_entropy_second_derivatives_and_edge_cases():
+    """The Hessian in the logits is diag(p) − ppᵀ (float64, double backward and forward-over-reverse); a row
+    whose other logits are all −inf has loss 0 and gradient 0 (no NaN); one class falls back to F.cross_entropy."""
+    from torch.func import grad, jvp
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 1])
+    H = torch.autograd.functional.hessian(lambda t: cross_entropy_per_example(t, y).sum(), z)
+    p = torch.softmax(z, 1)
+    v = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    hv = jvp(grad(lambda t: cross_entropy_per_example(t, y).sum()), (z,), (v,))[1]
+    for i in range(3):
+        Hi = torch.diag(p[i]) - torch.outer(p[i], p[i])
+        torch.testing.assert_close(H[i, :, i, :], Hi, rtol=0, atol=1e-14)
+        torch.testing.assert_close(hv[i], Hi @ v[i], rtol=0, atol=1e-14)
+    zi = torch.tensor([[0.0, float("-inf"), float("-inf")]], dtype=torch.float64, requires_grad=True)
+    loss = cross_entropy_per_example(zi, torch.tensor([0]))
+    assert float(loss) == 0.0 and torch.equal(torch.autograd.grad(loss.sum(), zi)[0], torch.zeros(1, 3,
+                                                                                                 dtype=torch.float64))
+    one = torch.randn(4, 1, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(cross_entropy_per_example(one, torch.zeros(4, dtype=torch.long)), torch.zeros(4,
+                               dtype=torch.float64))
+
+
 def test_loss_values_and_flatten_roundtrip():
     model = mlp()
     X, y = digits(7)

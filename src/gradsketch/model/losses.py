@@ -42,6 +42,25 @@ def _reduce_tokens(per_token: Tensor, valid: Tensor, reduction: str) -> Tensor:
     return flat / count
 
 
+def _cross_entropy_from_margin(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    """``[B, C]`` cross-entropy (C ≥ 2) as ``softplus(−f)``, f = z_y − logsumexp_{k≠y} z_k the margin: the same
+    function, but its gradient −σ(−f)·∇f is accurate in float32 for confidently classified examples.
+
+    The usual form differentiates to softmax(z) − e_y, whose y entry p_y − 1 is rounded to a multiple of 2⁻²⁴: when
+    1 − p_y is near that size the gradient is mostly rounding error (on a Fashion-MNIST CNN some rows were 94%
+    wrong, which cost TRAK 0.003 LDS). Here σ(−f) is small but exact to float32's relative precision, and ∇f has
+    entries 1 and −softmax over the other classes."""
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    zy = logits.gather(1, safe[:, None])[:, 0]
+    hit = torch.arange(logits.shape[1], device=logits.device) == safe[:, None]
+    # the y slot gets the most negative finite value, not −inf: exp of it underflows to 0 next to any finite
+    # logit, and a row whose other logits are all −inf keeps a finite (zero) gradient instead of NaN
+    others = logits.masked_fill(hit, torch.finfo(logits.dtype).min)
+    loss = F.softplus(torch.logsumexp(others, 1) - zy)
+    return torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+
+
 def cross_entropy_per_example(logits: Tensor, targets: Tensor, *, mask: Tensor | None = None,
                               reduction: str = "mean", ignore_index: int = -100) -> Tensor:
     """Cross-entropy per example.
@@ -57,7 +76,9 @@ def cross_entropy_per_example(logits: Tensor, targets: Tensor, *, mask: Tensor |
         raise ValueError(f"targets: expected shape {tuple(logits.shape[:-1])} (logits without the class "
                          f"dimension), got {tuple(targets.shape)}")
     if logits.ndim == 2 and mask is None:
-        return F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)
+        if logits.shape[1] < 2:
+            return F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)
+        return _cross_entropy_from_margin(logits, targets, ignore_index)
     valid = targets != ignore_index
     if mask is not None:
         if mask.shape != targets.shape:
