@@ -46,11 +46,12 @@ def check_guarantee(fd, A, rtol=1e-9):
     return float(w.max())
 
 
+@pytest.mark.parametrize("method", ["svd", "gram"])
 @pytest.mark.parametrize("make", [random_stream, planted_stream])
 @pytest.mark.parametrize("chunk", [1, 7, 37, 1000])
-def test_guarantee_streaming_in_blocks(make, chunk):
+def test_guarantee_streaming_in_blocks(make, chunk, method):
     A = make()
-    fd = FrequentDirections(10, A.shape[1])
+    fd = FrequentDirections(10, A.shape[1], method=method)
     for i in range(0, A.shape[0], chunk):
         fd.update(A[i: i + chunk])
     assert fd.n_seen == A.shape[0]
@@ -140,10 +141,11 @@ def test_merge_two_and_four_ways():
     assert float(w.abs().max()) <= 0.5 * left.escaped_mass * (1 + 1e-9) + 1e-8
 
 
+@pytest.mark.parametrize("method", ["svd", "gram"])
 @pytest.mark.parametrize("make", [random_stream, planted_stream])
-def test_float32(make):
+def test_float32(make, method):
     A = make().float()
-    fd = FrequentDirections(10, A.shape[1], dtype=torch.float32)
+    fd = FrequentDirections(10, A.shape[1], dtype=torch.float32, method=method)
     for blk in torch.split(A, 50):
         fd.update(blk)
     assert fd.sketch.dtype == torch.float32
@@ -173,11 +175,62 @@ def test_low_rank_inverse_root_against_eigh():
     assert torch.allclose(fd.inverse_root(X, 4, ridge=0.1), (Q * w ** -0.25) @ Q.T @ X, atol=1e-10)
 
 
-def test_fd_shrink_values():
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_fd_shrink_values(method):
     M = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
-    vals, vecs, delta = fd_shrink(M, 2)
+    vals, vecs, delta = fd_shrink(M, 2, method)
     assert vals.tolist() == [12.0, 5.0] and float(delta) == 4.0
     assert torch.allclose(vecs.abs(), torch.eye(4, dtype=torch.float64)[:, :2])
+
+
+def _shrink_cases(dtype):
+    """(M, ℓ): tall and wide blocks (both Gram sides), fewer rows than ℓ, ℓ = d, a rank-deficient block
+    with zero rows (an unfilled sketch on top of new rows), a decaying spectrum."""
+    g = torch.Generator().manual_seed(11)
+    def rnd(r, d):
+        return torch.randn(r, d, generator=g, dtype=torch.float64)
+    low = rnd(30, 3) @ rnd(3, 50)
+    cases = [(rnd(40, 12), 5), (rnd(12, 40), 5), (rnd(3, 20), 5), (rnd(9, 6), 6),
+             (torch.cat([torch.zeros(5, 50, dtype=torch.float64), low]), 5),
+             (random_stream(n=70, d=30, seed=12), 8), (random_stream(n=20, d=60, seed=13), 8)]
+    return [(M.to(dtype), ell) for M, ell in cases]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_gram_shrink_equals_svd_shrink(dtype, tol):
+    """The Gram path returns the SVD path's sketch: the same λ, δ and U diag(λ) Uᵀ, orthonormal live vectors
+    (to ``tol`` times σ₁², the float rounding of each dtype)."""
+    for M, ell in _shrink_cases(dtype):
+        a = fd_shrink(M, ell, "svd")
+        b = fd_shrink(M, ell, "gram")
+        scale = float(torch.linalg.matrix_norm(M.double(), 2) ** 2)
+        assert b[0].dtype == dtype and b[1].shape == a[1].shape == (M.shape[1], ell)
+        assert torch.allclose(b[0].double(), a[0].double(), atol=tol * scale, rtol=0)
+        assert abs(float(b[2]) - float(a[2])) <= tol * scale
+        cov_a = (a[1].double() * a[0].double()) @ a[1].double().T
+        cov_b = (b[1].double() * b[0].double()) @ b[1].double().T
+        assert torch.allclose(cov_b, cov_a, atol=tol * scale, rtol=0)
+        V = b[1].double()[:, b[0] > tol * scale]
+        assert torch.allclose(V.T @ V, torch.eye(V.shape[1], dtype=torch.float64), atol=10 * tol)
+        # the guarantee of one shrink: 0 ≼ MᵀM − U diag(λ) Uᵀ ≼ δ I
+        w = torch.linalg.eigvalsh(M.double().T @ M.double() - cov_b)
+        assert float(w.min()) >= -tol * scale and float(w.max()) <= float(b[2]) + tol * scale
+    # the test can fail: the Gram of a different matrix gives a different sketch
+    M, ell = _shrink_cases(torch.float64)[0]
+    assert not torch.allclose(fd_shrink(M, ell, "gram")[0], fd_shrink(M * 1.01, ell, "svd")[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_batched_shrink_equals_one_at_a_time(method):
+    g = torch.Generator().manual_seed(14)
+    for r, d in ((30, 12), (12, 30)):
+        Ms = torch.randn(4, r, d, generator=g, dtype=torch.float64) * torch.logspace(0, -2, d, dtype=torch.float64)
+        vals, vecs, delta = fd_shrink(Ms, 6, method)
+        assert vals.shape == (4, 6) and vecs.shape == (4, d, 6) and delta.shape == (4,)
+        for i in range(4):
+            v1, u1, d1 = fd_shrink(Ms[i], 6, method)
+            assert torch.allclose(vals[i], v1, atol=1e-12, rtol=0) and abs(float(delta[i] - d1)) <= 1e-12
+            assert torch.allclose(vecs[i] * vals[i] @ vecs[i].T, u1 * v1 @ u1.T, atol=1e-12, rtol=0)
 
 
 def test_state_dict_round_trip():
@@ -198,6 +251,10 @@ def test_errors():
         FrequentDirections(2, 3.0)
     with pytest.raises(ValueError, match="decay"):
         FrequentDirections(2, 3, decay=1.5)
+    with pytest.raises(ValueError, match="method: expected one of \\('svd', 'gram'\\), got 'qr'"):
+        FrequentDirections(2, 3, method="qr")
+    with pytest.raises(ValueError, match="method: expected one of"):
+        fd_shrink(torch.ones(3, 3), 2, "eig")
     with pytest.raises(ValueError, match="decay"):
         FrequentDirections(2, 3, decay=float("nan"))
     with pytest.raises(TypeError, match="dtype"):

@@ -155,6 +155,113 @@ def test_sketchy_full_rank_accumulates_like_shampoo_between_refreshes(freq):
                 assert torch.allclose(U.T @ ba[side]["stat"] @ U, bb[side]["acc"], atol=1e-9, rtol=0)
 
 
+def _mlp_run(model, data, **kw):
+    opt = Sketchy(model.parameters(), **kw)
+    for x, y in data:
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    return opt
+
+
+def _mlp(seed, bias=True):
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(6, 6, bias=bias, dtype=D64), nn.Tanh(), nn.Linear(6, 6, bias=bias, dtype=D64),
+                         nn.Tanh(), nn.Linear(6, 6, bias=bias, dtype=D64))
+    g = torch.Generator().manual_seed(seed + 1)
+    data = [(torch.randn(9, 6, generator=g, dtype=D64), torch.randn(9, 6, generator=g, dtype=D64))
+            for _ in range(10)]
+    return base, data
+
+
+def test_sketchy_gram_refresh_equals_svd_refresh():
+    # the default refresh (one eigendecomposition of the smaller Gram matrix) takes the SVD's steps; no bias
+    # (a 1-D gradient has rank 1 < k, and the vectors of a zero singular value are arbitrary in both paths)
+    base, data = _mlp(0, bias=False)
+    a, b, c = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    kw = dict(lr=0.05, update_freq=3, eps=1e-4)
+    assert _mlp_run(a, data, rank=2, shrink="gram", **kw).shrink == "gram"
+    _mlp_run(b, data, rank=2, shrink="svd", **kw)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-10, rtol=0)
+    # the test can fail: another rank takes other steps
+    _mlp_run(c, data, rank=3, **kw)
+    assert max(float((pa - pc).detach().abs().max()) for pa, pc in zip(a.parameters(), c.parameters())) > 1e-4
+
+
+@pytest.mark.parametrize("shrink", ["auto", "gram", "svd"])
+def test_sketchy_batched_refresh_equals_one_factor_at_a_time(shrink, monkeypatch):
+    # factors of equal shape share one batched decomposition; doing them one by one gives the same steps
+    import gradsketch.optim.shampoo as sh
+
+    base, data = _mlp(1)
+
+    def run(model):
+        _mlp_run(model, data, lr=0.05, rank=2, update_freq=3, shrink=shrink)
+
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    sizes = []
+    real = sh.fd_shrink
+
+    methods = set()
+
+    def recording(M, ell, method="svd"):
+        sizes.append(M.shape[0])
+        methods.add((tuple(M.shape[1:]), method))
+        return real(M, ell, method)
+
+    monkeypatch.setattr(sh, "fd_shrink", recording)
+    run(a)
+    assert max(sizes) == 6  # the six 6 × 6 factors (L and R of three weights) in one call
+    if shrink == "auto":  # weights: M [2 + 6, 6], Gram; biases: M [2 + 1, 6] (rank-deficient, small), SVD
+        assert methods == {((8, 6), "gram"), ((3, 6), "svd")}
+    sizes.clear()
+
+    def one_by_one(M, ell, method="svd"):
+        sizes.append(M.shape[0])
+        outs = [real(m, ell, method) for m in M]
+        return tuple(torch.stack(parts) for parts in zip(*outs))
+
+    monkeypatch.setattr(sh, "fd_shrink", one_by_one)
+    run(b)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-12, rtol=0)
+
+
+def test_sketchy_direction_equals_dense_inverse_roots():
+    # graft 'none', no momentum, lr 1: the step is −L' G R' with L' = (U diag(λ) Uᵀ + τ I)^(−1/p) formed
+    # densely (p = 4 for a matrix with two factors, 2 for one factor); at refresh and at plain steps
+    W = nn.Parameter(torch.randn(5, 7, dtype=D64))  # L and R
+    col = nn.Parameter(torch.randn(6, 1, dtype=D64))  # L only
+    vec = nn.Parameter(torch.randn(8, dtype=D64))  # R only (a 1-D parameter)
+    eps = 1e-3
+    opt = Sketchy([W, col, vec], lr=1.0, rank=2, betas=(0.0, 0.95), eps=eps, graft="none", update_freq=3)
+    g = torch.Generator().manual_seed(3)
+    T = [torch.randn(q.shape, generator=g, dtype=D64) for q in (W, col, vec)]
+
+    def dense_root(f, p):
+        lam, U, rho = f["vals"], f["vecs"], f["rho"]
+        tau = rho + eps * (lam[0] + rho)
+        d = U.shape[0]
+        return U @ torch.diag((lam + tau) ** (-1 / p)) @ U.T + tau ** (-1 / p) * (torch.eye(d, dtype=D64) - U @ U.T)
+
+    for step in range(1, 8):
+        opt.zero_grad()
+        sum(((q - t) ** 3).sum() for q, t in zip((W, col, vec), T)).backward()
+        before = [q.detach().clone() for q in (W, col, vec)]
+        grads = [q.grad.clone() for q in (W, col, vec)]
+        opt.step()
+        # refresh steps change the factors before they are applied: read them after the step either way
+        bW, bc, bv = (opt.state[q]["blocks"][0] for q in (W, col, vec))
+        expect_W = dense_root(bW["L"], 4) @ grads[0] @ dense_root(bW["R"], 4)
+        expect_c = dense_root(bc["L"], 2) @ grads[1]
+        expect_v = grads[2][None] @ dense_root(bv["R"], 2)
+        assert torch.allclose(before[0] - W.detach(), expect_W, atol=1e-10, rtol=1e-10), step
+        assert torch.allclose(before[1] - col.detach(), expect_c, atol=1e-10, rtol=1e-10), step
+        assert torch.allclose(before[2] - vec.detach(), expect_v[0], atol=1e-10, rtol=1e-10), step
+    assert bW["L"]["vecs"].shape == (5, 2) and float(bW["L"]["rho"]) > 0  # truncated: the test can fail
+
+
 def test_blocks_and_shapes():
     torch.manual_seed(0)
     m = Net()
@@ -320,6 +427,8 @@ def test_bad_input():
         Sketchy(lin.parameters(), update_freq=0)
     with pytest.raises(ValueError, match="eps"):
         Shampoo(lin.parameters(), eps=0.0)
+    with pytest.raises(ValueError, match="shrink: expected one of \\('auto', 'svd', 'gram'\\), got 'qr'"):
+        Sketchy(lin.parameters(), shrink="qr")
     # NaN gradients: the error names the parameter (by name when named_parameters() were given)
     opt = Sketchy(lin.named_parameters(), lr=0.1, rank=2)
     lin.weight.grad = torch.zeros(2, 3, dtype=D64)
