@@ -8,6 +8,7 @@ resumed on a rerun. Every method scores the same trained model against the same 
 
     nice -n 10 python benchmarks/bench_lds_cnn.py ground-truth   # the CPU-heavy part, resumable
     nice -n 10 python benchmarks/bench_lds_cnn.py methods         # gradsketch methods + installed peers
+    python benchmarks/bench_lds_cnn.py levers                     # TRAK's levers on a validation / report half
 
 Peers (optional): traker (TRAK) and dattri from the ``bench`` extra; kronfluence (EK-FAC, K-FAC) by hand with
 ``pip install --no-deps kronfluence==1.0.1 accelerate einops einconv opt-einsum`` (its torchvision dependency
