@@ -175,6 +175,29 @@ def test_gram_path_float32_features_close_to_float64():
     assert float((S - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
 
 
+def test_gram_path_score_shortcut_equals_kernel_then_rows(tmp_path):
+    """TRAK.score on the Gram form computes φFᵀ(G + λI)⁻¹ directly; it equals the general path (the kernel
+    (FᵀF + λI)⁻¹ applied to φ, then the products with the training rows) for an ensemble with q weights, in
+    float64, and stays within float32 accuracy of it for float32 features read back from a store in blocks."""
+    train, test = data()
+    fn = classification_margin()
+    ms = [model(0), model(1)]
+    task = Task.from_classifier(model(0))
+    tr, te = batches(*train, batch_size=4), batches(*test, batch_size=2)
+    a = Attributor(task, "trak", margin_fn=fn, models=ms, ridge=0.3).fit(tr, progress=False)
+    assert all(isinstance(k, GramKernel) for k in a.kernels_)
+    general = Attributor.score(a, te, progress=False)   # the base class's path: ψ = Mφ, then ψ Fᵀ
+    torch.testing.assert_close(a.score(te, progress=False), general, rtol=1e-10, atol=1e-13)
+    m32 = copy.deepcopy(model(0)).float()
+    tr32 = batches(train[0].float(), train[1], batch_size=4)
+    te32 = batches(test[0].float(), test[1], batch_size=2)
+    b = Attributor(Task.from_classifier(m32), "trak", margin_fn=fn, store=tmp_path / "s", store_dtype="float32",
+                   block_rows=4).fit(tr32, progress=False)
+    got, ref = b.score(te32, progress=False), Attributor.score(b, te32, progress=False)
+    assert got.dtype == ref.dtype == torch.float32
+    assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
 @pytest.mark.parametrize("block_rows", [4, 4096])
 def test_sketched_path_float32_features_close_to_float64(block_rows):
     """d ≤ n with float32 features: ΦᵀΦ is summed over row blocks of float32 GEMMs into float64; the scores

@@ -165,6 +165,43 @@ class TRAK(Attributor):
         if self._margin_fn() is not None:
             comp.q = self._trak_q(data)
 
+    def score(self, test_data: Iterable, progress: bool = True) -> Tensor:
+        """Scores ``[n_test, n_train]`` as in :meth:`Attributor.score`. When every model's kernel has the Gram
+        form (d > n), each model's scores are computed as ``C (G + λI)⁻¹`` with ``C = φ Fᵀ`` (the push-through
+        identity φ (FᵀF + λI)⁻¹ Fᵀ = φ Fᵀ (FFᵀ + λI)⁻¹): two products with the n × d training features fewer than
+        applying the kernel to φ and then taking the products with the rows, and no subtraction."""
+        from ..linalg.operator import WoodburyInverse
+
+        self._check_fitted()
+        comps = self._components
+        if not all(isinstance(c.kernel, WoodburyInverse) for c in comps):
+            return super().score(test_data, progress)
+        dt = self._score_dtype()
+        rows = []
+        self._raw_test_rows = True   # _psi yields the test rows without the kernel
+        try:
+            for _, phis in self._test_chunks(test_data, progress, 1 << 62):
+                out: Tensor | None = None
+                for comp, phi in zip(comps, phis):
+                    k = comp.kernel
+                    C = (phi.to(k.F.dtype) @ k.F.T).to(torch.float64)   # [m, n]
+                    v = torch.cholesky_solve(C.T.contiguous(), k.L).T * comp.weight
+                    if comp.q is not None:
+                        v = v * comp.q.to(v.dtype)
+                    out = v if out is None else out + v
+                assert out is not None  # there is at least one component
+                if self._shared_q is not None:
+                    out = out * self._shared_q.to(out.dtype)
+                rows.append(out.to(dt))
+        finally:
+            self._raw_test_rows = False
+        return torch.cat(rows, 0)
+
+    def _psi(self, comp: Component, phi: Tensor) -> Tensor:
+        if getattr(self, "_raw_test_rows", False):
+            return self.test_rows(comp, phi.cpu())
+        return super()._psi(comp, phi)
+
     def after_fit(self) -> None:
         if self._margin_fn() is not None:
             # TRAK (Algorithm 1 of Park et al.; traker's finalize_scores): the out-to-loss weights are
