@@ -50,7 +50,12 @@ every d, sketched or not, and for d ≥ n_train where ΦᵀΦ is singular. Defau
 mean eigenvalue. It was chosen on a validation split of digits (200 held-out images, not the test targets of
 the benchmark) from {0.1, 0.3, 1, 3, 10}, where it was best or within 0.01 of best for d = 512, 2048 and
 unsketched with 5 and 10 models. ``ridge=0`` is ``traker``'s default (λ = 0, sensible only for d ≪ n_train).
-When d > n_train the inverse is applied through the n × n Gram matrix (Woodbury), O(n²d) instead of O(d²n).
+When d > n_train the inverse is applied through the n × n Gram matrix G (Woodbury), O(n²d) instead of O(d²n),
+and ``score`` computes φFᵀ(G + λI)⁻¹ directly (push-through identity). On the issue-16 CNN (5,000 × 5,994
+loss gradients) the ridge rule sits at the validation optimum (r = 1 and 1.5 equal, 0.5 and 2 lower), and
+loss-gradient features beat margin gradients with or without q (benchmarks/results/lds_cnn.md, session 8):
+for the cross-entropy, ∇ loss = −(1 − p_y) ∇f exactly, so the loss-gradient test side already measures the
+margin f up to a positive factor per target.
 
 **TRAK output function.** TRAK featurises gradients of the model output f (for classification the
 correct-class margin f = log p/(1−p)) and weights training examples by q = 1 − p = 1 − σ(f). Pass
