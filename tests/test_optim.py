@@ -262,6 +262,20 @@ def test_sketchy_direction_equals_dense_inverse_roots():
     assert bW["L"]["vecs"].shape == (5, 2) and float(bW["L"]["rho"]) > 0  # truncated: the test can fail
 
 
+@pytest.mark.parametrize("opt_cls,extra", [(Shampoo, {}), (Sketchy, {"rank": 2})])
+def test_empty_parameter_steps_with_the_others(opt_cls, extra):
+    empty = nn.Parameter(torch.zeros(0, 3, dtype=D64))
+    W = nn.Parameter(torch.ones(2, 3, dtype=D64))
+    opt = opt_cls([empty, W], lr=0.1, **extra)
+    empty.grad = torch.zeros(0, 3, dtype=D64)
+    W.grad = torch.tensor(C, dtype=D64)
+    opt.step()
+    assert empty.shape == (0, 3) and not torch.equal(W.detach(), torch.ones(2, 3, dtype=D64))
+    W.grad = torch.full((2, 3), float("inf"), dtype=D64)  # the check still names the bad one
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\].*expected finite"):
+        opt.step()
+
+
 def test_blocks_and_shapes():
     torch.manual_seed(0)
     m = Net()

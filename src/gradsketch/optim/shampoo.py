@@ -165,8 +165,10 @@ class _KroneckerOptimizer(torch.optim.Optimizer):
                                     "not supported (use nn.Embedding(sparse=False))")
             if live:  # one host synchronisation per group, then name the first offender
                 # min and max are NaN or ±Inf exactly when g holds a NaN or an Inf (one fast pass, no overflow)
-                finite = torch.isfinite(torch.stack([torch.stack(torch.aminmax(p.grad)).to(live[0][1].device)
-                                                     for _, p in live])).all(1)
+                dev = live[0][1].device
+                finite = torch.isfinite(torch.stack([
+                    (torch.stack(torch.aminmax(p.grad)) if p.grad.numel() else p.grad.new_zeros(2)).to(dev)
+                    for _, p in live])).all(1)
                 if not bool(finite.all()):
                     i, p = live[int((~finite).nonzero()[0, 0])]
                     raise ValueError(f"gradient of parameter {self._name(group, gi, i, p)}: expected finite "
