@@ -98,8 +98,9 @@ def test_whtsel_equals_restricted_permuted_hadamard(b, dtype):
 
 
 @native
+@pytest.mark.parametrize("index", [torch.int32, torch.int16])
 @pytest.mark.parametrize("m", [1, 3, 4, 9])
-def test_sjlt_scatter_equals_index_add(m):
+def test_sjlt_scatter_equals_index_add(m, index):
     g = torch.Generator().manual_seed(m)
     n, d, s = 1000, 37, 3
     x = torch.randn(m, n, generator=g, dtype=torch.float64)
@@ -108,9 +109,37 @@ def test_sjlt_scatter_equals_index_add(m):
     want = torch.zeros(m, d, dtype=torch.float64)
     for k in range(s):
         want.index_add_(1, rows[k].long(), x * vals[k])
-    assert torch.allclose(_native.sjlt(x, rows, vals, d, threads=2), want, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="int32 rows"):
+    assert torch.allclose(_native.sjlt(x, rows.to(index), vals, d, threads=2), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="int32 or int16 rows"):
         _native.sjlt(x, rows.long(), vals, d)
+
+
+@native
+@pytest.mark.parametrize("index", [torch.int32, torch.int16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m,s,n", [(1, 1, 1000), (1, 1, 70_000), (3, 1, 70_000), (2, 3, 1000), (5, 2, 70_000)])
+def test_gather_is_the_torch_gather_bit_for_bit_and_the_adjoint_of_sjlt(m, s, n, dtype, index):
+    """gather(y) = y[:, rows[0]]·vals[0] + y[:, rows[1]]·vals[1] + ... exactly (same products, same order of
+    sums), on one thread and split over two (n = 70,000 ≥ the parallel threshold: column ranges for s = 1);
+    and <sjlt(x), y> = <x, gather(y)>."""
+    g = torch.Generator().manual_seed(m * 100 + s)
+    d = 300
+    y = torch.randn(m, d, generator=g, dtype=dtype)
+    rows = torch.randint(0, d, (s, n), generator=g, dtype=torch.int32)
+    vals = torch.randn(s, n, generator=g, dtype=dtype)
+    want = y[:, rows[0].long()] * vals[0]
+    for k in range(1, s):
+        want = want + y[:, rows[k].long()] * vals[k]
+    for threads in (1, 2):
+        assert torch.equal(_native.gather(y, rows.to(index), vals, threads=threads), want)
+    x = torch.randn(m, n, generator=g, dtype=torch.float64)
+    lhs = (_native.sjlt(x, rows.to(index), vals.double(), d) * y.double()).sum()
+    rhs = (x * _native.gather(y.double(), rows.to(index), vals.double())).sum()
+    assert torch.allclose(lhs, rhs, rtol=1e-10)
+    with pytest.raises(ValueError, match="gather: expected int32 or int16 rows"):
+        _native.gather(y, rows.long(), vals)
+    with pytest.raises(ValueError, match="gather: expected int32 or int16 rows"):
+        _native.gather(y, rows, vals[:, :-1])
 
 
 # -- every kind: fast path == autograd path == explicit matrix ------------------------------------------------

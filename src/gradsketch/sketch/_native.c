@@ -14,7 +14,9 @@
  * Each element is therefore read from and written to main memory about twice, whatever n is.
  *
  * gs_sjlt_{f32,f64}: out[b, rows[k, j]] += vals[k, j] * x[b, j] for b in [r0, r1), j < n, k < s
- * (the CountSketch / sparse-JL scatter; out rows of length d are small enough to stay in cache).
+ * (the CountSketch / sparse-JL scatter; out rows of length d are small enough to stay in cache);
+ * gs_gather_{f32,f64}: its adjoint, out[b, j] = sum_k vals[k, j] * y[b, rows[k, j]];
+ * gs_sjlt_i16_* and gs_gather_i16_*: the same with int16 rows (d <= 2^15).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -244,19 +246,21 @@ int gs_whtsel_t_##SUF(const T *y, int64_t n, int64_t b, const int32_t *src, cons
     free(t);                                                                                             \
     return 0;                                                                                            \
 }                                                                                                        \
-                                                                                                         \
-void gs_sjlt_##SUF(const T *x, int64_t n, T *out, int64_t d, const int32_t *idx, const T *vals,        \
-                   int64_t s, int64_t r0, int64_t r1) {                                                  \
+
+/* IT: the row index type (int32_t, or int16_t for d <= 2^15: FJL stores its rows that way on the CPU) */
+#define DEFINE_HASHED(T, SUF, IT, ISUF)                                                                  \
+void gs_sjlt##ISUF##_##SUF(const T *x, int64_t n, T *out, int64_t d, const IT *idx, const T *vals,     \
+                           int64_t s, int64_t r0, int64_t r1) {                                          \
     int64_t b = r0;                                                                                      \
     /* four rows at a time: the index and value streams are read once for four independent chains */    \
     for (; b + 4 <= r1; b += 4) {                                                                        \
         const T *restrict x0 = x + b * n, *restrict x1 = x0 + n, *restrict x2 = x1 + n, *restrict x3 = x2 + n; \
         T *restrict o0 = out + b * d, *restrict o1 = o0 + d, *restrict o2 = o1 + d, *restrict o3 = o2 + d; \
         for (int64_t k = 0; k < s; ++k) {                                                                \
-            const int32_t *restrict ik = idx + k * n;                                                    \
+            const IT *restrict ik = idx + k * n;                                                         \
             const T *restrict vk = vals + k * n;                                                         \
             for (int64_t j = 0; j < n; ++j) {                                                            \
-                int32_t h = ik[j];                                                                       \
+                int64_t h = ik[j];                                                                       \
                 T v = vk[j];                                                                             \
                 o0[h] += v * x0[j]; o1[h] += v * x1[j]; o2[h] += v * x2[j]; o3[h] += v * x3[j];          \
             }                                                                                            \
@@ -266,14 +270,37 @@ void gs_sjlt_##SUF(const T *x, int64_t n, T *out, int64_t d, const int32_t *idx,
         const T *restrict xr = x + b * n;                                                                \
         T *restrict o = out + b * d;                                                                     \
         for (int64_t k = 0; k < s; ++k) {                                                                \
-            const int32_t *restrict ik = idx + k * n;                                                    \
+            const IT *restrict ik = idx + k * n;                                                         \
             const T *restrict vk = vals + k * n;                                                         \
             for (int64_t j = 0; j < n; ++j) o[ik[j]] += vk[j] * xr[j];                                   \
+        }                                                                                                \
+    }                                                                                                    \
+}                                                                                                        \
+                                                                                                         \
+/* the adjoint gather: out[b, j] = Σ_k vals[k, j] * y[b, rows[k, j]], the k = 0 term first, then the others \
+ * added in order (the same operations as y[:, rows[0]] * vals[0] + ...); y rows of length d stay in cache */ \
+void gs_gather##ISUF##_##SUF(const T *y, int64_t d, T *out, int64_t n, const IT *idx, const T *vals,   \
+                             int64_t s, int64_t r0, int64_t r1) {                                        \
+    for (int64_t b = r0; b < r1; ++b) {                                                                  \
+        const T *restrict yr = y + b * d;                                                                \
+        T *restrict o = out + b * n;                                                                     \
+        for (int64_t j = 0; j < n; ++j) o[j] = yr[idx[j]] * vals[j];                                     \
+        for (int64_t k = 1; k < s; ++k) {                                                                \
+            const IT *restrict ik = idx + k * n;                                                         \
+            const T *restrict vk = vals + k * n;                                                         \
+            for (int64_t j = 0; j < n; ++j) {                                                            \
+                T t = yr[ik[j]] * vk[j];                                                                 \
+                o[j] = o[j] + t;                                                                         \
+            }                                                                                            \
         }                                                                                                \
     }                                                                                                    \
 }
 
 DEFINE_FWHT(float, f32, 16)
 DEFINE_FWHT(double, f64, 8)
+DEFINE_HASHED(float, f32, int32_t, )
+DEFINE_HASHED(double, f64, int32_t, )
+DEFINE_HASHED(float, f32, int16_t, _i16)
+DEFINE_HASHED(double, f64, int16_t, _i16)
 
 int gs_abi_version(void) { return 1; }

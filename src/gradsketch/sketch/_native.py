@@ -261,12 +261,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"gs_fwht_{suf}").argtypes = [ptr, i64, i64, i64, i64, dbl]
         getattr(lib, f"gs_fwht_phase1_{suf}").argtypes = [ptr, i64, i64, i64]
         getattr(lib, f"gs_fwht_phase2_{suf}").argtypes = [ptr, i64, i64, i64, dbl]
-        getattr(lib, f"gs_sjlt_{suf}").argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64]
+        for name in ("gs_sjlt_", "gs_sjlt_i16_", "gs_gather_", "gs_gather_i16_"):
+            getattr(lib, name + suf).argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64]
+            getattr(lib, name + suf).restype = None
         getattr(lib, f"gs_whtsel_{suf}").argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, dbl, ptr, i64, i64]
         getattr(lib, f"gs_whtsel_t_{suf}").argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, dbl, ptr, i64, i64]
         for name in ("gs_fwht_", "gs_fwht_phase2_", "gs_whtsel_", "gs_whtsel_t_"):
             getattr(lib, name + suf).restype = ctypes.c_int
-        for name in ("gs_fwht_phase1_", "gs_sjlt_"):
+        for name in ("gs_fwht_phase1_",):
             getattr(lib, name + suf).restype = None
 
 
@@ -411,25 +413,59 @@ def fwht_(x: Tensor, scale: float = 1.0, threads: int | None = None) -> Tensor:
     return x
 
 
+_INDEX = {torch.int32: "", torch.int16: "_i16"}
+
+
+def _hashed_args(name: str, rows: Tensor, vals: Tensor, n: int, dtype: torch.dtype) -> tuple[str, Tensor, Tensor]:
+    s = rows.shape[0] if rows.dim() == 2 else -1
+    rows = rows.contiguous()
+    vals = vals.to(dtype).contiguous()
+    if rows.dtype not in _INDEX or rows.dim() != 2 or rows.shape != (s, n) or vals.shape != (s, n):
+        raise ValueError(f"{name}: expected int32 or int16 rows and vals of shape [s, {n}], got {rows.dtype} "
+                         f"{tuple(rows.shape)} and {tuple(vals.shape)}")
+    return _INDEX[rows.dtype], rows, vals
+
+
 def sjlt(x: Tensor, rows: Tensor, vals: Tensor, d: int, threads: int | None = None) -> Tensor:
-    """``y[b, rows[k, j]] += vals[k, j] · x[b, j]`` for a contiguous ``[M, n]`` ``x``; ``rows`` int32
+    """``y[b, rows[k, j]] += vals[k, j] · x[b, j]`` for a contiguous ``[M, n]`` ``x``; ``rows`` int32 (or int16)
     ``[s, n]`` in ``[0, d)``, ``vals`` ``[s, n]`` of x's dtype. Requires :func:`usable` (x). Returns ``[M, d]``."""
     lib = library()
     assert lib is not None and usable(x) and x.dim() == 2
     m, n = x.shape
-    s = rows.shape[0]
-    rows = rows.contiguous()
-    vals = vals.to(x.dtype).contiguous()
-    if rows.dtype != torch.int32 or rows.shape != (s, n) or vals.shape != (s, n):
-        raise ValueError(f"sjlt: expected int32 rows and vals of shape [s, {n}], got {rows.dtype} "
-                         f"{tuple(rows.shape)} and {tuple(vals.shape)}")
+    isuf, rows, vals = _hashed_args("sjlt", rows, vals, n, x.dtype)
     y = x.new_zeros(m, d)
-    fn = getattr(lib, f"gs_sjlt_{_suffix(x)}")
+    fn = getattr(lib, f"gs_sjlt{isuf}_{_suffix(x)}")
     nt = max(1, threads if threads is not None else torch.get_num_threads())
     xp, yp, ip, vp = x.data_ptr(), y.data_ptr(), rows.data_ptr(), vals.data_ptr()
-    _parallel([lambda a=a, b=b: fn(xp, n, yp, d, ip, vp, s, a, b)
+    _parallel([lambda a=a, b=b: fn(xp, n, yp, d, ip, vp, rows.shape[0], a, b)
                for a, b in _split(m, nt if m * n >= _PARALLEL_MIN else 1)])
     return y
+
+
+def gather(y: Tensor, rows: Tensor, vals: Tensor, threads: int | None = None) -> Tensor:
+    """The adjoint of :func:`sjlt`: ``out[b, j] = Σ_k vals[k, j] · y[b, rows[k, j]]`` for a contiguous
+    ``[M, d]`` ``y`` (the same products and order of sums as ``y[:, rows[0]] * vals[0] + ...``); ``rows``
+    int32 or int16 ``[s, n]`` in ``[0, d)``. Requires :func:`usable` (y). Returns a new ``[M, n]`` tensor."""
+    lib = library()
+    assert lib is not None and usable(y) and y.dim() == 2
+    m, d = y.shape
+    n = rows.shape[-1]
+    isuf, rows, vals = _hashed_args("gather", rows, vals, n, y.dtype)
+    out = y.new_empty(m, n)
+    fn = getattr(lib, f"gs_gather{isuf}_{_suffix(y)}")
+    nt = max(1, threads if threads is not None else torch.get_num_threads())
+    yp, op, ip, vp = y.data_ptr(), out.data_ptr(), rows.data_ptr(), vals.data_ptr()
+    s = rows.shape[0]
+    if s > 1 or m >= nt or m * n < _PARALLEL_MIN:
+        _parallel([lambda a=a, b=b: fn(yp, d, op, n, ip, vp, s, a, b)
+                   for a, b in _split(m, nt if m * n >= _PARALLEL_MIN else 1)])
+        return out
+    # one hashed row (s = 1) and fewer rows than threads: each call takes a column range [a, b) of one row
+    isz, vsz, osz, ysz = rows.element_size(), vals.element_size(), out.element_size(), y.element_size()
+    _parallel([lambda r=r, a=a, b=b: fn(yp + r * d * ysz, d, op + (r * n + a) * osz, b - a, ip + a * isz,
+                                         vp + a * vsz, 1, 0, 1)
+               for r in range(m) for a, b in _split(n, nt)])
+    return out
 
 
 def _whtsel_args(n: int, b: int, sel: Tensor, src: Tensor | None, mult: Tensor | None, dtype: torch.dtype):
@@ -520,6 +556,11 @@ def _self_check(lib: ctypes.CDLL) -> bool:
             ref.index_add_(1, rows[k].long(), x * vals[k])
         if not torch.allclose(y, ref, rtol=1e-12, atol=1e-12):
             _status["self_check"] = "sjlt mismatch"
+            return False
+        out, rows16 = torch.empty(2, 50, dtype=torch.float64), rows.to(torch.int16)
+        lib.gs_gather_i16_f64(y.data_ptr(), 7, out.data_ptr(), 50, rows16.data_ptr(), vals.data_ptr(), 2, 0, 2)
+        if not torch.equal(out, y[:, rows[0].long()] * vals[0] + y[:, rows[1].long()] * vals[1]):
+            _status["self_check"] = "gather mismatch"
             return False
     except Exception as e:  # pragma: no cover - a broken build must never break the library
         _status["self_check"] = repr(e)
