@@ -1,7 +1,7 @@
 """Wall time and peak memory per training step: MiniLM in a d = 2^14 subspace vs plain fine-tuning.
 
     python benchmarks/bench_intrinsic.py [--kinds qk,affd,fjl@regen] [--d 16384] [--batch 32] [--seq 32] [--steps 3]
-        [--mmap-threshold BYTES]
+        [--mmap-threshold BYTES] [--rounds R] [--json FILE]
 
 A kind written ``kind@regen`` builds the subspace with ``regenerate=True`` (no sketch state kept between calls:
 each group's sketch is rebuilt from its seed on every map); ``ffd@rng3`` (or ``ffd@rng3+regen``) uses Fastfood's
@@ -16,6 +16,11 @@ subspace/full measured in this run. glibc keeps freed blocks below its (dynamic,
 threshold in the heap, so peak RSS also counts fragmentation and varies by ~±100 MB between identical runs;
 ``--mmap-threshold B`` sets MALLOC_MMAP_THRESHOLD_=B in the workers' environment (every block ≥ B is
 mmapped and returned on free), which makes peak RSS track the live tensors (same setting for every config).
+
+``--rounds R`` runs the whole list (baseline first) R times in turn and reports, per configuration, the median
+over rounds of its ratios to the baseline of the same round (each round's ratios are printed too): on a shared
+machine the load drifts over minutes, and a configuration measured next to its own baseline is compared under
+the load of that moment. ``--json FILE`` writes every worker's raw result.
 """
 
 from __future__ import annotations
@@ -87,6 +92,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mmap-threshold", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None)
     a = ap.parse_args()
     if a.worker:
@@ -94,30 +101,55 @@ def main() -> None:
         print(json.dumps(worker(mode, kind, a.d, a.batch, a.seq, a.steps, a.threads)))
         return
     confs = ["full:-"] + [f"subspace:{k}" for k in a.kinds.split(",")]
-    res = []
-    for c in confs:
-        cmd = [sys.executable, __file__, "--worker", c, "--d", str(a.d), "--batch", str(a.batch), "--seq",
-               str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads)]
-        env = dict(os.environ)
-        if a.mmap_threshold is not None:
-            env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
-        r = json.loads(out)
-        res.append(r)
-        print(f"{r['mode']:9s} {r['kind']:5s} step {r['step_s']:.3f}s  peak RSS {r['peak_rss_mb']:.0f} MB  "
-              f"training adds {r['train_extra_mb']:.0f} MB  build {r['build_s']:.1f}s  trainable {r['trainable']}",
-              flush=True)
-    full = res[0]
+    rounds: list[list[dict]] = []
+    for rnd in range(a.rounds):
+        res = []
+        for c in confs:
+            cmd = [sys.executable, __file__, "--worker", c, "--d", str(a.d), "--batch", str(a.batch), "--seq",
+                   str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads)]
+            env = dict(os.environ)
+            if a.mmap_threshold is not None:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            r["round"] = rnd
+            res.append(r)
+            print(f"round {rnd} {r['mode']:9s} {r['kind']:5s} step {r['step_s']:.3f}s (CPU {r['step_cpu_s']:.3f}s)  "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB  training adds {r['train_extra_mb']:.0f} MB  "
+                  f"build {r['build_s']:.1f}s  trainable {r['trainable']}", flush=True)
+        rounds.append(res)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rounds, f, indent=1)
     print(f"\nMiniLM-L6 (22.7M params + head), batch {a.batch}, seq {a.seq}, d = {a.d}, {a.threads} threads, "
-          f"MALLOC_MMAP_THRESHOLD_ {a.mmap_threshold or 'unset (glibc default)'}")
-    print("| config | step (s) | time ratio | step CPU (s) | CPU ratio | peak RSS (MB) | peak ratio | training adds (MB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    sys.stdout.flush()
-    for r in res:
-        name = "full fine-tuning" if r["mode"] == "full" else f"subspace {r['kind']}"
-        print(f"| {name} | {r['step_s']:.2f} | {r['step_s'] / full['step_s']:.2f} | {r['step_cpu_s']:.2f} | "
-              f"{r['step_cpu_s'] / full['step_cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | {r['train_extra_mb']:.0f} |")
+          f"MALLOC_MMAP_THRESHOLD_ {a.mmap_threshold or 'unset (glibc default)'}, {a.steps} timed steps (median), "
+          f"{a.rounds} round(s)")
+    for rnd, res in enumerate(rounds):
+        full = res[0]
+        print(f"\nround {rnd}:")
+        print("| config | step (s) | time ratio | step CPU (s) | CPU ratio | peak RSS (MB) | peak ratio | training adds (MB) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in res:
+            name = "full fine-tuning" if r["mode"] == "full" else f"subspace {r['kind']}"
+            print(f"| {name} | {r['step_s']:.2f} | {r['step_s'] / full['step_s']:.2f} | {r['step_cpu_s']:.2f} | "
+                  f"{r['step_cpu_s'] / full['step_cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | "
+                  f"{r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | {r['train_extra_mb']:.0f} |")
+    if a.rounds > 1:
+        def med(v: list[float]) -> float:
+            v = sorted(v)
+            return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+        print(f"\nmedian over {a.rounds} rounds of the ratios to the same round's baseline (min-max in brackets):")
+        print("| config | time ratio | CPU ratio | peak ratio | peak RSS (MB) |")
+        print("|---|---:|---:|---:|---:|")
+        for i, c in enumerate(confs):
+            rs = [(res[i], res[0]) for res in rounds]
+            cols = []
+            for key in ("step_s", "step_cpu_s", "peak_rss_mb"):
+                v = [r[key] / f[key] for r, f in rs]
+                cols.append(f"{med(v):.2f} ({min(v):.2f}-{max(v):.2f})")
+            name = "full fine-tuning" if c == "full:-" else f"subspace {c.split(':')[1]}"
+            print(f"| {name} | {' | '.join(cols)} | {med([r['peak_rss_mb'] for r, _ in rs]):.0f} |")
 
 
 if __name__ == "__main__":

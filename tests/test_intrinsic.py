@@ -355,3 +355,37 @@ def test_hashed_rows_drawn_as_int32_equal_the_int64_draws(s):
     old = torch.stack([bounds[j] + torch.randint(0, bounds[j + 1] - bounds[j], (n,), generator=g, dtype=torch.int64)
                        for j in range(s)]).to(torch.int32)
     assert new.dtype == torch.int32 and new.shape == (s, n) and torch.equal(new, old)
+
+
+@pytest.mark.parametrize("s", [1, 3])
+def test_fjl_int16_rows_are_the_int32_map(s):
+    """FJL keeps its row indices as int16 on the CPU when d <= 2^15 (issue 18: MiniLM fjl state 310 -> 242 MB):
+    the same values as the int32 draw, and every map (no-autograd fast paths with the native kernels, the
+    autograd paths, the explicit matrix) equals, bit for bit in float64, the same sketch with int32 rows; the
+    adjoint identity holds; d > 2^15 and non-CPU devices keep int32."""
+    import copy
+
+    from gradsketch.sketch import sketch
+    from gradsketch.sketch.kinds import _Hashed
+
+    g16, g32 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    r16 = _Hashed.draw(3000, 300, s, g16, torch.int16)
+    assert r16.dtype == torch.int16 and torch.equal(r16.to(torch.int32), _Hashed.draw(3000, 300, s, g32))
+    assert torch.equal(torch.rand(4, generator=g16), torch.rand(4, generator=g32))  # same generator use after
+
+    S = sketch("fjl", 700, 40, seed=9, s=s)
+    assert S._bufs["rows"].dtype == torch.int16 and S.state_bytes() == 1024 * (1 + s * 6)
+    W = copy.deepcopy(S)
+    W._bufs["rows"] = W._bufs["rows"].to(torch.int32)
+    gen = torch.Generator().manual_seed(2)
+    for m in (1, 3):
+        x = torch.randn(m, 700, generator=gen, dtype=torch.float64)
+        y = torch.randn(m, 40, generator=gen, dtype=torch.float64)
+        assert torch.equal(S(x), W(x)) and torch.equal(S.T(y), W.T(y))
+        xr = x.clone().requires_grad_(True)
+        assert torch.equal(S(xr), W(x))  # the autograd path (index_add on widened rows)
+        assert torch.allclose((S(x) * y).sum(), (x * S.T(y)).sum(), rtol=1e-12)
+    assert torch.equal(S.matrix(), W.matrix())
+    assert S._rows_dtype(torch.device("cuda")) == torch.int32
+    assert sketch("fjl", 33_000, 1 << 15, seed=1)._bufs["rows"].dtype == torch.int16
+    assert sketch("fjl", 33_000, (1 << 15) + 1, seed=1)._bufs["rows"].dtype == torch.int32

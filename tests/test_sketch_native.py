@@ -270,3 +270,26 @@ def test_code_is_never_loaded_from_a_directory_others_can_write(tmp_path):
     assert not _native._private_dir(shared)
     private = tmp_path / "private"
     assert _native._private_dir(private) and (private.stat().st_mode & 0o077) == 0
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m,n", [(1, 10), (1, 100_000), (2, 100_000), (5, 1000)])
+def test_signs_mul_equals_the_product_bit_for_bit(m, n, dtype):
+    """signs_mul(x, s) = x·s exactly (by sign flips), in place, into a strided out (rows of a wider buffer),
+    on one thread and on two (column ranges when M < threads)."""
+    g = torch.Generator().manual_seed(m + n)
+    x = torch.randn(m, n, generator=g, dtype=dtype)
+    x[0, 0] = 0.0
+    signs = (torch.randint(0, 2, (n,), generator=g, dtype=torch.int8) * 2 - 1).to(torch.int8)
+    want = x * signs
+    for threads in (1, 2):
+        buf = torch.full((m, n + 7), 5.0, dtype=dtype)
+        _native.signs_mul(x, signs, out=buf[:, :n], threads=threads)
+        assert torch.equal(buf[:, :n], want) and bool((buf[:, n:] == 5.0).all())
+        y = x.clone()
+        assert _native.signs_mul(y, signs, threads=threads) is y and torch.equal(y, want)
+    with pytest.raises(ValueError, match="int8 signs"):
+        _native.signs_mul(x, signs.float())
+    with pytest.raises(ValueError, match="int8 signs"):
+        _native.signs_mul(x, signs[:-1])

@@ -16,7 +16,9 @@
  * gs_sjlt_{f32,f64}: out[b, rows[k, j]] += vals[k, j] * x[b, j] for b in [r0, r1), j < n, k < s
  * (the CountSketch / sparse-JL scatter; out rows of length d are small enough to stay in cache);
  * gs_gather_{f32,f64}: its adjoint, out[b, j] = sum_k vals[k, j] * y[b, rows[k, j]];
- * gs_sjlt_i16_* and gs_gather_i16_*: the same with int16 rows (d <= 2^15).
+ * gs_sjlt_i16_* and gs_gather_i16_*: the same with int16 rows (d <= 2^15);
+ * gs_signs_{f32,f64}: rows of x times int8 ±1 signs (torch's float * int8 product goes through a slow
+ * type-promoting loop: ~5x slower).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -296,8 +298,22 @@ void gs_gather##ISUF##_##SUF(const T *y, int64_t d, T *out, int64_t n, const IT 
     }                                                                                                    \
 }
 
+/* out[r, j] = x[r, j] * sg[j] for sg[j] = ±1 (int8), written as a sign flip (bit-equal to the product);
+ * rows r in [r0, r1) of strided [rows, n] arrays; out may be x (in place) */
+#define DEFINE_SIGNS(T, SUF)                                                                             \
+void gs_signs_##SUF(T *out, int64_t out_stride, const T *x, int64_t x_stride, const int8_t *sg, int64_t n, \
+                    int64_t r0, int64_t r1) {                                                            \
+    for (int64_t r = r0; r < r1; ++r) {                                                                  \
+        T *o = out + r * out_stride;                                                                     \
+        const T *xr = x + r * x_stride;                                                                  \
+        for (int64_t j = 0; j < n; ++j) o[j] = sg[j] < 0 ? -xr[j] : xr[j];                               \
+    }                                                                                                    \
+}
+
 DEFINE_FWHT(float, f32, 16)
 DEFINE_FWHT(double, f64, 8)
+DEFINE_SIGNS(float, f32)
+DEFINE_SIGNS(double, f64)
 DEFINE_HASHED(float, f32, int32_t, )
 DEFINE_HASHED(double, f64, int32_t, )
 DEFINE_HASHED(float, f32, int16_t, _i16)

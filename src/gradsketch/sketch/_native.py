@@ -261,6 +261,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"gs_fwht_{suf}").argtypes = [ptr, i64, i64, i64, i64, dbl]
         getattr(lib, f"gs_fwht_phase1_{suf}").argtypes = [ptr, i64, i64, i64]
         getattr(lib, f"gs_fwht_phase2_{suf}").argtypes = [ptr, i64, i64, i64, dbl]
+        getattr(lib, f"gs_signs_{suf}").argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64]
+        getattr(lib, f"gs_signs_{suf}").restype = None
         for name in ("gs_sjlt_", "gs_sjlt_i16_", "gs_gather_", "gs_gather_i16_"):
             getattr(lib, name + suf).argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64]
             getattr(lib, name + suf).restype = None
@@ -369,10 +371,15 @@ def disabled() -> Iterator[None]:
         _off = old
 
 
-def usable(x: Tensor) -> bool:
+def usable(x: Tensor, contiguous: bool = True) -> bool:
     """``x`` is a tensor the kernels take (CPU, contiguous, float32/float64, no autograd or torch.func
-    wrapper) and the kernels are available."""
-    if _off or x.device.type != "cpu" or _suffix(x) is None or not x.is_contiguous():
+    wrapper) and the kernels are available. ``contiguous=False``: a 2-D ``x`` whose rows are contiguous (any
+    row stride) will do (:func:`signs_mul`)."""
+    if contiguous:
+        laid_out = x.is_contiguous()
+    else:
+        laid_out = x.dim() == 2 and (x.stride(1) == 1 or x.shape[1] <= 1)
+    if _off or x.device.type != "cpu" or _suffix(x) is None or not laid_out:
         return False
     try:
         if torch._C._functorch.is_functorch_wrapped_tensor(x):
@@ -465,6 +472,32 @@ def gather(y: Tensor, rows: Tensor, vals: Tensor, threads: int | None = None) ->
     _parallel([lambda r=r, a=a, b=b: fn(yp + r * d * ysz, d, op + (r * n + a) * osz, b - a, ip + a * isz,
                                          vp + a * vsz, 1, 0, 1)
                for r in range(m) for a, b in _split(n, nt)])
+    return out
+
+
+def signs_mul(x: Tensor, signs: Tensor, out: Tensor | None = None, threads: int | None = None) -> Tensor:
+    """``x · signs`` into ``out`` (into ``x`` when ``None``) for ``[M, n]`` ``x`` and ``out`` that are
+    :func:`usable` with ``contiguous=False`` (rows contiguous, any row stride), ``signs`` a contiguous int8
+    ``[n]`` of ±1: the same values as the product, by sign flips (torch's float·int8 product takes a slow
+    type-promoting loop). Returns ``out``."""
+    lib = library()
+    out = x if out is None else out
+    m, n = x.shape
+    assert lib is not None and usable(x, contiguous=False) and usable(out, contiguous=False)
+    if signs.dtype != torch.int8 or signs.shape != (n,) or not signs.is_contiguous() or out.shape != x.shape \
+            or out.dtype != x.dtype:
+        raise ValueError(f"signs_mul: expected int8 signs [{n}] and out {x.dtype} {tuple(x.shape)}, got signs "
+                         f"{signs.dtype} {tuple(signs.shape)} and out {out.dtype} {tuple(out.shape)}")
+    fn = getattr(lib, f"gs_signs_{_suffix(x)}")
+    es = x.element_size()
+    op, xp, sp, os_, xs = out.data_ptr(), x.data_ptr(), signs.data_ptr(), out.stride(0), x.stride(0)
+    nt = max(1, threads if threads is not None else torch.get_num_threads())
+    if m >= nt or m * n < _PARALLEL_MIN:
+        _parallel([lambda a=a, b=b: fn(op, os_, xp, xs, sp, n, a, b)
+                   for a, b in _split(m, nt if m * n >= _PARALLEL_MIN else 1)])
+    else:  # fewer rows than threads: column ranges of each row
+        _parallel([lambda r=r, a=a, b=b: fn(op + (r * os_ + a) * es, 0, xp + (r * xs + a) * es, 0, sp + a, b - a, 0, 1)
+                   for r in range(m) for a, b in _split(n, nt)])
     return out
 
 

@@ -48,10 +48,20 @@ def _load(xc: Tensor, n_pad: int, buf: Tensor, signs: Tensor | None = None) -> T
     if signs is None:
         u[:, :n].copy_(xc)
     else:
-        torch.mul(xc, signs[:n], out=u[:, :n])
+        _mul_signs(xc, signs[:n], out=u[:, :n])
     if n_pad > n:
         u[:, n:].zero_()
     return u
+
+
+def _mul_signs(x: Tensor, signs: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x·signs`` into ``out`` (in place into ``x`` when ``None``), no autograd: the native sign flips for int8
+    signs on the CPU (bit-equal to the product), else ``torch.mul``."""
+    out = x if out is None else out
+    if (signs.dtype == torch.int8 and x.dim() == 2 and _native.usable(x, contiguous=False)
+            and _native.usable(out, contiguous=False) and signs.is_contiguous()):
+        return _native.signs_mul(x, signs, out)
+    return torch.mul(x, signs, out=out)
 
 
 #: elements per chunk of blocks in the Fastfood no-autograd paths (4 MiB in float32)
@@ -573,7 +583,7 @@ class FJLSketch(_StructuredBase):
         u = _native.fwht_(u, 1.0 / math.sqrt(u.shape[1])) if native_wht_ok(u) else self.pre.apply_t(u, None)
         u = u[:, : self.n]
         if self.pre.needs_signs:
-            u.mul_(self._signs_for(y)[: self.n])
+            _mul_signs(u, self._signs_for(y)[: self.n])
         return u
 
 
@@ -666,7 +676,7 @@ class AFFDSketch(_StructuredBase):
             u = self.pre.apply_t(u, self._pmats(y.dtype))
         u = u[:, : self.n]
         if self.pre.needs_signs:
-            u.mul_(self._signs_for(y)[: self.n])
+            _mul_signs(u, self._signs_for(y)[: self.n])
         return u
 
 
