@@ -20,7 +20,11 @@ mmapped and returned on free), which makes peak RSS track the live tensors (same
 ``--rounds R`` runs the whole list (baseline first) R times in turn and reports, per configuration, the median
 over rounds of its ratios to the baseline of the same round (each round's ratios are printed too): on a shared
 machine the load drifts over minutes, and a configuration measured next to its own baseline is compared under
-the load of that moment. ``--json FILE`` writes every worker's raw result.
+the load of that moment. ``--json FILE`` writes every worker's raw result. ``--also-default-malloc`` (with
+``--mmap-threshold``) runs every configuration a second time per round with glibc's default allocator settings,
+compared with a baseline run the same way: the low threshold sends every block of ≥ B bytes through mmap, so
+each such temporary is page-faulted afresh (kernel CPU time, reported as "sys"), which inflates the step time of
+code with many mid-sized temporaries; the default setting is what a user runs.
 """
 
 from __future__ import annotations
@@ -70,15 +74,17 @@ def worker(mode: str, kind: str, d: int, batch: int, seq: int, steps: int, threa
         opt.step()
 
     step(batches[0])
-    times, cpu = [], []
+    times, cpu, sys_s = [], [], []
     for b in batches[1:steps + 1]:
-        t, c = time.perf_counter(), time.process_time()
+        t, c, k = time.perf_counter(), time.process_time(), os.times().system
         step(b)
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
+        sys_s.append(os.times().system - k)
     return {"mode": mode, "kind": kind if mode == "subspace" else "-", "d": d if mode == "subspace" else None,
             "step_s": sorted(times)[len(times) // 2],
-            "step_cpu_s": sorted(cpu)[len(cpu) // 2], "steps": len(times), "build_s": build_s,
+            "step_cpu_s": sorted(cpu)[len(cpu) // 2], "step_sys_s": sorted(sys_s)[len(sys_s) // 2],
+            "steps": len(times), "build_s": build_s,
             "peak_rss_mb": peak_mb(), "rss_after_build_mb": base, "train_extra_mb": peak_mb() - base,
             "trainable": sum(p.numel() for p in params)}
 
@@ -94,45 +100,58 @@ def main() -> None:
     ap.add_argument("--mmap-threshold", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--also-default-malloc", action="store_true")
     ap.add_argument("--worker", default=None)
     a = ap.parse_args()
     if a.worker:
         mode, kind = a.worker.split(":")
         print(json.dumps(worker(mode, kind, a.d, a.batch, a.seq, a.steps, a.threads)))
         return
-    confs = ["full:-"] + [f"subspace:{k}" for k in a.kinds.split(",")]
+    kinds = ["full:-"] + [f"subspace:{k}" for k in a.kinds.split(",")]
+    mallocs = [a.mmap_threshold] + ([None] if a.also_default_malloc and a.mmap_threshold is not None else [])
+    confs = [(c, m) for m in mallocs for c in kinds]
+
+    def label(c: str, m: int | None) -> str:
+        name = "full fine-tuning" if c == "full:-" else f"subspace {c.split(':')[1]}"
+        return name + (f" (malloc {'default' if m is None else f'mmap ≥ {m}'})" if len(mallocs) > 1 else "")
+
     rounds: list[list[dict]] = []
     for rnd in range(a.rounds):
         res = []
-        for c in confs:
+        for c, m in confs:
             cmd = [sys.executable, __file__, "--worker", c, "--d", str(a.d), "--batch", str(a.batch), "--seq",
                    str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads)]
             env = dict(os.environ)
-            if a.mmap_threshold is not None:
-                env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
-            r = json.loads(out)
-            r["round"] = rnd
+            env.pop("MALLOC_MMAP_THRESHOLD_", None)
+            if m is not None:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(m)
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            r["round"], r["mmap_threshold"] = rnd, m
             res.append(r)
-            print(f"round {rnd} {r['mode']:9s} {r['kind']:5s} step {r['step_s']:.3f}s (CPU {r['step_cpu_s']:.3f}s)  "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB  training adds {r['train_extra_mb']:.0f} MB  "
-                  f"build {r['build_s']:.1f}s  trainable {r['trainable']}", flush=True)
+            print(f"round {rnd} {label(c, m)}: step {r['step_s']:.3f}s (CPU {r['step_cpu_s']:.3f}s, sys "
+                  f"{r['step_sys_s']:.2f}s)  peak RSS {r['peak_rss_mb']:.0f} MB  training adds "
+                  f"{r['train_extra_mb']:.0f} MB  build {r['build_s']:.1f}s  trainable {r['trainable']}", flush=True)
         rounds.append(res)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(rounds, f, indent=1)
+
+    def base(res: list[dict], i: int) -> dict:  # the baseline run with the same allocator setting
+        return res[(i // len(kinds)) * len(kinds)]
+
     print(f"\nMiniLM-L6 (22.7M params + head), batch {a.batch}, seq {a.seq}, d = {a.d}, {a.threads} threads, "
-          f"MALLOC_MMAP_THRESHOLD_ {a.mmap_threshold or 'unset (glibc default)'}, {a.steps} timed steps (median), "
-          f"{a.rounds} round(s)")
+          f"MALLOC_MMAP_THRESHOLD_ {a.mmap_threshold or 'unset (glibc default)'}"
+          f"{' and unset' if len(mallocs) > 1 else ''}, {a.steps} timed steps (median), {a.rounds} round(s)")
     for rnd, res in enumerate(rounds):
-        full = res[0]
         print(f"\nround {rnd}:")
-        print("| config | step (s) | time ratio | step CPU (s) | CPU ratio | peak RSS (MB) | peak ratio | training adds (MB) |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for r in res:
-            name = "full fine-tuning" if r["mode"] == "full" else f"subspace {r['kind']}"
-            print(f"| {name} | {r['step_s']:.2f} | {r['step_s'] / full['step_s']:.2f} | {r['step_cpu_s']:.2f} | "
-                  f"{r['step_cpu_s'] / full['step_cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | "
+        print("| config | step (s) | time ratio | step CPU (s) | CPU ratio | sys (s) | peak RSS (MB) | peak ratio | "
+              "training adds (MB) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for i, (r, (c, m)) in enumerate(zip(res, confs)):
+            full = base(res, i)
+            print(f"| {label(c, m)} | {r['step_s']:.2f} | {r['step_s'] / full['step_s']:.2f} | {r['step_cpu_s']:.2f} | "
+                  f"{r['step_cpu_s'] / full['step_cpu_s']:.2f} | {r['step_sys_s']:.2f} | {r['peak_rss_mb']:.0f} | "
                   f"{r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | {r['train_extra_mb']:.0f} |")
     if a.rounds > 1:
         def med(v: list[float]) -> float:
@@ -142,14 +161,13 @@ def main() -> None:
         print(f"\nmedian over {a.rounds} rounds of the ratios to the same round's baseline (min-max in brackets):")
         print("| config | time ratio | CPU ratio | peak ratio | peak RSS (MB) |")
         print("|---|---:|---:|---:|---:|")
-        for i, c in enumerate(confs):
-            rs = [(res[i], res[0]) for res in rounds]
+        for i, (c, m) in enumerate(confs):
+            rs = [(res[i], base(res, i)) for res in rounds]
             cols = []
             for key in ("step_s", "step_cpu_s", "peak_rss_mb"):
                 v = [r[key] / f[key] for r, f in rs]
                 cols.append(f"{med(v):.2f} ({min(v):.2f}-{max(v):.2f})")
-            name = "full fine-tuning" if c == "full:-" else f"subspace {c.split(':')[1]}"
-            print(f"| {name} | {' | '.join(cols)} | {med([r['peak_rss_mb'] for r, _ in rs]):.0f} |")
+            print(f"| {label(c, m)} | {' | '.join(cols)} | {med([r['peak_rss_mb'] for r, _ in rs]):.0f} |")
 
 
 if __name__ == "__main__":
