@@ -905,19 +905,39 @@ class FFDSketch(_StructuredBase):
     def _adjoint_fast_ok(self, y: Tensor) -> bool:
         return self._bufs["perm"].numel() > 0 and super()._adjoint_fast_ok(y)
 
+    def _chunk_bufs(self, like: Tensor, m: int, per: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Two flat ``m·per·L`` buffers of ``like``'s dtype and an int64 ``per·L`` index buffer, reused by every
+        chunk of one call (fresh temporaries per chunk are page-faulted afresh once the allocator mmaps them)."""
+        k = m * per * self.L
+        return like.new_empty(k), like.new_empty(k), torch.empty(per * self.L, dtype=torch.long)
+
+    def _h_(self, u: Tensor, transpose: bool = False) -> Tensor:
+        """:meth:`_h` (or :meth:`_ht`) of a contiguous ``[m, k, L]`` chunk, in place when the native kernel
+        applies (the same values as :meth:`_h`, which transforms a copy)."""
+        flat = u.view(-1, self.L)
+        if self.preconditioner == "hadamard" and native_wht_ok(flat):
+            _native.fwht_(flat, 1.0 / math.sqrt(self.L))
+            return u
+        return self._ht(u) if transpose else self._h(u)
+
     def _forward_fast(self, x: Tensor) -> Tensor:
         m, L = x.shape[0], self.L
         B, G, S = self._bufs["B"], self._buf("G", x.dtype), self._buf("S", x.dtype)
         perm = self._bufs["perm"]
         acc = x.new_zeros(m, L)
-        for a, b in self._block_chunks(m):
-            lo, hi = a * L, min(b * L, self.n)
-            u = x.new_zeros(m, b - a, L)
+        chunks = self._block_chunks(m)
+        ubuf, gbuf, ibuf = self._chunk_bufs(x, m, chunks[0][1] - chunks[0][0])
+        for a, b in chunks:
+            lo, hi, k = a * L, min(b * L, self.n), b - a
+            u = ubuf[: m * k * L].view(m, k, L)
             u.view(m, -1)[:, : hi - lo].copy_(x[:, lo:hi])
-            u = self._h(u.mul_(S[a:b]))
+            u.view(m, -1)[:, hi - lo:].zero_()
+            u = self._h_(u.mul_(S[a:b]))
             u.mul_(G[a:b])
-            u = torch.gather(u, 2, perm[a:b].long().expand(m, -1, -1))
-            u = self._h(u)
+            idx = ibuf[: k * L].view(k, L)
+            idx.copy_(perm[a:b])
+            u = torch.gather(u, 2, idx.expand(m, -1, -1), out=gbuf[: m * k * L].view(m, k, L))
+            u = self._h_(u)
             u.mul_(B[a:b])
             acc += u.sum(dim=1)
         return acc[:, : self.d] * self.scale
@@ -928,11 +948,15 @@ class FFDSketch(_StructuredBase):
         perm = self._bufs["perm"]
         ys = _pad(y * self.scale, L)[:, None, :]
         out = y.new_empty(m, self.n)
-        for a, b in self._block_chunks(m):
-            lo, hi = a * L, min(b * L, self.n)
-            v = self._ht(ys * B[a:b])
-            w = torch.zeros_like(v).scatter_(2, perm[a:b].long().expand(m, -1, -1), v)
-            w = self._ht(w.mul_(G[a:b]))
+        chunks = self._block_chunks(m)
+        vbuf, wbuf, ibuf = self._chunk_bufs(y, m, chunks[0][1] - chunks[0][0])
+        for a, b in chunks:
+            lo, hi, k = a * L, min(b * L, self.n), b - a
+            v = self._h_(torch.mul(ys, B[a:b], out=vbuf[: m * k * L].view(m, k, L)), transpose=True)
+            idx = ibuf[: k * L].view(k, L)
+            idx.copy_(perm[a:b])
+            w = wbuf[: m * k * L].view(m, k, L).zero_().scatter_(2, idx.expand(m, -1, -1), v)
+            w = self._h_(w.mul_(G[a:b]), transpose=True)
             w.mul_(S[a:b])
             out[:, lo:hi] = w.reshape(m, -1)[:, : hi - lo]
         return out
