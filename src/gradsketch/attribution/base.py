@@ -26,7 +26,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -718,9 +718,13 @@ class Attributor:
     def _psi(self, comp: Component, phi: Tensor) -> Tensor:
         return comp.weight * apply_kernel(comp.kernel, self.test_rows(comp, phi.cpu()))
 
-    def _test_chunks(self, test_data: Iterable, progress: bool, rows: int):
-        """Yields ``(row_start, [ψ_c [m, d_c] for each component])`` with ψ = w_c · M_c t_c(φ_c(x))."""
+    def _test_chunks(self, test_data: Iterable, progress: bool, rows: int,
+                     psi: Callable[[Component, Tensor], Tensor] | None = None):
+        """Yields ``(row_start, [ψ_c [m, d_c] for each component])`` with ψ = w_c · M_c t_c(φ_c(x)), or
+        ``psi(comp, φ)`` where given (e.g. the test rows without the kernel)."""
         from ..model._batch import check_batches
+
+        psi = self._psi if psi is None else psi
 
         check_batches(test_data, "test_data")
         comps = self._components
@@ -728,7 +732,7 @@ class Attributor:
             comp = comps[0]
             for r0, phi in iter_feature_chunks(comp.task, test_data, comp.sketch, self._feature_mode(comp),
                                                self.nan_policy, progress, "test_data", "featurise test", rows):
-                yield r0, [self._psi(comp, phi)]
+                yield r0, [psi(comp, phi)]
             return
         # several model states: features per state, then regroup (test sets are scored a chunk at a time)
         per = []
@@ -739,7 +743,7 @@ class Attributor:
                                                     "test_data", f"featurise test [{comp.index + 1}/{len(comps)}]",
                                                     rows)))
         for j in range(len(per[0])):
-            yield per[0][j][0], [self._psi(comp, per[i][j][1]) for i, comp in enumerate(comps)]
+            yield per[0][j][0], [psi(comp, per[i][j][1]) for i, comp in enumerate(comps)]
 
     def _score_dtype(self) -> torch.dtype:
         f = self._components[0].feats

@@ -178,29 +178,23 @@ class TRAK(Attributor):
             return super().score(test_data, progress)
         dt = self._score_dtype()
         rows = []
-        self._raw_test_rows = True   # _psi yields the test rows without the kernel
-        try:
-            for _, phis in self._test_chunks(test_data, progress, 1 << 62):
-                out: Tensor | None = None
-                for comp, phi in zip(comps, phis):
-                    k = comp.kernel
-                    C = (phi.to(k.F.dtype) @ k.F.T).to(torch.float64)   # [m, n]
-                    v = torch.cholesky_solve(C.T.contiguous(), k.L).T * comp.weight
-                    if comp.q is not None:
-                        v = v * comp.q.to(v.dtype)
-                    out = v if out is None else out + v
-                assert out is not None  # there is at least one component
-                if self._shared_q is not None:
-                    out = out * self._shared_q.to(out.dtype)
-                rows.append(out.to(dt))
-        finally:
-            self._raw_test_rows = False
-        return torch.cat(rows, 0)
-
-    def _psi(self, comp: Component, phi: Tensor) -> Tensor:
-        if getattr(self, "_raw_test_rows", False):
+        def raw(comp: Component, phi: Tensor) -> Tensor:  # the test rows, without the kernel
             return self.test_rows(comp, phi.cpu())
-        return super()._psi(comp, phi)
+
+        for _, phis in self._test_chunks(test_data, progress, 1 << 62, psi=raw):
+            out: Tensor | None = None
+            for comp, phi in zip(comps, phis):
+                k = comp.kernel
+                C = (phi.to(k.F.dtype) @ k.F.T).to(torch.float64)   # [m, n]
+                v = torch.cholesky_solve(C.T.contiguous(), k.L).T * comp.weight
+                if comp.q is not None:
+                    v = v * comp.q.to(v.dtype)
+                out = v if out is None else out + v
+            assert out is not None  # there is at least one component
+            if self._shared_q is not None:
+                out = out * self._shared_q.to(out.dtype)
+            rows.append(out.to(dt))
+        return torch.cat(rows, 0)
 
     def after_fit(self) -> None:
         if self._margin_fn() is not None:
