@@ -57,6 +57,21 @@ loss-gradient features beat margin gradients with or without q (benchmarks/resul
 for the cross-entropy, ∇ loss = −(1 − p_y) ∇f exactly, so the loss-gradient test side already measures the
 margin f up to a positive factor per target.
 
+**TRAK kernel.** ``kernel="features"`` (the default, as published) inverts ΦᵀΦ, the empirical Fisher of the
+training rows. ``kernel="ggn"`` inverts K = Σ_i Φ J_iᵀ H_i J_i, the Gauss-Newton matrix of the training loss in
+the same (sketched) coordinates, with H_i the Hessian of example i's loss in its outputs (for softmax
+cross-entropy diag(p) − ppᵀ): the curvature of TRAK's own derivation (the Newton step of the linearised model;
+for a binary logistic output this is the R = diag(p(1 − p)) weighting of Park et al.'s formula, here in its
+multi-class form) instead of the outer products of the observed-label gradients, which weight a confident
+example by (1 − p_y)² where the GGN weights it by about (1 − p_y). It needs a task that declares
+``output_fn``/``loss_on_output`` (:meth:`gradsketch.Task.from_classifier`) and costs one more pass over the
+training data per output-Hessian direction with a positive eigenvalue (C − 1 for softmax cross-entropy over C
+classes; ``ggn_rank=k`` keeps the top k of each example, the exact GGN when k covers them all) and always a
+d × d kernel. Same ridge rule. LDS with the unsketched
+float64 kernels at ``ridge=1`` (benchmarks/results/lds_cnn.md, session 9): digits MLP 0.64 → 0.75, 4,000-image
+Fashion-MNIST CNN 0.43 → 0.46, the issue-16 CNN 0.324 → 0.345; sketched (affd d = 2,048) on the issue-16 CNN
+0.304 → 0.317 (0.316 with ``ggn_rank=2``).
+
 **TRAK output function.** TRAK featurises gradients of the model output f (for classification the
 correct-class margin f = log p/(1−p)) and weights training examples by q = 1 − p = 1 − σ(f). Pass
 ``margin_fn(model, batch) -> [B]`` (e.g. :func:`classification_margin`) to do exactly that; without it the

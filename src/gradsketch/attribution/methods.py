@@ -7,7 +7,8 @@ class              name            what it adds to the base (features φ, kernel
 GradDot            grad-dot        nothing: M = I
 GradCos            grad-cos        unit-norm rows on both sides
 TracIn             tracin          checkpoint weights η_c kept (not averaged)
-TRAK               trak            M = (ΦᵀΦ + λI)⁻¹, output-gradient features and q̄ with ``margin_fn``
+TRAK               trak            M = (K + λI)⁻¹, K = ΦᵀΦ or the GGN (``kernel``), output-gradient
+                                   features and q̄ with ``margin_fn``
 ArnoldiInfluence   arnoldi         M = Σ_i u_i u_iᵀ/(λ_i + δ) from Arnoldi + distill (or projections p_i)
 Influence          influence       M = (ΦHΦᵀ + δI)⁻¹ (explicit, CG, LiSSA)
 =================  ==============  ===========================================================================
@@ -95,8 +96,9 @@ class TRAK(Attributor):
 
     With an output function f (declared on the Task, ``Task(..., margin_fn=classification_margin())``, or
     passed as the ``margin_fn`` option, which overrides the Task's) the features are gradients of f and
-    q = 1 − σ(f); without one, loss gradients and q = 1. λ = ``ridge`` · tr(ΦᵀΦ)/min(n_train, d) (see
-    :mod:`.attributor`).
+    q = 1 − σ(f); without one, loss gradients and q = 1. ``kernel="ggn"`` replaces ΦᵀΦ by the Gauss-Newton
+    matrix of the training loss in the same coordinates (one more pass over the data per output-Hessian
+    direction, ``ggn_rank`` of them). λ = ``ridge`` · tr(K)/min(n_train, d) (see :mod:`.attributor`).
     After ``fit``: ``ridge_`` (absolute λ of the last model), ``ridges_`` (all of them).
 
     >>> import gradsketch
@@ -146,7 +148,11 @@ class TRAK(Attributor):
         # factorisation in float64: the same rule for both forms of the kernel
         f64 = isinstance(comp.feats, Tensor) and comp.feats.dtype == torch.float64
         fdt = torch.float64 if f64 else torch.float32
-        if d > n:  # ΦᵀΦ has rank <= n < d: work with the n × n Gram matrix
+        if self._opt("kernel") == "ggn":  # K from the output-Hessian rows, always d × d
+            K = self._ggn_kernel(comp, data, fdt, progress)
+            lam = ridge * float(torch.trace(K)) / min(n, d)
+            comp.kernel = dense_inverse(K, lam)
+        elif d > n:  # ΦᵀΦ has rank <= n < d: work with the n × n Gram matrix
             parts = [blk.cpu() for _, _, blk in self._blocks(comp, max(br, n), fdt)]
             F = parts[0] if len(parts) == 1 else torch.cat(parts)
             G = gram(F)
@@ -164,6 +170,67 @@ class TRAK(Attributor):
         comp.info["ridge"] = lam
         if self._margin_fn() is not None:
             comp.q = self._trak_q(data)
+
+    def _ggn_kernel(self, comp: Component, data: Iterable, fdt: torch.dtype, progress: bool) -> Tensor:
+        """K = Σ_i Φ J_iᵀ H_i J_i Φᵀ ``[d, d]`` float64: H_i = L_i L_iᵀ the Hessian of example i's loss in its
+        outputs (:func:`gradsketch.curvature.kfac.output_hessian_roots`), each column r of L_i contributing the row
+        Φ J_iᵀ L_i[:, r], the sketched gradient of the pseudo-loss ⟨L_i[:, r], z_i⟩ (coefficients held fixed).
+        One pass over ``data`` per output-Hessian direction, in descending order of eigenvalue: ``ggn_rank`` of them
+        (all with a positive eigenvalue when None; an eigenvalue that is 0 for every example adds nothing and gets
+        no pass)."""
+        from ..curvature.kfac import MAX_GGN_OUTPUTS, output_hessian_roots
+        from ..model import Task
+        from ..model._batch import SplitBatch, data_len
+
+        task = self.task
+        if task.output_fn is None or task.loss_on_output is None:
+            raise ValueError("kernel: 'ggn' needs a task that declares output_fn and loss_on_output "
+                             "(Task.from_classifier, or Task(..., output_fn=..., loss_on_output=...)); got a task "
+                             "with a loss_fn only")
+        d = int(comp.sketch.d)
+        if d > 30_000:
+            raise ValueError(f"kernel: 'ggn' builds a d × d matrix and d = {d} here (the number of parameters "
+                             "when unsketched); pass a sketch, e.g. sketch=dict(kind='affd', d=4096)")
+
+        def roots(batch: Any) -> Tensor:
+            b = SplitBatch(batch, task.device).rebuild()
+            with torch.no_grad():
+                z = task.output_fn(task.model, b)
+            C = z[0].numel()
+            if C > MAX_GGN_OUTPUTS:
+                raise ValueError(f"kernel: 'ggn' runs one pass over the data per output dimension, and the model "
+                                 f"has {C} outputs per example (more than {MAX_GGN_OUTPUTS}); use "
+                                 "kernel='features' or a ggn_rank")
+            return output_hessian_roots(task.loss_on_output, z, b).flip(-1)   # descending eigenvalues
+
+        # passes: the largest number of positive output-Hessian eigenvalues of any example, capped by ggn_rank
+        passes = max(int((roots(batch).pow(2).sum(1) > 0).sum(1).max()) for batch in data)
+        rank = self._opt("ggn_rank")
+        passes = passes if rank is None else min(passes, rank)
+
+        class Pass:  # the data with each batch's coefficient column r appended: (batch, [B, C])
+            def __init__(self, r: int) -> None:
+                self.r = r
+
+            def __iter__(self):
+                for batch in data:
+                    yield batch, roots(batch)[:, :, self.r].to(task.dtype)
+
+            def __len__(self) -> int:
+                return data_len(data)
+
+        def pseudo_loss(model: Any, bc: Any) -> Tensor:
+            z = task.output_fn(model, bc[0])
+            return (z.reshape(z.shape[0], -1) * bc[1].reshape(z.shape[0], -1)).sum(-1)
+
+        ptask = Task(task.model, pseudo_loss, params=[p for _, p in task.named_params],
+                     per_example=task.per_example, nan_policy=task.nan_policy)
+        K = torch.zeros(d, d, dtype=torch.float64)
+        for r in range(passes):
+            for blk in ptask.iter_sketch_grads(Pass(r), comp.sketch, mode=self._feature_mode(comp), progress=progress,
+                                               nan_policy=self.nan_policy):
+                K += gram(blk.cpu().to(fdt).T)
+        return K
 
     def score(self, test_data: Iterable, progress: bool = True) -> Tensor:
         """Scores ``[n_test, n_train]`` as in :meth:`Attributor.score`. When every model's kernel has the Gram

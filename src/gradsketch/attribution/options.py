@@ -103,16 +103,23 @@ class TracInOptions(CommonOptions):
 
 @dataclass
 class TRAKOptions(GradDotOptions):
-    """TRAK: the output function ``margin_fn`` and the ``ridge`` λ = ridge · tr(ΦᵀΦ)/min(n, d) (≥ 0)."""
+    """TRAK: the output function ``margin_fn``, the ``kernel`` K (``"features"``: ΦᵀΦ of the training rows;
+    ``"ggn"``: the Gauss-Newton matrix of the training loss in the sketched coordinates, from the top
+    ``ggn_rank`` output-Hessian directions of each example, all of them when ``None``) and the ``ridge``
+    λ = ridge · tr(K)/min(n, d) (≥ 0)."""
 
     margin_fn: Any = None
     ridge: float = 1.0
+    kernel: str = "features"
+    ggn_rank: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.margin_fn is not None:
             check_callable(self.margin_fn, "margin_fn", "a callable (model, batch) -> [B]")
         self.ridge = check_real(self.ridge, "ridge", minimum=0.0)
+        self.kernel = check_choice(self.kernel, "kernel", ("features", "ggn"))
+        self.ggn_rank = check_int(self.ggn_rank, "ggn_rank", minimum=1, allow_none=True)
 
 
 #: the default damping δ of every influence-type method (:mod:`gradsketch.attribution.damping`, where the

@@ -167,30 +167,14 @@ class _Capturer:
             return out, caps, p
 
     def _output_hessian_roots(self, z: Tensor, split: SplitBatch) -> Tensor:
-        """``L [m, C, C]`` with L_i L_iᵀ = ∂²ℓ_i/∂z_i² (eigendecomposition, negative eigenvalues dropped)."""
-        task, m = self.task, split.size
+        """``L [m, C, C]`` with L_i L_iᵀ = ∂²ℓ_i/∂z_i² (:func:`output_hessian_roots`)."""
         C = z[0].numel()
         if C > MAX_GGN_OUTPUTS and self.fisher == "ggn":
             raise ValueError(f"fisher: 'ggn' runs one backward pass per output dimension, and the model has "
                              f"{C} outputs per example (more than {MAX_GGN_OUTPUTS}); use fisher='mc' or "
                              "'empirical'")
-        assert task.loss_on_output is not None
-        zz = z.detach().requires_grad_(True)
-        batch = split.rebuild()
-        with torch.enable_grad():
-            ell = task.loss_on_output(zz, batch)
-            if not isinstance(ell, Tensor) or tuple(ell.shape) != (m,):
-                got = tuple(ell.shape) if isinstance(ell, Tensor) else type(ell).__name__
-                raise ValueError(f"loss_on_output: expected per-example losses of shape [{m}], got {got}")
-            (g,) = torch.autograd.grad(ell.sum(), zz, create_graph=True)
-            g = g.reshape(m, C)
-            H = torch.empty(m, C, C, dtype=torch.float64, device=z.device)
-            for j in range(C):
-                (hj,) = torch.autograd.grad(g[:, j].sum(), zz, retain_graph=j < C - 1, allow_unused=True)
-                H[:, j, :] = 0 if hj is None else hj.reshape(m, C).double()
-        H = 0.5 * (H + H.transpose(1, 2))
-        w, U = torch.linalg.eigh(H)
-        return U * w.clamp_min(0).sqrt().unsqueeze(1)
+        assert self.task.loss_on_output is not None
+        return output_hessian_roots(self.task.loss_on_output, z, split.rebuild())
 
     def run(self, split: SplitBatch) -> Iterator[tuple[float, dict[int, list[tuple[Tensor, Tensor]]]]]:
         """Yields ``(weight, caps)``: caps ``id(module) -> [(input, output-gradient)]`` per cotangent; the
@@ -234,6 +218,30 @@ class _Capturer:
                                         retain_graph=j < len(cots) - 1, allow_unused=True)
             yield w, pack(grads)
 
+
+
+def output_hessian_roots(loss_on_output: Any, z: Tensor, batch: Any) -> Tensor:
+    """``L [m, C, C]`` float64 with ``L_i L_iᵀ = ∂²ℓ_i/∂z_i²``, the Hessian of each example's loss in its
+    outputs ``z_i`` (flattened to C numbers), by C double-backward passes and an eigendecomposition: column k of
+    ``L_i`` is √w_k u_k for the eigenpairs in ascending order, negative eigenvalues dropped (set to 0).
+    ``loss_on_output(z, batch) -> [m]`` is the task's loss on outputs (:meth:`gradsketch.Task.from_classifier`)."""
+    m = z.shape[0]
+    C = z[0].numel()
+    zz = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        ell = loss_on_output(zz, batch)
+        if not isinstance(ell, Tensor) or tuple(ell.shape) != (m,):
+            got = tuple(ell.shape) if isinstance(ell, Tensor) else type(ell).__name__
+            raise ValueError(f"loss_on_output: expected per-example losses of shape [{m}], got {got}")
+        (g,) = torch.autograd.grad(ell.sum(), zz, create_graph=True)
+        g = g.reshape(m, C)
+        H = torch.empty(m, C, C, dtype=torch.float64, device=z.device)
+        for j in range(C):
+            (hj,) = torch.autograd.grad(g[:, j].sum(), zz, retain_graph=j < C - 1, allow_unused=True)
+            H[:, j, :] = 0 if hj is None else hj.reshape(m, C).double()
+    H = 0.5 * (H + H.transpose(1, 2))
+    w, U = torch.linalg.eigh(H)
+    return U * w.clamp_min(0).sqrt().unsqueeze(1)
 
 def _with_ones(side: Tensor) -> Tensor:
     """``side [..., k]`` with a constant 1 appended (the folded bias's input)."""

@@ -1,0 +1,165 @@
+"""TRAK with the Gauss-Newton kernel (``kernel="ggn"``): scores against closed forms built from explicit
+per-example Jacobians and output Hessians (float64), unsketched and sketched, with a truncated rank, for
+cross-entropy and MSE, with ``margin_fn`` features; and the errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from gradsketch.attribution import Attributor, batches, classification_margin
+from gradsketch.model import Task
+
+C = 3
+
+
+def setup(seed: int = 0, n: int = 13, n_test: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).double()
+    X = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (n,), generator=g)
+    Xt = torch.randn(n_test, 4, generator=g, dtype=torch.float64)
+    yt = torch.randint(0, C, (n_test,), generator=g)
+    return model, (X, y), (Xt, yt)
+
+
+def jacobians(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    """Per-example output Jacobians ``[n, C, N]`` in the task's parameter order."""
+    P = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p, x):
+        return functional_call(model, p, (x[None],))[0]
+
+    J = vmap(jacrev(f), in_dims=(None, 0))(P, X)
+    return torch.cat([J[k].reshape(X.shape[0], C, -1) for k in P], -1)
+
+
+def ce_parts(model, X, y):
+    """(J, output Hessians H_i = diag(p) − ppᵀ, loss gradients (p − e_y)ᵀJ) of cross-entropy."""
+    J = jacobians(model, X)
+    p = model(X).softmax(-1).detach()
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    G = torch.einsum("nc,ncp->np", p - nn.functional.one_hot(y, C).double(), J)
+    return J, H, G
+
+
+def truncate(H: torch.Tensor, k: int) -> torch.Tensor:
+    """Each H_i restricted to its top-k eigenpairs."""
+    w, U = torch.linalg.eigh(H)
+    w, U = w[:, -k:], U[:, :, -k:]
+    return torch.einsum("nck,nk,ndk->ncd", U, w, U)
+
+
+def closed_form(Gte, Gtr, K, ridge=1.0):
+    n, N = Gtr.shape[0], K.shape[0]
+    lam = ridge * float(torch.trace(K)) / min(n, N)
+    return Gte @ torch.linalg.solve(K + lam * torch.eye(N, dtype=K.dtype), Gtr.T), lam
+
+
+@pytest.mark.parametrize("rank", [None, 1])
+def test_ggn_kernel_unsketched_equals_closed_form(rank):
+    model, (X, y), (Xt, yt) = setup()
+    Jtr, H, Gtr = ce_parts(model, X, y)
+    _, _, Gte = ce_parts(model, Xt, yt)
+    Hk = H if rank is None else truncate(H, rank)
+    K = torch.einsum("ncp,ncd,ndq->pq", Jtr, Hk, Jtr)
+    ref, lam = closed_form(Gte, Gtr, K)
+    task = Task.from_classifier(model)
+    a = Attributor(task, "trak", kernel="ggn", ggn_rank=rank).fit(batches(X, y, batch_size=6), progress=False)
+    S = a.score(batches(Xt, yt, batch_size=4), progress=False)
+    assert a.ridge_ == pytest.approx(lam, rel=1e-12)
+    torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-12)
+    # self-influence is the diagonal of the train × train scores
+    torch.testing.assert_close(a.self_influence(progress=False),
+                               torch.einsum("np,pq,nq->n", Gtr,
+                                            torch.linalg.inv(K + lam * torch.eye(K.shape[0], dtype=K.dtype)), Gtr),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_ggn_kernel_differs_from_feature_kernel():
+    """The two kernels are different matrices (the GGN is not the empirical Fisher), so the option matters."""
+    model, (X, y), (Xt, yt) = setup(seed=1)
+    task = Task.from_classifier(model)
+    data, test = batches(X, y, batch_size=13), batches(Xt, yt, batch_size=5)
+    S_f = Attributor(task, "trak").fit(data, progress=False).score(test, progress=False)
+    S_g = Attributor(task, "trak", kernel="ggn").fit(data, progress=False).score(test, progress=False)
+    assert (S_f - S_g).abs().max() > 1e-3 * S_f.abs().max()
+
+
+def test_ggn_kernel_sketched_equals_compressed_closed_form():
+    model, (X, y), (Xt, yt) = setup(seed=2)
+    Jtr, H, Gtr = ce_parts(model, X, y)
+    _, _, Gte = ce_parts(model, Xt, yt)
+    task = Task.from_classifier(model)
+    d = 6
+    sk = task.block_sketch(d, kind="dense", seed=3)
+    N = sum(task.param_sizes)
+    eye = torch.eye(N, dtype=torch.float64)
+    Phi = sk.apply_blocks(list(torch.split(eye, task.param_sizes, dim=-1))).T.to(torch.float64)   # [d, N]
+    K = Phi @ torch.einsum("ncp,ncd,ndq->pq", Jtr, H, Jtr) @ Phi.T
+    ref, lam = closed_form(Gte @ Phi.T, Gtr @ Phi.T, K, ridge=0.5)
+    a = Attributor(task, "trak", kernel="ggn", ridge=0.5, sketch=sk, mode="explicit")
+    S = a.fit(batches(X, y, batch_size=5), progress=False).score(batches(Xt, yt, batch_size=5), progress=False)
+    assert a.ridge_ == pytest.approx(lam, rel=1e-10)
+    torch.testing.assert_close(S.double(), ref, rtol=1e-8, atol=1e-10)
+
+
+def test_ggn_kernel_mse():
+    """MSE over C outputs, mean_j (o_j − t_j)²: H_i = (2/C) I, so K = (2/C) Σ J_iᵀ J_i."""
+    model, (X, _), (Xt, _) = setup(seed=4)
+    g = torch.Generator().manual_seed(5)
+    T, Tt = torch.randn(X.shape[0], C, generator=g, dtype=torch.float64), torch.randn(Xt.shape[0], C, generator=g,
+                                                                                      dtype=torch.float64)
+    Jtr, Jte = jacobians(model, X), jacobians(model, Xt)
+    K = (2.0 / C) * torch.einsum("ncp,ncq->pq", Jtr, Jtr)
+    grad = (lambda J, O, TT: torch.einsum("nc,ncp->np", (2.0 / C) * (O - TT), J))
+    Gtr, Gte = grad(Jtr, model(X).detach(), T), grad(Jte, model(Xt).detach(), Tt)
+    ref, _ = closed_form(Gte, Gtr, K)
+    task = Task.from_classifier(model, loss="mse")
+    S = Attributor(task, "trak", kernel="ggn").fit([(X, T)], progress=False).score([(Xt, Tt)], progress=False)
+    torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_ggn_kernel_with_margin_features():
+    """With ``margin_fn`` the rows are margin gradients and the kernel is still the loss's GGN."""
+    model, (X, y), (Xt, yt) = setup(seed=6)
+    Jtr, H, _ = ce_parts(model, X, y)
+    K = torch.einsum("ncp,ncd,ndq->pq", Jtr, H, Jtr)
+    task = Task.from_classifier(model)
+    m = classification_margin()
+
+    def margin_grads(Xs, ys):
+        rows = []
+        for i in range(Xs.shape[0]):
+            model.zero_grad()
+            m(model, (Xs[i:i + 1], ys[i:i + 1])).sum().backward()
+            rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        model.zero_grad()
+        return torch.stack(rows)
+
+    Ftr, Fte = margin_grads(X, y), margin_grads(Xt, yt)
+    ref, _ = closed_form(Fte, Ftr, K)
+    with torch.no_grad():
+        q = torch.sigmoid(-m(model, (X, y)))
+    a = Attributor(task, "trak", kernel="ggn", margin_fn=m).fit([(X, y)], progress=False)
+    torch.testing.assert_close(a.score([(Xt, yt)], progress=False), ref * q, rtol=1e-9, atol=1e-12)
+
+
+def test_ggn_kernel_errors():
+    model, (X, y), _ = setup()
+    task = Task.from_classifier(model)
+    with pytest.raises(ValueError, match="kernel"):
+        Attributor(task, "trak", kernel="hessian")
+    with pytest.raises(ValueError, match="ggn_rank"):
+        Attributor(task, "trak", kernel="ggn", ggn_rank=0)
+    plain = Task(model, lambda mod, b: nn.functional.cross_entropy(mod(b[0]), b[1], reduction="none"))
+    with pytest.raises(ValueError, match="kernel: 'ggn' needs a task that declares output_fn"):
+        Attributor(plain, "trak", kernel="ggn").fit([(X, y)], progress=False)
+    wide = nn.Linear(4, 300).double()
+    Xw, yw = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="kernel: 'ggn' runs one pass over the data per output dimension"):
+        Attributor(Task.from_classifier(wide), "trak", kernel="ggn", sketch=dict(kind="dense", d=8),
+                   mode="explicit").fit([(Xw, yw)], progress=False)
