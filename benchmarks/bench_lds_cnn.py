@@ -127,7 +127,14 @@ def gradsketch_runs(model: nn.Module) -> list[tuple[str, Any]]:
             ("EK-FAC", "ekfac", {}), ("K-FAC", "kfac", {}),
             (f"EK-FAC, affd d={d}", "ekfac", dict(sketch=dict(kind="affd", d=d))),
             ("EK-FAC, fisher='mc' (one sampled label, as kronfluence)", "ekfac", dict(fisher="mc")),
-            ("Arnoldi (defaults)", "arnoldi", {})]
+            ("Arnoldi (defaults)", "arnoldi", {}),
+            # TRAK with the Gauss-Newton kernel (session 9): not TRAK's default; its cost is one pass per
+            # output-Hessian direction (9 for 10 classes) and a d x d kernel even when d > n
+            ("TRAK, kernel='ggn' (unsketched)", "trak", dict(kernel="ggn")),
+            (f"TRAK, kernel='ggn', affd d={d}", "trak", dict(kernel="ggn", sketch=dict(kind="affd", d=d))),
+            (f"TRAK, kernel='ggn', ggn_rank=2, affd d={d}", "trak",
+             dict(kernel="ggn", ggn_rank=2, sketch=dict(kind="affd", d=d))),
+            ("TRAK, kernel='ggn', affd d=4096", "trak", dict(kernel="ggn", sketch=dict(kind="affd", d=4096)))]
     # influence (explicit) is left out at this scale: N = 5,994 dense Hessian columns (or d = 2,048 sketched
     # ones) over 5,000 images cost 30x (10x) Arnoldi's Hessian products on this shared 2-core machine
     out = []
