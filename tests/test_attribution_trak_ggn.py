@@ -163,3 +163,31 @@ def test_ggn_kernel_errors():
     with pytest.raises(ValueError, match="kernel: 'ggn' runs one pass over the data per output dimension"):
         Attributor(Task.from_classifier(wide), "trak", kernel="ggn", sketch=dict(kind="dense", d=8),
                    mode="explicit").fit([(Xw, yw)], progress=False)
+
+
+def test_ggn_kernel_cached_next_to_the_store(tmp_path):
+    """With a store, K is saved next to it and a refit reads it back; a cached value that is not a finite
+    float64 [d, d] matrix is refused (warning), recomputed and replaced."""
+    from gradsketch.store.cache import save_cached
+
+    model, (X, y), (Xt, yt) = setup(seed=7)
+    task = Task.from_classifier(model)
+    data, test = batches(X, y, batch_size=5), batches(Xt, yt, batch_size=5)
+
+    def fit_score():
+        a = Attributor(task, "trak", kernel="ggn", store=tmp_path / "s", store_dtype="float32")
+        return a.fit(data, progress=False).score(test, progress=False)
+
+    S1 = fit_score()
+    f = tmp_path / "s" / "ggn_kernel_0.pt"
+    blob = torch.load(f, weights_only=True)
+    K = blob["value"]
+    assert K.dtype == torch.float64 and K.shape[0] == K.shape[1] == sum(task.param_sizes)
+    # the cached kernel is used as it is: 2K (and with it the relative ridge, 2λ) halves every score
+    save_cached(f, blob["config"], 2 * K)
+    torch.testing.assert_close(fit_score(), S1 / 2)
+    for bad in (K[:-1], K.float(), torch.full_like(K, float("nan"))):
+        save_cached(f, blob["config"], bad)
+        with pytest.warns(RuntimeWarning, match="not what this fit expects"):
+            torch.testing.assert_close(fit_score(), S1)
+        torch.testing.assert_close(torch.load(f, weights_only=True)["value"], K)

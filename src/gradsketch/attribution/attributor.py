@@ -67,7 +67,8 @@ example by (1 − p_y)² where the GGN weights it by about (1 − p_y). It needs
 ``output_fn``/``loss_on_output`` (:meth:`gradsketch.Task.from_classifier`) and costs one more pass over the
 training data per output-Hessian direction with a positive eigenvalue (C − 1 for softmax cross-entropy over C
 classes; ``ggn_rank=k`` keeps the top k of each example, the exact GGN when k covers them all) and always a
-d × d kernel. Same ridge rule. LDS with the unsketched
+d × d kernel (saved next to the store, like EK-FAC's factors, so a resumed fit does not redo the passes).
+Same ridge rule. LDS with the unsketched
 float64 kernels at ``ridge=1`` (benchmarks/results/lds_cnn.md, session 9): digits MLP 0.64 → 0.75, 4,000-image
 Fashion-MNIST CNN 0.43 → 0.46, the issue-16 CNN 0.324 → 0.345; sketched (affd d = 2,048) on the issue-16 CNN
 0.304 → 0.317 (0.316 with ``ggn_rank=2``).

@@ -551,8 +551,9 @@ class Attributor:
                 yield r0, r0 + blk.shape[0], blk.to(dtype)
                 r0 += blk.shape[0]
 
-    def _cached(self, comp: Component, name: str, config: dict, compute) -> Any:
-        """Curvature results cached next to the store (so that a resumed fit does not redo them)."""
+    def _cached(self, comp: Component, name: str, config: dict, compute, valid: Any = None) -> Any:
+        """Curvature results cached next to the store (so that a resumed fit does not redo them). ``valid(value)``
+        (optional) vets a loaded value: one it refuses is named (RuntimeWarning), recomputed and overwritten."""
         if self.store is None:
             return compute()
         from ..store.cache import load_cached, save_cached
@@ -560,8 +561,11 @@ class Attributor:
         path = self.store / f"{name}_{comp.index}.pt"
         key = json.dumps(config, sort_keys=True, default=str)
         found, value = load_cached(path, key)  # a damaged file is named (RuntimeWarning) and recomputed
-        if found:
+        if found and (valid is None or valid(value)):
             return value
+        if found:
+            warnings.warn(f"{path}: the cached value is not what this fit expects; recomputing it and replacing "
+                          "the file", RuntimeWarning, stacklevel=3)
         value = compute()
         # atomic and durable (private temporary file, fsync, rename); optional on a read-only filesystem
         save_cached(path, key, value)

@@ -225,12 +225,26 @@ class TRAK(Attributor):
 
         ptask = Task(task.model, pseudo_loss, params=[p for _, p in task.named_params],
                      per_example=task.per_example, nan_policy=task.nan_policy)
-        K = torch.zeros(d, d, dtype=torch.float64)
-        for r in range(passes):
-            for blk in ptask.iter_sketch_grads(Pass(r), comp.sketch, mode=self._feature_mode(comp), progress=progress,
-                                               nan_policy=self.nan_policy):
-                K += gram(blk.cpu().to(fdt).T)
-        return K
+
+        def compute() -> Tensor:
+            K = torch.zeros(d, d, dtype=torch.float64)
+            for r in range(passes):
+                for blk in ptask.iter_sketch_grads(Pass(r), comp.sketch, mode=self._feature_mode(comp),
+                                                   progress=progress, nan_policy=self.nan_policy):
+                    K += gram(blk.cpu().to(fdt).T)
+            return K
+
+        # cached next to the store: keyed by what K is made of (model state, sketch, mode, passes, precision and
+        # the training data as the store's chunk markers identify it); a cached value that is not a finite
+        # float64 [d, d] matrix is recomputed, never used
+        feats = comp.feats
+        data_fp = feats.data_fingerprints() if hasattr(feats, "data_fingerprints") else None
+        config = {"kernel": "ggn", "passes": passes, "fingerprint": comp.fingerprint, "n_rows": comp.n_rows,
+                  "sketch": sketch_spec(comp.sketch), "mode": self._feature_mode(comp), "dtype": str(fdt),
+                  "data": data_fp, "nan_policy": self.nan_policy}
+        return self._cached(comp, "ggn_kernel", config, compute,
+                            valid=lambda K: isinstance(K, Tensor) and K.dtype == torch.float64
+                            and tuple(K.shape) == (d, d) and bool(torch.isfinite(K).all()))
 
     def score(self, test_data: Iterable, progress: bool = True) -> Tensor:
         """Scores ``[n_test, n_train]`` as in :meth:`Attributor.score`. When every model's kernel has the Gram
