@@ -191,3 +191,24 @@ def test_ggn_kernel_cached_next_to_the_store(tmp_path):
         with pytest.warns(RuntimeWarning, match="not what this fit expects"):
             torch.testing.assert_close(fit_score(), S1)
         torch.testing.assert_close(torch.load(f, weights_only=True)["value"], K)
+
+
+def test_ggn_kernel_passes_skip_the_zero_direction():
+    """Softmax cross-entropy over C classes has C − 1 positive output-Hessian eigenvalues: C − 1 passes over the
+    data for the kernel (plus one to count them), not C."""
+    model, (X, y), _ = setup(seed=8)
+
+    class Counted(list):
+        passes = 0
+
+        def __iter__(self):
+            Counted.passes += 1
+            return super().__iter__()
+
+    data = Counted(batches(X, y, batch_size=13))
+    a = Attributor(Task.from_classifier(model), "trak", kernel="ggn")
+    a.fit(data, progress=False)
+    total = Counted.passes
+    Counted.passes = 0
+    Attributor(Task.from_classifier(model), "trak").fit(data, progress=False)
+    assert total - Counted.passes == 1 + (C - 1)

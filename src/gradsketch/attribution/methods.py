@@ -201,7 +201,11 @@ class TRAK(Attributor):
                 raise ValueError(f"kernel: 'ggn' runs one pass over the data per output dimension, and the model "
                                  f"has {C} outputs per example (more than {MAX_GGN_OUTPUTS}); use "
                                  "kernel='features' or a ggn_rank")
-            return output_hessian_roots(task.loss_on_output, z, b).flip(-1)   # descending eigenvalues
+            L = output_hessian_roots(task.loss_on_output, z, b).flip(-1)   # descending eigenvalues
+            w = L.pow(2).sum(1)                                               # the eigenvalues, [B, C]
+            # eigenvalues at rounding level of the largest (softmax cross-entropy has an exact 0 along the
+            # all-ones direction, which eigh returns as ~1e-17) are zeros: their columns add nothing
+            return L * (w > 1e-10 * w[:, :1]).unsqueeze(1)
 
         # passes: the largest number of positive output-Hessian eigenvalues of any example, capped by ggn_rank
         passes = max(int((roots(batch).pow(2).sum(1) > 0).sum(1).max()) for batch in data)
