@@ -37,6 +37,7 @@ def load(which: str, cache: Path, subsets: int):
     """(model float64, (X, y) train, (X, y) test, masks, outputs, validation targets, report targets)."""
     if which == "issue16":
         import bench_lds_cnn as B
+
         from gradsketch.eval import subset_masks
 
         Xtr, ytr, Xte, yte = B.fashion(5000, 500)

@@ -410,7 +410,8 @@ def report(args: argparse.Namespace) -> None:
         bad = int((~torch.isfinite(sc)).sum())
         if bad:
             rows.append(f"| {label} | {bad} of {sc.numel()} scores NaN/Inf | | {r['fit_cpu']:.2f} | "
-                        f"{r['score_cpu']:.2f} | {r['fit_cpu'] + r['score_cpu']:.2f} | {r['fit_s'] + r['score_s']:.1f} |")
+                        f"{r['score_cpu']:.2f} | {r['fit_cpu'] + r['score_cpu']:.2f} | "
+                        f"{r['fit_s'] + r['score_s']:.1f} |")
             continue
         lds_all = f"{_lds(sc, gt):.3f}" if n_test == gt.outputs.shape[1] else f"(scored {n_test} targets only)"
         fc, scpu = r.get("fit_cpu", float("nan")), r.get("score_cpu", float("nan"))

@@ -158,7 +158,8 @@ def amortised_timing(args, new_model, X, M, y, out_dir) -> None:
         {"settings": vars(args), "per_step": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
         indent=1))
     for k, r in rows.items():
-        print(f"| {k} | {r['cpu_ms_per_step']:.0f} | {r['x_adam']:.2f} |" if base else f"| {k} | {r['cpu_ms_per_step']:.0f} | |")
+        print(f"| {k} | {r['cpu_ms_per_step']:.0f} | {r['x_adam']:.2f} |" if base
+              else f"| {k} | {r['cpu_ms_per_step']:.0f} | |")
 
 
 def main() -> None:
@@ -260,9 +261,9 @@ def main() -> None:
                          "median_step_cpu_ms": 1e3 * statistics.fmean(r.get("median_step_cpu_s", 0.0) for r in rs),
                          "state_bytes": rs[0]["state_bytes"],
                          "all": {k: [r["final_loss"] for r in v] for k, v in by_lr.items()}}
-    (out_dir / ("minilm_full.json" if args.full else "minilm.json")).write_text(json.dumps({"settings": vars(args), "summary": summary,
-                                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
-                                                indent=1))
+    (out_dir / ("minilm_full.json" if args.full else "minilm.json")).write_text(json.dumps({
+        "settings": vars(args), "summary": summary, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+        indent=1))
     sh = summary.get("shampoo")
     print("\n| optimiser | best lr | val loss | val acc | loss / Shampoo | median step ms | state bytes "
           "(preconditioner) | precond. / Shampoo |")

@@ -115,7 +115,9 @@ def test_ggn_kernel_mse():
                                                                                       dtype=torch.float64)
     Jtr, Jte = jacobians(model, X), jacobians(model, Xt)
     K = (2.0 / C) * torch.einsum("ncp,ncq->pq", Jtr, Jtr)
-    grad = (lambda J, O, TT: torch.einsum("nc,ncp->np", (2.0 / C) * (O - TT), J))
+    def grad(J, O, TT):
+        return torch.einsum("nc,ncp->np", (2.0 / C) * (O - TT), J)
+
     Gtr, Gte = grad(Jtr, model(X).detach(), T), grad(Jte, model(Xt).detach(), Tt)
     ref, _ = closed_form(Gte, Gtr, K)
     task = Task.from_classifier(model, loss="mse")

@@ -2,6 +2,7 @@
 batches is expected, a top-k larger than the training set, dict batches read as tuples, --d above N."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,20 @@ def test_per_example_loss_where_train_wants_a_scalar_names_the_fix():
     with pytest.raises(ValueError, match=r"got a scalar; return unreduced losses \(e.g. F.cross_entropy\(\.\.\., "
                                          r"reduction='none'\)\)"):
         task.grads((X, y))
+
+
+def test_cli_kernel_option_reaches_trak_and_is_refused_elsewhere():
+    from gradsketch.attribution.pipeline import AttributeConfig, run_attribute
+    from gradsketch.entry import Entry
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    ent = Entry(model, "cross_entropy", [(X, y)], [(X[:2], y[:2])])
+    out = _tmp()
+    run_attribute(ent, AttributeConfig(method="trak", d=0, kernel="ggn"), out=out, progress=False)
+    assert list((Path(out) / "store").glob("ggn_kernel_*.pt")), "the GGN kernel was not built"
+    with pytest.raises(ValueError, match="kernel: only TRAK has a kernel option"):
+        AttributeConfig(method="arnoldi", kernel="ggn")
+    with pytest.raises(ValueError, match="kernel: expected one of"):
+        AttributeConfig(method="trak", kernel="hessian")

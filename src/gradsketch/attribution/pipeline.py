@@ -36,6 +36,8 @@ class AttributeConfig:
             method's defaults, top_k 40 with the tail and 100 without, n_iters 1.5·top_k rounded up to the block).
         damping: δ of the one damping rule (|K| + δI)⁻¹ of every influence-type method (``None``: the default
             3e-3, :mod:`gradsketch.attribution.damping`), finite and ≥ 0.
+        kernel: TRAK's kernel, ``"features"`` (ΦᵀΦ, the default) or ``"ggn"`` (the Gauss-Newton matrix of the
+            training loss); refused for a method without the option.
         store: feature store directory (``None``: ``OUT/store``).
         self_influence: also compute self-influence of every training example.
         rank, world_size: featurise only this process's share of the store, then stop.
@@ -59,6 +61,7 @@ class AttributeConfig:
     n_iters: int | None = None
     top_k: int | None = None
     damping: float | None = None
+    kernel: str | None = None
     store: str | None = None
     self_influence: bool = True
     rank: int | None = None
@@ -79,6 +82,13 @@ class AttributeConfig:
         check_int(self.n_iters, "n_iters", minimum=1, allow_none=True)
         check_int(self.top_k, "top_k", minimum=1, allow_none=True)
         self.damping = check_real(self.damping, "damping", minimum=0.0, allow_none=True)
+        if self.kernel is not None:
+            from .base import method_class
+
+            check_choice(self.kernel, "kernel", ("features", "ggn"))
+            if "kernel" not in {f.name for f in fields(method_class(self.method).options_cls)}:
+                raise ValueError(f"kernel: only TRAK has a kernel option (features or ggn), got kernel="
+                                 f"{self.kernel!r} with method={self.method!r}")
         if self.store is not None and not isinstance(self.store, (str, Path)):
             raise TypeError(f"store: expected a directory path, got {self.store!r}")
         check_bool(self.self_influence, "self_influence")
@@ -175,7 +185,8 @@ def run_attribute(entry: Any, config: AttributeConfig | None = None, out: str | 
     # arnoldi; damping: every curvature method, None meaning the method's default)
     accepted = {f.name for f in fields(OPTIONS[cfg.method])}
     extra: dict[str, Any] = {k: v for k, v in (("n_iters", cfg.n_iters), ("top_k", cfg.top_k), ("seed", cfg.seed),
-                                               ("damping", cfg.damping), ("on_data_change", cfg.on_data_change))
+                                               ("damping", cfg.damping), ("kernel", cfg.kernel),
+                                               ("on_data_change", cfg.on_data_change))
                              if k in accepted and v is not None}
     store = Path(cfg.store) if cfg.store else out / "store"
     summary: dict[str, Any] = {"entry": ent.name, "command": command, "method": cfg.method, "sketch": sketch,

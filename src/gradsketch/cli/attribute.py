@@ -46,11 +46,15 @@ def attribute(entry: str | None = typer.Argument(None, help=ENTRY_HELP),
               seed: int | None = typer.Option(None, help="sketch / Arnoldi seed [default: 0]"),
               mode: str | None = typer.Option(None, help="auto, explicit, implicit or factored [default: auto]"),
               k: int | None = typer.Option(None, help="proponents/opponents per test example [default: 10]"),
-              n_iters: int | None = typer.Option(None, help="Arnoldi Krylov dimension [default: 1.5·top_k, up to the block]"),
+              n_iters: int | None = typer.Option(None, help="Arnoldi Krylov dimension [default: 1.5·top_k, up to "
+                                                           "the block]"),
               top_k: int | None = typer.Option(None, help="Arnoldi eigenpairs kept [default: 40 with the tail, "
                                                "100 without]"),
               damping: float | None = typer.Option(None, help="influence / Arnoldi damping δ in (|K| + δI)^-1 "
                                                    "(>= 0) [default: 3e-3]"),
+              kernel: str | None = typer.Option(None, help="TRAK's kernel: features (ΦᵀΦ) or ggn (the Gauss-Newton "
+                                                           "matrix of the training loss; C - 1 more passes over "
+                                                           "the data for C classes) [default: features]"),
               store: str | None = typer.Option(None, help="feature store directory [default: OUT/store]"),
               out: str | None = typer.Option(None, help="output directory [default: gradsketch-attribution]"),
               self_influence: bool | None = typer.Option(None, "--self-influence/--no-self-influence",
@@ -83,8 +87,8 @@ def attribute(entry: str | None = typer.Argument(None, help=ENTRY_HELP),
         if not spec:
             raise ValueError("entry: expected module:function (argument, --entry or 'entry' in --config), got none")
         flags = dict(method=method, kind=kind, d=d, seed=seed, mode=mode, k=k, n_iters=n_iters, top_k=top_k,
-                     damping=damping, store=store, self_influence=self_influence, rank=rank, world_size=world_size,
-                     on_data_change=on_data_change)
+                     damping=damping, kernel=kernel, store=store, self_influence=self_influence, rank=rank,
+                     world_size=world_size, on_data_change=on_data_change)
         opts = {**cfg, **{key: v for key, v in flags.items() if v is not None}}
         out_dir = opts.pop("out", None)
         out_dir = out if out is not None else (out_dir or "gradsketch-attribution")

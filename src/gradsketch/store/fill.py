@@ -302,7 +302,8 @@ def fill_stream(store: GradientStore, items: Iterable[Any], size_of: Callable[[A
             f"from the ones their rows were computed from: {shown}. The data changed since the store was filled "
             "(relabelled, replaced or reordered examples; random data augmentation also changes them on every "
             "pass: featurise without it); recompute those chunks (on_data_change='refeaturise'; on the command "
-            "line --on-data-change refeaturise), or use another store path", [c for c, _, _ in changed], [store.chunk_range(c) for c, _, _ in changed])
+            "line --on-data-change refeaturise), or use another store path", [c for c, _, _ in changed],
+            [store.chunk_range(c) for c, _, _ in changed])
     if missing:
         raise ValueError(f"{name}: the data yielded {offset - first_row} examples now but {n_rows} before; expected "
                          "the same examples in the same order on every pass")
