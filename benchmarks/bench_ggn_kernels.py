@@ -13,6 +13,8 @@ sketch or the average of several at the same kernel cost).
     python benchmarks/bench_ggn_kernels.py issue16 --cache DIR   # bench_lds_cnn's cache: ground truth, model
     python benchmarks/bench_ggn_kernels.py mlp --cache DIR --subsets 64   # bench_arnoldi_speed's ground truths
     python benchmarks/bench_ggn_kernels.py cnn --cache DIR --subsets 32
+    python benchmarks/bench_ggn_kernels.py mlp --cache DIR --subsets 64 --library   # the library's TRAK, both
+                                                                                     # kernels, timed (float32)
 
 Needs about 3 GB (the issue-16 CNN's 5,000 × 10 × 5,994 Jacobians in float64). Results: results/lds_cnn.md.
 """
@@ -82,15 +84,49 @@ def parts(model, X, y, chunk: int = 250):
     return torch.cat(G), K, layers
 
 
+def library(which, model, tr, te, masks, outs, val, rep) -> None:
+    """``Attributor(task, "trak")`` with ``kernel="features"`` and ``"ggn"`` (float32 model, as a user runs it):
+    LDS and process CPU seconds of fit + score, after a warm-up of each on a few examples."""
+    import time
+
+    from gradsketch import Attributor, Task
+    from gradsketch.attribution import batches
+
+    task = Task.from_classifier(model)
+    X, y = tr
+    N = task.n_params
+    cfgs = [("features (default)", {}), ("ggn", dict(kernel="ggn")),
+            ("ggn, ggn_rank=2", dict(kernel="ggn", ggn_rank=2))]
+    if N > 2048:
+        sk = dict(sketch=dict(kind="affd", d=2048))
+        cfgs += [("features, affd d=2048", sk), ("ggn, affd d=2048", dict(kernel="ggn", **sk)),
+                 ("ggn, ggn_rank=2, affd d=2048", dict(kernel="ggn", ggn_rank=2, **sk))]
+    print("| benchmark | TRAK kernel | LDS validation half | LDS report half | LDS all | fit + score CPU s |\n"
+          "|---|---|---|---|---|---|")
+    for label, kw in cfgs:
+        Attributor(task, "trak", **kw).fit(batches(X[:100], y[:100], batch_size=50), progress=False)
+        c = time.process_time()
+        S = Attributor(task, "trak", **kw).fit(batches(X, y, batch_size=500), progress=False).score(
+            batches(*te, batch_size=500), progress=False)
+        cpu = time.process_time() - c
+        per = lds(S.double().numpy(), masks, outs).per_target
+        print(f"| {which} | {label} | {np.nanmean(per[val]):.3f} | {np.nanmean(per[rep]):.3f} | "
+              f"{np.nanmean(per):.3f} | {cpu:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("which", choices=["issue16", "mlp", "cnn"])
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--subsets", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--library", action="store_true", help="only the library's TRAK with both kernels, timed")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model, (X, y), (Xt, yt), masks, outs, val, rep = load(a.which, a.cache, a.subsets)
+    if a.library:
+        library(a.which, model.float(), (X, y), (Xt, yt), masks, outs, val, rep)
+        return
     Gtr, KG, layers = parts(model, X, y)
     Gte, _, _ = parts(model, Xt, yt)
     KE = Gtr.T @ Gtr
