@@ -16,6 +16,7 @@ sequence, the entries of a regression output.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,22 +43,42 @@ def _reduce_tokens(per_token: Tensor, valid: Tensor, reduction: str) -> Tensor:
     return flat / count
 
 
-def _cross_entropy_from_margin(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
-    """``[B, C]`` cross-entropy (C ≥ 2) as ``softplus(−f)``, f = z_y − logsumexp_{k≠y} z_k the margin: the same
-    function, but its gradient −σ(−f)·∇f is accurate in float32 for confidently classified examples.
+def _cross_entropy_from_margin(logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """Cross-entropy over the last dimension (C ≥ 2 classes), ``logits [..., C]``, ``targets [...]`` -> ``[...]``,
+    computed as softplus(−f) with f = z_y − logsumexp_{k≠y} z_k the margin; 0 where ``valid`` is false (those
+    targets are never read). The same function as −log softmax(z)_y, but its gradient −σ(−f)·∇f is accurate in
+    float32 for confidently predicted targets.
 
     The usual form differentiates to softmax(z) − e_y, whose y entry p_y − 1 is rounded to a multiple of 2⁻²⁴: when
     1 − p_y is near that size the gradient is mostly rounding error (on a Fashion-MNIST CNN some rows were 94%
     wrong, which cost TRAK 0.003 LDS). Here σ(−f) is small but exact to float32's relative precision, and ∇f has
-    entries 1 and −softmax over the other classes."""
-    valid = targets != ignore_index
-    safe = torch.where(valid, targets, torch.zeros_like(targets))
-    zy = logits.gather(1, safe[:, None])[:, 0]
-    hit = torch.arange(logits.shape[1], device=logits.device) == safe[:, None]
-    # the y slot gets the most negative finite value, not −inf: exp of it underflows to 0 next to any finite
-    # logit, and a row whose other logits are all −inf keeps a finite (zero) gradient instead of NaN
-    others = logits.masked_fill(hit, torch.finfo(logits.dtype).min)
-    loss = F.softplus(torch.logsumexp(others, 1) - zy)
+    entries 1 and −softmax over the other classes. softplus switches to its argument at log(2/eps) of the dtype
+    (16.6 in float32, 36.7 in float64), beyond which 1 − σ is below half a unit of rounding: its default, 20,
+    would drop e^−20 from float64 values, gradients and curvature. (``logaddexp(·, 0)`` is exact too, but its
+    second derivative is NaN where a row's other logits are all −inf.)
+
+    Cost: like the log-softmax form, one logits-sized buffer saved for the backward pass and two made by it, but
+    the saved one is released before the second is made, so the peak is lower (benchmarks/results/ce_tokens.md:
+    0.67× the memory, 1.1× the CPU time of forward + backward at [8, 128, 30522] and [4, 256, 50257]). The sum over k ≠ y runs over a copy d of the logits whose y slot is
+    overwritten with the most negative finite value *through a detached alias*, so autograd records only
+    ``d = clone(z)`` and neither keeps a mask nor makes a second copy in the backward pass. That is exact, not an
+    approximation: after subtracting the row maximum m of d, exp of the y slot is 0, and so is every derivative
+    autograd takes through it (of any order, reverse or forward mode), because each is a multiple of that 0.
+    (Only when every other logit is −inf is m that value and the slot's exp 1; then σ(−f) = 0 multiplies it,
+    unless z_y is −inf too, a row whose loss is inf.) The finite fill also keeps the sum ≥ 1, so a row whose
+    other logits are all −inf gets loss 0 and a zero gradient, not NaN."""
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(-1)
+    zy = logits.gather(-1, safe).squeeze(-1)
+    d = logits.clone()
+    # index_put_ (vmap has a rule for it, not for scatter_), indexing every leading position and its target
+    where_y = (*torch.meshgrid(*(torch.arange(n, device=logits.device) for n in safe.shape[:-1]), indexing="ij"),
+               safe[..., 0])
+    d.detach().index_put_(where_y, torch.tensor(torch.finfo(logits.dtype).min, dtype=logits.dtype,
+                                                device=logits.device))
+    m = d.detach().amax(-1, keepdim=True)
+    e = d.sub_(m).exp_()   # in place: the exp is the one saved buffer
+    x = e.sum(-1).log() + m.squeeze(-1) - zy
+    loss = F.softplus(x, threshold=math.log(2 / torch.finfo(x.dtype).eps))
     return torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
 
 
@@ -67,7 +88,12 @@ def cross_entropy_per_example(logits: Tensor, targets: Tensor, *, mask: Tensor |
 
     ``logits [B, C]`` with ``targets [B]`` -> ``[B]``: ℓ_i = −log softmax(z_i)[y_i].
     ``logits [B, T, C]`` with ``targets [B, T]`` (and optional ``mask [B, T]``) -> ``[B]``: the sum or mean
-    (``reduction``) of token losses over the example's valid tokens (mask ≠ 0 and target ≠ ignore_index).
+    (``reduction``) of token losses over the example's valid tokens (mask ≠ 0 and target ≠ ignore_index); more
+    leading dimensions work the same way (the class dimension is the last).
+
+    Computed as softplus of minus the margin z_y − logsumexp_{k≠y} z_k: the same values as −log softmax, but the
+    float32 gradient of a confidently predicted target is exact to float32 precision, where the log-softmax
+    form's target entry p_y − 1 is rounded to a multiple of 2⁻²⁴ (mostly rounding when 1 − p_y is that small).
     """
     _check_reduction(reduction)
     if logits.ndim < 2:
@@ -78,14 +104,17 @@ def cross_entropy_per_example(logits: Tensor, targets: Tensor, *, mask: Tensor |
     if logits.ndim == 2 and mask is None:
         if logits.shape[1] < 2:
             return F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)
-        return _cross_entropy_from_margin(logits, targets, ignore_index)
+        return _cross_entropy_from_margin(logits, targets, targets != ignore_index)
     valid = targets != ignore_index
     if mask is not None:
         if mask.shape != targets.shape:
             raise ValueError(f"mask: expected shape {tuple(targets.shape)}, got {tuple(mask.shape)}")
         valid = valid & (mask != 0)
-    safe_t = torch.where(valid, targets, torch.zeros_like(targets))
-    tok = -torch.log_softmax(logits, -1).gather(-1, safe_t.unsqueeze(-1)).squeeze(-1)
+    if logits.shape[-1] < 2:   # one class: loss 0 wherever the target is that class
+        safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+        tok = -torch.log_softmax(logits, -1).gather(-1, safe_t.unsqueeze(-1)).squeeze(-1)
+    else:
+        tok = _cross_entropy_from_margin(logits, targets, valid)
     return _reduce_tokens(tok, valid, reduction)
 
 
@@ -182,7 +211,9 @@ def causal_lm_loss(reduction: str = "mean") -> Callable[[torch.nn.Module, Any], 
 def causal_lm_token_losses() -> Callable[[torch.nn.Module, Any], Tensor]:
     """Per-token next-token losses of a transformers causal LM, ``token_loss(model, batch) -> [B, T − 1]``:
     entry ``[i, t]`` is −log p(x_{i,t+1} | x_{i,≤t}) (the target token t + 1), NaN where it is not a target
-    (padding of ``attention_mask``, or the predicting position is padding). The token-level form of
+    (padding of ``attention_mask``, or the predicting position is padding). At least float32 (lower-precision
+    logits are promoted), in the margin form of :func:`cross_entropy_per_example` (exact float32 gradients for
+    confidently predicted tokens). The token-level form of
     :func:`causal_lm_loss` (its ``"mean"`` is the nan-mean of this over t), for
     :meth:`gradsketch.Attributor.topk_tokens` and :meth:`~gradsketch.Attributor.self_influence_tokens`.
 
@@ -194,12 +225,17 @@ def causal_lm_token_losses() -> Callable[[torch.nn.Module, Any], Tensor]:
 
     def token_loss(model: Any, batch: Any) -> Tensor:
         ids, mask, logits = _causal_lm_forward(model, batch)
-        lp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), -1)
-        nll = -lp.gather(-1, ids[:, 1:, None])[..., 0]
+        z = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+        tgt = ids[:, 1:]
         if mask is None:
-            return nll
-        real = mask != 0
-        valid = real[:, :-1] & real[:, 1:]
+            valid = torch.ones(tgt.shape, dtype=torch.bool, device=tgt.device)
+        else:
+            real = mask != 0
+            valid = real[:, :-1] & real[:, 1:]
+        if z.shape[-1] < 2:
+            nll = -torch.log_softmax(z, -1).gather(-1, tgt[..., None])[..., 0]
+        else:   # the margin form (accurate float32 gradients for confident tokens; see cross_entropy_per_example)
+            nll = _cross_entropy_from_margin(z, tgt, valid)
         return torch.where(valid, nll, torch.full_like(nll, float("nan")))
 
     return token_loss
