@@ -117,6 +117,29 @@ def test_one_layer_linear_model_ekfac_and_kfac_equal_the_exact_ggn_and_its_inver
                                    rtol=1e-8, atol=1e-10)
 
 
+
+def test_undamped_inverse_refuses_eigenvalues_that_are_zero_up_to_rounding():
+    """δ = 0 inverts a non-singular curvature exactly, and is refused when the smallest eigenvalue is at most
+    SINGULAR_RTOL of the largest even if rounding made it positive (1/rounding would be returned otherwise)."""
+    from gradsketch.curvature.kfac import SINGULAR_RTOL
+
+    torch.manual_seed(1)
+    model = nn.Linear(4, 3).to(DT)
+    task = Task(model, output_fn=lambda m, b: m(b[0]),
+                loss_on_output=lambda z, b: 0.5 * (z - b[1]).pow(2).sum(1))
+    X, T = torch.randn(9, 4, dtype=DT), torch.randn(9, 3, dtype=DT)
+    op = KFACOperator.fit(task, [(X, T)], kind="ekfac")
+    G = op.to_dense()
+    torch.testing.assert_close(op.inverse(0.0).to_dense(), torch.linalg.inv(G), rtol=1e-8, atol=1e-10)
+    lam = op.blocks["weight"].lam
+    top = float(lam.max())
+    lam.view(-1)[int(lam.argmin())] = 0.1 * SINGULAR_RTOL * top
+    with pytest.raises(ValueError, match="damping: expected > 0 for a negative power"):
+        op.inverse(0.0)
+    op.inverse(1e-3)   # damped: fine
+    lam.view(-1)[int(lam.argmin())] = 10 * SINGULAR_RTOL * top
+    op.inverse(0.0)
+
 def test_conv2d_factors_use_unfolded_patches():
     torch.manual_seed(2)
     conv = nn.Conv2d(2, 3, 3, padding=1, stride=2).to(DT)

@@ -47,6 +47,10 @@ FISHERS = ("ggn", "empirical", "mc")
 KINDS = ("ekfac", "kfac")
 #: largest per-example output dimension C for which ``fisher="ggn"`` runs C backward passes per batch
 MAX_GGN_OUTPUTS = 256
+#: an eigenvalue at most this fraction of the largest is zero up to rounding (a factor's null direction, e.g.
+#: softmax's all-ones output direction, comes out of float64 eigendecompositions as ±1e-17-ish, not 0), so a
+#: negative power without damping is refused for it instead of returning 1/rounding
+SINGULAR_RTOL = 1e-12
 #: per-example gradient elements formed at once in the eigenvalue correction (examples are chunked to fit)
 _CHUNK_ELEMENTS = 1 << 23
 
@@ -408,9 +412,10 @@ class KFACOperator(LinearOperator):
         """(op + λI)^p as an operator (p = −1: the inverse, −½: the inverse square root)."""
         p = check_real(p, "p")
         damping = check_real(damping, "damping", minimum=0.0)
-        if p < 0 and damping == 0 and self.min_eigenvalue() <= 0:
+        if p < 0 and damping == 0 and self.min_eigenvalue() <= SINGULAR_RTOL * max(self.max_eigenvalue(), 0.0):
             raise ValueError(f"damping: expected > 0 for a negative power: the {self.kind.upper()} curvature has "
-                             f"a zero eigenvalue (smallest {self.min_eigenvalue():.3g}); got damping=0")
+                             f"a zero eigenvalue (smallest {self.min_eigenvalue():.3g}, at most {SINGULAR_RTOL:g} of "
+                             f"the largest, {self.max_eigenvalue():.3g}: zero up to rounding); got damping=0")
         return _PowerOperator(self, p, damping)
 
     def inverse(self, damping: float) -> LinearOperator:
