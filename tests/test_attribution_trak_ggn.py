@@ -162,9 +162,13 @@ def test_ggn_kernel_errors():
         Attributor(plain, "trak", kernel="ggn").fit([(X, y)], progress=False)
     wide = nn.Linear(4, 300).double()
     Xw, yw = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
-    with pytest.raises(ValueError, match="kernel: 'ggn' runs one pass over the data per output dimension"):
+    with pytest.raises(ValueError, match="kernel: 'ggn' needs each example's output Hessian"):
         Attributor(Task.from_classifier(wide), "trak", kernel="ggn", sketch=dict(kind="dense", d=8),
                    mode="explicit").fit([(Xw, yw)], progress=False)
+    big = nn.Linear(200, 160).double()   # 32,160 parameters: unsketched, K would be 32,160 × 32,160
+    Xb, yb = torch.randn(3, 200, dtype=torch.float64), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="kernel: 'ggn' builds a d × d matrix and d = 32160"):
+        Attributor(Task.from_classifier(big), "trak", kernel="ggn").fit([(Xb, yb)], progress=False)
 
 
 def test_ggn_kernel_cached_next_to_the_store(tmp_path):

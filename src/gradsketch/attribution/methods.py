@@ -198,9 +198,9 @@ class TRAK(Attributor):
                 z = task.output_fn(task.model, b)
             C = z[0].numel()
             if C > MAX_GGN_OUTPUTS:
-                raise ValueError(f"kernel: 'ggn' runs one pass over the data per output dimension, and the model "
-                                 f"has {C} outputs per example (more than {MAX_GGN_OUTPUTS}); use "
-                                 "kernel='features' or a ggn_rank")
+                raise ValueError(f"kernel: 'ggn' needs each example's output Hessian (one backward pass per "
+                                 f"output), and the model has {C} outputs per example (more than "
+                                 f"{MAX_GGN_OUTPUTS}); use kernel='features'")
             L = output_hessian_roots(task.loss_on_output, z, b).flip(-1)   # descending eigenvalues
             w = L.pow(2).sum(1)                                               # the eigenvalues, [B, C]
             # eigenvalues at rounding level of the largest (softmax cross-entropy has an exact 0 along the
