@@ -13,7 +13,9 @@ softmax(z) − e_y computed in float64 from the same float32 logits, over confid
 and over the others, for both forms. Last, the process-CPU time of per-example gradients w.r.t. the logits by
 ``vmap(grad)`` (the path of Task.grads), both forms, in this process. And end to end: a tiny GPT-2 trained to
 memorise its data (tokens with 1 − p_y ~ 1e-4), its float32 per-example parameter gradients with either form
-against float64 (``--lm-steps``, about a minute).
+against float64 (``--lm-steps``, about a minute). Finally [B, C] classifier logits (no mask), where the margin
+form has been used since session 8: CPU time and float32 gradient error of F.cross_entropy, session 8's form
+(torch.logsumexp over a masked copy) and the library's.
 
     nice -n 15 python benchmarks/bench_ce_tokens.py [--rounds 3] [--reps 3] [--lm-steps 2000] [--out FILE.json]
 """
@@ -195,6 +197,64 @@ def tiny_gpt2(steps: int = 2000, V: int = 1000, seed: int = 0) -> dict:
     return out
 
 
+def _session8_form(logits, targets):
+    """The [B, C] margin form as session 8 wrote it: torch.logsumexp over a masked copy, F.softplus (threshold 20)."""
+    import torch
+    import torch.nn.functional as F
+
+    hit = torch.arange(logits.shape[1]) == targets[:, None]
+    others = logits.masked_fill(hit, torch.finfo(logits.dtype).min)
+    return F.softplus(torch.logsumexp(others, 1) - logits.gather(1, targets[:, None])[:, 0])
+
+
+def classifier_heads(shapes=((4096, 10), (512, 1000)), reps=5) -> dict:
+    """[B, C] logits (no mask): process-CPU time of forward + backward and of per-example vmap(grad), for
+    F.cross_entropy (log-softmax), session 8's margin form and the library's (copy-free) form; plus the max
+    relative float32 gradient error of each on rows with 1 − p_y from 0.5 down to 1e-12."""
+    import torch
+    import torch.nn.functional as F
+    from torch.func import grad, vmap
+
+    import gradsketch
+
+    torch.set_num_threads(1)
+    forms = {"log_softmax": lambda z, y: F.cross_entropy(z, y, reduction="none"), "session8": _session8_form,
+             "library": gradsketch.losses.cross_entropy_per_example}
+    out: dict = {}
+    for B, C in shapes:
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(B, C, generator=g) * 2
+        y = torch.randint(0, C, (B,), generator=g)
+        lift = torch.linspace(0.0, 40.0, B)[torch.randperm(B, generator=g)]
+        z.scatter_(1, y[:, None], (z.max(1).values + lift - 10.0)[:, None])
+        zd = z.double()
+        one_minus = (torch.logsumexp(zd.scatter(1, y[:, None], float("-inf")), 1) - zd.gather(1, y[:, None])[:, 0]
+                     ).sigmoid()
+        ref = torch.softmax(zd, 1).scatter(1, y[:, None], -one_minus[:, None])
+        row: dict = {}
+        times: dict = {f: {"fwd_bwd": [], "vmap": []} for f in forms}
+        for _ in range(reps):
+            for name, fn in forms.items():
+                zg = z.clone().requires_grad_(True)
+                t0 = time.process_time()
+                fn(zg, y).sum().backward()
+                times[name]["fwd_bwd"].append(time.process_time() - t0)
+                t0 = time.process_time()
+                vmap(grad(lambda zi, yi, fn=fn: fn(zi[None], yi[None]).sum()))(z, y)
+                times[name]["vmap"].append(time.process_time() - t0)
+        for name, fn in forms.items():
+            zg = z.clone().requires_grad_(True)
+            got = torch.autograd.grad(fn(zg, y).sum(), zg)[0].double()
+            rel = (got - ref).norm(dim=1) / ref.norm(dim=1)
+            row[name] = {k: statistics.median(v) for k, v in times[name].items()}
+            row[name]["max_rel_grad_err"] = float(rel.max())
+        for k in ("fwd_bwd", "vmap"):
+            row[f"library/session8 {k}"] = row["library"][k] / row["session8"][k]
+            row[f"library/log_softmax {k}"] = row["library"][k] / row["log_softmax"][k]
+        out[f"{B}x{C}"] = row
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -235,6 +295,8 @@ def main() -> None:
     print(json.dumps(res["accuracy"]), flush=True)
     res["vmap"] = per_example_vmap()
     print("vmap(grad) per example:", json.dumps(res["vmap"]), flush=True)
+    res["classifier_heads"] = classifier_heads()
+    print("[B, C] heads:", json.dumps(res["classifier_heads"]), flush=True)
     if a.lm_steps > 0:
         res["tiny_gpt2"] = tiny_gpt2(a.lm_steps)
         print("tiny GPT-2 per-example gradients:", json.dumps(res["tiny_gpt2"]), flush=True)

@@ -43,7 +43,7 @@ def _reduce_tokens(per_token: Tensor, valid: Tensor, reduction: str) -> Tensor:
     return flat / count
 
 
-def _cross_entropy_from_margin(logits: Tensor, targets: Tensor, valid: Tensor, *, copy_free: bool = True) -> Tensor:
+def _cross_entropy_from_margin(logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
     """Cross-entropy over the last dimension (C ≥ 2 classes), ``logits [..., C]``, ``targets [...]`` -> ``[...]``,
     computed as softplus(−f) with f = z_y − logsumexp_{k≠y} z_k the margin; 0 where ``valid`` is false (those
     targets are never read). The same function as −log softmax(z)_y, but its gradient −σ(−f)·∇f is accurate in
@@ -59,38 +59,27 @@ def _cross_entropy_from_margin(logits: Tensor, targets: Tensor, valid: Tensor, *
     the most negative finite value, not −inf: its exp underflows to 0 next to any finite logit, the sum stays
     ≥ 1, and a row whose other logits are all −inf gets loss 0 and a zero gradient, not NaN.
 
-    ``copy_free=True`` (the token paths): the sum runs over a copy d of the logits whose y slot is overwritten
-    *through a detached alias*, so autograd records only ``d = clone(z)`` and neither keeps a mask nor makes a
-    second copy in the backward pass; exp and the shift by the row maximum m are in place. Like the log-softmax
-    form it keeps one logits-sized buffer for the backward pass, which makes two, but it releases the kept one
-    before the second, so the peak is lower (benchmarks/results/ce_tokens.md: 0.67× the memory, 1.1× the CPU
+    Memory and time: the sum runs over a copy d of the logits whose y slot is overwritten *through a detached
+    alias*, so autograd records only ``d = clone(z)`` and neither keeps a mask nor makes a second copy in the
+    backward pass; exp and the shift by the row maximum m are in place. Like the log-softmax form it keeps one
+    logits-sized buffer for the backward pass, which makes two, but it releases the kept one before the second,
+    so the peak is lower (benchmarks/results/ce_tokens.md: 0.67× the memory, 1.1× the CPU
     time of forward + backward at [8, 128, 30522] and [4, 256, 50257]; ``torch.logsumexp`` over the copy
     takes 1.33× the memory and 2.1–2.5× the time). This is exact, not an approximation: exp of the y slot minus m
     is 0, and so is every derivative autograd takes through it (of any order, reverse or forward mode), each
     being a multiple of that 0. (Only when every other logit is −inf is m the fill value and the slot's exp 1;
-    then σ(−f) = 0 multiplies it, unless z_y is −inf too, a row whose loss is inf.)
-
-    ``copy_free=False`` (the [B, C] path, C small): ``torch.logsumexp`` over a masked copy. The same values and
-    derivatives, with different rounding in float64: K-FAC's refusal of damping=0 (``min_eigenvalue() <= 0`` in
-    curvature/kfac.py) sees the softmax output Hessian's zero eigenvalue as exactly 0 from this form and as
-    ~1e-19 from the copy-free one (tests/test_attribution_ekfac.py), so this path keeps it until that check has
-    a tolerance."""
+    then σ(−f) = 0 multiplies it, unless z_y is −inf too, a row whose loss is inf.)"""
     safe = torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(-1)
     zy = logits.gather(-1, safe).squeeze(-1)
-    low = torch.finfo(logits.dtype).min
-    if copy_free:
-        d = logits.clone()
-        # index_put_ (vmap has a rule for it, not for scatter_), indexing every leading position and its target
-        where_y = (*torch.meshgrid(*(torch.arange(n, device=logits.device) for n in safe.shape[:-1]),
-                                   indexing="ij"), safe[..., 0])
-        d.detach().index_put_(where_y, torch.tensor(low, dtype=logits.dtype, device=logits.device))
-        m = d.detach().amax(-1, keepdim=True)
-        e = d.sub_(m).exp_()   # in place: the exp is the one saved buffer
-        lse_others = e.sum(-1).log() + m.squeeze(-1)
-    else:
-        hit = torch.arange(logits.shape[-1], device=logits.device) == safe
-        lse_others = torch.logsumexp(logits.masked_fill(hit, low), -1)
-    x = lse_others - zy
+    d = logits.clone()
+    # index_put_ (vmap has a rule for it, not for scatter_), indexing every leading position and its target
+    where_y = (*torch.meshgrid(*(torch.arange(n, device=logits.device) for n in safe.shape[:-1]), indexing="ij"),
+               safe[..., 0])
+    d.detach().index_put_(where_y, torch.tensor(torch.finfo(logits.dtype).min, dtype=logits.dtype,
+                                                device=logits.device))
+    m = d.detach().amax(-1, keepdim=True)
+    e = d.sub_(m).exp_()   # in place: the exp is the one saved buffer
+    x = e.sum(-1).log() + m.squeeze(-1) - zy
     loss = F.softplus(x, threshold=math.log(2 / torch.finfo(x.dtype).eps))
     return torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
 
@@ -117,7 +106,7 @@ def cross_entropy_per_example(logits: Tensor, targets: Tensor, *, mask: Tensor |
     if logits.ndim == 2 and mask is None:
         if logits.shape[1] < 2:
             return F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)
-        return _cross_entropy_from_margin(logits, targets, targets != ignore_index, copy_free=False)
+        return _cross_entropy_from_margin(logits, targets, targets != ignore_index)
     valid = targets != ignore_index
     if mask is not None:
         if mask.shape != targets.shape:
