@@ -201,11 +201,8 @@ class TRAK(Attributor):
                 raise ValueError(f"kernel: 'ggn' needs each example's output Hessian (one backward pass per "
                                  f"output), and the model has {C} outputs per example (more than "
                                  f"{MAX_GGN_OUTPUTS}); use kernel='features'")
-            L = output_hessian_roots(task.loss_on_output, z, b).flip(-1)   # descending eigenvalues
-            w = L.pow(2).sum(1)                                               # the eigenvalues, [B, C]
-            # eigenvalues at rounding level of the largest (softmax cross-entropy has an exact 0 along the
-            # all-ones direction, which eigh returns as ~1e-17) are zeros: their columns add nothing
-            return L * (w > 1e-10 * w[:, :1]).unsqueeze(1)
+            # descending eigenvalues; those at rounding level (softmax's zero direction) come back as zero columns
+            return output_hessian_roots(task.loss_on_output, z, b).flip(-1)
 
         # passes: the largest number of positive output-Hessian eigenvalues of any example, capped by ggn_rank
         passes = max(int((roots(batch).pow(2).sum(1) > 0).sum(1).max()) for batch in data)

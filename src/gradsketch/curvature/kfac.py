@@ -51,6 +51,8 @@ MAX_GGN_OUTPUTS = 256
 #: softmax's all-ones output direction, comes out of float64 eigendecompositions as ±1e-17-ish, not 0), so a
 #: negative power without damping is refused for it instead of returning 1/rounding
 SINGULAR_RTOL = 1e-12
+#: an output-Hessian eigenvalue at most this fraction of the example's largest is rounding (output_hessian_roots)
+ROOT_RTOL = 1e-10
 #: per-example gradient elements formed at once in the eigenvalue correction (examples are chunked to fit)
 _CHUNK_ELEMENTS = 1 << 23
 
@@ -227,11 +229,16 @@ class _Capturer:
 def output_hessian_roots(loss_on_output: Any, z: Tensor, batch: Any) -> Tensor:
     """``L [m, C, C]`` float64 with ``L_i L_iᵀ = ∂²ℓ_i/∂z_i²``, the Hessian of each example's loss in its
     outputs ``z_i`` (flattened to C numbers), by C double-backward passes and an eigendecomposition: column k of
-    ``L_i`` is √w_k u_k for the eigenpairs in ascending order, negative eigenvalues dropped (set to 0).
+    ``L_i`` is √w_k u_k for the eigenpairs in ascending order, negative eigenvalues and those at rounding level
+    (at most ``ROOT_RTOL`` of the example's largest) set to 0. Softmax cross-entropy has an exact zero along the
+    all-ones direction, which eigh returns as ~1e-17: zeroed, its column is recognisably empty and costs no
+    backward pass in K-FAC's fit or TRAK's GGN kernel.
     ``loss_on_output(z, batch) -> [m]`` is the task's loss on outputs (:meth:`gradsketch.Task.from_classifier`)."""
     m = z.shape[0]
     C = z[0].numel()
-    zz = z.detach().requires_grad_(True)
+    # in float64 whatever the model's precision: a float32 Hessian is off by ~1e-8 of its largest eigenvalue,
+    # which would hide softmax's exact null direction among the genuinely small eigenvalues
+    zz = z.detach().to(torch.float64).requires_grad_(True)
     with torch.enable_grad():
         ell = loss_on_output(zz, batch)
         if not isinstance(ell, Tensor) or tuple(ell.shape) != (m,):
@@ -242,10 +249,11 @@ def output_hessian_roots(loss_on_output: Any, z: Tensor, batch: Any) -> Tensor:
         H = torch.empty(m, C, C, dtype=torch.float64, device=z.device)
         for j in range(C):
             (hj,) = torch.autograd.grad(g[:, j].sum(), zz, retain_graph=j < C - 1, allow_unused=True)
-            H[:, j, :] = 0 if hj is None else hj.reshape(m, C).double()
+            H[:, j, :] = 0 if hj is None else hj.reshape(m, C)
     H = 0.5 * (H + H.transpose(1, 2))
     w, U = torch.linalg.eigh(H)
-    return U * w.clamp_min(0).sqrt().unsqueeze(1)
+    w = torch.where(w > ROOT_RTOL * w[:, -1:], w, torch.zeros_like(w))
+    return U * w.sqrt().unsqueeze(1)
 
 def _with_ones(side: Tensor) -> Tensor:
     """``side [..., k]`` with a constant 1 appended (the folded bias's input)."""
