@@ -225,7 +225,6 @@ class _Capturer:
             yield w, pack(grads)
 
 
-
 def output_hessian_roots(loss_on_output: Any, z: Tensor, batch: Any) -> Tensor:
     """``L [m, C, C]`` float64 with ``L_i L_iᵀ = ∂²ℓ_i/∂z_i²``, the Hessian of each example's loss in its
     outputs ``z_i`` (flattened to C numbers), by C double-backward passes and an eigendecomposition: column k of
