@@ -44,10 +44,10 @@ def _reduce_tokens(per_token: Tensor, valid: Tensor, reduction: str) -> Tensor:
 
 
 def _cross_entropy_from_margin(logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
-    """Cross-entropy over the last dimension (C ≥ 2 classes), ``logits [..., C]``, ``targets [...]`` -> ``[...]``,
-    computed as softplus(−f) with f = z_y − logsumexp_{k≠y} z_k the margin; 0 where ``valid`` is false (those
-    targets are never read). The same function as −log softmax(z)_y, but its gradient −σ(−f)·∇f is accurate in
-    float32 for confidently predicted targets.
+    """Cross-entropy over the last dimension, ``logits [..., C]``, ``targets [...]`` -> ``[...]``, computed for
+    C ≥ 2 classes as softplus(−f) with f = z_y − logsumexp_{k≠y} z_k the margin (one class: −log softmax); 0
+    where ``valid`` is false (those targets are never read). The same function as −log softmax(z)_y, but its
+    gradient −σ(−f)·∇f is accurate in float32 for confidently predicted targets.
 
     The usual form differentiates to softmax(z) − e_y, whose y entry p_y − 1 is rounded to a multiple of 2⁻²⁴: when
     1 − p_y is near that size the gradient is mostly rounding error (on a Fashion-MNIST CNN some rows were 94%
@@ -70,6 +70,9 @@ def _cross_entropy_from_margin(logits: Tensor, targets: Tensor, valid: Tensor) -
     being a multiple of that 0. (Only when every other logit is −inf is m the fill value and the slot's exp 1;
     then σ(−f) = 0 multiplies it, unless z_y is −inf too, a row whose loss is inf.)"""
     safe = torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(-1)
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    if logits.shape[-1] < 2:   # one class: no margin; −log softmax, 0 for its one target
+        return torch.where(valid, -torch.log_softmax(logits, -1).gather(-1, safe).squeeze(-1), zero)
     zy = logits.gather(-1, safe).squeeze(-1)
     d = logits.clone()
     # index_put_ (vmap has a rule for it, not for scatter_), indexing every leading position and its target
@@ -81,7 +84,7 @@ def _cross_entropy_from_margin(logits: Tensor, targets: Tensor, valid: Tensor) -
     e = d.sub_(m).exp_()   # in place: the exp is the one saved buffer
     x = e.sum(-1).log() + m.squeeze(-1) - zy
     loss = F.softplus(x, threshold=math.log(2 / torch.finfo(x.dtype).eps))
-    return torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    return torch.where(valid, loss, zero)
 
 
 def cross_entropy_per_example(logits: Tensor, targets: Tensor, *, mask: Tensor | None = None,
@@ -104,20 +107,13 @@ def cross_entropy_per_example(logits: Tensor, targets: Tensor, *, mask: Tensor |
         raise ValueError(f"targets: expected shape {tuple(logits.shape[:-1])} (logits without the class "
                          f"dimension), got {tuple(targets.shape)}")
     if logits.ndim == 2 and mask is None:
-        if logits.shape[1] < 2:
-            return F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)
         return _cross_entropy_from_margin(logits, targets, targets != ignore_index)
     valid = targets != ignore_index
     if mask is not None:
         if mask.shape != targets.shape:
             raise ValueError(f"mask: expected shape {tuple(targets.shape)}, got {tuple(mask.shape)}")
         valid = valid & (mask != 0)
-    if logits.shape[-1] < 2:   # one class: loss 0 wherever the target is that class
-        safe_t = torch.where(valid, targets, torch.zeros_like(targets))
-        tok = -torch.log_softmax(logits, -1).gather(-1, safe_t.unsqueeze(-1)).squeeze(-1)
-    else:
-        tok = _cross_entropy_from_margin(logits, targets, valid)
-    return _reduce_tokens(tok, valid, reduction)
+    return _reduce_tokens(_cross_entropy_from_margin(logits, targets, valid), valid, reduction)
 
 
 def mse_per_example(outputs: Tensor, targets: Tensor, *, reduction: str = "mean") -> Tensor:
@@ -234,10 +230,8 @@ def causal_lm_token_losses() -> Callable[[torch.nn.Module, Any], Tensor]:
         else:
             real = mask != 0
             valid = real[:, :-1] & real[:, 1:]
-        if z.shape[-1] < 2:
-            nll = -torch.log_softmax(z, -1).gather(-1, tgt[..., None])[..., 0]
-        else:   # the margin form (accurate float32 gradients for confident tokens; see cross_entropy_per_example)
-            nll = _cross_entropy_from_margin(z, tgt, valid)
+        # the margin form (accurate float32 gradients for confident tokens; see cross_entropy_per_example)
+        nll = _cross_entropy_from_margin(z, tgt, valid)
         return torch.where(valid, nll, torch.full_like(nll, float("nan")))
 
     return token_loss
