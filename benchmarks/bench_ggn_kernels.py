@@ -2,8 +2,10 @@
 
 For each benchmark, from the trained model in float64: the loss gradients g_i, the per-example output Jacobians
 J_i and the output Hessians H_i = diag(p_i) − p_i p_iᵀ of the cross-entropy. Kernels: K_emp = Σ g_i g_iᵀ (TRAK's
-ΦᵀΦ unsketched: the empirical Fisher) and K_ggn = Σ J_iᵀ H_i J_i (the Gauss-Newton matrix, what
-``Attributor(task, "trak", kernel="ggn")`` inverts), each whole or block-diagonal by layer. Scores
+ΦᵀΦ unsketched: the empirical Fisher), K_ggn = Σ J_iᵀ H_i J_i (the Gauss-Newton matrix, what
+``Attributor(task, "trak", kernel="ggn")`` inverts), each whole or block-diagonal by layer, and (session 10)
+K_tr = Σ ω_i g_i g_iᵀ with ω_i = tr(H_i)/‖p_i − e_{y_i}‖² (``kernel="ggn_trace"``: the empirical Fisher with each
+row carrying its example's Gauss-Newton curvature). Scores
 g(x)ᵀ(K + λI)⁻¹g(z) with TRAK's rule λ = r·tr(K)/min(n, N), r ∈ {0.1, 0.3, 1, 3}; LDS on a validation half and a
 report half of the targets (defaults are read off the first). On the issue-16 CNN also: which layer's block
 EK-FAC loses (each block of the exact block-diagonal GGN replaced by EK-FAC's or K-FAC's, materialised from
@@ -58,15 +60,15 @@ def load(which: str, cache: Path, subsets: int):
 
 
 def parts(model, X, y, chunk: int = 250):
-    """Loss gradients [n, N], per-example GGN factor rows R_i = H_i^{1/2} J_i stacked [n·C, N] (as K_ggn = RᵀR,
-    accumulated here directly) and the layer slices."""
+    """Loss gradients [n, N], K_ggn = Σ R_iᵀR_i with R_i = H_i^{1/2} J_i (accumulated directly), the layer slices
+    and the ggn_trace weights ω_i = tr(H_i)/‖p_i − e_{y_i}‖² [n]."""
     P = {k: v.detach() for k, v in model.named_parameters()}
 
     def f(p, x):
         return functional_call(model, p, (x[None],))[0]
 
     N = sum(v.numel() for v in P.values())
-    G, K = [], torch.zeros(N, N, dtype=torch.float64)
+    G, K, W = [], torch.zeros(N, N, dtype=torch.float64), []
     for i in range(0, len(y), chunk):
         Jd = vmap(jacrev(f), in_dims=(None, 0))(P, X[i:i + chunk].double())
         J = torch.cat([Jd[k].reshape(Jd[k].shape[0], Jd[k].shape[1], -1) for k in P], -1)
@@ -75,13 +77,14 @@ def parts(model, X, y, chunk: int = 250):
         w = p.clone()
         w[torch.arange(len(w)), y[i:i + chunk]] -= 1
         G.append(torch.einsum("nc,ncp->np", w, J))
+        W.append((1 - (p * p).sum(1)) / (w * w).sum(1))
         R = (J - torch.einsum("nc,ncp->np", p, J)[:, None]) * p.sqrt()[:, :, None]   # rows √p_c (J_c − pᵀJ)
         R = R.reshape(-1, N)
         K += R.T @ R
     sizes = [v.numel() for v in P.values()]
     offs = np.cumsum([0] + sizes)
     layers = [slice(int(offs[i]), int(offs[i + 2])) for i in range(0, len(sizes), 2)]   # weight + bias
-    return torch.cat(G), K, layers
+    return torch.cat(G), K, layers, torch.cat(W)
 
 
 def library(which, model, tr, te, masks, outs, val, rep) -> None:
@@ -95,11 +98,12 @@ def library(which, model, tr, te, masks, outs, val, rep) -> None:
     task = Task.from_classifier(model)
     X, y = tr
     N = task.n_params
-    cfgs = [("features (default)", {}), ("ggn", dict(kernel="ggn")),
+    cfgs = [("features (default)", {}), ("ggn_trace", dict(kernel="ggn_trace")), ("ggn", dict(kernel="ggn")),
             ("ggn, ggn_rank=2", dict(kernel="ggn", ggn_rank=2))]
     if N > 2048:
         sk = dict(sketch=dict(kind="affd", d=2048))
-        cfgs += [("features, affd d=2048", sk), ("ggn, affd d=2048", dict(kernel="ggn", **sk)),
+        cfgs += [("features, affd d=2048", sk), ("ggn_trace, affd d=2048", dict(kernel="ggn_trace", **sk)),
+                 ("ggn, affd d=2048", dict(kernel="ggn", **sk)),
                  ("ggn, ggn_rank=2, affd d=2048", dict(kernel="ggn", ggn_rank=2, **sk))]
     print("| benchmark | TRAK kernel | LDS validation half | LDS report half | LDS all | fit + score CPU s |\n"
           "|---|---|---|---|---|---|")
@@ -127,9 +131,10 @@ def main() -> None:
     if a.library:
         library(a.which, model.float(), (X, y), (Xt, yt), masks, outs, val, rep)
         return
-    Gtr, KG, layers = parts(model, X, y)
-    Gte, _, _ = parts(model, Xt, yt)
+    Gtr, KG, layers, w = parts(model, X, y)
+    Gte, _, _, _ = parts(model, Xt, yt)
     KE = Gtr.T @ Gtr
+    KT = Gtr.T @ (Gtr * w[:, None])
     n, N = Gtr.shape
     print(f"{a.which}: n = {n}, N = {N}, layers {[s.stop - s.start for s in layers]}, tr K_emp = "
           f"{float(torch.trace(KE)):.4g}, tr K_ggn = {float(torch.trace(KG)):.4g}", flush=True)
@@ -148,7 +153,7 @@ def main() -> None:
 
     whole = [slice(0, N)]
     print("| benchmark | kernel | LDS validation half | LDS report half | LDS all |\n|---|---|---|---|---|")
-    for name, K in (("empirical Fisher (TRAK)", KE), ("GGN", KG)):
+    for name, K in (("empirical Fisher (TRAK)", KE), ("GGN", KG), ("ggn_trace", KT)):
         lam0 = float(torch.trace(K)) / min(n, N)
         for r in (0.1, 0.3, 1.0, 3.0):
             show(f"{name}, whole, r = {r}", score([(s, K[s, s]) for s in whole], r * lam0))

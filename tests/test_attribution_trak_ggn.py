@@ -1,6 +1,6 @@
-"""TRAK with the Gauss-Newton kernel (``kernel="ggn"``): scores against closed forms built from explicit
-per-example Jacobians and output Hessians (float64), unsketched and sketched, with a truncated rank, for
-cross-entropy and MSE, with ``margin_fn`` features; and the errors."""
+"""TRAK with the Gauss-Newton kernels (``kernel="ggn"`` and ``kernel="ggn_trace"``): scores against closed forms
+built from explicit per-example Jacobians and output Hessians (float64), unsketched and sketched, with a truncated
+rank, for cross-entropy and MSE, with ``margin_fn`` features; and the errors."""
 
 from __future__ import annotations
 
@@ -230,3 +230,132 @@ def test_ggn_kernel_ensemble_is_the_mean_of_the_models():
     both = Attributor(Task.from_classifier(m1), "trak", kernel="ggn", models=[m1, m2]).fit(data, progress=False)
     torch.testing.assert_close(both.score(test, progress=False), (single[0] + single[1]) / 2, rtol=1e-9, atol=1e-12)
     assert (single[0] - single[1]).abs().max() > 1e-3   # the two models differ, so the test can fail
+
+
+# ---- kernel="ggn_trace": ΦᵀΦ with row i weighted by ω_i = tr(H_i)/‖e_i‖² (loss-gradient rows) ----------------
+
+def trace_weights(model, X, y):
+    """ω_i = tr(H_i)/‖p_i − e_{y_i}‖² of softmax cross-entropy, from the explicit probabilities."""
+    p = model(X).softmax(-1).detach()
+    e = p - nn.functional.one_hot(y, C).double()
+    return (1 - (p * p).sum(1)) / (e * e).sum(1)
+
+
+@pytest.mark.parametrize("n", [13, 60])   # d = 43 parameters: the n × n Gram form (13) and the d × d form (60)
+def test_ggn_trace_kernel_equals_closed_form(n):
+    model, (X, y), (Xt, yt) = setup(seed=11, n=n)
+    _, _, Gtr = ce_parts(model, X, y)
+    _, _, Gte = ce_parts(model, Xt, yt)
+    w = trace_weights(model, X, y)
+    K = Gtr.T @ (Gtr * w[:, None])
+    ref, lam = closed_form(Gte, Gtr, K)
+    a = Attributor(Task.from_classifier(model), "trak", kernel="ggn_trace").fit(batches(X, y, batch_size=6),
+                                                                              progress=False)
+    assert a.ridge_ == pytest.approx(lam, rel=1e-12)
+    torch.testing.assert_close(a.score(batches(Xt, yt, batch_size=4), progress=False), ref, rtol=1e-9, atol=1e-12)
+    Minv = torch.linalg.inv(K + lam * torch.eye(K.shape[0], dtype=K.dtype))
+    torch.testing.assert_close(a.self_influence(progress=False), torch.einsum("np,pq,nq->n", Gtr, Minv, Gtr),
+                               rtol=1e-9, atol=1e-12)
+    # the weights are not all equal, so the kernel is not ΦᵀΦ up to a scale (which the relative ridge would undo)
+    S_f = Attributor(Task.from_classifier(model), "trak").fit(batches(X, y, batch_size=6), progress=False).score(
+        batches(Xt, yt, batch_size=4), progress=False)
+    assert w.max() > 2 * w.min() and (S_f / S_f.abs().max() - ref / ref.abs().max()).abs().max() > 1e-3
+
+
+def test_ggn_trace_kernel_with_margin_features_and_a_sketch():
+    """Margin rows φ_i (g_i = −q_i φ_i) get ω_i q_i²; in the coordinates of an explicit dense sketch Φ."""
+    model, (X, y), (Xt, yt) = setup(seed=12, n=30)
+    task = Task.from_classifier(model)
+    m = classification_margin()
+    sk = task.block_sketch(8, kind="dense", seed=1)
+    N = sum(task.param_sizes)
+    Phi = sk.apply_blocks(list(torch.split(torch.eye(N, dtype=torch.float64), task.param_sizes, dim=-1))).T
+    Phi = Phi.to(torch.float64)   # [d, N]
+    def margin_grads(Xs, ys):
+        J = jacobians(model, Xs)
+        with torch.no_grad():
+            p = model(Xs).softmax(-1)
+        # f = z_y − log Σ_{c≠y} exp z_c: ∂f/∂z = e_y − p_{−y}/(1 − p_y)
+        dz = -p / (1 - p.gather(1, ys[:, None]))
+        dz[torch.arange(len(ys)), ys] = 1.0
+        return torch.einsum("nc,ncp->np", dz, J)
+    Ftr, Fte = margin_grads(X, y) @ Phi.T, margin_grads(Xt, yt) @ Phi.T
+    with torch.no_grad():
+        q = torch.sigmoid(-m(model, (X, y)))
+    w = trace_weights(model, X, y) * q ** 2
+    K = Ftr.T @ (Ftr * w[:, None])
+    ref, lam = closed_form(Fte, Ftr, K, ridge=0.5)
+    a = Attributor(task, "trak", kernel="ggn_trace", margin_fn=m, ridge=0.5, sketch=sk, mode="explicit")
+    S = a.fit(batches(X, y, batch_size=7), progress=False).score([(Xt, yt)], progress=False)
+    assert a.ridge_ == pytest.approx(lam, rel=1e-10)
+    torch.testing.assert_close(S.double(), ref * q, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["two-class cross-entropy", "one-output mse"])
+def test_ggn_trace_kernel_is_the_ggn_when_the_output_hessian_has_rank_one(case):
+    """With a rank-one output Hessian along the output gradient (two softmax classes: H ∝ (1, −1)(1, −1)ᵀ and
+    e ∝ (1, −1); one output under MSE) the weighted row is exactly the Gauss-Newton term: both kernels agree."""
+    g = torch.Generator().manual_seed(13)
+    torch.manual_seed(13)
+    k = 2 if case.startswith("two") else 1
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, k)).double()
+    X, Xt = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    if k == 2:
+        y, yt = torch.randint(0, 2, (20,), generator=g), torch.randint(0, 2, (6,), generator=g)
+        task = Task.from_classifier(model)
+    else:
+        y, yt = torch.randn(20, 1, generator=g, dtype=torch.float64), torch.randn(6, 1, generator=g,
+                                                                                 dtype=torch.float64)
+        task = Task.from_classifier(model, loss="mse")
+    data, test = batches(X, y, batch_size=8), batches(Xt, yt, batch_size=6)
+    S_t = Attributor(task, "trak", kernel="ggn_trace").fit(data, progress=False).score(test, progress=False)
+    S_g = Attributor(task, "trak", kernel="ggn").fit(data, progress=False).score(test, progress=False)
+    torch.testing.assert_close(S_t, S_g, rtol=1e-8, atol=1e-11)
+    S_f = Attributor(task, "trak").fit(data, progress=False).score(test, progress=False)
+    assert (S_f / S_f.abs().max() - S_t / S_t.abs().max()).abs().max() > 1e-3   # and differ from ΦᵀΦ
+
+
+def test_ggn_trace_kernel_mse_with_an_exactly_fitted_example():
+    """MSE over C outputs: H_i = (2/C) I, e_i = (2/C)(o_i − t_i), so ω_i = 2/‖e_i‖²; an example fitted exactly
+    (e_i = 0) gets ω_i = 0, and nothing is NaN."""
+    model, (X, _), (Xt, _) = setup(seed=14)
+    g = torch.Generator().manual_seed(15)
+    with torch.no_grad():
+        O = model(X)
+    T = torch.randn(X.shape[0], C, generator=g, dtype=torch.float64)
+    T[0] = O[0]
+    Tt = torch.randn(Xt.shape[0], C, generator=g, dtype=torch.float64)
+    Jtr, Jte = jacobians(model, X), jacobians(model, Xt)
+    E = (2.0 / C) * (O - T)
+    Gtr, Gte = torch.einsum("nc,ncp->np", E, Jtr), torch.einsum("nc,ncp->np", (2.0 / C) * (model(Xt).detach() - Tt),
+                                                                  Jte)
+    ee = (E * E).sum(1)
+    w = torch.where(ee > 0, 2.0 / ee.clamp_min(1e-300), 0.0)
+    assert w[0] == 0 and bool(torch.isfinite(w).all())
+    ref, _ = closed_form(Gte, Gtr, Gtr.T @ (Gtr * w[:, None]))
+    task = Task.from_classifier(model, loss="mse")
+    S = Attributor(task, "trak", kernel="ggn_trace").fit([(X, T)], progress=False).score([(Xt, Tt)], progress=False)
+    assert bool(torch.isfinite(S).all())
+    torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_ggn_trace_kernel_saved_and_loaded(tmp_path):
+    """A saved fit (the n × n Gram form, whose kernel holds the weighted rows) scores the same after loading."""
+    model, (X, y), (Xt, yt) = setup(seed=16)
+    task = Task.from_classifier(model)
+    a = Attributor(task, "trak", kernel="ggn_trace").fit(batches(X, y, batch_size=6), progress=False)
+    a.save(tmp_path / "a")
+    b = Attributor.load(tmp_path / "a", task)
+    test = batches(Xt, yt, batch_size=5)
+    torch.testing.assert_close(b.score(test, progress=False), a.score(test, progress=False), rtol=1e-12, atol=1e-13)
+
+
+def test_ggn_trace_kernel_errors():
+    model, (X, y), _ = setup()
+    plain = Task(model, lambda mod, b: nn.functional.cross_entropy(mod(b[0]), b[1], reduction="none"))
+    with pytest.raises(ValueError, match="kernel: 'ggn_trace' needs a task that declares output_fn"):
+        Attributor(plain, "trak", kernel="ggn_trace").fit([(X, y)], progress=False)
+    wide = nn.Linear(4, 300).double()
+    Xw, yw = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="kernel: 'ggn_trace' needs each example's output Hessian"):
+        Attributor(Task.from_classifier(wide), "trak", kernel="ggn_trace").fit([(Xw, yw)], progress=False)

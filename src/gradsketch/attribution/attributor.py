@@ -71,7 +71,13 @@ d × d kernel (saved next to the store, like EK-FAC's factors, so a resumed fit 
 Same ridge rule. LDS with the unsketched
 float64 kernels at ``ridge=1`` (benchmarks/results/lds_cnn.md, session 9): digits MLP 0.64 → 0.75, 4,000-image
 Fashion-MNIST CNN 0.43 → 0.46, the issue-16 CNN 0.324 → 0.345; sketched (affd d = 2,048) on the issue-16 CNN
-0.304 → 0.317 (0.316 with ``ggn_rank=2``).
+0.304 → 0.317 (0.316 with ``ggn_rank=2``). ``kernel="ggn_trace"`` keeps ΦᵀΦ's one row per example and gives
+each the Gauss-Newton curvature of its example: K = Σ_i ω_i φ_i φ_iᵀ with ω_i = tr(H_i)/‖∂ℓ_i/∂z_i‖² for loss
+gradients (times q_i² for margin gradients), i.e. the GGN term J_iᵀ H_i J_i with H_i replaced by its trace along
+the example's own output gradient (exact when H_i has rank one along it: two classes, one output). It costs one
+forward pass more than ΦᵀΦ and keeps most of the GGN's gain (library, float32, session 10): digits MLP 0.64 →
+0.72, 4,000-image CNN 0.43 → 0.45, the issue-16 CNN 0.324 → 0.339 (affd d = 2,048: 0.62 → 0.68, 0.41 → 0.42,
+0.304 → 0.315).
 
 **TRAK output function.** TRAK featurises gradients of the model output f (for classification the
 correct-class margin f = log p/(1−p)) and weights training examples by q = 1 − p = 1 − σ(f). Pass

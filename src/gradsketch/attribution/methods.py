@@ -98,7 +98,9 @@ class TRAK(Attributor):
     passed as the ``margin_fn`` option, which overrides the Task's) the features are gradients of f and
     q = 1 − σ(f); without one, loss gradients and q = 1. ``kernel="ggn"`` replaces ΦᵀΦ by the Gauss-Newton
     matrix of the training loss in the same coordinates (one more pass over the data per output-Hessian
-    direction, ``ggn_rank`` of them). λ = ``ridge`` · tr(K)/min(n_train, d) (see :mod:`.attributor`).
+    direction, ``ggn_rank`` of them); ``kernel="ggn_trace"`` weights each row of ΦᵀΦ so that it carries its
+    example's Gauss-Newton curvature (one forward pass more; :meth:`_ggn_trace_weights`).
+    λ = ``ridge`` · tr(K)/min(n_train, d) (see :mod:`.attributor`).
     After ``fit``: ``ridge_`` (absolute λ of the last model), ``ridges_`` (all of them).
 
     >>> import gradsketch
@@ -148,12 +150,21 @@ class TRAK(Attributor):
         # factorisation in float64: the same rule for both forms of the kernel
         f64 = isinstance(comp.feats, Tensor) and comp.feats.dtype == torch.float64
         fdt = torch.float64 if f64 else torch.float32
-        if self._opt("kernel") == "ggn":  # K from the output-Hessian rows, always d × d
+        kernel = self._opt("kernel")
+        q = self._trak_q(data) if self._margin_fn() is not None else None
+        # kernel="ggn_trace": row i of Φ scaled by √ω_i, K = Σ ω_i φ_i φ_iᵀ
+        sw = self._ggn_trace_weights(data, q).sqrt() if kernel == "ggn_trace" else None
+
+        def rows(r0: int, r1: int, blk: Tensor) -> Tensor:
+            blk = blk.cpu()
+            return blk if sw is None else blk * sw[r0:r1, None].to(blk.dtype)
+
+        if kernel == "ggn":  # K from the output-Hessian rows, always d × d
             K = self._ggn_kernel(comp, data, fdt, progress)
             lam = ridge * float(torch.trace(K)) / min(n, d)
             comp.kernel = dense_inverse(K, lam)
-        elif d > n:  # ΦᵀΦ has rank <= n < d: work with the n × n Gram matrix
-            parts = [blk.cpu() for _, _, blk in self._blocks(comp, max(br, n), fdt)]
+        elif d > n:  # K has rank <= n < d: work with the n × n Gram matrix
+            parts = [rows(*b) for b in self._blocks(comp, max(br, n), fdt)]
             F = parts[0] if len(parts) == 1 else torch.cat(parts)
             G = gram(F)
             lam = ridge * float(torch.trace(G)) / n
@@ -161,15 +172,14 @@ class TRAK(Attributor):
             del F, G, parts
         else:
             K = torch.zeros(d, d, dtype=torch.float64)
-            for _, _, blk in self._blocks(comp, br, fdt):
-                K += gram(blk.cpu().T)   # ΦᵀΦ of the block by lower column blocks (exactly symmetric)
+            for b in self._blocks(comp, br, fdt):
+                K += gram(rows(*b).T)   # ΦᵀΦ of the block by lower column blocks (exactly symmetric)
             lam = ridge * float(torch.trace(K)) / d
             comp.kernel = dense_inverse(K, lam)
         self.ridge_ = lam
         self.ridges_.append(lam)
         comp.info["ridge"] = lam
-        if self._margin_fn() is not None:
-            comp.q = self._trak_q(data)
+        comp.q = q
 
     def _ggn_kernel(self, comp: Component, data: Iterable, fdt: torch.dtype, progress: bool) -> Tensor:
         """K = Σ_i Φ J_iᵀ H_i J_i Φᵀ ``[d, d]`` float64: H_i = L_i L_iᵀ the Hessian of example i's loss in its
@@ -178,31 +188,18 @@ class TRAK(Attributor):
         One pass over ``data`` per output-Hessian direction, in descending order of eigenvalue: ``ggn_rank`` of them
         (all with a positive eigenvalue when None; an eigenvalue that is 0 for every example adds nothing and gets
         no pass)."""
-        from ..curvature.kfac import MAX_GGN_OUTPUTS, output_hessian_roots
         from ..model import Task
-        from ..model._batch import SplitBatch, data_len
+        from ..model._batch import data_len
 
         task = self.task
-        if task.output_fn is None or task.loss_on_output is None:
-            raise ValueError("kernel: 'ggn' needs a task that declares output_fn and loss_on_output "
-                             "(Task.from_classifier, or Task(..., output_fn=..., loss_on_output=...)); got a task "
-                             "with a loss_fn only")
         d = int(comp.sketch.d)
         if d > 30_000:
             raise ValueError(f"kernel: 'ggn' builds a d × d matrix and d = {d} here (the number of parameters "
                              "when unsketched); pass a sketch, e.g. sketch=dict(kind='affd', d=4096)")
 
         def roots(batch: Any) -> Tensor:
-            b = SplitBatch(batch, task.device).rebuild()
-            with torch.no_grad():
-                z = task.output_fn(task.model, b)
-            C = z[0].numel()
-            if C > MAX_GGN_OUTPUTS:
-                raise ValueError(f"kernel: 'ggn' needs each example's output Hessian (one backward pass per "
-                                 f"output), and the model has {C} outputs per example (more than "
-                                 f"{MAX_GGN_OUTPUTS}); use kernel='features'")
             # descending eigenvalues; those at rounding level (softmax's zero direction) come back as zero columns
-            return output_hessian_roots(task.loss_on_output, z, b).flip(-1)
+            return self._output_derivatives(batch)[1].flip(-1)
 
         # passes: the largest number of positive output-Hessian eigenvalues of any example, capped by ggn_rank
         passes = max(int((roots(batch).pow(2).sum(1) > 0).sum(1).max()) for batch in data)
@@ -247,6 +244,47 @@ class TRAK(Attributor):
                             valid=lambda K: isinstance(K, Tensor) and K.dtype == torch.float64
                             and tuple(K.shape) == (d, d) and bool(torch.isfinite(K).all()))
 
+    def _output_derivatives(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(e [B, C], L [B, C, C])`` float64 for one batch of the Gauss-Newton kernels: the gradient of each
+        example's loss in its outputs and the roots of its Hessian there
+        (:func:`gradsketch.curvature.kfac.output_loss_derivatives`)."""
+        from ..curvature.kfac import MAX_GGN_OUTPUTS, output_loss_derivatives
+        from ..model._batch import SplitBatch
+
+        task, kernel = self.task, self._opt("kernel")
+        if task.output_fn is None or task.loss_on_output is None:
+            raise ValueError(f"kernel: {kernel!r} needs a task that declares output_fn and loss_on_output "
+                             "(Task.from_classifier, or Task(..., output_fn=..., loss_on_output=...)); got a task "
+                             "with a loss_fn only")
+        b = SplitBatch(batch, task.device).rebuild()
+        with torch.no_grad():
+            z = task.output_fn(task.model, b)
+        C = z[0].numel()
+        if C > MAX_GGN_OUTPUTS:
+            raise ValueError(f"kernel: {kernel!r} needs each example's output Hessian (one backward pass per "
+                             f"output), and the model has {C} outputs per example (more than "
+                             f"{MAX_GGN_OUTPUTS}); use kernel='features'")
+        return output_loss_derivatives(task.loss_on_output, z, b)
+
+    def _ggn_trace_weights(self, data: Iterable, q: Tensor | None) -> Tensor:
+        """ω ``[n]`` float64 of ``kernel="ggn_trace"``, K = Σ_i ω_i φ_i φ_iᵀ: each row's rank-one term carries the
+        trace of its example's Gauss-Newton curvature in output space. With e_i = ∂ℓ_i/∂z_i and H_i = ∂²ℓ_i/∂z_i²
+        (its positive part) a loss-gradient row g_i = J_iᵀe_i gets ω_i = tr(H_i)/‖e_i‖², so that ω_i g_i g_iᵀ =
+        J_iᵀ (tr(H_i) ê_i ê_iᵀ) J_i: the Gauss-Newton term J_iᵀ H_i J_i with H_i replaced by its trace along the
+        example's own output gradient ê_i = e_i/‖e_i‖. A margin-gradient row φ_i (g_i = −q_i φ_i, TRAK's model
+        of the loss as softplus(−f)) gets ω_i q_i². An example with e_i = 0 gets ω_i = 0 (its curvature is 0 in
+        the limit p → 1 of a classifier). For softmax cross-entropy a confident example (p_y = 1 − ε) gets about
+        2/ε where the Gauss-Newton matrix has ε and ΦᵀΦ ε²: it restores the weight of the well-fitted examples
+        that TRAK's ΦᵀΦ all but drops."""
+        out = []
+        for batch in data:
+            e, L = self._output_derivatives(batch)
+            ee = e.pow(2).sum(1)
+            tr = L.pow(2).sum((1, 2))
+            out.append(torch.where(ee > 0, tr / ee.clamp_min(torch.finfo(torch.float64).tiny), 0.0).cpu())
+        w = torch.cat(out)
+        return w if q is None else w * q.to(w.dtype) ** 2
+
     def score(self, test_data: Iterable, progress: bool = True) -> Tensor:
         """Scores ``[n_test, n_train]`` as in :meth:`Attributor.score`. When every model's kernel has the Gram
         form (d > n), each model's scores are computed as ``C (G + λI)⁻¹`` with ``C = φ Fᵀ`` (the push-through
@@ -256,7 +294,8 @@ class TRAK(Attributor):
 
         self._check_fitted()
         comps = self._components
-        if not all(isinstance(c.kernel, WoodburyInverse) for c in comps):
+        # the shortcut needs the kernel's F to be the training rows, which the ggn_trace kernel scales
+        if self._opt("kernel") == "ggn_trace" or not all(isinstance(c.kernel, WoodburyInverse) for c in comps):
             return super().score(test_data, progress)
         dt = self._score_dtype()
         rows = []

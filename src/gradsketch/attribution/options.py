@@ -105,8 +105,9 @@ class TracInOptions(CommonOptions):
 class TRAKOptions(GradDotOptions):
     """TRAK: the output function ``margin_fn``, the ``kernel`` K (``"features"``: ΦᵀΦ of the training rows;
     ``"ggn"``: the Gauss-Newton matrix of the training loss in the sketched coordinates, from the top
-    ``ggn_rank`` output-Hessian directions of each example, all of them when ``None``) and the ``ridge``
-    λ = ridge · tr(K)/min(n, d) (≥ 0)."""
+    ``ggn_rank`` output-Hessian directions of each example, all of them when ``None``; ``"ggn_trace"``: ΦᵀΦ with
+    each row weighted to carry its example's Gauss-Newton curvature, ``TRAK._ggn_trace_weights``) and the
+    ``ridge`` λ = ridge · tr(K)/min(n, d) (≥ 0)."""
 
     margin_fn: Any = None
     ridge: float = 1.0
@@ -118,7 +119,7 @@ class TRAKOptions(GradDotOptions):
         if self.margin_fn is not None:
             check_callable(self.margin_fn, "margin_fn", "a callable (model, batch) -> [B]")
         self.ridge = check_real(self.ridge, "ridge", minimum=0.0)
-        self.kernel = check_choice(self.kernel, "kernel", ("features", "ggn"))
+        self.kernel = check_choice(self.kernel, "kernel", ("features", "ggn", "ggn_trace"))
         self.ggn_rank = check_int(self.ggn_rank, "ggn_rank", minimum=1, allow_none=True)
 
 

@@ -225,13 +225,13 @@ class _Capturer:
             yield w, pack(grads)
 
 
-def output_hessian_roots(loss_on_output: Any, z: Tensor, batch: Any) -> Tensor:
-    """``L [m, C, C]`` float64 with ``L_i L_iᵀ = ∂²ℓ_i/∂z_i²``, the Hessian of each example's loss in its
-    outputs ``z_i`` (flattened to C numbers), by C double-backward passes and an eigendecomposition: column k of
-    ``L_i`` is √w_k u_k for the eigenpairs in ascending order, negative eigenvalues and those at rounding level
-    (at most ``ROOT_RTOL`` of the example's largest) set to 0. Softmax cross-entropy has an exact zero along the
-    all-ones direction, which eigh returns as ~1e-17: zeroed, its column is recognisably empty and costs no
-    backward pass in K-FAC's fit or TRAK's GGN kernel.
+def output_loss_derivatives(loss_on_output: Any, z: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+    """``(g [m, C], L [m, C, C])`` float64: g_i = ∂ℓ_i/∂z_i, the gradient of each example's loss in its outputs
+    ``z_i`` (flattened to C numbers), and L_i with ``L_i L_iᵀ = ∂²ℓ_i/∂z_i²``, its Hessian, by C double-backward
+    passes and an eigendecomposition: column k of ``L_i`` is √w_k u_k for the eigenpairs in ascending order,
+    negative eigenvalues and those at rounding level (at most ``ROOT_RTOL`` of the example's largest) set to 0.
+    Softmax cross-entropy has an exact zero along the all-ones direction, which eigh returns as ~1e-17: zeroed,
+    its column is recognisably empty and costs no backward pass in K-FAC's fit or TRAK's GGN kernel.
     ``loss_on_output(z, batch) -> [m]`` is the task's loss on outputs (:meth:`gradsketch.Task.from_classifier`)."""
     m = z.shape[0]
     C = z[0].numel()
@@ -252,7 +252,12 @@ def output_hessian_roots(loss_on_output: Any, z: Tensor, batch: Any) -> Tensor:
     H = 0.5 * (H + H.transpose(1, 2))
     w, U = torch.linalg.eigh(H)
     w = torch.where(w > ROOT_RTOL * w[:, -1:], w, torch.zeros_like(w))
-    return U * w.sqrt().unsqueeze(1)
+    return g.detach(), U * w.sqrt().unsqueeze(1)
+
+
+def output_hessian_roots(loss_on_output: Any, z: Tensor, batch: Any) -> Tensor:
+    """``L [m, C, C]`` float64 with ``L_i L_iᵀ = ∂²ℓ_i/∂z_i²``: the second part of :func:`output_loss_derivatives`."""
+    return output_loss_derivatives(loss_on_output, z, batch)[1]
 
 def _with_ones(side: Tensor) -> Tensor:
     """``side [..., k]`` with a constant 1 appended (the folded bias's input)."""
