@@ -469,7 +469,6 @@ def run_methods(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace) -> None:
     import platform
-    from datetime import datetime, timezone
 
     import numpy as np
 
@@ -507,21 +506,25 @@ def report(args: argparse.Namespace) -> None:
         fc, scpu = r.get("fit_cpu", float("nan")), r.get("score_cpu", float("nan"))
         rows.append(f"| {label} | {lds_all} | {_lds(sc[:k], gt_k):.3f} | {fc:.2f} | {scpu:.2f} | {fc + scpu:.2f} | "
                     f"{r['fit_s'] + r['score_s']:.1f} |")
-    table = "\n".join(rows)
+    _emit(args, "LDS at CNN scale, gradsketch beside the peers (issue 16)", "\n".join(rows),
+          f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}; machine shared with other "
+          f"jobs (load 10-12 on 2 cores, times are indicative only). CNN Conv2d(1, 8, 5, stride 2)-ReLU-"
+          f"Conv2d(8, 16, 5, stride 2)-ReLU-Linear(256, 10) "
+          f"({sum(p.numel() for p in make_cnn().parameters())} parameters), {args.n_train} Fashion-MNIST "
+          f"training images, {args.n_test} test images; model and ground truth trained with Adam {TRAIN}. "
+          f"Ground truth: {n_done} (of {args.subsets} planned) random half subsets x {args.runs} retrains, "
+          f"output = correct-class margin. Every method at its defaults (no tuning on the test targets); peers as "
+          f"in their documentation's classification examples.")
+
+
+def _emit(args: argparse.Namespace, title: str, table: str, intro: str) -> None:
+    """Prints the table and, with ``--out``, writes it under a heading and a dated introduction."""
+    from datetime import datetime, timezone
+
     print(table)
     if args.out is not None:
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        args.out.write_text(
-            f"# LDS at CNN scale, gradsketch beside the peers (issue 16)\n\n{when}, {platform.machine()}, "
-            f"{args.threads} thread(s), torch {torch.__version__}; machine shared with other jobs (load 10-12 "
-            f"on 2 cores, times are indicative only). CNN Conv2d(1, 8, 5, stride 2)-ReLU-Conv2d(8, 16, 5, stride 2)-"
-            f"ReLU-Linear(256, 10) "
-            f"({sum(p.numel() for p in make_cnn().parameters())} parameters), {args.n_train} Fashion-MNIST "
-            f"training images, {args.n_test} test images; model and ground truth trained with Adam {TRAIN}. "
-            f"Ground truth: {n_done} (of {args.subsets} planned) random half subsets x {args.runs} retrains, "
-            f"output = correct-class "
-            f"margin. Every method at its defaults (no tuning on the test targets); peers as in their "
-            f"documentation's classification examples.\n\n{table}\n")
+        args.out.write_text(f"# {title}\n\n{when}, {intro}\n\n{table}\n")
 
 
 PEERS = ("kronfluence", "traker", "dattri")
@@ -533,7 +536,6 @@ def device_report(args: argparse.Namespace, done: dict, gt, gt_k, k: int, n_done
     of the same run (highest LDS over all targets): issue 16's second goal is LDS ≥ best peer + 0.05 at ≤ 1/3 of
     its time."""
     import platform
-    from datetime import datetime, timezone
 
     clocks = sorted({r.get("clock", "?") for r in done.values() if "error" not in r})
     ok: dict[str, tuple[float, float, float, float, str]] = {}
@@ -579,17 +581,12 @@ def device_report(args: argparse.Namespace, done: dict, gt, gt_k, k: int, n_done
                     "No gradsketch row of this run clears it.")]
     else:
         rows += ["", "No peer finished in this run: goal 2 cannot be judged from it."]
-    table = "\n".join(rows)
-    print(table)
-    if args.out is not None:
-        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        args.out.write_text(
-            f"# LDS at CNN scale on {', '.join(devices)} (issue 16)\n\n{when}, {platform.machine()} host, "
-            f"{args.threads} host thread(s), torch {torch.__version__}. Same CNN "
-            f"({sum(p.numel() for p in make_cnn().parameters())} parameters), model and ground truth as the CPU "
-            f"table (the CPU run's cache: {n_done} of {args.subsets} subsets x {args.runs} retrains); "
-            f"{args.n_train} training / {args.n_test} test images on the device; "
-            f"scores brought back to the CPU for the LDS.\n\n{table}\n")
+    _emit(args, f"LDS at CNN scale on {', '.join(devices)} (issue 16)", "\n".join(rows),
+          f"{platform.machine()} host, {args.threads} host thread(s), torch {torch.__version__}. Same CNN "
+          f"({sum(p.numel() for p in make_cnn().parameters())} parameters), model and ground truth as the CPU "
+          f"table (the CPU run's cache: {n_done} of {args.subsets} subsets x {args.runs} retrains); "
+          f"{args.n_train} training / {args.n_test} test images on the device; scores brought back to the CPU "
+          f"for the LDS.")
 
 
 def levers(args: argparse.Namespace) -> None:
