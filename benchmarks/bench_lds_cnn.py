@@ -172,7 +172,12 @@ def gradsketch_runs(model: nn.Module) -> list[tuple[str, Any]]:
             (f"TRAK, kernel='ggn', affd d={d}", "trak", dict(kernel="ggn", sketch=dict(kind="affd", d=d))),
             (f"TRAK, kernel='ggn', ggn_rank=2, affd d={d}", "trak",
              dict(kernel="ggn", ggn_rank=2, sketch=dict(kind="affd", d=d))),
-            ("TRAK, kernel='ggn', affd d=4096", "trak", dict(kernel="ggn", sketch=dict(kind="affd", d=4096)))]
+            ("TRAK, kernel='ggn', affd d=4096", "trak", dict(kernel="ggn", sketch=dict(kind="affd", d=4096))),
+            # session 10: ΦᵀΦ with each row weighted by its example's Gauss-Newton curvature (one forward pass more)
+            ("TRAK, kernel='ggn_trace' (unsketched)", "trak", dict(kernel="ggn_trace")),
+            (f"TRAK, kernel='ggn_trace', affd d={d}", "trak", dict(kernel="ggn_trace", sketch=dict(kind="affd", d=d))),
+            ("TRAK, kernel='ggn_trace', affd d=4096", "trak",
+             dict(kernel="ggn_trace", sketch=dict(kind="affd", d=4096)))]
     # influence (explicit) is left out at this scale: N = 5,994 dense Hessian columns (or d = 2,048 sketched
     # ones) over 5,000 images cost 30x (10x) Arnoldi's Hessian products on this shared 2-core machine
     out = []
