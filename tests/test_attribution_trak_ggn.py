@@ -249,8 +249,9 @@ def test_ggn_trace_kernel_equals_closed_form(n):
     w = trace_weights(model, X, y)
     K = Gtr.T @ (Gtr * w[:, None])
     ref, lam = closed_form(Gte, Gtr, K)
-    a = Attributor(Task.from_classifier(model), "trak", kernel="ggn_trace").fit(batches(X, y, batch_size=6),
-                                                                              progress=False)
+    # block_rows=7: the d × d form sums several row blocks, each with its own slice of the weights
+    a = Attributor(Task.from_classifier(model), "trak", kernel="ggn_trace", block_rows=7).fit(
+        batches(X, y, batch_size=6), progress=False)
     assert a.ridge_ == pytest.approx(lam, rel=1e-12)
     torch.testing.assert_close(a.score(batches(Xt, yt, batch_size=4), progress=False), ref, rtol=1e-9, atol=1e-12)
     Minv = torch.linalg.inv(K + lam * torch.eye(K.shape[0], dtype=K.dtype))
@@ -359,3 +360,17 @@ def test_ggn_trace_kernel_errors():
     Xw, yw = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="kernel: 'ggn_trace' needs each example's output Hessian"):
         Attributor(Task.from_classifier(wide), "trak", kernel="ggn_trace").fit([(Xw, yw)], progress=False)
+
+
+@pytest.mark.parametrize("n", [13, 60])
+def test_ggn_trace_kernel_from_a_store(tmp_path, n):
+    """The weights follow the rows when the features are read back from a (float32) store in several blocks."""
+    model, (X, y), (Xt, yt) = setup(seed=17, n=n)
+    _, _, Gtr = ce_parts(model, X, y)
+    _, _, Gte = ce_parts(model, Xt, yt)
+    w = trace_weights(model, X, y)
+    ref, _ = closed_form(Gte, Gtr, Gtr.T @ (Gtr * w[:, None]))
+    a = Attributor(Task.from_classifier(model), "trak", kernel="ggn_trace", block_rows=4, store=tmp_path / "s",
+                   store_dtype="float32").fit(batches(X, y, batch_size=5), progress=False)
+    S = a.score(batches(Xt, yt, batch_size=5), progress=False).double()
+    torch.testing.assert_close(S, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
