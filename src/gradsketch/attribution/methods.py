@@ -169,6 +169,8 @@ class TRAK(Attributor):
             G = gram(F)
             lam = ridge * float(torch.trace(G)) / n
             comp.kernel = ridge_inverse(F, lam, G)
+            if sw is not None:  # the kernel's rows are the training rows times sw (for the scoring shortcut)
+                comp.info["row_scale"] = sw
             del F, G, parts
         else:
             K = torch.zeros(d, d, dtype=torch.float64)
@@ -289,13 +291,23 @@ class TRAK(Attributor):
         """Scores ``[n_test, n_train]`` as in :meth:`Attributor.score`. When every model's kernel has the Gram
         form (d > n), each model's scores are computed as ``C (G + λI)⁻¹`` with ``C = φ Fᵀ`` (the push-through
         identity φ (FᵀF + λI)⁻¹ Fᵀ = φ Fᵀ (FFᵀ + λI)⁻¹): two products with the n × d training features fewer than
-        applying the kernel to φ and then taking the products with the rows, and no subtraction."""
+        applying the kernel to φ and then taking the products with the rows, and no subtraction. With
+        ``kernel="ggn_trace"`` the kernel's F̃ = diag(s) F holds the training rows scaled by s = √ω > 0, and
+        φ (F̃ᵀF̃ + λI)⁻¹ Fᵀ = φ F̃ᵀ (F̃F̃ᵀ + λI)⁻¹ diag(s)⁻¹: the same products, each column divided by its s_i (on
+        the issue-16 CNN, s spanning 1e-7 of its largest, within 4e-5 of each row's largest score of the operator
+        path, whose subtraction is the less accurate of the two). A fit loaded from disk, which does not keep s,
+        or one with an s_i = 0, goes through the operator."""
         from ..linalg.operator import WoodburyInverse
 
         self._check_fitted()
         comps = self._components
-        # the shortcut needs the kernel's F to be the training rows, which the ggn_trace kernel scales
-        if self._opt("kernel") == "ggn_trace" or not all(isinstance(c.kernel, WoodburyInverse) for c in comps):
+        weighted = self._opt("kernel") == "ggn_trace"
+
+        def shortcut(c: Component) -> bool:   # ggn_trace: needs the row scales, all positive
+            s = c.info.get("row_scale")
+            return isinstance(c.kernel, WoodburyInverse) and (not weighted or (s is not None and bool((s > 0).all())))
+
+        if not all(shortcut(c) for c in comps):
             return super().score(test_data, progress)
         dt = self._score_dtype()
         rows = []
@@ -308,6 +320,8 @@ class TRAK(Attributor):
                 k = comp.kernel
                 C = (phi.to(k.F.dtype) @ k.F.T).to(torch.float64)   # [m, n]
                 v = torch.cholesky_solve(C.T.contiguous(), k.L).T * comp.weight
+                if weighted:
+                    v = v / comp.info["row_scale"].to(v.dtype)
                 if comp.q is not None:
                     v = v * comp.q.to(v.dtype)
                 out = v if out is None else out + v
