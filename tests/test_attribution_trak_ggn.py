@@ -365,3 +365,61 @@ def test_ggn_trace_kernel_from_a_store(tmp_path, n):
                    store_dtype="float32").fit(batches(X, y, batch_size=5), progress=False)
     S = a.score(batches(Xt, yt, batch_size=5), progress=False).double()
     torch.testing.assert_close(S, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("kernel", ["features", "ggn", "ggn_trace"])
+def test_trak_kernels_skip_a_non_finite_example(kernel):
+    """nan_policy='skip': an example with a NaN input has a zero row and adds nothing to the kernel (the
+    output-Hessian eigendecomposition does not fail on it); the scores are the closed form without it."""
+    model, (X, y), (Xt, yt) = setup(seed=18)
+    X = X.clone()
+    X[3] = float("nan")
+    ok = torch.arange(X.shape[0]) != 3
+    Jtr, H, Gtr = ce_parts(model, X[ok], y[ok])
+    _, _, Gte = ce_parts(model, Xt, yt)
+    if kernel == "ggn":
+        K = torch.einsum("ncp,ncd,ndq->pq", Jtr, H, Jtr)
+    elif kernel == "features":
+        K = Gtr.T @ Gtr
+    else:
+        K = Gtr.T @ (Gtr * trace_weights(model, X[ok], y[ok])[:, None])
+    G_all = torch.zeros(X.shape[0], Gtr.shape[1], dtype=torch.float64)
+    G_all[ok] = Gtr
+    ref, _ = closed_form(Gte, G_all, K)   # λ counts the zero row, as the fit's n does
+    a = Attributor(Task.from_classifier(model), "trak", kernel=kernel, nan_policy="skip").fit(
+        batches(X, y, batch_size=5), progress=False)
+    assert a.skipped_indices_ == [3]
+    torch.testing.assert_close(a.score([(Xt, yt)], progress=False), ref, rtol=1e-9, atol=1e-12)
+    # with margin features the skipped example's margin is NaN too: its q and weight are 0, not NaN, and so are
+    # its scores (as in every other method)
+    m = Attributor(Task.from_classifier(model), "trak", kernel=kernel, nan_policy="skip",
+                   margin_fn=classification_margin()).fit(batches(X, y, batch_size=5), progress=False)
+    S = m.score([(Xt, yt)], progress=False)
+    assert bool(torch.isfinite(S).all()) and bool((S[:, ok] != 0).all()) and bool((S[:, 3] == 0).all())
+    assert m.self_influence(progress=False)[3] == 0
+
+
+def test_ggn_trace_weights_of_non_finite_loss_derivatives():
+    """Margin features can be finite where the loss's output derivatives are not (here ℓ = ‖z‖ at z = 0):
+    'raise' names the example, 'skip' gives it weight 0."""
+    model = nn.Linear(4, C, bias=False).double()
+    X = torch.randn(6, 4, generator=torch.Generator().manual_seed(19), dtype=torch.float64)
+    X[2] = 0.0   # z = 0: ∂‖z‖/∂z = z/‖z‖ is NaN
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    task = Task(model, None, output_fn=lambda m, b: m(b[0]), loss_on_output=lambda z, b: (z * z).sum(1).sqrt())
+    kw = dict(kernel="ggn_trace", margin_fn=classification_margin())
+    with pytest.raises(FloatingPointError, match=r"training example index\(es\) \[2\]"):
+        Attributor(task, "trak", **kw).fit([(X, y)], progress=False)
+    S = Attributor(task, "trak", nan_policy="skip", **kw).fit([(X, y)], progress=False).score([(X, y)],
+                                                                                              progress=False)
+    assert bool(torch.isfinite(S).all())
+
+
+def test_kfac_ggn_fisher_names_non_finite_outputs():
+    from gradsketch.curvature import KFACOperator
+
+    model, (X, y), _ = setup(seed=20)
+    X = X.clone()
+    X[4] = float("nan")
+    with pytest.raises(FloatingPointError, match="fisher: 1 example"):
+        KFACOperator.fit(Task.from_classifier(model), [(X, y)], kind="kfac", fisher="ggn", progress=False)

@@ -278,14 +278,27 @@ class TRAK(Attributor):
         the limit p → 1 of a classifier). For softmax cross-entropy a confident example (p_y = 1 − ε) gets about
         2/ε where the Gauss-Newton matrix has ε and ΦᵀΦ ε²: it restores the weight of the well-fitted examples
         that TRAK's ΦᵀΦ all but drops."""
-        out = []
+        from ..curvature.kfac import nonfinite_examples
+
+        out, bad = [], []
         for batch in data:
             e, L = self._output_derivatives(batch)
             ee = e.pow(2).sum(1)
             tr = L.pow(2).sum((1, 2))
             out.append(torch.where(ee > 0, tr / ee.clamp_min(torch.finfo(torch.float64).tiny), 0.0).cpu())
-        w = torch.cat(out)
-        return w if q is None else w * q.to(w.dtype) ** 2
+            bad.append(nonfinite_examples(e).cpu())
+        w, nonfinite = torch.cat(out), torch.cat(bad)
+        if q is not None:
+            w = w * q.to(w.dtype) ** 2
+            nonfinite |= ~torch.isfinite(q)
+        if bool(nonfinite.any()):
+            idx = nonfinite.nonzero().flatten().tolist()
+            if self.nan_policy != "skip":
+                raise FloatingPointError(f"kernel: 'ggn_trace' needs finite outputs and loss derivatives; training "
+                                         f"example index(es) {idx[:10]} have non-finite ones (nan_policy='skip' "
+                                         "gives them weight 0)")
+            w[nonfinite] = 0.0   # skipped examples: their feature rows are zero rows
+        return w
 
     def score(self, test_data: Iterable, progress: bool = True) -> Tensor:
         """Scores ``[n_test, n_train]`` as in :meth:`Attributor.score`. When every model's kernel has the Gram
@@ -341,7 +354,9 @@ class TRAK(Attributor):
                 cp.q = None
 
     def _trak_q(self, data: Iterable) -> Tensor:
-        """q(z) = 1 − σ(f(z)) for the training examples (TRAK's Q)."""
+        """q(z) = 1 − σ(f(z)) for the training examples (TRAK's Q). With ``nan_policy="skip"`` an example whose
+        margin is not finite (a skipped example: its feature row is zero) gets q = 0, so its scores are 0 as in
+        the other methods, not NaN."""
         from ..model._batch import SplitBatch
 
         fn = self._margin_fn()
@@ -350,7 +365,8 @@ class TRAK(Attributor):
             for batch in data:
                 b = SplitBatch(batch, self.task.device).rebuild()
                 out.append(torch.sigmoid(-fn(self.task.model, b).detach().to(torch.float64)).cpu())
-        return torch.cat(out)
+        q = torch.cat(out)
+        return torch.where(torch.isfinite(q), q, 0.0) if self.nan_policy == "skip" else q
 
 
 BLOCK_ACTIVATION_FLOATS = 1 << 23  # activation floats one chunk of a vectorised block product may hold

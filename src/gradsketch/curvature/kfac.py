@@ -180,7 +180,13 @@ class _Capturer:
                              f"{C} outputs per example (more than {MAX_GGN_OUTPUTS}); use fisher='mc' or "
                              "'empirical'")
         assert self.task.loss_on_output is not None
-        return output_hessian_roots(self.task.loss_on_output, z, split.rebuild())
+        g, L = output_loss_derivatives(self.task.loss_on_output, z, split.rebuild())
+        bad = nonfinite_examples(g)
+        if bool(bad.any()):
+            raise FloatingPointError(f"fisher: {int(bad.sum())} example(s) of a batch of {z.shape[0]} (the first at "
+                                     f"position {int(bad.nonzero()[0])} of the batch) have non-finite outputs or "
+                                     "loss derivatives; the curvature fit needs finite ones")
+        return L
 
     def run(self, split: SplitBatch) -> Iterator[tuple[float, dict[int, list[tuple[Tensor, Tensor]]]]]:
         """Yields ``(weight, caps)``: caps ``id(module) -> [(input, output-gradient)]`` per cotangent; the
@@ -231,7 +237,9 @@ def output_loss_derivatives(loss_on_output: Any, z: Tensor, batch: Any) -> tuple
     passes and an eigendecomposition: column k of ``L_i`` is √w_k u_k for the eigenpairs in ascending order,
     negative eigenvalues and those at rounding level (at most ``ROOT_RTOL`` of the example's largest) set to 0.
     Softmax cross-entropy has an exact zero along the all-ones direction, which eigh returns as ~1e-17: zeroed,
-    its column is recognisably empty and costs no backward pass in K-FAC's fit or TRAK's GGN kernel.
+    its column is recognisably empty and costs no backward pass in K-FAC's fit or TRAK's GGN kernel. An example
+    whose outputs, gradient or Hessian are not finite gets zero roots (its gradient keeps the non-finite values, so
+    that callers can tell it: :func:`nonfinite_examples`).
     ``loss_on_output(z, batch) -> [m]`` is the task's loss on outputs (:meth:`gradsketch.Task.from_classifier`)."""
     m = z.shape[0]
     C = z[0].numel()
@@ -250,9 +258,18 @@ def output_loss_derivatives(loss_on_output: Any, z: Tensor, batch: Any) -> tuple
             (hj,) = torch.autograd.grad(g[:, j].sum(), zz, retain_graph=j < C - 1, allow_unused=True)
             H[:, j, :] = 0 if hj is None else hj.reshape(m, C)
     H = 0.5 * (H + H.transpose(1, 2))
+    bad = nonfinite_examples(zz.detach().reshape(m, C), g.detach(), H.reshape(m, C * C))
+    if bool(bad.any()):   # eigh cannot take them; the caller sees them through g
+        H = torch.where(bad[:, None, None], torch.zeros_like(H), H)
+        g = torch.where(bad[:, None], torch.full_like(g, float("nan")), g)
     w, U = torch.linalg.eigh(H)
     w = torch.where(w > ROOT_RTOL * w[:, -1:], w, torch.zeros_like(w))
     return g.detach(), U * w.sqrt().unsqueeze(1)
+
+
+def nonfinite_examples(*rows: Tensor) -> Tensor:
+    """``[m]`` bool: the examples (rows) with a non-finite value in any of ``rows`` (each ``[m, ...]``)."""
+    return torch.stack([~torch.isfinite(r.reshape(r.shape[0], -1)).all(1) for r in rows]).any(0)
 
 
 def output_hessian_roots(loss_on_output: Any, z: Tensor, batch: Any) -> Tensor:
