@@ -4,6 +4,7 @@ batches is expected, a top-k larger than the training set, dict batches read as 
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -124,6 +125,15 @@ def test_cli_kernel_option_reaches_trak_and_is_refused_elsewhere():
     out = _tmp()
     run_attribute(ent, AttributeConfig(method="trak", d=0, kernel="ggn"), out=out, progress=False)
     assert list((Path(out) / "store").glob("ggn_kernel_*.pt")), "the GGN kernel was not built"
+    # every TRAK kernel is accepted and changes the scores
+    scores = {}
+    for kernel in ("features", "ggn_trace"):
+        o = _tmp()
+        run_attribute(ent, AttributeConfig(method="trak", d=0, kernel=kernel, self_influence=True), out=o,
+                      progress=False)
+        scores[kernel] = np.load(Path(o) / "attribution.npz")["self_influence"]
+    assert np.abs(scores["features"] / np.abs(scores["features"]).max()
+                  - scores["ggn_trace"] / np.abs(scores["ggn_trace"]).max()).max() > 1e-3
     with pytest.raises(ValueError, match="kernel: only TRAK has a kernel option"):
         AttributeConfig(method="arnoldi", kernel="ggn")
     with pytest.raises(ValueError, match="kernel: expected one of"):

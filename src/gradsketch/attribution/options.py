@@ -101,6 +101,10 @@ class TracInOptions(CommonOptions):
         self.checkpoints = _check_models(self.checkpoints, "checkpoints")
 
 
+#: TRAK's kernels (``TRAKOptions.kernel``; the CLI's ``--kernel`` takes the same names)
+TRAK_KERNELS = ("features", "ggn", "ggn_trace")
+
+
 @dataclass
 class TRAKOptions(GradDotOptions):
     """TRAK: the output function ``margin_fn``, the ``kernel`` K (``"features"``: ΦᵀΦ of the training rows;
@@ -119,7 +123,7 @@ class TRAKOptions(GradDotOptions):
         if self.margin_fn is not None:
             check_callable(self.margin_fn, "margin_fn", "a callable (model, batch) -> [B]")
         self.ridge = check_real(self.ridge, "ridge", minimum=0.0)
-        self.kernel = check_choice(self.kernel, "kernel", ("features", "ggn", "ggn_trace"))
+        self.kernel = check_choice(self.kernel, "kernel", TRAK_KERNELS)
         self.ggn_rank = check_int(self.ggn_rank, "ggn_rank", minimum=1, allow_none=True)
 
 

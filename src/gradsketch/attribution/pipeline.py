@@ -36,8 +36,9 @@ class AttributeConfig:
             method's defaults, top_k 40 with the tail and 100 without, n_iters 1.5·top_k rounded up to the block).
         damping: δ of the one damping rule (|K| + δI)⁻¹ of every influence-type method (``None``: the default
             3e-3, :mod:`gradsketch.attribution.damping`), finite and ≥ 0.
-        kernel: TRAK's kernel, ``"features"`` (ΦᵀΦ, the default) or ``"ggn"`` (the Gauss-Newton matrix of the
-            training loss); refused for a method without the option.
+        kernel: TRAK's kernel, ``"features"`` (ΦᵀΦ, the default), ``"ggn"`` (the Gauss-Newton matrix of the
+            training loss) or ``"ggn_trace"`` (ΦᵀΦ with rows weighted by their Gauss-Newton curvature); refused
+            for a method without the option.
         store: feature store directory (``None``: ``OUT/store``).
         self_influence: also compute self-influence of every training example.
         rank, world_size: featurise only this process's share of the store, then stop.
@@ -84,10 +85,11 @@ class AttributeConfig:
         self.damping = check_real(self.damping, "damping", minimum=0.0, allow_none=True)
         if self.kernel is not None:
             from .base import method_class
+            from .options import TRAK_KERNELS
 
-            check_choice(self.kernel, "kernel", ("features", "ggn"))
+            check_choice(self.kernel, "kernel", TRAK_KERNELS)
             if "kernel" not in {f.name for f in fields(method_class(self.method).options_cls)}:
-                raise ValueError(f"kernel: only TRAK has a kernel option (features or ggn), got kernel="
+                raise ValueError(f"kernel: only TRAK has a kernel option ({', '.join(TRAK_KERNELS)}), got kernel="
                                  f"{self.kernel!r} with method={self.method!r}")
         if self.store is not None and not isinstance(self.store, (str, Path)):
             raise TypeError(f"store: expected a directory path, got {self.store!r}")
