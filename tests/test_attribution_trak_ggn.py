@@ -221,14 +221,16 @@ def test_ggn_kernel_passes_skip_the_zero_direction():
     assert total - Counted.passes == 1 + (C - 1)
 
 
-def test_ggn_kernel_ensemble_is_the_mean_of_the_models():
-    """models=[m1, m2]: each model gets the GGN kernel of its own weights; the scores are the mean."""
+@pytest.mark.parametrize("kernel", ["ggn", "ggn_trace"])
+def test_ggn_kernel_ensemble_is_the_mean_of_the_models(kernel):
+    """models=[m1, m2]: each model gets the kernel (and the ggn_trace weights) of its own weights; the scores are
+    the mean."""
     m1, (X, y), (Xt, yt) = setup(seed=9)
     m2, _, _ = setup(seed=10)
     data, test = batches(X, y, batch_size=7), batches(Xt, yt, batch_size=5)
-    single = [Attributor(Task.from_classifier(m), "trak", kernel="ggn").fit(data, progress=False)
+    single = [Attributor(Task.from_classifier(m), "trak", kernel=kernel).fit(data, progress=False)
               .score(test, progress=False) for m in (m1, m2)]
-    both = Attributor(Task.from_classifier(m1), "trak", kernel="ggn", models=[m1, m2]).fit(data, progress=False)
+    both = Attributor(Task.from_classifier(m1), "trak", kernel=kernel, models=[m1, m2]).fit(data, progress=False)
     torch.testing.assert_close(both.score(test, progress=False), (single[0] + single[1]) / 2, rtol=1e-9, atol=1e-12)
     assert (single[0] - single[1]).abs().max() > 1e-3   # the two models differ, so the test can fail
 
