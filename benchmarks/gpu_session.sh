@@ -106,10 +106,11 @@ if [ "$RUN_LDS" = 1 ]; then
   else
     rm -rf "$LDS_WORK" && mkdir -p "$LDS_WORK" && cp -r .gpu/lds_cnn/. "$LDS_WORK"/
     # the decisive rows first (issue 16's goal 2: the best peer, TRAK's three kernels, EK-FAC), so that a run cut
-    # short by its timeout still answers
+    # short by its timeout still answers; the unsketched ones before the affd rows, which run the Triton kernels
+    # for the first time on a GPU: a kernel fault can leave the CUDA context unusable for every later row
     FIRST=("kronfluence EK-FAC" "TRAK (unsketched)" "TRAK, kernel='ggn_trace' (unsketched)"
-           "TRAK, kernel='ggn' (unsketched)" "TRAK, kernel='ggn_trace', affd d=2048"
-           "TRAK, kernel='ggn', affd d=4096" "TRAK, kernel='ggn', affd d=2048" "EK-FAC" "TRAK, affd d=2048"
+           "TRAK, kernel='ggn' (unsketched)" "EK-FAC" "TRAK, kernel='ggn_trace', affd d=2048"
+           "TRAK, kernel='ggn', affd d=4096" "TRAK, kernel='ggn', affd d=2048" "TRAK, affd d=2048"
            "TRAK, kernel='ggn', ggn_rank=2, affd d=2048")
     ONLY=()
     if [ -n "${LDS_ONLY:-}" ]; then
