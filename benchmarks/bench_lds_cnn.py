@@ -7,6 +7,11 @@ resumed on a rerun. Every method scores the same trained model against the same 
 (fit) and scoring times are recorded separately.
 
     nice -n 10 python benchmarks/bench_lds_cnn.py ground-truth   # the CPU-heavy part, resumable
+
+The issue's ground truth (50 × 3, about 85 CPU minutes) and the trained model are committed in
+``benchmarks/data/lds_cnn`` (236 KB): ``cp -r benchmarks/data/lds_cnn/. DIR/`` and ``--cache DIR`` skip the first
+phase (``ground-truth`` finds every group done and checks its config), and are what every table in
+``benchmarks/results/lds_cnn.md`` from session 7 on was computed against.
     nice -n 10 python benchmarks/bench_lds_cnn.py methods         # gradsketch methods + installed peers
     python benchmarks/bench_lds_cnn.py levers                     # TRAK's levers on a validation / report half
 

@@ -3,7 +3,8 @@
 # benchmarks/gpu_session.sh (issue 16's same-run LDS table on a GPU). Run from the repository root of the checkout
 # that the device tool sends (the session's own checkout):
 #
-#   bash benchmarks/gpu_prep.sh            # CACHE=/work/cache/lds_cnn PYTHON=.venv/bin/python by default
+#   bash benchmarks/gpu_prep.sh            # CACHE=/work/cache/lds_cnn (else the committed benchmarks/data/lds_cnn)
+#                                          # PYTHON=.venv/bin/python by default
 #
 # It writes two git-ignored folders, which the device call names in `carry`:
 #   .gpu/lds_cnn/  the CPU run's trained model (full_model.pt), its ground truth (gt/config.json, gt/group_*.npy)
@@ -15,7 +16,11 @@
 #                  opt-einsum, safetensors), installed only where the image turns out not to import them
 # and prints their size (the whole carried tree must stay under 64 MiB; about 5 MiB here).
 set -eu -o pipefail
-CACHE="${CACHE:-/work/cache/lds_cnn}"
+# the CPU run's cache when this machine has it, else the copy committed with the repository
+if [ -z "${CACHE:-}" ]; then
+  CACHE=/work/cache/lds_cnn
+  [ -f "$CACHE/gt/config.json" ] || CACHE=benchmarks/data/lds_cnn
+fi
 PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 for f in "$CACHE/full_model.pt" "$CACHE/gt/config.json"; do
