@@ -276,6 +276,7 @@ def output_hessian_roots(loss_on_output: Any, z: Tensor, batch: Any) -> Tensor:
     """``L [m, C, C]`` float64 with ``L_i L_iᵀ = ∂²ℓ_i/∂z_i²``: the second part of :func:`output_loss_derivatives`."""
     return output_loss_derivatives(loss_on_output, z, batch)[1]
 
+
 def _with_ones(side: Tensor) -> Tensor:
     """``side [..., k]`` with a constant 1 appended (the folded bias's input)."""
     return torch.cat([side, torch.ones(*side.shape[:-1], 1, dtype=side.dtype, device=side.device)], -1)
