@@ -15,8 +15,9 @@ sketch or the average of several at the same kernel cost).
     python benchmarks/bench_ggn_kernels.py issue16 --cache DIR   # bench_lds_cnn's cache: ground truth, model
     python benchmarks/bench_ggn_kernels.py mlp --cache DIR --subsets 64   # bench_arnoldi_speed's ground truths
     python benchmarks/bench_ggn_kernels.py cnn --cache DIR --subsets 32
-    python benchmarks/bench_ggn_kernels.py mlp --cache DIR --subsets 64 --library   # the library's TRAK, both
-                                                                                     # kernels, timed (float32)
+    python benchmarks/bench_ggn_kernels.py mlp --cache DIR --subsets 64 --library   # the library's TRAK, each
+                                                                                     # kernel, timed (float32)
+    python benchmarks/bench_ggn_kernels.py mlp --cache DIR --subsets 64 --library --margin   # margin features
 
 Needs about 3 GB (the issue-16 CNN's 5,000 × 10 × 5,994 Jacobians in float64). Results: results/lds_cnn.md.
 """
@@ -87,24 +88,29 @@ def parts(model, X, y, chunk: int = 250):
     return torch.cat(G), K, layers, torch.cat(W)
 
 
-def library(which, model, tr, te, masks, outs, val, rep) -> None:
-    """``Attributor(task, "trak")`` with ``kernel="features"`` and ``"ggn"`` (float32 model, as a user runs it):
-    LDS and process CPU seconds of fit + score, after a warm-up of each on a few examples."""
+def library(which, model, tr, te, masks, outs, val, rep, margin: bool = False) -> None:
+    """``Attributor(task, "trak")`` with each kernel (float32 model, as a user runs it): LDS and process CPU
+    seconds of fit + score, after a warm-up of each on a few examples. ``margin``: TRAK's margin features
+    (``margin_fn=classification_margin()``), the features and ggn_trace kernels only."""
     import time
 
     from gradsketch import Attributor, Task
-    from gradsketch.attribution import batches
+    from gradsketch.attribution import batches, classification_margin
 
-    task = Task.from_classifier(model)
+    task = Task.from_classifier(model, margin_fn=classification_margin() if margin else None)
     X, y = tr
     N = task.n_params
-    cfgs = [("features (default)", {}), ("ggn_trace", dict(kernel="ggn_trace")), ("ggn", dict(kernel="ggn")),
-            ("ggn, ggn_rank=2", dict(kernel="ggn", ggn_rank=2))]
+    tag = ", margin features" if margin else ""
+    cfgs = [(f"features{tag}", dict(kernel="features")), (f"ggn_trace{tag} (default, 'auto')", {})]
+    if not margin:
+        cfgs += [("ggn", dict(kernel="ggn")), ("ggn, ggn_rank=2", dict(kernel="ggn", ggn_rank=2))]
     if N > 2048:
         sk = dict(sketch=dict(kind="affd", d=2048))
-        cfgs += [("features, affd d=2048", sk), ("ggn_trace, affd d=2048", dict(kernel="ggn_trace", **sk)),
-                 ("ggn, affd d=2048", dict(kernel="ggn", **sk)),
-                 ("ggn, ggn_rank=2, affd d=2048", dict(kernel="ggn", ggn_rank=2, **sk))]
+        cfgs += [(f"features{tag}, affd d=2048", dict(kernel="features", **sk)),
+                 (f"ggn_trace{tag}, affd d=2048", sk)]
+        if not margin:
+            cfgs += [("ggn, affd d=2048", dict(kernel="ggn", **sk)),
+                     ("ggn, ggn_rank=2, affd d=2048", dict(kernel="ggn", ggn_rank=2, **sk))]
     print("| benchmark | TRAK kernel | LDS validation half | LDS report half | LDS all | fit + score CPU s |\n"
           "|---|---|---|---|---|---|")
     for label, kw in cfgs:
@@ -124,12 +130,13 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--subsets", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--library", action="store_true", help="only the library's TRAK with both kernels, timed")
+    ap.add_argument("--library", action="store_true", help="only the library's TRAK with each kernel, timed")
+    ap.add_argument("--margin", action="store_true", help="with --library: TRAK's margin features")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model, (X, y), (Xt, yt), masks, outs, val, rep = load(a.which, a.cache, a.subsets)
     if a.library:
-        library(a.which, model.float(), (X, y), (Xt, yt), masks, outs, val, rep)
+        library(a.which, model.float(), (X, y), (Xt, yt), masks, outs, val, rep, a.margin)
         return
     Gtr, KG, layers, w = parts(model, X, y)
     Gte, _, _, _ = parts(model, Xt, yt)

@@ -74,7 +74,7 @@ def test_trak_unsketched_equals_closed_form(setup):
     K = G.T @ G
     lam = 0.05 * torch.trace(K) / min(N_TRAIN, N)  # ridge in units of the mean non-zero eigenvalue
     ref = Gt @ torch.linalg.solve(K + lam * torch.eye(N, dtype=K.dtype), G.T)
-    a = Attributor(task, "trak", ridge=0.05).fit(tr, progress=False)
+    a = Attributor(task, "trak", kernel="features", ridge=0.05).fit(tr, progress=False)
     assert a.ridge_ == pytest.approx(float(lam))
     torch.testing.assert_close(a.score(te, progress=False), ref, rtol=1e-9, atol=1e-12)
 
@@ -90,7 +90,8 @@ def test_trak_margin_features_and_q(setup):
     K = F.T @ F
     lam = 0.1 * torch.trace(K) / min(N_TRAIN, N)
     ref = Ft @ torch.linalg.solve(K + lam * torch.eye(N, dtype=K.dtype), F.T) * q
-    S = Attributor(task, "trak", margin_fn=fn, ridge=0.1).fit(tr, progress=False).score(te, progress=False)
+    S = Attributor(task, "trak", kernel="features", margin_fn=fn, ridge=0.1).fit(tr, progress=False).score(
+        te, progress=False)
     torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-12)
     # margin identity: f = log p_y / (1 - p_y), so q = 1 - p_y
     with torch.no_grad():

@@ -56,7 +56,7 @@ def test_gram_path_d_greater_than_n_closed_form(ridge):
     m = model(0)
     task = Task.from_classifier(m)
     assert task.n_params > N_TRAIN  # d = N = 27 > n = 14: the Gram (Woodbury) form
-    a = Attributor(task, "trak", margin_fn=classification_margin(), ridge=ridge)
+    a = Attributor(task, "trak", kernel="features", margin_fn=classification_margin(), ridge=ridge)
     a.fit(batches(*train, batch_size=4), progress=False)
     assert isinstance(a.kernels_[0], GramKernel)
     S, q, lam = closed_form(m, train, test, ridge)
@@ -74,7 +74,7 @@ def test_sketched_path_d_less_than_n_closed_form():
     from gradsketch import sketch as make_sketch
 
     S_ = make_sketch("dense", task.n_params, 8, seed=3)
-    a = Attributor(task, "trak", sketch=S_, margin_fn=classification_margin(), ridge=0.5)
+    a = Attributor(task, "trak", kernel="features", sketch=S_, margin_fn=classification_margin(), ridge=0.5)
     a.fit(batches(*train, batch_size=4), progress=False)
     assert isinstance(a.kernels_[0], CholKernel)  # d = 8 < n = 14: d × d Cholesky
     S, q, lam = closed_form(m, train, test, 0.5, sketch=S_)
@@ -115,7 +115,7 @@ def test_ensemble_of_different_models_is_paper_average():
     ms = [model(s) for s in (0, 1, 2)]
     task = Task.from_classifier(model(7))  # the task's own weights are not used when models= is given
     before = copy.deepcopy(task.model.state_dict())
-    a = Attributor(task, "trak", margin_fn=classification_margin(), models=ms, ridge=0.3)
+    a = Attributor(task, "trak", kernel="features", margin_fn=classification_margin(), models=ms, ridge=0.3)
     S = a.fit(batches(*train, batch_size=4), progress=False).score(batches(*test, batch_size=2), progress=False)
     parts = [closed_form(m, train, test, 0.3) for m in ms]
     qbar = sum(p[1] for p in parts) / 3
@@ -168,7 +168,7 @@ def test_gram_path_float32_features_close_to_float64():
     task = Task.from_classifier(m32)
     tr = batches(train[0].float(), train[1], batch_size=4)
     te = batches(test[0].float(), test[1], batch_size=2)
-    a = Attributor(task, "trak", margin_fn=classification_margin()).fit(tr, progress=False)
+    a = Attributor(task, "trak", kernel="features", margin_fn=classification_margin()).fit(tr, progress=False)
     assert isinstance(a.kernels_[0], GramKernel)
     S = a.score(te, progress=False).double()
     ref = S64 * q
@@ -210,7 +210,8 @@ def test_sketched_path_float32_features_close_to_float64(block_rows):
     S64, q, lam = closed_form(m, train, test, 0.5, sketch=S_)
     task = Task.from_classifier(copy.deepcopy(m).float())
     tr = batches(train[0].float(), train[1], batch_size=4)
-    a = Attributor(task, "trak", sketch=S_, margin_fn=classification_margin(), ridge=0.5, block_rows=block_rows)
+    a = Attributor(task, "trak", kernel="features", sketch=S_, margin_fn=classification_margin(), ridge=0.5,
+                   block_rows=block_rows)
     a.fit(tr, progress=False)
     assert isinstance(a.kernels_[0], CholKernel)
     assert a.ridge_ == pytest.approx(lam, rel=1e-5)

@@ -84,7 +84,7 @@ def test_ggn_kernel_differs_from_feature_kernel():
     model, (X, y), (Xt, yt) = setup(seed=1)
     task = Task.from_classifier(model)
     data, test = batches(X, y, batch_size=13), batches(Xt, yt, batch_size=5)
-    S_f = Attributor(task, "trak").fit(data, progress=False).score(test, progress=False)
+    S_f = Attributor(task, "trak", kernel="features").fit(data, progress=False).score(test, progress=False)
     S_g = Attributor(task, "trak", kernel="ggn").fit(data, progress=False).score(test, progress=False)
     assert (S_f - S_g).abs().max() > 1e-3 * S_f.abs().max()
 
@@ -160,12 +160,15 @@ def test_ggn_kernel_errors():
     plain = Task(model, lambda mod, b: nn.functional.cross_entropy(mod(b[0]), b[1], reduction="none"))
     wide = nn.Linear(4, 300).double()
     Xw, yw = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    # a loss on outputs without closed-form derivatives: ggn_trace too needs one backward pass per output
+    custom = Task(wide, output_fn=lambda mod, b: mod(b[0]),
+                  loss_on_output=lambda z, b: nn.functional.cross_entropy(z, b[1], reduction="none"))
     for kernel in ("ggn", "ggn_trace"):   # both need the output derivatives
         with pytest.raises(ValueError, match=f"kernel: '{kernel}' needs a task that declares output_fn"):
             Attributor(plain, "trak", kernel=kernel).fit([(X, y)], progress=False)
         with pytest.raises(ValueError, match=f"kernel: '{kernel}' needs each example's output Hessian"):
-            Attributor(Task.from_classifier(wide), "trak", kernel=kernel, sketch=dict(kind="dense", d=8),
-                       mode="explicit").fit([(Xw, yw)], progress=False)
+            Attributor(Task.from_classifier(wide) if kernel == "ggn" else custom, "trak", kernel=kernel,
+                       sketch=dict(kind="dense", d=8), mode="explicit").fit([(Xw, yw)], progress=False)
     big = nn.Linear(200, 160).double()   # 32,160 parameters: unsketched, K would be 32,160 × 32,160
     Xb, yb = torch.randn(3, 200, dtype=torch.float64), torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="kernel: 'ggn' builds a d × d matrix and d = 32160"):
@@ -217,7 +220,7 @@ def test_ggn_kernel_passes_skip_the_zero_direction():
     a.fit(data, progress=False)
     total = Counted.passes
     Counted.passes = 0
-    Attributor(Task.from_classifier(model), "trak").fit(data, progress=False)
+    Attributor(Task.from_classifier(model), "trak", kernel="features").fit(data, progress=False)
     assert total - Counted.passes == 1 + (C - 1)
 
 
@@ -261,8 +264,8 @@ def test_ggn_trace_kernel_equals_closed_form(n):
     torch.testing.assert_close(a.self_influence(progress=False), torch.einsum("np,pq,nq->n", Gtr, Minv, Gtr),
                                rtol=1e-9, atol=1e-12)
     # the weights are not all equal, so the kernel is not ΦᵀΦ up to a scale (which the relative ridge would undo)
-    S_f = Attributor(Task.from_classifier(model), "trak").fit(batches(X, y, batch_size=6), progress=False).score(
-        batches(Xt, yt, batch_size=4), progress=False)
+    S_f = Attributor(Task.from_classifier(model), "trak", kernel="features").fit(
+        batches(X, y, batch_size=6), progress=False).score(batches(Xt, yt, batch_size=4), progress=False)
     assert w.max() > 2 * w.min() and (S_f / S_f.abs().max() - ref / ref.abs().max()).abs().max() > 1e-3
 
 
@@ -315,7 +318,7 @@ def test_ggn_trace_kernel_is_the_ggn_when_the_output_hessian_has_rank_one(case):
     S_t = Attributor(task, "trak", kernel="ggn_trace").fit(data, progress=False).score(test, progress=False)
     S_g = Attributor(task, "trak", kernel="ggn").fit(data, progress=False).score(test, progress=False)
     torch.testing.assert_close(S_t, S_g, rtol=1e-8, atol=1e-11)
-    S_f = Attributor(task, "trak").fit(data, progress=False).score(test, progress=False)
+    S_f = Attributor(task, "trak", kernel="features").fit(data, progress=False).score(test, progress=False)
     assert (S_f / S_f.abs().max() - S_t / S_t.abs().max()).abs().max() > 1e-3   # and differ from ΦᵀΦ
 
 
@@ -425,3 +428,75 @@ def test_kfac_ggn_fisher_names_non_finite_outputs():
     X[4] = float("nan")
     with pytest.raises(FloatingPointError, match="fisher: 1 example"):
         KFACOperator.fit(Task.from_classifier(model), [(X, y)], kind="kfac", fisher="ggn", progress=False)
+
+
+def test_auto_kernel_is_ggn_trace_when_the_task_declares_its_outputs():
+    """The default ``kernel="auto"``: ``"ggn_trace"`` for a task with outputs and a loss on them (closed-form
+    derivatives from Task.from_classifier, or autograd's for a loss of one's own with few outputs), ``"features"``
+    for a task with a loss_fn only; the scores are those of the kernel it resolves to."""
+    model, (X, y), (Xt, yt) = setup(seed=20)
+    data, test = batches(X, y, batch_size=6), batches(Xt, yt, batch_size=4)
+
+    def run(task, **kw):
+        a = Attributor(task, "trak", **kw).fit(data, progress=False)
+        return a, a.score(test, progress=False)
+
+    a, S = run(Task.from_classifier(model))
+    assert a.kernel_ == "ggn_trace" and "closed-form" in a.kernel_reason_
+    torch.testing.assert_close(S, run(Task.from_classifier(model), kernel="ggn_trace")[1], rtol=0, atol=0)
+    plain = Task(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"))
+    a, S_plain = run(plain)
+    assert a.kernel_ == "features" and "loss_fn only" in a.kernel_reason_
+    torch.testing.assert_close(S_plain, run(plain, kernel="features")[1], rtol=0, atol=0)
+    own = Task(model, output_fn=lambda m, b: m(b[0]),
+               loss_on_output=lambda z, b: nn.functional.cross_entropy(z, b[1], reduction="none"))
+    a, S_own = run(own)   # no closed form: the traces from C = 3 backward passes, the same weights
+    assert a.kernel_ == "ggn_trace" and "3 per example" in a.kernel_reason_
+    torch.testing.assert_close(S_own, S, rtol=1e-9, atol=1e-12)
+    assert (S - S_plain).abs().max() > 1e-3 * S.abs().max()   # the two kernels differ here
+
+
+def test_auto_kernel_with_many_outputs():
+    """300 classes: with Task.from_classifier the closed form gives ggn_trace (against the explicit kernel
+    Σ ω_i g_i g_iᵀ of a linear model, g_i = (p_i − e_{y_i}) ⊗ (x_i, 1)); a loss on outputs of one's own, without
+    closed-form derivatives, resolves to the features kernel and says why."""
+    torch.manual_seed(21)
+    g = torch.Generator().manual_seed(21)
+    wide = nn.Linear(4, 300).double()
+    X, y = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randint(0, 300, (9,), generator=g)
+    Xt, yt = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randint(0, 300, (3,), generator=g)
+
+    def grads(X, y):
+        p = wide(X).softmax(-1).detach()
+        e = p - nn.functional.one_hot(y, 300).double()
+        xa = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+        G = torch.cat([torch.einsum("nc,nk->nck", e, X).reshape(len(X), -1), e], 1)   # weight [300, 4], bias
+        return G, (1 - (p * p).sum(1)) / (e * e).sum(1), xa
+
+    Gtr, w, _ = grads(X, y)
+    Gte, _, _ = grads(Xt, yt)
+    K = Gtr.T @ (Gtr * w[:, None])
+    ref, lam = closed_form(Gte, Gtr, K)   # d = 1,500 > n: the library takes the n × n Gram form
+    a = Attributor(Task.from_classifier(wide), "trak").fit(batches(X, y, batch_size=4), progress=False)
+    assert a.kernel_ == "ggn_trace" and a.ridge_ == pytest.approx(lam, rel=1e-10)
+    torch.testing.assert_close(a.score(batches(Xt, yt, batch_size=3), progress=False), ref, rtol=1e-8, atol=1e-12)
+    own = Task(wide, output_fn=lambda m, b: m(b[0]),
+               loss_on_output=lambda z, b: nn.functional.cross_entropy(z, b[1], reduction="none"))
+    b = Attributor(own, "trak").fit(batches(X, y, batch_size=4), progress=False)
+    assert b.kernel_ == "features" and "300 outputs per example" in b.kernel_reason_
+
+
+def test_auto_kernel_saved_and_loaded(tmp_path):
+    """The resolved kernel is saved with the fit (a loaded ggn_trace fit must not take the features kernel's
+    scoring shortcut, whose rows would be the weighted ones); a value that names no kernel is refused."""
+    model, (X, y), (Xt, yt) = setup(seed=22)
+    task = Task.from_classifier(model)
+    a = Attributor(task, "trak").fit(batches(X, y, batch_size=6), progress=False)
+    a.save(tmp_path / "a")
+    b = Attributor.load(tmp_path / "a", task)
+    assert b.kernel_ == "ggn_trace"
+    test = batches(Xt, yt, batch_size=5)
+    torch.testing.assert_close(b.score(test, progress=False), a.score(test, progress=False), rtol=1e-12, atol=1e-13)
+    b.kernel_ = "hessian"   # (a saved record cannot be edited: the manifest carries its checksum)
+    with pytest.raises(ValueError, match="kernel_: expected one of"):
+        b.score(test, progress=False)

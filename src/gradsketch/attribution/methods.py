@@ -99,9 +99,12 @@ class TRAK(Attributor):
     q = 1 − σ(f); without one, loss gradients and q = 1. ``kernel="ggn"`` replaces ΦᵀΦ by the Gauss-Newton
     matrix of the training loss in the same coordinates (one more pass over the data per output-Hessian
     direction, ``ggn_rank`` of them); ``kernel="ggn_trace"`` weights each row of ΦᵀΦ so that it carries its
-    example's Gauss-Newton curvature (one forward pass more; :meth:`_ggn_trace_weights`).
+    example's Gauss-Newton curvature (one forward pass more; :meth:`_ggn_trace_weights`). The default
+    ``kernel="auto"`` is ``"ggn_trace"`` when the task declares its outputs and loss on them
+    (``Task.from_classifier``), else ``"features"``, the published ΦᵀΦ (:meth:`_resolve_kernel`).
     λ = ``ridge`` · tr(K)/min(n_train, d) (see :mod:`.attributor`).
-    After ``fit``: ``ridge_`` (absolute λ of the last model), ``ridges_`` (all of them).
+    After ``fit``: ``kernel_`` (the kernel used) and ``kernel_reason_``, ``ridge_`` (absolute λ of the last
+    model), ``ridges_`` (all of them).
 
     >>> import gradsketch
     >>> task = gradsketch.Task(torch.nn.Linear(2, 1, bias=False), lambda m, b: m(b[0])[:, 0] * b[1])
@@ -117,6 +120,41 @@ class TRAK(Attributor):
 
     def _reset_fit(self) -> None:
         self.ridges_: list[float] = []
+        self.kernel_: str | None = None
+        self.kernel_reason_ = ""
+
+    def _kernel(self) -> str:
+        """The kernel of the fit: ``kernel_`` (the ``kernel`` option with ``"auto"`` resolved at fit time), or for
+        a fit saved before ``"auto"`` existed, the option it was saved with."""
+        from .options import TRAK_KERNELS
+
+        k = getattr(self, "kernel_", None)
+        if k is None:
+            k = self._opt("kernel")
+            return "features" if k == "auto" else k
+        if k not in TRAK_KERNELS[1:]:   # a loaded record: the one value that decides how the scores are formed
+            raise ValueError(f"kernel_: expected one of {TRAK_KERNELS[1:]} (the kernel a fit resolved), got {k!r}")
+        return k
+
+    def _resolve_kernel(self, data: Iterable) -> tuple[str, str]:
+        """``(kernel, why)``: ``kernel="auto"`` is ``"ggn_trace"`` when the task declares its outputs and loss on
+        them (``Task.from_classifier``) and the output-Hessian traces are available (in closed form, or by one
+        backward pass per output for at most ``MAX_GGN_OUTPUTS`` outputs), else ``"features"``."""
+        k = self._opt("kernel")
+        if k != "auto":
+            return k, "the kernel option"
+        task = self.task
+        if task.output_fn is None or task.loss_on_output is None:
+            return "features", "the task has a loss_fn only (no output_fn/loss_on_output)"
+        if hasattr(task.loss_on_output, "gradient_and_hessian_trace"):
+            return "ggn_trace", "the task's loss_on_output has closed-form output derivatives"
+        from ..curvature.kfac import MAX_GGN_OUTPUTS
+
+        C = self._outputs(next(iter(data)))[0][0].numel()
+        if C > MAX_GGN_OUTPUTS:
+            return "features", (f"{C} outputs per example, more than {MAX_GGN_OUTPUTS}, and a loss_on_output "
+                                "without gradient_and_hessian_trace")
+        return "ggn_trace", f"the task declares its outputs ({C} per example) and loss_on_output"
 
     def _margin_fn(self) -> Any:
         """The output function: the ``margin_fn`` option, else the Task's declared ``margin_fn``."""
@@ -150,7 +188,10 @@ class TRAK(Attributor):
         # factorisation in float64: the same rule for both forms of the kernel
         f64 = isinstance(comp.feats, Tensor) and comp.feats.dtype == torch.float64
         fdt = torch.float64 if f64 else torch.float32
-        kernel = self._opt("kernel")
+        if self.kernel_ is None:
+            self.kernel_, self.kernel_reason_ = self._resolve_kernel(data)
+            _log.info("trak: kernel=%r (%s)", self.kernel_, self.kernel_reason_)
+        kernel = self.kernel_
         q = self._trak_q(data) if self._margin_fn() is not None else None
         # kernel="ggn_trace": row i of Φ scaled by √ω_i, K = Σ ω_i φ_i φ_iᵀ
         sw = self._ggn_trace_weights(data, q).sqrt() if kernel == "ggn_trace" else None
@@ -246,27 +287,54 @@ class TRAK(Attributor):
                             valid=lambda K: isinstance(K, Tensor) and K.dtype == torch.float64
                             and tuple(K.shape) == (d, d) and bool(torch.isfinite(K).all()))
 
+    def _outputs(self, batch: Any) -> tuple[Tensor, Any]:
+        """``(z, batch)``: one batch's outputs (no graph) and the batch on the task's device, for the Gauss-Newton
+        kernels, which need a task that declares ``output_fn`` and ``loss_on_output``."""
+        from ..model._batch import SplitBatch
+
+        task = self.task
+        if task.output_fn is None or task.loss_on_output is None:
+            raise ValueError(f"kernel: {self._kernel()!r} needs a task that declares output_fn and loss_on_output "
+                             "(Task.from_classifier, or Task(..., output_fn=..., loss_on_output=...)); got a task "
+                             "with a loss_fn only")
+        b = SplitBatch(batch, task.device).rebuild()
+        with torch.no_grad():
+            return task.output_fn(task.model, b), b
+
     def _output_derivatives(self, batch: Any) -> tuple[Tensor, Tensor]:
         """``(e [B, C], L [B, C, C])`` float64 for one batch of the Gauss-Newton kernels: the gradient of each
         example's loss in its outputs and the roots of its Hessian there
         (:func:`gradsketch.curvature.kfac.output_loss_derivatives`)."""
         from ..curvature.kfac import MAX_GGN_OUTPUTS, output_loss_derivatives
-        from ..model._batch import SplitBatch
 
-        task, kernel = self.task, self._opt("kernel")
-        if task.output_fn is None or task.loss_on_output is None:
-            raise ValueError(f"kernel: {kernel!r} needs a task that declares output_fn and loss_on_output "
-                             "(Task.from_classifier, or Task(..., output_fn=..., loss_on_output=...)); got a task "
-                             "with a loss_fn only")
-        b = SplitBatch(batch, task.device).rebuild()
-        with torch.no_grad():
-            z = task.output_fn(task.model, b)
+        z, b = self._outputs(batch)
         C = z[0].numel()
         if C > MAX_GGN_OUTPUTS:
-            raise ValueError(f"kernel: {kernel!r} needs each example's output Hessian (one backward pass per "
-                             f"output), and the model has {C} outputs per example (more than "
-                             f"{MAX_GGN_OUTPUTS}); use kernel='features'")
-        return output_loss_derivatives(task.loss_on_output, z, b)
+            raise ValueError(f"kernel: {self._kernel()!r} needs each example's output Hessian (one backward pass "
+                             f"per output), and the model has {C} outputs per example (more than "
+                             f"{MAX_GGN_OUTPUTS}); use kernel='features'"
+                             + ("" if self._kernel() == "ggn" else ", or a loss_on_output with a closed-form "
+                                "gradient_and_hessian_trace (gradsketch.losses.OutputLoss)"))
+        return output_loss_derivatives(self.task.loss_on_output, z, b)
+
+    def _output_gradient_and_trace(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(e [B, C], t [B])`` float64: each example's output gradient of the loss and the trace of its output
+        Hessian (positive part). From the task's ``loss_on_output.gradient_and_hessian_trace`` when it has one
+        (:class:`gradsketch.losses.OutputLoss`, which ``Task.from_classifier`` sets: closed form, any number of
+        outputs), else from the Hessian roots of :meth:`_output_derivatives` (at most ``MAX_GGN_OUTPUTS``)."""
+        closed = getattr(self.task.loss_on_output, "gradient_and_hessian_trace", None)
+        if closed is None:
+            e, L = self._output_derivatives(batch)
+            return e, L.pow(2).sum((1, 2))
+        z, b = self._outputs(batch)
+        e, t = closed(z, b)
+        B = z.shape[0]
+        if not (isinstance(e, Tensor) and isinstance(t, Tensor) and e.ndim == 2 and e.shape[0] == B
+                and tuple(t.shape) == (B,)):
+            got = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in (e, t)]
+            raise ValueError(f"loss_on_output.gradient_and_hessian_trace: expected tensors [{B}, C] and [{B}], "
+                             f"got {got[0]} and {got[1]}")
+        return e.detach().to(torch.float64), t.detach().to(torch.float64)
 
     def _ggn_trace_weights(self, data: Iterable, q: Tensor | None) -> Tensor:
         """ω ``[n]`` float64 of ``kernel="ggn_trace"``, K = Σ_i ω_i φ_i φ_iᵀ: each row's rank-one term carries the
@@ -282,9 +350,8 @@ class TRAK(Attributor):
 
         out, bad = [], []
         for batch in data:
-            e, L = self._output_derivatives(batch)
+            e, tr = self._output_gradient_and_trace(batch)
             ee = e.pow(2).sum(1)
-            tr = L.pow(2).sum((1, 2))
             out.append(torch.where(ee > 0, tr / ee.clamp_min(torch.finfo(torch.float64).tiny), 0.0).cpu())
             bad.append(nonfinite_examples(e).cpu())
         w, nonfinite = torch.cat(out), torch.cat(bad)
@@ -314,7 +381,7 @@ class TRAK(Attributor):
 
         self._check_fitted()
         comps = self._components
-        weighted = self._opt("kernel") == "ggn_trace"
+        weighted = self._kernel() == "ggn_trace"
 
         def shortcut(c: Component) -> bool:   # ggn_trace: needs the row scales, all positive
             s = c.info.get("row_scale")

@@ -102,12 +102,14 @@ class TracInOptions(CommonOptions):
 
 
 #: TRAK's kernels (``TRAKOptions.kernel``; the CLI's ``--kernel`` takes the same names)
-TRAK_KERNELS = ("features", "ggn", "ggn_trace")
+TRAK_KERNELS = ("auto", "features", "ggn", "ggn_trace")
 
 
 @dataclass
 class TRAKOptions(GradDotOptions):
-    """TRAK: the output function ``margin_fn``, the ``kernel`` K (``"features"``: ΦᵀΦ of the training rows;
+    """TRAK: the output function ``margin_fn``, the ``kernel`` K (``"auto"``, the default: ``"ggn_trace"`` when the
+    task declares ``output_fn``/``loss_on_output``, else ``"features"``, ``TRAK._resolve_kernel``; ``"features"``:
+    ΦᵀΦ of the training rows, as published;
     ``"ggn"``: the Gauss-Newton matrix of the training loss in the sketched coordinates, from the top
     ``ggn_rank`` output-Hessian directions of each example, all of them when ``None``; ``"ggn_trace"``: ΦᵀΦ with
     each row weighted to carry its example's Gauss-Newton curvature, ``TRAK._ggn_trace_weights``) and the
@@ -115,7 +117,7 @@ class TRAKOptions(GradDotOptions):
 
     margin_fn: Any = None
     ridge: float = 1.0
-    kernel: str = "features"
+    kernel: str = "auto"
     ggn_rank: int | None = None
 
     def __post_init__(self) -> None:

@@ -36,7 +36,8 @@ class AttributeConfig:
             method's defaults, top_k 40 with the tail and 100 without, n_iters 1.5·top_k rounded up to the block).
         damping: δ of the one damping rule (|K| + δI)⁻¹ of every influence-type method (``None``: the default
             3e-3, :mod:`gradsketch.attribution.damping`), finite and ≥ 0.
-        kernel: TRAK's kernel, ``"features"`` (ΦᵀΦ, the default), ``"ggn"`` (the Gauss-Newton matrix of the
+        kernel: TRAK's kernel, ``"auto"`` (the default: ``"ggn_trace"`` when the task declares its outputs,
+            else ``"features"``), ``"features"`` (ΦᵀΦ, as published), ``"ggn"`` (the Gauss-Newton matrix of the
             training loss) or ``"ggn_trace"`` (ΦᵀΦ with rows weighted by their Gauss-Newton curvature); refused
             for a method without the option.
         store: feature store directory (``None``: ``OUT/store``).

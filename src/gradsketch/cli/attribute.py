@@ -52,11 +52,13 @@ def attribute(entry: str | None = typer.Argument(None, help=ENTRY_HELP),
                                                "100 without]"),
               damping: float | None = typer.Option(None, help="influence / Arnoldi damping δ in (|K| + δI)^-1 "
                                                    "(>= 0) [default: 3e-3]"),
-              kernel: str | None = typer.Option(None, help="TRAK's kernel: features (ΦᵀΦ), ggn (the Gauss-Newton "
+              kernel: str | None = typer.Option(None, help="TRAK's kernel: auto (ggn_trace when the task declares "
+                                                           "its outputs, Task.from_classifier; else features), "
+                                                           "features (ΦᵀΦ, as published), ggn (the Gauss-Newton "
                                                            "matrix of the training loss; C - 1 more passes over "
                                                            "the data for C classes) or ggn_trace (ΦᵀΦ with rows "
                                                            "weighted by their Gauss-Newton curvature; one forward "
-                                                           "pass more) [default: features]"),
+                                                           "pass more) [default: auto]"),
               store: str | None = typer.Option(None, help="feature store directory [default: OUT/store]"),
               out: str | None = typer.Option(None, help="output directory [default: gradsketch-attribution]"),
               self_influence: bool | None = typer.Option(None, "--self-influence/--no-self-influence",

@@ -7,12 +7,15 @@ Per-example gradients live in :mod:`gradsketch.gradients`, curvature operators i
 
 from ..sketch import FactoredSketch
 from .losses import (
+    OutputLoss,
     causal_lm_loss,
     causal_lm_per_example,
     causal_lm_token_losses,
     classification_margin,
     classifier_loss,
+    cross_entropy_output_derivatives,
     cross_entropy_per_example,
+    mse_output_derivatives,
     mse_per_example,
 )
 from .task import Task
@@ -22,6 +25,9 @@ __all__ = [
     "FactoredSketch",
     "cross_entropy_per_example",
     "mse_per_example",
+    "OutputLoss",
+    "cross_entropy_output_derivatives",
+    "mse_output_derivatives",
     "causal_lm_per_example",
     "classifier_loss",
     "classification_margin",

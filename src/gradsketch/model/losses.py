@@ -134,6 +134,82 @@ def mse_per_example(outputs: Tensor, targets: Tensor, *, reduction: str = "mean"
     return sq.sum(1) if reduction == "sum" else sq.mean(1)
 
 
+def cross_entropy_output_derivatives(logits: Tensor, targets: Tensor, *,
+                                    ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """``(e [B, K], t [B])`` float64, in closed form, for ``ℓ = cross_entropy_per_example(logits, targets)``
+    (its default mean over valid tokens; K = the number of logits per example): e = ∂ℓ/∂z flattened and
+    t = tr ∂²ℓ/∂z². Per valid position, with p = softmax(z) and y the target, the gradient is p − e_y and the
+    Hessian diag(p) − ppᵀ, of trace 1 − ‖p‖²; positions average over the example's valid ones (both scale by
+    1/n_valid), invalid ones contribute 0. No backward pass and no C × C matrix, so any number of classes.
+
+    Both are computed from ε = Σ_{c≠y} p_c rather than from p_y: the y entry of the gradient is −ε and the
+    trace ε(2 − ε) − Σ_{c≠y} p_c², which keeps their relative precision for a confidently predicted target
+    (p_y = 1 to float64, ε ~ 1e-20), where 1 − p_y and 1 − ‖p‖² would be 0 — and a Gauss-Newton-trace weight
+    tr/‖e‖² ≈ 2/ε would be 0/0.
+
+    >>> e, t = cross_entropy_output_derivatives(torch.zeros(1, 2), torch.tensor([0]))   # p = (1/2, 1/2)
+    >>> e, t
+    (tensor([[-0.5000,  0.5000]], dtype=torch.float64), tensor([0.5000], dtype=torch.float64))
+    """
+    if logits.ndim < 2:
+        raise ValueError(f"logits: expected [B, C] or [B, T, C], got shape {tuple(logits.shape)}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets: expected shape {tuple(logits.shape[:-1])} (logits without the class "
+                         f"dimension), got {tuple(targets.shape)}")
+    B = logits.shape[0]
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(-1)
+    p = torch.softmax(logits.detach().to(torch.float64), -1)
+    p_not = p.scatter(-1, safe, 0.0)                       # p with the target's entry set to 0
+    eps = p_not.sum(-1)                                    # 1 − p_y, from the other classes
+    e = p_not.scatter(-1, safe, -eps.unsqueeze(-1))        # p − e_y
+    t = eps * (2 - eps) - p_not.pow(2).sum(-1)             # 1 − ‖p‖²
+    zero = torch.zeros((), dtype=torch.float64, device=p.device)
+    e = torch.where(valid.unsqueeze(-1), e, zero)
+    t = torch.where(valid, t, zero)
+    count = valid.reshape(B, -1).sum(1).clamp_min(1).to(torch.float64)
+    return e.reshape(B, -1) / count[:, None], t.reshape(B, -1).sum(1) / count
+
+
+def mse_output_derivatives(outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(e [B, K], t [B])`` float64 for ``ℓ = mse_per_example(outputs, targets)`` (mean over the K entries of an
+    example): e = 2(o − t)/K and the trace of the Hessian (2/K)·I, t = 2.
+
+    >>> mse_output_derivatives(torch.tensor([[1.0, 3.0]]), torch.zeros(1, 2))
+    (tensor([[1., 3.]], dtype=torch.float64), tensor([2.], dtype=torch.float64))
+    """
+    if outputs.shape != targets.shape:
+        raise ValueError(f"targets: expected shape {tuple(outputs.shape)}, got {tuple(targets.shape)}")
+    B = outputs.shape[0]
+    r = (outputs.detach().to(torch.float64) - targets.to(torch.float64)).reshape(B, -1)
+    return 2 * r / r.shape[1], torch.full((B,), 2.0, dtype=torch.float64, device=r.device)
+
+
+class OutputLoss:
+    """``loss_on_output(outputs, batch) -> [B]`` of :meth:`gradsketch.Task.from_classifier`: a per-example loss
+    applied to ``batch[target_key]``, which also gives its output gradient and Hessian trace in closed form
+    (:meth:`gradient_and_hessian_trace`, what TRAK's ``kernel="ggn_trace"`` reads; a ``loss_on_output`` of
+    your own may define the same method). ``loss``: ``"cross_entropy"`` or ``"mse"``."""
+
+    def __init__(self, loss: str = "cross_entropy", target_key: Any = 1) -> None:
+        if loss not in ("cross_entropy", "mse"):
+            raise ValueError(f"loss: expected 'cross_entropy' or 'mse', got {loss!r}")
+        self.loss, self.target_key = loss, target_key
+
+    def __call__(self, outputs: Tensor, batch: Any) -> Tensor:
+        per = cross_entropy_per_example if self.loss == "cross_entropy" else mse_per_example
+        return per(outputs, _get(batch, self.target_key, "target_key"))
+
+    def gradient_and_hessian_trace(self, outputs: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(e [B, K], t [B])`` float64: each example's ∂ℓ/∂z (flattened) and tr ∂²ℓ/∂z² in closed form
+        (:func:`cross_entropy_output_derivatives`, :func:`mse_output_derivatives`)."""
+        fn = cross_entropy_output_derivatives if self.loss == "cross_entropy" else mse_output_derivatives
+        return fn(outputs, _get(batch, self.target_key, "target_key"))
+
+    def __repr__(self) -> str:
+        return f"OutputLoss({self.loss!r}, target_key={self.target_key!r})"
+
+
 def causal_lm_per_example(logits: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                           reduction: str = "mean", ignore_index: int = -100) -> Tensor:
     """Next-token cross-entropy per sequence: ``logits [B, T, V]``, ``input_ids [B, T]`` -> ``[B]``.

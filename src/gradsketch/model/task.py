@@ -181,18 +181,14 @@ class Task:
         """A task for ``outputs = model(batch[input_key])`` and ``targets = batch[target_key]`` with
         cross-entropy (``loss="cross_entropy"``, outputs are logits [B, C]) or squared error (``"mse"``,
         mean_j (o_j − t_j)², :func:`gradsketch.losses.mse_per_example`). Sets ``output_fn``/``loss_on_output``
-        so that :meth:`ggn` works; ``margin_fn=`` (TRAK's output function) passes through ``kwargs``."""
-        from .losses import _get, cross_entropy_per_example, mse_per_example
+        (a :class:`gradsketch.losses.OutputLoss`, which also has the output derivatives in closed form) so that
+        :meth:`ggn` works; ``margin_fn=`` (TRAK's output function) passes through ``kwargs``."""
+        from .losses import OutputLoss, _get
 
-        if loss not in ("cross_entropy", "mse"):
-            raise ValueError(f"loss: expected 'cross_entropy' or 'mse', got {loss!r}")
-        per = cross_entropy_per_example if loss == "cross_entropy" else mse_per_example
+        loss_on_output = OutputLoss(loss, target_key)   # checks loss
 
         def output_fn(m: nn.Module, b: Any) -> Tensor:
             return m(_get(b, input_key, "input_key"))
-
-        def loss_on_output(out: Tensor, b: Any) -> Tensor:
-            return per(out, _get(b, target_key, "target_key"))
 
         return cls(model, None, params, output_fn=output_fn, loss_on_output=loss_on_output, **kwargs)
 
