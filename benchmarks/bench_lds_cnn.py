@@ -31,7 +31,7 @@ network. The prepared call: ``bash benchmarks/gpu_prep.sh`` here, then on the de
 
     python benchmarks/bench_lds_cnn.py export-data --out .gpu/lds_cnn/fashion.npz
     python benchmarks/bench_lds_cnn.py methods --device cuda --cache .gpu/lds_cnn --data .gpu/lds_cnn/fashion.npz \
-        --seed 0 --first "kronfluence EK-FAC" "TRAK, kernel='ggn' (unsketched)"
+        --seed 0 --first "kronfluence EK-FAC" "TRAK (unsketched, default kernel='auto': ggn_trace)"
 """
 
 from __future__ import annotations
@@ -165,8 +165,14 @@ def gradsketch_runs(model: nn.Module) -> list[tuple[str, Any]]:
 
     task = Task.from_classifier(model)
     d = 2048
-    cfgs = [("grad-dot", "grad-dot", {}), ("TRAK (unsketched)", "trak", {}),
-            (f"TRAK, affd d={d}", "trak", dict(sketch=dict(kind="affd", d=d))),
+    # TRAK's default kernel is 'auto' since session 11: 'ggn_trace' for this task (Task.from_classifier); the
+    # published ΦᵀΦ, the default before, is kernel='features'
+    cfgs = [("grad-dot", "grad-dot", {}), ("TRAK (unsketched, default kernel='auto': ggn_trace)", "trak", {}),
+            (f"TRAK, affd d={d} (default kernel: ggn_trace)", "trak", dict(sketch=dict(kind="affd", d=d))),
+            ("TRAK, affd d=4096 (default kernel: ggn_trace)", "trak", dict(sketch=dict(kind="affd", d=4096))),
+            ("TRAK, kernel='features' (unsketched; published, the default before session 11)", "trak",
+             dict(kernel="features")),
+            (f"TRAK, kernel='features', affd d={d}", "trak", dict(kernel="features", sketch=dict(kind="affd", d=d))),
             ("EK-FAC", "ekfac", {}), ("K-FAC", "kfac", {}),
             (f"EK-FAC, affd d={d}", "ekfac", dict(sketch=dict(kind="affd", d=d))),
             ("EK-FAC, fisher='mc' (one sampled label, as kronfluence)", "ekfac", dict(fisher="mc")),
@@ -177,12 +183,7 @@ def gradsketch_runs(model: nn.Module) -> list[tuple[str, Any]]:
             (f"TRAK, kernel='ggn', affd d={d}", "trak", dict(kernel="ggn", sketch=dict(kind="affd", d=d))),
             (f"TRAK, kernel='ggn', ggn_rank=2, affd d={d}", "trak",
              dict(kernel="ggn", ggn_rank=2, sketch=dict(kind="affd", d=d))),
-            ("TRAK, kernel='ggn', affd d=4096", "trak", dict(kernel="ggn", sketch=dict(kind="affd", d=4096))),
-            # session 10: ΦᵀΦ with each row weighted by its example's Gauss-Newton curvature (one forward pass more)
-            ("TRAK, kernel='ggn_trace' (unsketched)", "trak", dict(kernel="ggn_trace")),
-            (f"TRAK, kernel='ggn_trace', affd d={d}", "trak", dict(kernel="ggn_trace", sketch=dict(kind="affd", d=d))),
-            ("TRAK, kernel='ggn_trace', affd d=4096", "trak",
-             dict(kernel="ggn_trace", sketch=dict(kind="affd", d=4096)))]
+            ("TRAK, kernel='ggn', affd d=4096", "trak", dict(kernel="ggn", sketch=dict(kind="affd", d=4096)))]
     # influence (explicit) is left out at this scale: N = 5,994 dense Hessian columns (or d = 2,048 sketched
     # ones) over 5,000 images cost 30x (10x) Arnoldi's Hessian products on this shared 2-core machine
     out = []

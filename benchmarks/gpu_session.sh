@@ -108,15 +108,17 @@ if [ "$RUN_LDS" = 1 ]; then
     # the decisive rows first (issue 16's goal 2: the best peer, TRAK's three kernels, EK-FAC), so that a run cut
     # short by its timeout still answers; the unsketched ones before the affd rows, which run the Triton kernels
     # for the first time on a GPU: a kernel fault can leave the CUDA context unusable for every later row
-    FIRST=("kronfluence EK-FAC" "TRAK (unsketched)" "TRAK, kernel='ggn_trace' (unsketched)"
-           "TRAK, kernel='ggn' (unsketched)" "EK-FAC" "TRAK, kernel='ggn_trace', affd d=2048"
-           "TRAK, kernel='ggn', affd d=4096" "TRAK, kernel='ggn', affd d=2048" "TRAK, affd d=2048"
+    FIRST=("kronfluence EK-FAC" "TRAK (unsketched, default kernel='auto': ggn_trace)"
+           "TRAK, kernel='features' (unsketched; published, the default before session 11)"
+           "TRAK, kernel='ggn' (unsketched)" "EK-FAC" "TRAK, affd d=2048 (default kernel: ggn_trace)"
+           "TRAK, affd d=4096 (default kernel: ggn_trace)" "TRAK, kernel='ggn', affd d=4096"
+           "TRAK, kernel='ggn', affd d=2048" "TRAK, kernel='features', affd d=2048"
            "TRAK, kernel='ggn', ggn_rank=2, affd d=2048")
     ONLY=()
     if [ -n "${LDS_ONLY:-}" ]; then
       IFS='|' read -r -a ONLY <<< "$LDS_ONLY"
     elif [ -n "$QUICK" ]; then
-      ONLY=("kronfluence EK-FAC" "TRAK (unsketched)" "TRAK, affd d=2048" "traker TRAK" "dattri TRAK")
+      ONLY=("kronfluence EK-FAC" "TRAK (unsketched" "TRAK, affd d=2048" "traker TRAK" "dattri TRAK")
     fi
     lds_args=(--device "$DEVICE" --cache "$LDS_WORK" --data "$LDS_WORK/fashion.npz" --seed 0 --first "${FIRST[@]}")
     [ ${#ONLY[@]} -gt 0 ] && lds_args+=(--only "${ONLY[@]}")

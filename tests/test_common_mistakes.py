@@ -1,6 +1,7 @@
 """Common mistakes get a message that names the fix (issue 19): one batch (X, Y) passed where an iterable of
 batches is expected, a top-k larger than the training set, dict batches read as tuples, --d above N."""
 
+import json
 import warnings
 from pathlib import Path
 
@@ -126,14 +127,18 @@ def test_cli_kernel_option_reaches_trak_and_is_refused_elsewhere():
     run_attribute(ent, AttributeConfig(method="trak", d=0, kernel="ggn"), out=out, progress=False)
     assert list((Path(out) / "store").glob("ggn_kernel_*.pt")), "the GGN kernel was not built"
     # every TRAK kernel is accepted and changes the scores
-    scores = {}
-    for kernel in ("features", "ggn_trace"):
+    scores, summaries = {}, {}
+    for kernel in ("features", "ggn_trace", None):   # None: the default, "auto"
         o = _tmp()
         run_attribute(ent, AttributeConfig(method="trak", d=0, kernel=kernel, self_influence=True), out=o,
                       progress=False)
         scores[kernel] = np.load(Path(o) / "attribution.npz")["self_influence"]
+        summaries[kernel] = json.loads((Path(o) / "summary.json").read_text())
     assert np.abs(scores["features"] / np.abs(scores["features"]).max()
                   - scores["ggn_trace"] / np.abs(scores["ggn_trace"]).max()).max() > 1e-3
+    # the entry's classifier declares its outputs: "auto" ran ggn_trace, and the summary says so
+    assert summaries[None]["kernel"] == "ggn_trace" and summaries["features"]["kernel"] == "features"
+    np.testing.assert_array_equal(scores[None], scores["ggn_trace"])
     with pytest.raises(ValueError, match="kernel: only TRAK has a kernel option"):
         AttributeConfig(method="arnoldi", kernel="ggn")
     with pytest.raises(ValueError, match="kernel: expected one of"):

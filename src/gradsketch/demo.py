@@ -119,7 +119,7 @@ def run_demo(out_dir: Any = "gradsketch-demo", *, n_train: int = 1000, n_test: i
             ["train acc (noisy labels) / test acc", f"{acc_train:.3f} / {acc_test:.3f}"],
             ["sketch", f"{kind}, d = {d}, seed {seed}"],
             ["Arnoldi", f"{n_iters} iterations on ΦHΦᵀ, top {top_k} eigenpairs"],
-            ["TRAK", "margin gradients, ridge " + f"{trak.ridge_:.3g}"],
+            ["TRAK", f"margin gradients, kernel {trak.kernel_}, ridge {trak.ridge_:.3g}"],
             ["store", f"{store_dir} ({_store_bytes(store_dir) / 2**20:.2f} MiB)"]]
     sections.append(("Setup", table(rows, ["", ""])))
     det_rows = [[k, r.auc, r.ap] for k, r in det.items()]

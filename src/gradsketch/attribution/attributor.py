@@ -57,9 +57,11 @@ loss-gradient features beat margin gradients with or without q (benchmarks/resul
 for the cross-entropy, ∇ loss = −(1 − p_y) ∇f exactly, so the loss-gradient test side already measures the
 margin f up to a positive factor per target.
 
-**TRAK kernel.** ``kernel="features"`` (the default, as published) inverts ΦᵀΦ, the empirical Fisher of the
-training rows. ``kernel="ggn"`` inverts K = Σ_i Φ J_iᵀ H_i J_i, the Gauss-Newton matrix of the training loss in
-the same (sketched) coordinates, with H_i the Hessian of example i's loss in its outputs (for softmax
+**TRAK kernel.** ``kernel="features"`` (as published) inverts ΦᵀΦ, the empirical Fisher of the training rows.
+The default, ``kernel="auto"``, is ``"ggn_trace"`` (below) when the task declares its outputs and its loss on
+them (:meth:`gradsketch.Task.from_classifier`) and ``"features"`` otherwise; ``kernel_`` and ``kernel_reason_``
+of a fit say which ran and why. ``kernel="ggn"`` inverts K = Σ_i Φ J_iᵀ H_i J_i, the Gauss-Newton matrix of the
+training loss in the same (sketched) coordinates, with H_i the Hessian of example i's loss in its outputs (for softmax
 cross-entropy diag(p) − ppᵀ): the curvature of TRAK's own derivation (the Newton step of the linearised model;
 for a binary logistic output this is the R = diag(p(1 − p)) weighting of Park et al.'s formula, here in its
 multi-class form) instead of the outer products of the observed-label gradients, which weight a confident
@@ -77,7 +79,12 @@ gradients (times q_i² for margin gradients), i.e. the GGN term J_iᵀ H_i J_i w
 the example's own output gradient (exact when H_i has rank one along it: two classes, one output). It costs one
 forward pass more than ΦᵀΦ and keeps most of the GGN's gain (library, float32, session 10): digits MLP 0.64 →
 0.72, 4,000-image CNN 0.43 → 0.45, the issue-16 CNN 0.324 → 0.339 (affd d = 2,048: 0.62 → 0.68, 0.41 → 0.42,
-0.304 → 0.315).
+0.304 → 0.315); with TRAK's margin features (``margin_fn``) the gain is larger, 0.66 → 0.72, 0.38 → 0.45 and
+0.284 → 0.339 (session 11), since there ΦᵀΦ gives every example the same weight whatever its confidence, where
+the GGN gives it about 1 − p_y. This is why it became the default in session 11: better on each benchmark and
+each kind of features, sketched or not, at the same cost (the traces are in closed form for
+:class:`gradsketch.losses.OutputLoss`, which ``Task.from_classifier`` sets; for another ``loss_on_output`` they
+take one backward pass per output, and ``"auto"`` keeps ``"features"`` beyond 256 outputs).
 
 **TRAK output function.** TRAK featurises gradients of the model output f (for classification the
 correct-class margin f = log p/(1−p)) and weights training examples by q = 1 − p = 1 − σ(f). Pass

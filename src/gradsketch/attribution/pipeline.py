@@ -206,6 +206,8 @@ def run_attribute(entry: Any, config: AttributeConfig | None = None, out: str | 
         raise ValueError("entry: expected test data in Entry.test (the examples to attribute), got None")
     att.fit(ent.train, progress=progress)
     summary.update(mode=att.mode, mode_reason=att.mode_reason_)  # a fallback of "auto" is decided in fit
+    if getattr(att, "kernel_", None) is not None:   # TRAK: the kernel "auto" resolved to, and why
+        summary.update(kernel=att.kernel_, kernel_reason=att.kernel_reason_)
     timings["fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     n_train = int(att.n_train_)

@@ -168,7 +168,7 @@ def write_attribution_report(path: str | os.PathLike, entry: Any, topk: Any, sum
     flagged = getattr(entry, "flagged", None)
     preds = predicted_classes(getattr(entry, "model", None), getattr(entry, "test", None), show)
     caption = {t: f"predicted {p}" for t, p in preds.items()}
-    setup = [[key, str(summary.get(key))] for key in ("entry", "command", "method", "sketch", "mode", "store",
+    setup = [[key, str(summary.get(key))] for key in ("entry", "command", "method", "sketch", "mode", "kernel", "store",
                                                       "n_train", "n_test", "k") if key in summary]
     sections = [("Setup", table(setup, ["", ""]))]
     sections.append((f"Proponents and opponents of the first {len(show)} test examples",
