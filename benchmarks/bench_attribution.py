@@ -98,12 +98,18 @@ def quality(args) -> None:
         methods = [
             ("grad-dot", "grad-dot", None, {}),
             ("grad-cos", "grad-cos", None, {}),
+            # TRAK's default kernel is 'auto' since session 11: 'ggn_trace' for these tasks (Task.from_classifier)
             ("TRAK 1 model", "trak", None, dict(margin_fn=mg)),
             (f"TRAK 1 model affd d={d}", "trak", sk, dict(margin_fn=mg)),
             (f"TRAK {M} models", "trak", None, dict(margin_fn=mg, **ens_opt)),
             (f"TRAK {M} models affd d={d}", "trak", sk, dict(margin_fn=mg, **ens_opt)),
-            (f"TRAK {M} models affd d={d}, ridge 0 (traker default)", "trak", sk, dict(margin_fn=mg, ridge=0.0,
-                                                                                         **ens_opt)),
+            ("TRAK 1 model, kernel='features' (published)", "trak", None, dict(margin_fn=mg, kernel="features")),
+            (f"TRAK 1 model affd d={d}, kernel='features'", "trak", sk, dict(margin_fn=mg, kernel="features")),
+            (f"TRAK {M} models, kernel='features'", "trak", None, dict(margin_fn=mg, kernel="features", **ens_opt)),
+            (f"TRAK {M} models affd d={d}, kernel='features'", "trak", sk,
+             dict(margin_fn=mg, kernel="features", **ens_opt)),
+            (f"TRAK {M} models affd d={d}, kernel='features', ridge 0 (traker default)", "trak", sk,
+             dict(margin_fn=mg, kernel="features", ridge=0.0, **ens_opt)),
             ("Arnoldi (200 it, top 100)", "arnoldi", None, dict(damping=wd)),
             (f"Arnoldi (200 it, top 100) affd d={d}", "arnoldi", sk, dict(damping=wd)),
         ]
@@ -115,6 +121,8 @@ def quality(args) -> None:
                             "influence", None, dict(damping=0.01 if "MLP" in name else wd)))
         rows = []
         for label, m, s, opts in methods:
+            if args.methods and not any(x in label for x in args.methods):
+                continue
             t = time.perf_counter()
             S = Attributor(task, m, sketch=s, **opts).fit(tr, progress=False).score(te, progress=False)
             fit_s = time.perf_counter() - t
@@ -353,6 +361,8 @@ def main() -> None:
     p.add_argument("--subsets", type=int, default=64)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--only", default="")
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="quality: only the rows whose label contains one of these")
     p.add_argument("--n-scale", type=int, default=60000)
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "gradsketch-lds"))
     args = p.parse_args()
