@@ -500,3 +500,46 @@ def test_auto_kernel_saved_and_loaded(tmp_path):
     b.kernel_ = "hessian"   # (a saved record cannot be edited: the manifest carries its checksum)
     with pytest.raises(ValueError, match="kernel_: expected one of"):
         b.score(test, progress=False)
+
+
+def test_ggn_trace_weights_cached_next_to_the_store(tmp_path):
+    """With a store the weights are saved next to it and a refit on the complete store reads them back without a
+    pass over the data (the output function is not called); a cached value that is not a finite, non-negative
+    float64 [n] vector is refused (warning), recomputed and replaced."""
+    from gradsketch.model.losses import OutputLoss
+    from gradsketch.store.cache import save_cached
+
+    model, (X, y), (Xt, yt) = setup(seed=23)
+    calls = []
+
+    def output_fn(m, b):
+        calls.append(len(b[0]))
+        return m(b[0])
+
+    task = Task(model, output_fn=output_fn, loss_on_output=OutputLoss())
+    data, test = batches(X, y, batch_size=5), batches(Xt, yt, batch_size=5)
+
+    def fit_score():
+        a = Attributor(task, "trak", store=tmp_path / "s", store_dtype="float32")
+        a.fit(data, progress=False)
+        n_calls = len(calls)
+        S = a.score(test, progress=False)
+        return S, n_calls
+
+    S1, _ = fit_score()
+    f = tmp_path / "s" / "ggn_trace_weights_0.pt"
+    blob = torch.load(f, weights_only=True)
+    w = blob["value"]
+    torch.testing.assert_close(w, trace_weights(model, X, y), rtol=1e-10, atol=0)
+    calls.clear()
+    S2, n_calls = fit_score()
+    assert n_calls == 0   # the store is complete and the weights are cached: no pass over the training data
+    torch.testing.assert_close(S2, S1, rtol=0, atol=0)
+    # the cached weights are used as they are: 2ω (and with it the relative ridge, 2λ) halves every score
+    save_cached(f, blob["config"], 2 * w)
+    torch.testing.assert_close(fit_score()[0], S1 / 2)
+    for bad in (w[:-1], w.float(), -w, torch.full_like(w, float("nan"))):
+        save_cached(f, blob["config"], bad)
+        with pytest.warns(RuntimeWarning, match="not what this fit expects"):
+            torch.testing.assert_close(fit_score()[0], S1)
+        torch.testing.assert_close(torch.load(f, weights_only=True)["value"], w)

@@ -194,7 +194,7 @@ class TRAK(Attributor):
         kernel = self.kernel_
         q = self._trak_q(data) if self._margin_fn() is not None else None
         # kernel="ggn_trace": row i of Φ scaled by √ω_i, K = Σ ω_i φ_i φ_iᵀ
-        sw = self._ggn_trace_weights(data, q).sqrt() if kernel == "ggn_trace" else None
+        sw = self._ggn_trace_weights(data, q, comp).sqrt() if kernel == "ggn_trace" else None
 
         def rows(r0: int, r1: int, blk: Tensor) -> Tensor:
             blk = blk.cpu()
@@ -336,7 +336,7 @@ class TRAK(Attributor):
                              f"got {got[0]} and {got[1]}")
         return e.detach().to(torch.float64), t.detach().to(torch.float64)
 
-    def _ggn_trace_weights(self, data: Iterable, q: Tensor | None) -> Tensor:
+    def _ggn_trace_weights(self, data: Iterable, q: Tensor | None, comp: Component | None = None) -> Tensor:
         """ω ``[n]`` float64 of ``kernel="ggn_trace"``, K = Σ_i ω_i φ_i φ_iᵀ: each row's rank-one term carries the
         trace of its example's Gauss-Newton curvature in output space. With e_i = ∂ℓ_i/∂z_i and H_i = ∂²ℓ_i/∂z_i²
         (its positive part) a loss-gradient row g_i = J_iᵀe_i gets ω_i = tr(H_i)/‖e_i‖², so that ω_i g_i g_iᵀ =
@@ -345,7 +345,30 @@ class TRAK(Attributor):
         of the loss as softplus(−f)) gets ω_i q_i². An example with e_i = 0 gets ω_i = 0 (its curvature is 0 in
         the limit p → 1 of a classifier). For softmax cross-entropy a confident example (p_y = 1 − ε) gets about
         2/ε where the Gauss-Newton matrix has ε and ΦᵀΦ ε²: it restores the weight of the well-fitted examples
-        that TRAK's ΦᵀΦ all but drops."""
+        that TRAK's ΦᵀΦ all but drops. With ``comp`` and a store, the weights before q are cached next to the
+        store (``ggn_trace_weights_<c>.pt``, keyed by the model, the data's fingerprints, the output function,
+        the loss and ``nan_policy``), so that a resumed fit does not redo their pass over the data."""
+        if comp is None:
+            w = self._output_trace_weights(data)
+        else:   # with a store, cached next to it: a resumed fit does not redo the pass over the data
+            from ..model.losses import OutputLoss
+
+            lo, n = self.task.loss_on_output, comp.n_rows
+            feats = comp.feats
+            config = {"kernel": "ggn_trace", "fingerprint": comp.fingerprint, "n_rows": n,
+                      "data": feats.data_fingerprints() if hasattr(feats, "data_fingerprints") else None,
+                      "output_fn": describe_callable(self.task.output_fn), "nan_policy": self.nan_policy,
+                      "loss_on_output": repr(lo) if isinstance(lo, OutputLoss) else describe_callable(lo)}
+            w = self._cached(comp, "ggn_trace_weights", config, lambda: self._output_trace_weights(data),
+                             valid=lambda v: isinstance(v, Tensor) and v.dtype == torch.float64
+                             and tuple(v.shape) == (n,) and bool(torch.isfinite(v).all()) and bool((v >= 0).all()))
+        if q is not None:
+            w = self._skip_nonfinite(w * q.to(w.dtype) ** 2, ~torch.isfinite(q))
+        return w
+
+    def _output_trace_weights(self, data: Iterable) -> Tensor:
+        """tr(H_i)/‖e_i‖² ``[n]`` float64 of :meth:`_ggn_trace_weights` (before TRAK's q), by one pass over
+        ``data``; an example with non-finite output derivatives is refused or (``nan_policy="skip"``) gets 0."""
         from ..curvature.kfac import nonfinite_examples
 
         out, bad = [], []
@@ -354,18 +377,19 @@ class TRAK(Attributor):
             ee = e.pow(2).sum(1)
             out.append(torch.where(ee > 0, tr / ee.clamp_min(torch.finfo(torch.float64).tiny), 0.0).cpu())
             bad.append(nonfinite_examples(e).cpu())
-        w, nonfinite = torch.cat(out), torch.cat(bad)
-        if q is not None:
-            w = w * q.to(w.dtype) ** 2
-            nonfinite |= ~torch.isfinite(q)
-        if bool(nonfinite.any()):
-            idx = nonfinite.nonzero().flatten().tolist()
-            if self.nan_policy != "skip":
-                raise FloatingPointError(f"kernel: 'ggn_trace' needs finite outputs and loss derivatives; training "
-                                         f"example index(es) {idx[:10]} have non-finite ones (nan_policy='skip' "
-                                         "gives them weight 0)")
-            w[nonfinite] = 0.0   # skipped examples: their feature rows are zero rows
-        return w
+        return self._skip_nonfinite(torch.cat(out), torch.cat(bad))
+
+    def _skip_nonfinite(self, w: Tensor, nonfinite: Tensor) -> Tensor:
+        """``w`` with the examples flagged ``nonfinite`` set to 0 under ``nan_policy="skip"`` (their feature rows
+        are zero rows), else a FloatingPointError naming them."""
+        if not bool(nonfinite.any()):
+            return w
+        idx = nonfinite.nonzero().flatten().tolist()
+        if self.nan_policy != "skip":
+            raise FloatingPointError(f"kernel: 'ggn_trace' needs finite outputs and loss derivatives; training "
+                                     f"example index(es) {idx[:10]} have non-finite ones (nan_policy='skip' "
+                                     "gives them weight 0)")
+        return torch.where(nonfinite, 0.0, w)
 
     def score(self, test_data: Iterable, progress: bool = True) -> Tensor:
         """Scores ``[n_test, n_train]`` as in :meth:`Attributor.score`. When every model's kernel has the Gram
