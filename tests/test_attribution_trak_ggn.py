@@ -157,6 +157,8 @@ def test_ggn_kernel_errors():
         Attributor(task, "trak", kernel="hessian")
     with pytest.raises(ValueError, match="ggn_rank"):
         Attributor(task, "trak", kernel="ggn", ggn_rank=0)
+    with pytest.raises(ValueError, match=r"ggn_rank: only kernel='ggn' uses it .*; got ggn_rank=2 with kernel='auto'"):
+        Attributor(task, "trak", ggn_rank=2)   # would be ignored silently
     plain = Task(model, lambda mod, b: nn.functional.cross_entropy(mod(b[0]), b[1], reduction="none"))
     wide = nn.Linear(4, 300).double()
     Xw, yw = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])

@@ -127,6 +127,9 @@ class TRAKOptions(GradDotOptions):
         self.ridge = check_real(self.ridge, "ridge", minimum=0.0)
         self.kernel = check_choice(self.kernel, "kernel", TRAK_KERNELS)
         self.ggn_rank = check_int(self.ggn_rank, "ggn_rank", minimum=1, allow_none=True)
+        if self.ggn_rank is not None and self.kernel != "ggn":
+            raise ValueError(f"ggn_rank: only kernel='ggn' uses it (the output-Hessian directions per example); "
+                             f"got ggn_rank={self.ggn_rank} with kernel={self.kernel!r}")
 
 
 #: the default damping δ of every influence-type method (:mod:`gradsketch.attribution.damping`, where the
