@@ -545,3 +545,44 @@ def test_ggn_trace_weights_cached_next_to_the_store(tmp_path):
         with pytest.warns(RuntimeWarning, match="not what this fit expects"):
             torch.testing.assert_close(fit_score()[0], S1)
         torch.testing.assert_close(torch.load(f, weights_only=True)["value"], w)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Squared error whose backward cannot be differentiated again (as a custom kernel's might be)."""
+
+    @staticmethod
+    def forward(ctx, z, t):
+        ctx.save_for_backward(z, t)
+        return (z - t).pow(2).sum(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        z, t = ctx.saved_tensors
+        return 2 * (z - t) * g[:, None], None
+
+
+@pytest.mark.parametrize("loss", ["l1", "no double backward"])
+def test_auto_kernel_falls_back_where_the_gauss_newton_kernel_does_not_exist(loss):
+    """A loss that is piecewise linear in the outputs has a zero Gauss-Newton kernel (every ggn_trace or ggn
+    score would be 0): the explicit kernels refuse it, "auto" falls back to the features kernel with a warning;
+    so does "auto" when the traces cannot be computed (a loss without second derivatives)."""
+    torch.manual_seed(24)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, Y = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, 3, dtype=torch.float64)
+    fn = (lambda z, b: (z - b[1]).abs().sum(1)) if loss == "l1" else (lambda z, b: _NoDoubleBackward.apply(z, b[1]))
+    task = Task(model, output_fn=lambda m, b: m(b[0]), loss_on_output=fn)
+    data, test = batches(X, Y, batch_size=4), batches(X[:3], Y[:3], batch_size=3)
+    with pytest.warns(RuntimeWarning, match="kernel: 'auto' fell back to 'features'"):
+        a = Attributor(task, "trak").fit(data, progress=False)
+    assert a.kernel_ == "features" and ("zero" in a.kernel_reason_ if loss == "l1" else "RuntimeError" in
+                                        a.kernel_reason_)
+    S = a.score(test, progress=False)
+    torch.testing.assert_close(S, Attributor(task, "trak", kernel="features").fit(data, progress=False).score(
+        test, progress=False), rtol=0, atol=0)
+    assert float(S.abs().max()) > 0
+    kernels = ("ggn_trace", "ggn") if loss == "l1" else ("ggn_trace",)
+    for kernel in kernels:
+        with pytest.raises((ValueError, RuntimeError),
+                           match="Gauss-Newton kernel is 0" if loss == "l1" else "needs the second derivatives"):
+            Attributor(task, "trak", kernel=kernel).fit(data, progress=False)

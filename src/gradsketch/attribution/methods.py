@@ -191,10 +191,10 @@ class TRAK(Attributor):
         if self.kernel_ is None:
             self.kernel_, self.kernel_reason_ = self._resolve_kernel(data)
             _log.info("trak: kernel=%r (%s)", self.kernel_, self.kernel_reason_)
-        kernel = self.kernel_
         q = self._trak_q(data) if self._margin_fn() is not None else None
         # kernel="ggn_trace": row i of Φ scaled by √ω_i, K = Σ ω_i φ_i φ_iᵀ
-        sw = self._ggn_trace_weights(data, q, comp).sqrt() if kernel == "ggn_trace" else None
+        sw = self._trace_row_scales(comp, data, q) if self.kernel_ == "ggn_trace" else None
+        kernel = self.kernel_
 
         def rows(r0: int, r1: int, blk: Tensor) -> Tensor:
             blk = blk.cpu()
@@ -202,6 +202,10 @@ class TRAK(Attributor):
 
         if kernel == "ggn":  # K from the output-Hessian rows, always d × d
             K = self._ggn_kernel(comp, data, fdt, progress)
+            if not float(torch.trace(K)) > 0:
+                raise ValueError("kernel: 'ggn' found the loss's Hessian in the outputs zero for every training "
+                                 "example (a loss that is piecewise linear in them?), so the Gauss-Newton kernel is "
+                                 "0 and every score would be 0; use kernel='features'")
             lam = ridge * float(torch.trace(K)) / min(n, d)
             comp.kernel = dense_inverse(K, lam)
         elif d > n:  # K has rank <= n < d: work with the n × n Gram matrix
@@ -223,6 +227,31 @@ class TRAK(Attributor):
         self.ridges_.append(lam)
         comp.info["ridge"] = lam
         comp.q = q
+
+    def _trace_row_scales(self, comp: Component, data: Iterable, q: Tensor | None) -> Tensor | None:
+        """√ω ``[n]`` of ``kernel="ggn_trace"`` (:meth:`_ggn_trace_weights`). A loss whose output Hessian is zero
+        for every example (piecewise linear in the outputs) has a zero Gauss-Newton kernel, whose scores would
+        all be 0: refused for ``kernel="ggn_trace"``; under ``"auto"`` the fit falls back to ``"features"``
+        (RuntimeWarning, ``kernel_reason_``), as it does when the traces cannot be computed (a RuntimeError from
+        autograd, e.g. a loss without second derivatives). ``None`` after a fall-back."""
+        auto = self._opt("kernel") == "auto" and comp.index == 0   # later models keep the first one's kernel
+        try:
+            w = self._ggn_trace_weights(data, q, comp)
+        except RuntimeError as e:
+            if not auto:
+                raise
+            why = f"the output-Hessian traces could not be computed ({type(e).__name__}: {str(e)[:200]})"
+        else:
+            if bool((w > 0).any()):
+                return w.sqrt()
+            why = "the loss's Hessian in the outputs is zero for every training example"
+            if not auto:
+                raise ValueError("kernel: 'ggn_trace' found the loss's Hessian in the outputs zero for every training "
+                                 "example (a loss that is piecewise linear in them?), so the Gauss-Newton kernel is "
+                                 "0 and every score would be 0; use kernel='features'")
+        warnings.warn(f"kernel: 'auto' fell back to 'features': {why}", RuntimeWarning, stacklevel=4)
+        self.kernel_, self.kernel_reason_ = "features", why
+        return None
 
     def _ggn_kernel(self, comp: Component, data: Iterable, fdt: torch.dtype, progress: bool) -> Tensor:
         """K = Σ_i Φ J_iᵀ H_i J_i Φᵀ ``[d, d]`` float64: H_i = L_i L_iᵀ the Hessian of example i's loss in its
@@ -315,7 +344,11 @@ class TRAK(Attributor):
                              f"{MAX_GGN_OUTPUTS}); use kernel='features'"
                              + ("" if self._kernel() == "ggn" else ", or a loss_on_output with a closed-form "
                                 "gradient_and_hessian_trace (gradsketch.losses.OutputLoss)"))
-        return output_loss_derivatives(self.task.loss_on_output, z, b)
+        try:
+            return output_loss_derivatives(self.task.loss_on_output, z, b)
+        except RuntimeError as e:   # autograd's own words do not say which derivative or why it is needed
+            raise RuntimeError(f"kernel: {self._kernel()!r} needs the second derivatives of loss_on_output in the "
+                               f"outputs, and autograd could not take them ({e}); use kernel='features'") from e
 
     def _output_gradient_and_trace(self, batch: Any) -> tuple[Tensor, Tensor]:
         """``(e [B, C], t [B])`` float64: each example's output gradient of the loss and the trace of its output

@@ -96,7 +96,11 @@ class Task:
         (``"encoder.layer.5.*"``); modules select all of their parameters. Others are held fixed.
     output_fn, loss_on_output : callables, optional
         ``output_fn(model, batch) -> [B, ...]`` (e.g. logits) and ``loss_on_output(outputs, batch) -> [B]``;
-        needed by :meth:`ggn` (J^T H_L J). See :meth:`from_classifier`.
+        needed by :meth:`ggn` (J^T H_L J) and by TRAK's Gauss-Newton kernels (its default ``kernel="auto"`` is
+        ``"ggn_trace"`` for a task that declares them). A ``loss_on_output`` object with a method
+        ``gradient_and_hessian_trace(outputs, batch) -> (e [B, C], t [B])`` (each example's ∂ℓ/∂z flattened and
+        the trace of the positive part of ∂²ℓ/∂z²) gives TRAK those in closed form, as
+        :class:`gradsketch.losses.OutputLoss` does. See :meth:`from_classifier`.
     margin_fn : callable ``(model, batch) -> Tensor [B]``, optional
         TRAK's output function f (one scalar per example, e.g. :func:`gradsketch.losses.classification_margin`:
         the correct-class margin log p/(1 − p)): TRAK featurises ∇f and weights training examples by
