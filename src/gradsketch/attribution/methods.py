@@ -432,8 +432,8 @@ class TRAK(Attributor):
         ``kernel="ggn_trace"`` the kernel's F̃ = diag(s) F holds the training rows scaled by s = √ω > 0, and
         φ (F̃ᵀF̃ + λI)⁻¹ Fᵀ = φ F̃ᵀ (F̃F̃ᵀ + λI)⁻¹ diag(s)⁻¹: the same products, each column divided by its s_i (on
         the issue-16 CNN, s spanning 1e-7 of its largest, within 4e-5 of each row's largest score of the operator
-        path, whose subtraction is the less accurate of the two). A fit loaded from disk, which does not keep s,
-        or one with an s_i = 0, goes through the operator."""
+        path, whose subtraction is the less accurate of the two). s is saved with the fit; a fit saved before it
+        was, or one with an s_i = 0, goes through the operator."""
         from ..linalg.operator import WoodburyInverse
 
         self._check_fitted()

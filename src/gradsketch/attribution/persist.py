@@ -158,6 +158,9 @@ def save_attributor(attr: Any, path: str | os.PathLike, overwrite: bool = False)
         else:
             rec["feats"] = {"tensor": w.tensor(comp.feats)}
         rec["q"] = None if comp.q is None else w.tensor(comp.q)
+        rs = comp.info.get("row_scale")   # TRAK ggn_trace: the Gram-form kernel's row scales (scoring shortcut)
+        if rs is not None:
+            rec["row_scale"] = w.tensor(rs)
         kfac = comp.info.get("kfac")
         if kfac is not None:
             state = kfac.state_dict()
@@ -482,6 +485,11 @@ def load_attributor(path: str | os.PathLike, task: Any, method_class: Any, compo
             comp.feats = st
         q = rec.get("q")
         comp.q = None if q is None else rd.tensor(q, f"{where}.q", (n_train,))
+        if rec.get("row_scale") is not None:
+            rs = rd.tensor(rec["row_scale"], f"{where}.row_scale", (n_train,), torch.float64)
+            if not bool(torch.isfinite(rs).all()) or bool((rs < 0).any()):
+                raise _fail(path, f"{where}.row_scale: expected finite scales ≥ 0, found others")
+            comp.info["row_scale"] = rs
         kfac_op = None
         if rec.get("kfac") is not None:
             from ..curvature.kfac import KFACOperator
