@@ -593,3 +593,26 @@ def test_auto_kernel_falls_back_where_the_gauss_newton_kernel_does_not_exist(los
         with pytest.raises((ValueError, RuntimeError),
                            match="Gauss-Newton kernel is 0" if loss == "l1" else "needs the second derivatives"):
             Attributor(task, "trak", kernel=kernel).fit(data, progress=False)
+
+
+def test_closed_form_traces_non_finite_and_malformed():
+    """The closed-form path (Task.from_classifier) gives a skipped example (non-finite outputs) weight 0, so the
+    scores stay finite; a loss_on_output whose gradient_and_hessian_trace returns other shapes is refused."""
+    model, (X, y), (Xt, yt) = setup(seed=25)
+    X = X.clone()
+    X[3] = float("nan")
+    a = Attributor(Task.from_classifier(model, nan_policy="skip"), "trak", nan_policy="skip").fit(
+        [(X, y)], progress=False)
+    assert a.kernel_ == "ggn_trace" and bool(torch.isfinite(a.score([(Xt, yt)], progress=False)).all())
+
+    class Bad:
+        def __call__(self, z, b):
+            return nn.functional.cross_entropy(z, b[1], reduction="none")
+
+        def gradient_and_hessian_trace(self, z, b):
+            return torch.zeros(z.shape[0], C), torch.zeros(z.shape[0] + 1)
+
+    bad = Task(model, output_fn=lambda m, b: m(b[0]), loss_on_output=Bad())
+    with pytest.raises(ValueError, match=r"gradient_and_hessian_trace: expected tensors \[13, C\] and \[13\], got "
+                                         r"\(13, 3\) and \(14,\)"):
+        Attributor(bad, "trak").fit([(X.nan_to_num(), y)], progress=False)

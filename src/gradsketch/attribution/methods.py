@@ -238,7 +238,7 @@ class TRAK(Attributor):
         try:
             w = self._ggn_trace_weights(data, q, comp)
         except RuntimeError as e:
-            if not auto:
+            if not auto or isinstance(e, torch.OutOfMemoryError):   # memory is not a property of the loss
                 raise
             why = f"the output-Hessian traces could not be computed ({type(e).__name__}: {str(e)[:200]})"
         else:
@@ -409,7 +409,7 @@ class TRAK(Attributor):
             e, tr = self._output_gradient_and_trace(batch)
             ee = e.pow(2).sum(1)
             out.append(torch.where(ee > 0, tr / ee.clamp_min(torch.finfo(torch.float64).tiny), 0.0).cpu())
-            bad.append(nonfinite_examples(e).cpu())
+            bad.append(nonfinite_examples(e, tr).cpu())
         return self._skip_nonfinite(torch.cat(out), torch.cat(bad))
 
     def _skip_nonfinite(self, w: Tensor, nonfinite: Tensor) -> Tensor:
