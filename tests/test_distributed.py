@@ -198,8 +198,14 @@ def _attr_worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=300))
     att = make_attributor(f"{out_dir}/store")
-    shares, scored = [], [0]
-    featurise, score_block = att._featurise, att._score_block
+    shares, scored, traced = [], [0], [0]
+    featurise, score_block, trace = att._featurise, att._score_block, att._output_gradient_and_trace
+
+    def spy_trace(batch):  # the ggn_trace weights' pass (the default kernel here): this rank's batches only
+        traced[0] += 1
+        return trace(batch)
+
+    att._output_gradient_and_trace = spy_trace
 
     def spy_featurise(*args, **kw):  # which share of the store this rank was asked to compute
         shares.append((kw.get("rank"), kw.get("world_size")))
@@ -226,7 +232,8 @@ def _attr_worker(rank, init_file, out_dir):
         except ValueError as e:
             errors.append(str(e))
     torch.save({"top": tuple(top), "flat": tuple(flat), "self": att.self_influence(progress=False), "shares": shares,
-                "scored": scored[0], "errors": errors, "arn_eig": arn.eigenvalues_, "arn_top": tuple(arn_top)},
+                "scored": scored[0], "errors": errors, "traced": traced[0], "kernel": att.kernel_,
+                "arn_eig": arn.eigenvalues_, "arn_top": tuple(arn_top)},
                f"{out_dir}/att{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -252,6 +259,9 @@ def test_attributor_fit_topk_self_influence_under_two_ranks(tmp_path):
     # the work was split: each rank featurised its share and scored only its blocks (47 rows, blocks of 8)
     assert [out["shares"][0] for out in outs] == [(0, 2), (1, 2)]
     assert sorted(out["scored"] for out in outs) == [23, 24]
+    # the default kernel's per-example weights: each rank computed 3 of the 6 batches, and got all of them
+    assert [out["kernel"] for out in outs] == ["ggn_trace", "ggn_trace"] == [one.kernel_] * 2
+    assert [out["traced"] for out in outs] == [3, 3]
     for out in outs:
         for a, b in zip(out["top"], top):
             assert torch.equal(a, b)
@@ -382,3 +392,36 @@ def test_rank_killed_mid_share_is_restarted_by_torchrun_and_the_store_ends_ident
     assert [p.name for p in two_rows] == [p.name for p in one_rows] and two_rows
     for a, b in zip(two_rows, one_rows):
         assert a.read_bytes() == b.read_bytes()
+
+
+def _cache_worker(rank, init_file, out_dir):
+    import gradsketch.store.cache as cache
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    make_attributor(f"{out_dir}/store").fit(train_data(), progress=False)   # writes the ggn_trace weights' cache
+    traced = [0]
+    att = make_attributor(f"{out_dir}/store")
+    trace = att._output_gradient_and_trace
+
+    def spy_trace(batch):
+        traced[0] += 1
+        return trace(batch)
+
+    att._output_gradient_and_trace = spy_trace
+    if rank == 1:   # this rank does not see the cached weights (as if another job wrote them after it looked)
+        cache.load_cached = lambda path, key: (False, None)
+    att.fit(train_data(), progress=False)
+    torch.save({"traced": traced[0], "self": att.self_influence(progress=False)}, f"{out_dir}/cache{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_on_a_cached_value_all_recompute_it(tmp_path):
+    """The sharded pass behind a cached value is collective: when one rank misses the cache, every rank computes
+    (each its share of the batches), instead of the others returning early and leaving it waiting."""
+    mp.spawn(_cache_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    outs = [torch.load(tmp_path / f"cache{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert [out["traced"] for out in outs] == [3, 3]
+    assert torch.equal(outs[0]["self"], outs[1]["self"])

@@ -553,7 +553,11 @@ class Attributor:
 
     def _cached(self, comp: Component, name: str, config: dict, compute, valid: Any = None) -> Any:
         """Curvature results cached next to the store (so that a resumed fit does not redo them). ``valid(value)``
-        (optional) vets a loaded value: one it refuses is named (RuntimeWarning), recomputed and overwritten."""
+        (optional) vets a loaded value: one it refuses is named (RuntimeWarning), recomputed and overwritten.
+        Under ``torch.distributed`` (every rank finalises) the ranks agree on the hit: unless every rank found a
+        valid value, all of them compute, since ``compute`` may be collective (sharded passes, all-reduced
+        products) and a rank that skipped it would leave the others waiting (a file written by another job
+        between two ranks' reads)."""
         if self.store is None:
             return compute()
         from ..store.cache import load_cached, save_cached
@@ -561,9 +565,11 @@ class Attributor:
         path = self.store / f"{name}_{comp.index}.pt"
         key = json.dumps(config, sort_keys=True, default=str)
         found, value = load_cached(path, key)  # a damaged file is named (RuntimeWarning) and recomputed
-        if found and (valid is None or valid(value)):
+        ok = found and (valid is None or valid(value))
+        hit = all(all_gather_objects(bool(ok))) if is_distributed() and rank_and_world()[1] > 1 else ok
+        if hit:
             return value
-        if found:
+        if found and not ok:
             warnings.warn(f"{path}: the cached value is not what this fit expects; recomputing it and replacing "
                           "the file", RuntimeWarning, stacklevel=3)
         value = compute()

@@ -404,13 +404,13 @@ class TRAK(Attributor):
         ``data``; an example with non-finite output derivatives is refused or (``nan_policy="skip"``) gets 0."""
         from ..curvature.kfac import nonfinite_examples
 
-        out, bad = [], []
-        for batch in data:
+        def one(batch: Any) -> tuple[Tensor, Tensor]:
             e, tr = self._output_gradient_and_trace(batch)
             ee = e.pow(2).sum(1)
-            out.append(torch.where(ee > 0, tr / ee.clamp_min(torch.finfo(torch.float64).tiny), 0.0).cpu())
-            bad.append(nonfinite_examples(e, tr).cpu())
-        return self._skip_nonfinite(torch.cat(out), torch.cat(bad))
+            w = torch.where(ee > 0, tr / ee.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+            return w.cpu(), nonfinite_examples(e, tr).cpu()
+
+        return self._skip_nonfinite(*self._per_example_pass(data, one))
 
     def _skip_nonfinite(self, w: Tensor, nonfinite: Tensor) -> Tensor:
         """``w`` with the examples flagged ``nonfinite`` set to 0 under ``nan_policy="skip"`` (their feature rows
@@ -484,13 +484,51 @@ class TRAK(Attributor):
         from ..model._batch import SplitBatch
 
         fn = self._margin_fn()
-        out = []
-        with torch.no_grad():
-            for batch in data:
-                b = SplitBatch(batch, self.task.device).rebuild()
-                out.append(torch.sigmoid(-fn(self.task.model, b).detach().to(torch.float64)).cpu())
-        q = torch.cat(out)
+
+        def one(batch: Any) -> tuple[Tensor]:
+            b = SplitBatch(batch, self.task.device).rebuild()
+            with torch.no_grad():
+                return (torch.sigmoid(-fn(self.task.model, b).detach().to(torch.float64)).cpu(),)
+
+        (q,) = self._per_example_pass(data, one)
         return torch.where(torch.isfinite(q), q, 0.0) if self.nan_policy == "skip" else q
+
+    def _per_example_pass(self, data: Iterable, fn: Any) -> tuple[Tensor, ...]:
+        """``fn(batch) -> (t_1 [B, ...], t_2 [B, ...], ...)`` concatenated over the batches of ``data``, in order:
+        TRAK's per-example passes over the training data (q, the ggn_trace weights), which every rank needs whole.
+        Under ``torch.distributed`` (a model that is not sharded, and ``data`` with a length) each rank runs ``fn``
+        on its contiguous share of the batches only (:func:`~gradsketch.linalg.distributed.shard_range`; the others
+        are iterated without computation) and the shares are gathered, so the pass costs each rank 1/world of it.
+        A rank whose ``fn`` fails sends its error instead, and then every rank raises it: no rank is left waiting
+        for the others, and all of them take the same decision (e.g. ``kernel="auto"``'s fall-back)."""
+        from ..gradients.model_parallel import is_model_sharded
+        from ..linalg.distributed import all_gather_objects, is_distributed, rank_and_world, shard_range
+
+        def run(batches: Iterable) -> tuple[Tensor, ...] | None:
+            parts = [fn(b) for b in batches]
+            return tuple(torch.cat(ts) for ts in zip(*parts)) if parts else None
+
+        rank, world = rank_and_world() if is_distributed() else (0, 1)
+        if world == 1 or not hasattr(data, "__len__") or is_model_sharded(self.task):
+            out = run(data)
+            if out is None:
+                raise ValueError("train_data: expected at least one batch, got none")
+            return out
+        lo, hi = shard_range(len(data), rank, world)
+        try:
+            mine, err = run(b for i, b in enumerate(data) if lo <= i < hi), None
+        except Exception as e:   # sent to the other ranks, then raised on every rank
+            mine, err = None, e
+        gathered = all_gather_objects((mine, None if err is None else f"{type(err).__name__}: {err}"))
+        if err is not None:
+            raise err
+        failed = [(r, msg) for r, (_, msg) in enumerate(gathered) if msg is not None]
+        if failed:
+            r, msg = failed[0]
+            cls = torch.OutOfMemoryError if msg.startswith("OutOfMemoryError") else RuntimeError
+            raise cls(f"rank {r} failed in a pass over the training data: {msg}")
+        shares = [out for out, _ in gathered if out is not None]
+        return tuple(torch.cat(ts) for ts in zip(*shares))
 
 
 BLOCK_ACTIVATION_FLOATS = 1 << 23  # activation floats one chunk of a vectorised block product may hold
