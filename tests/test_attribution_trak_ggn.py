@@ -616,3 +616,42 @@ def test_closed_form_traces_non_finite_and_malformed():
     with pytest.raises(ValueError, match=r"gradient_and_hessian_trace: expected tensors \[13, C\] and \[13\], got "
                                          r"\(13, 3\) and \(14,\)"):
         Attributor(bad, "trak").fit([(X.nan_to_num(), y)], progress=False)
+
+
+def test_trak_q_cached_next_to_the_store(tmp_path):
+    """TRAK's q = 1 − σ(f) of the training examples is cached next to the store too: a refit on the complete store
+    does not call the margin function on the training data, and the cached value is what the scores use."""
+    from gradsketch.store.cache import save_cached
+
+    model, (X, y), (Xt, yt) = setup(seed=26)
+    calls = []
+    margin = classification_margin()
+
+    def fn(m, b):
+        calls.append(len(b[0]))
+        return margin(m, b)
+
+    task = Task.from_classifier(model, margin_fn=fn)
+    data, test = batches(X, y, batch_size=5), batches(Xt, yt, batch_size=5)
+
+    def fit_score():
+        a = Attributor(task, "trak", kernel="features", store=tmp_path / "s", store_dtype="float32")
+        calls.clear()
+        a.fit(data, progress=False)
+        fit_calls = len(calls)
+        return a.score(test, progress=False), fit_calls
+
+    S1, _ = fit_score()
+    f = tmp_path / "s" / "trak_q_0.pt"
+    blob = torch.load(f, weights_only=True)
+    q = blob["value"]
+    torch.testing.assert_close(q, torch.sigmoid(-margin(model, (X, y))).detach(), rtol=1e-12, atol=0)
+    S2, fit_calls = fit_score()
+    assert fit_calls == 0   # the store is complete and q is cached: the margin function never ran in the fit
+    torch.testing.assert_close(S2, S1, rtol=0, atol=0)
+    save_cached(f, blob["config"], q / 2)   # the cached q is the one the scores are weighted with
+    torch.testing.assert_close(fit_score()[0], S1 / 2)
+    for bad in (q[:-1], q + 2):
+        save_cached(f, blob["config"], bad)
+        with pytest.warns(RuntimeWarning, match="not what this fit expects"):
+            torch.testing.assert_close(fit_score()[0], S1)

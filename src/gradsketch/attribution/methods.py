@@ -191,7 +191,7 @@ class TRAK(Attributor):
         if self.kernel_ is None:
             self.kernel_, self.kernel_reason_ = self._resolve_kernel(data)
             _log.info("trak: kernel=%r (%s)", self.kernel_, self.kernel_reason_)
-        q = self._trak_q(data) if self._margin_fn() is not None else None
+        q = self._trak_q(data, comp) if self._margin_fn() is not None else None
         # kernel="ggn_trace": row i of Φ scaled by √ω_i, K = Σ ω_i φ_i φ_iᵀ
         sw = self._trace_row_scales(comp, data, q) if self.kernel_ == "ggn_trace" else None
         kernel = self.kernel_
@@ -387,11 +387,8 @@ class TRAK(Attributor):
             from ..model.losses import OutputLoss
 
             lo, n = self.task.loss_on_output, comp.n_rows
-            feats = comp.feats
-            config = {"kernel": "ggn_trace", "fingerprint": comp.fingerprint, "n_rows": n,
-                      "data": feats.data_fingerprints() if hasattr(feats, "data_fingerprints") else None,
-                      "output_fn": describe_callable(self.task.output_fn), "nan_policy": self.nan_policy,
-                      "loss_on_output": repr(lo) if isinstance(lo, OutputLoss) else describe_callable(lo)}
+            config = self._pass_key(comp, kernel="ggn_trace", output_fn=describe_callable(self.task.output_fn),
+                                    loss_on_output=repr(lo) if isinstance(lo, OutputLoss) else describe_callable(lo))
             w = self._cached(comp, "ggn_trace_weights", config, lambda: self._output_trace_weights(data),
                              valid=lambda v: isinstance(v, Tensor) and v.dtype == torch.float64
                              and tuple(v.shape) == (n,) and bool(torch.isfinite(v).all()) and bool((v >= 0).all()))
@@ -477,10 +474,11 @@ class TRAK(Attributor):
             for cp in self._components:
                 cp.q = None
 
-    def _trak_q(self, data: Iterable) -> Tensor:
+    def _trak_q(self, data: Iterable, comp: Component | None = None) -> Tensor:
         """q(z) = 1 − σ(f(z)) for the training examples (TRAK's Q). With ``nan_policy="skip"`` an example whose
         margin is not finite (a skipped example: its feature row is zero) gets q = 0, so its scores are 0 as in
-        the other methods, not NaN."""
+        the other methods, not NaN. With ``comp`` and a store, cached next to it (``trak_q_<c>.pt``) like the
+        ggn_trace weights."""
         from ..model._batch import SplitBatch
 
         fn = self._margin_fn()
@@ -490,8 +488,23 @@ class TRAK(Attributor):
             with torch.no_grad():
                 return (torch.sigmoid(-fn(self.task.model, b).detach().to(torch.float64)).cpu(),)
 
-        (q,) = self._per_example_pass(data, one)
-        return torch.where(torch.isfinite(q), q, 0.0) if self.nan_policy == "skip" else q
+        def compute() -> Tensor:
+            (q,) = self._per_example_pass(data, one)
+            return torch.where(torch.isfinite(q), q, 0.0) if self.nan_policy == "skip" else q
+
+        if comp is None:
+            return compute()
+        n = comp.n_rows
+        return self._cached(comp, "trak_q", self._pass_key(comp, margin_fn=describe_callable(fn)), compute,
+                            valid=lambda v: isinstance(v, Tensor) and v.dtype == torch.float64
+                            and tuple(v.shape) == (n,) and bool(((v >= 0) & (v <= 1) | ~torch.isfinite(v)).all()))
+
+    def _pass_key(self, comp: Component, **what: Any) -> dict:
+        """The cache key of a per-example pass over the training data: the model, the data's fingerprints (from
+        the store), ``nan_policy`` and ``what`` the pass evaluates."""
+        feats = comp.feats
+        return {"fingerprint": comp.fingerprint, "n_rows": comp.n_rows, "nan_policy": self.nan_policy,
+                "data": feats.data_fingerprints() if hasattr(feats, "data_fingerprints") else None, **what}
 
     def _per_example_pass(self, data: Iterable, fn: Any) -> tuple[Tensor, ...]:
         """``fn(batch) -> (t_1 [B, ...], t_2 [B, ...], ...)`` concatenated over the batches of ``data``, in order:
