@@ -510,28 +510,29 @@ class TRAK(Attributor):
         """``fn(batch) -> (t_1 [B, ...], t_2 [B, ...], ...)`` concatenated over the batches of ``data``, in order:
         TRAK's per-example passes over the training data (q, the ggn_trace weights), which every rank needs whole.
         Under ``torch.distributed`` (a model that is not sharded, and ``data`` with a length) each rank runs ``fn``
-        on its contiguous share of the batches only (:func:`~gradsketch.linalg.distributed.shard_range`; the others
-        are iterated without computation) and the shares are gathered, so the pass costs each rank 1/world of it.
-        A rank whose ``fn`` fails sends its error instead, and then every rank raises it: no rank is left waiting
-        for the others, and all of them take the same decision (e.g. ``kernel="auto"``'s fall-back)."""
+        on its contiguous share of the batches only (:func:`~gradsketch.linalg.distributed.shard_range`; the
+        batches before it are iterated without computation, those after it not at all) and the shares are
+        gathered, so the pass costs each rank 1/world of it. A rank whose ``fn`` fails sends its error instead,
+        and then every rank raises: no rank is left waiting for the others, and all of them take the same
+        decision (e.g. ``kernel="auto"``'s fall-back)."""
+        from itertools import islice
+
         from ..gradients.model_parallel import is_model_sharded
         from ..linalg.distributed import all_gather_objects, is_distributed, rank_and_world, shard_range
 
-        def run(batches: Iterable) -> tuple[Tensor, ...] | None:
-            parts = [fn(b) for b in batches]
-            return tuple(torch.cat(ts) for ts in zip(*parts)) if parts else None
+        def join(parts: list) -> tuple[Tensor, ...]:
+            if not parts:
+                raise ValueError("train_data: expected at least one batch, got none")
+            return tuple(torch.cat(ts) for ts in zip(*parts))
 
         rank, world = rank_and_world() if is_distributed() else (0, 1)
         if world == 1 or not hasattr(data, "__len__") or is_model_sharded(self.task):
-            out = run(data)
-            if out is None:
-                raise ValueError("train_data: expected at least one batch, got none")
-            return out
+            return join([fn(b) for b in data])
         lo, hi = shard_range(len(data), rank, world)
         try:
-            mine, err = run(b for i, b in enumerate(data) if lo <= i < hi), None
+            mine, err = [fn(b) for b in islice(data, lo, hi)], None
         except Exception as e:   # sent to the other ranks, then raised on every rank
-            mine, err = None, e
+            mine, err = [], e
         gathered = all_gather_objects((mine, None if err is None else f"{type(err).__name__}: {err}"))
         if err is not None:
             raise err
@@ -540,8 +541,7 @@ class TRAK(Attributor):
             r, msg = failed[0]
             cls = torch.OutOfMemoryError if msg.startswith("OutOfMemoryError") else RuntimeError
             raise cls(f"rank {r} failed in a pass over the training data: {msg}")
-        shares = [out for out, _ in gathered if out is not None]
-        return tuple(torch.cat(ts) for ts in zip(*shares))
+        return join([part for parts, _ in gathered for part in parts])
 
 
 BLOCK_ACTIVATION_FLOATS = 1 << 23  # activation floats one chunk of a vectorised block product may hold
