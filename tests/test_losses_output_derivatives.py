@@ -88,3 +88,16 @@ def test_output_loss_errors():
         cross_entropy_output_derivatives(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"targets: expected shape \(2, 3\)"):
         mse_output_derivatives(torch.zeros(2, 3), torch.zeros(2))
+
+
+def test_output_loss_reads_its_target_key_from_dict_batches():
+    """Task.from_classifier(..., target_key="labels") on dict batches: the closed form reads the same targets as the
+    loss."""
+    g = torch.Generator().manual_seed(3)
+    z, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (5,), generator=g)
+    lo = OutputLoss("cross_entropy", target_key="labels")
+    batch = {"pixels": None, "labels": y}
+    torch.testing.assert_close(lo(z, batch), cross_entropy_per_example(z, y), rtol=0, atol=0)
+    e, t = lo.gradient_and_hessian_trace(z, batch)
+    torch.testing.assert_close(e, (torch.softmax(z, -1) - torch.nn.functional.one_hot(y, 4)), rtol=1e-12, atol=1e-15)
+    assert repr(lo) == "OutputLoss('cross_entropy', target_key='labels')"
