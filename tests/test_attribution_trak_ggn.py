@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from gradsketch.attribution import Attributor, batches, classification_margin
+from gradsketch.attribution.methods import TRAK
 from gradsketch.model import Task
 
 C = 3
@@ -195,6 +196,12 @@ def test_ggn_kernel_cached_next_to_the_store(tmp_path):
     blob = torch.load(f, weights_only=True)
     K = blob["value"]
     assert K.dtype == torch.float64 and K.shape[0] == K.shape[1] == sum(task.param_sizes)
+    # a refit on the complete store reads K back without computing an output Hessian (not even to count passes)
+    derivs = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TRAK, "_output_derivatives", lambda self, b: derivs.append(1) or pytest.fail("recomputed"))
+        torch.testing.assert_close(fit_score(), S1, rtol=0, atol=0)
+    assert not derivs
     # the cached kernel is used as it is: 2K (and with it the relative ridge, 2λ) halves every score
     save_cached(f, blob["config"], 2 * K)
     torch.testing.assert_close(fit_score(), S1 / 2)

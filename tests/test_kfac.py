@@ -251,13 +251,13 @@ def test_bad_arguments_are_refused_by_name():
 def test_output_hessian_roots_of_softmax_cross_entropy():
     """L Lᵀ = diag(p) − ppᵀ, and the all-ones null direction (eigh: ~1e-17, not 0) is an exactly zero column, so
     K-FAC's GGN fit and TRAK's GGN kernel skip it."""
-    from gradsketch.curvature.kfac import output_hessian_roots
+    from gradsketch.curvature.kfac import output_loss_derivatives
     from gradsketch.model.losses import cross_entropy_per_example
 
     g = torch.Generator().manual_seed(3)
     z = torch.randn(6, 5, generator=g, dtype=DT) * 4
     y = torch.randint(0, 5, (6,), generator=g)
-    L = output_hessian_roots(lambda zz, b: cross_entropy_per_example(zz, b[1]), z, (None, y))
+    _, L = output_loss_derivatives(lambda zz, b: cross_entropy_per_example(zz, b[1]), z, (None, y))
     p = z.softmax(-1)
     torch.testing.assert_close(L @ L.transpose(1, 2), torch.diag_embed(p) - p[:, :, None] * p[:, None, :],
                                rtol=0, atol=1e-14)

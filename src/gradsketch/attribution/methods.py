@@ -255,7 +255,7 @@ class TRAK(Attributor):
 
     def _ggn_kernel(self, comp: Component, data: Iterable, fdt: torch.dtype, progress: bool) -> Tensor:
         """K = Σ_i Φ J_iᵀ H_i J_i Φᵀ ``[d, d]`` float64: H_i = L_i L_iᵀ the Hessian of example i's loss in its
-        outputs (:func:`gradsketch.curvature.kfac.output_hessian_roots`), each column r of L_i contributing the row
+        outputs (:func:`gradsketch.curvature.kfac.output_loss_derivatives`), each column r of L_i contributing the row
         Φ J_iᵀ L_i[:, r], the sketched gradient of the pseudo-loss ⟨L_i[:, r], z_i⟩ (coefficients held fixed).
         One pass over ``data`` per output-Hessian direction, in descending order of eigenvalue: ``ggn_rank`` of them
         (all with a positive eigenvalue when None; an eigenvalue that is 0 for every example adds nothing and gets
@@ -273,10 +273,7 @@ class TRAK(Attributor):
             # descending eigenvalues; those at rounding level (softmax's zero direction) come back as zero columns
             return self._output_derivatives(batch)[1].flip(-1)
 
-        # passes: the largest number of positive output-Hessian eigenvalues of any example, capped by ggn_rank
-        passes = max(int((roots(batch).pow(2).sum(1) > 0).sum(1).max()) for batch in data)
         rank = self._opt("ggn_rank")
-        passes = passes if rank is None else min(passes, rank)
 
         class Pass:  # the data with each batch's coefficient column r appended: (batch, [B, C])
             def __init__(self, r: int) -> None:
@@ -297,6 +294,9 @@ class TRAK(Attributor):
                      per_example=task.per_example, nan_policy=task.nan_policy)
 
         def compute() -> Tensor:
+            # passes: the largest number of positive output-Hessian eigenvalues of any example, capped by ggn_rank
+            passes = max(int((roots(batch).pow(2).sum(1) > 0).sum(1).max()) for batch in data)
+            passes = passes if rank is None else min(passes, rank)
             K = torch.zeros(d, d, dtype=torch.float64)
             for r in range(passes):
                 for blk in ptask.iter_sketch_grads(Pass(r), comp.sketch, mode=self._feature_mode(comp),
@@ -304,14 +304,12 @@ class TRAK(Attributor):
                     K += gram(blk.cpu().to(fdt).T)
             return K
 
-        # cached next to the store: keyed by what K is made of (model state, sketch, mode, passes, precision and
-        # the training data as the store's chunk markers identify it); a cached value that is not a finite
-        # float64 [d, d] matrix is recomputed, never used
-        feats = comp.feats
-        data_fp = feats.data_fingerprints() if hasattr(feats, "data_fingerprints") else None
-        config = {"kernel": "ggn", "passes": passes, "fingerprint": comp.fingerprint, "n_rows": comp.n_rows,
-                  "sketch": sketch_spec(comp.sketch), "mode": self._feature_mode(comp), "dtype": str(fdt),
-                  "data": data_fp, "nan_policy": self.nan_policy}
+        # cached next to the store: keyed by what K is made of (model state, loss, ggn_rank, sketch, mode, precision
+        # and the training data as the store's chunk markers identify it), so that a resumed fit makes no pass over
+        # the data, not even the one that counts the passes; a cached value that is not a finite float64 [d, d]
+        # matrix is recomputed, never used
+        config = self._pass_key(comp, kernel="ggn", ggn_rank=rank, sketch=sketch_spec(comp.sketch),
+                                mode=self._feature_mode(comp), dtype=str(fdt), **self._loss_key())
         return self._cached(comp, "ggn_kernel", config, compute,
                             valid=lambda K: isinstance(K, Tensor) and K.dtype == torch.float64
                             and tuple(K.shape) == (d, d) and bool(torch.isfinite(K).all()))
@@ -384,12 +382,9 @@ class TRAK(Attributor):
         if comp is None:
             w = self._output_trace_weights(data)
         else:   # with a store, cached next to it: a resumed fit does not redo the pass over the data
-            from ..model.losses import OutputLoss
-
-            lo, n = self.task.loss_on_output, comp.n_rows
-            config = self._pass_key(comp, kernel="ggn_trace", output_fn=describe_callable(self.task.output_fn),
-                                    loss_on_output=repr(lo) if isinstance(lo, OutputLoss) else describe_callable(lo))
-            w = self._cached(comp, "ggn_trace_weights", config, lambda: self._output_trace_weights(data),
+            n = comp.n_rows
+            w = self._cached(comp, "ggn_trace_weights", self._pass_key(comp, kernel="ggn_trace", **self._loss_key()),
+                             lambda: self._output_trace_weights(data),
                              valid=lambda v: isinstance(v, Tensor) and v.dtype == torch.float64
                              and tuple(v.shape) == (n,) and bool(torch.isfinite(v).all()) and bool((v >= 0).all()))
         if q is not None:
@@ -498,6 +493,15 @@ class TRAK(Attributor):
         return self._cached(comp, "trak_q", self._pass_key(comp, margin_fn=describe_callable(fn)), compute,
                             valid=lambda v: isinstance(v, Tensor) and v.dtype == torch.float64
                             and tuple(v.shape) == (n,) and bool(((v >= 0) & (v <= 1) | ~torch.isfinite(v)).all()))
+
+    def _loss_key(self) -> dict:
+        """The task's output function and loss on outputs as cache-key entries (an :class:`OutputLoss` by its
+        repr, which names the loss; functions by :func:`describe_callable`)."""
+        from ..model.losses import OutputLoss
+
+        lo = self.task.loss_on_output
+        return {"output_fn": describe_callable(self.task.output_fn),
+                "loss_on_output": repr(lo) if isinstance(lo, OutputLoss) else describe_callable(lo)}
 
     def _pass_key(self, comp: Component, **what: Any) -> dict:
         """The cache key of a per-example pass over the training data: the model, the data's fingerprints (from

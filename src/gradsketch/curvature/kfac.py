@@ -51,7 +51,7 @@ MAX_GGN_OUTPUTS = 256
 #: softmax's all-ones output direction, comes out of float64 eigendecompositions as ±1e-17-ish, not 0), so a
 #: negative power without damping is refused for it instead of returning 1/rounding
 SINGULAR_RTOL = 1e-12
-#: an output-Hessian eigenvalue at most this fraction of the example's largest is rounding (output_hessian_roots)
+#: an output-Hessian eigenvalue at most this fraction of the example's largest is rounding (output_loss_derivatives)
 ROOT_RTOL = 1e-10
 #: per-example gradient elements formed at once in the eigenvalue correction (examples are chunked to fit)
 _CHUNK_ELEMENTS = 1 << 23
@@ -173,7 +173,7 @@ class _Capturer:
             return out, caps, p
 
     def _output_hessian_roots(self, z: Tensor, split: SplitBatch) -> Tensor:
-        """``L [m, C, C]`` with L_i L_iᵀ = ∂²ℓ_i/∂z_i² (:func:`output_hessian_roots`)."""
+        """``L [m, C, C]`` with L_i L_iᵀ = ∂²ℓ_i/∂z_i² (:func:`output_loss_derivatives`)."""
         C = z[0].numel()
         if C > MAX_GGN_OUTPUTS and self.fisher == "ggn":
             raise ValueError(f"fisher: 'ggn' runs one backward pass per output dimension, and the model has "
@@ -270,11 +270,6 @@ def output_loss_derivatives(loss_on_output: Any, z: Tensor, batch: Any) -> tuple
 def nonfinite_examples(*rows: Tensor) -> Tensor:
     """``[m]`` bool: the examples (rows) with a non-finite value in any of ``rows`` (each ``[m, ...]``)."""
     return torch.stack([~torch.isfinite(r.reshape(r.shape[0], -1)).all(1) for r in rows]).any(0)
-
-
-def output_hessian_roots(loss_on_output: Any, z: Tensor, batch: Any) -> Tensor:
-    """``L [m, C, C]`` float64 with ``L_i L_iᵀ = ∂²ℓ_i/∂z_i²``: the second part of :func:`output_loss_derivatives`."""
-    return output_loss_derivatives(loss_on_output, z, batch)[1]
 
 
 def _with_ones(side: Tensor) -> Tensor:
